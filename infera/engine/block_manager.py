@@ -1,0 +1,184 @@
+"""Paged KV-cache bookkeeping: ref-counted blocks, a hash-chain prefix cache, copy-on-write.
+
+Pure Python over integer block ids; the tensors live in the model runner.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from infera.engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] | None = None
+
+
+class BlockManager:
+    """Owns ``num_blocks`` KV blocks of ``block_size`` token slots each.
+
+    A full block is content-addressed by ``hash((previous block's hash, its token ids))``, so
+    equal prefixes map to equal chains.  Freed blocks keep their hash and stay findable until
+    they are reused (least recently freed first, the tail of a sequence before its head).
+    Sharing is by reference count: prefix hits and :meth:`fork` never copy KV; the one block a
+    sequence writes into while another still reads it is copied first (copy-on-write), and
+    the (src, dst) pairs wait in :attr:`pending_copies` for the model runner.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # tokens found there
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache -------------------------------------------------------------------
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """Cached blocks that hold a prefix of ``seq`` (at least one token is left to compute)."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        bs = self.block_size
+        max_blocks = (seq.compute_target - 1) // bs
+        found: list[int] = []
+        prev = 0
+        for i in range(max_blocks):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            prev = hash((prev, tokens))
+            block_id = self.hash_to_block.get(prev)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            found.append(block_id)
+        self.prefix_queries += seq.compute_target
+        self.prefix_hits += len(found) * bs
+        return found
+
+    def _cache_full_blocks(self, seq: Sequence, start_token: int) -> None:
+        """Hash the blocks that became full and computed since ``start_token``."""
+        bs = self.block_size
+        for i in range(start_token // bs, seq.num_computed_tokens // bs):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is not None:
+                continue
+            prev = self.blocks[seq.block_table[i - 1]].hash if i else 0
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            block.hash = hash((prev, tokens))
+            block.token_ids = tokens
+            self.hash_to_block.setdefault(block.hash, block.block_id)
+
+    # -- allocation -----------------------------------------------------------------------
+    def _new_block(self) -> int:
+        block_id, _ = self.free_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        self._unhash(block)
+        block.ref_count = 1
+        return block_id
+
+    def _needs_cow(self, seq: Sequence) -> bool:
+        pos = seq.num_computed_tokens
+        idx = pos // self.block_size
+        return idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count > 1
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None,
+                       reserve: int = 0) -> bool:
+        """Give ``seq`` slots for its next ``num_new_tokens`` tokens, taking ``computed_blocks``
+        (prefix hits, only for a sequence with no blocks yet) first.
+
+        Returns False and changes nothing if that needs more than ``num_free_blocks - reserve``.
+        """
+        computed_blocks = computed_blocks or []
+        if computed_blocks and seq.block_table:
+            raise ValueError("prefix hits are only taken by a sequence that holds no blocks")
+        num_table = len(seq.block_table) + len(computed_blocks)
+        computed = max(seq.num_computed_tokens, len(computed_blocks) * self.block_size)
+        needed = max(0, self.blocks_for(computed + num_new_tokens) - num_table)
+        needed += sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+        cow = not computed_blocks and self._needs_cow(seq)
+        if needed + cow > self.num_free_blocks - reserve:
+            return False
+        for block_id in computed_blocks:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_ids[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        if computed_blocks:
+            seq.num_computed_tokens = seq.num_cached_tokens = len(computed_blocks) * self.block_size
+        if cow:
+            idx = seq.num_computed_tokens // self.block_size
+            src = seq.block_table[idx]
+            dst = self._new_block()
+            self.blocks[src].ref_count -= 1
+            seq.block_table[idx] = dst
+            self.pending_copies.append((src, dst))
+        for _ in range(self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)):
+            seq.block_table.append(self._new_block())
+        return True
+
+    def commit(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Mark ``num_new_tokens`` more tokens of ``seq`` as computed and cache the full blocks."""
+        start = seq.num_computed_tokens
+        seq.num_computed_tokens += num_new_tokens
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(seq, start)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` shares every block of ``parent``; neither KV nor tables are copied twice."""
+        if child.block_table:
+            raise ValueError("fork target already holds blocks")
+        for block_id in parent.block_table:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Release all blocks of ``seq`` (tail first, so prefixes are evicted last)."""
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep KV for the first ``num_tokens`` tokens only (speculative-decoding rollback)."""
+        keep = self.blocks_for(num_tokens)
+        self._release(seq.block_table[keep:])
+        del seq.block_table[keep:]
+        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+        if num_tokens % self.block_size and seq.block_table:
+            self._unhash(self.blocks[seq.block_table[-1]])  # it will be written again
+
+    def _release(self, block_ids: list[int]) -> None:
+        for block_id in reversed(block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids[block_id] = None
+
+    def _unhash(self, block: Block) -> None:
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block.block_id:
+            del self.hash_to_block[block.hash]
+        block.hash = None
+        block.token_ids = None

@@ -1,0 +1,187 @@
+"""The engine loop: requests in, one scheduled step at a time, outputs out."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from infera.config import EngineConfig
+from infera.engine.block_manager import BlockManager
+from infera.engine.model_runner import ModelRunner
+from infera.engine.output_processor import OutputProcessor
+from infera.engine.scheduler import Scheduler
+from infera.engine.sequence import Sequence
+from infera.layers.sampler import TokenLogprobs
+from infera.loader.model_loader import build_model, open_model
+from infera.loader.tokenizer import Tokenizer
+from infera.outputs import RequestMetrics, RequestOutput
+from infera.sampling_params import SamplingParams
+
+logger = logging.getLogger("infera")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.finish_reason is not None for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        self.config = config or EngineConfig.from_kwargs(**kwargs)
+        cfg = self.config
+        started = time.monotonic()
+        source = open_model(cfg.model)
+        self.model_path = str(source.path)
+        self.hf_config = source.config()
+        self.tokenizer = Tokenizer(source.tokenizer_dir(), self.hf_config)
+        self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
+        limit = cfg.max_model_len or self.hf_config.max_position_embeddings
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True):
+            limit = min(limit, window)  # sliding-window attention is not implemented: stay inside the window
+        model = build_model(source, self.hf_config, self.dtype, self.device, limit)
+        self.runner = ModelRunner(model, cfg.block_size, cfg.kv_cache_memory, self.tokenizer.eos_token_ids,
+                                  self.device, cfg.seed)
+        capacity = self.runner.num_blocks * cfg.block_size
+        self.max_model_len = min(limit, capacity)
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.num_prompt_tokens = 0  # prompt tokens computed (prefix-cache hits excluded)
+        self.num_generated_tokens = 0
+        self._ids = itertools.count()
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info("loaded %s: %s, %.0fM parameters, %s on %s, in %.1fs", self.model_path,
+                    (self.hf_config.architectures or ["?"])[0], n_params / 1e6, str(self.dtype).removeprefix("torch."),
+                    self.device, time.monotonic() - started)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
+                    "up to %d tokens and %d sequences per step; prefix caching %s",
+                    self.runner.num_blocks, cfg.block_size, capacity, self.runner.kv_cache_bytes / 2**30,
+                    self.max_model_len, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                    "on" if cfg.enable_prefix_caching else "off")
+
+    # -- requests -------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text or token ids). Raises ValueError for a prompt that cannot run."""
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.runner.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size}), got {bad[:3]}")
+        self.check_prompt_length(len(token_ids))
+        req = Request(request_id, text, token_ids, params)
+        first = Sequence(token_ids, params, request_id, 0)
+        # n > 1: compute the prompt once, then fork it (see _maybe_fork)
+        first.hold_last_token = params.n > 1 and len(token_ids) > 1
+        req.seqs.append(first)
+        if params.n > 1 and not first.hold_last_token:
+            req.seqs += [Sequence(token_ids, params, request_id, i) for i in range(1, params.n)]
+        self.requests[request_id] = req
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def check_prompt_length(self, num_tokens: int) -> None:
+        if num_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if num_tokens >= self.max_model_len:
+            raise ValueError(f"the prompt has {num_tokens} tokens but the context length is {self.max_model_len} "
+                             f"tokens (room must remain for at least one generated token)")
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def fork(self, seq: Sequence, index: int) -> Sequence:
+        """A new running sequence that shares all of ``seq``'s KV blocks (copy-on-write)."""
+        child = Sequence(seq.token_ids, seq.params, seq.request_id, index)
+        child.num_prompt_tokens = seq.num_prompt_tokens
+        child.logprobs = list(seq.logprobs)
+        if seq.sampler_state is not None:
+            child.sampler_state = seq.sampler_state.fork()
+        if seq.detok_state is not None:
+            child.detok_state = seq.detok_state.fork()
+        self.block_manager.fork(seq, child)
+        self.scheduler.add_running(child)
+        return child
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return an output for every request that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
+            return []
+        results = self.runner.execute(batch)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, n, out in zip(batch.seqs, batch.num_new_tokens, results):
+            req = self.requests[seq.request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                req.metrics.num_cached_tokens = seq.num_cached_tokens
+            self.block_manager.commit(seq, n)
+            self.num_prompt_tokens += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens + n))
+            if out.prompt_logprobs:
+                req.prompt_logprobs.extend(out.prompt_logprobs)
+            if out.token_id is not None:
+                self.output_processor.append_token(seq, out.token_id, out.logprobs)
+                self.num_generated_tokens += 1
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                req.metrics.first_token_time = req.metrics.first_token_time or now
+                req.metrics.last_token_time = now
+                touched[req.request_id] = req
+            if seq.hold_last_token and seq.num_computed_tokens == seq.compute_target:
+                seq.hold_last_token = False
+                req.seqs += [self.fork(seq, i) for i in range(1, req.params.n)]
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.metrics.finished_time = now
+                del self.requests[req.request_id]
+            outputs.append(self.make_output(req))
+        return outputs
+
+    def make_output(self, req: Request) -> RequestOutput:
+        prompt_logprobs = None
+        if req.params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *req.prompt_logprobs]
+        completions = sorted((OutputProcessor.completion(s) for s in req.seqs), key=lambda c: c.index)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, req.finished,
+                             prompt_logprobs, req.metrics)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        s, bm = self.scheduler, self.block_manager
+        return {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": bm.usage,
+                "preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits}
+

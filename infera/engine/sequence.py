@@ -1,0 +1,85 @@
+"""A sequence: token ids, how many of them have KV in the cache, and its block table."""
+from __future__ import annotations
+
+import itertools
+import time
+from enum import Enum, auto
+from typing import Any
+
+from infera.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """One token stream. Pure Python: the scheduler and block manager only read integers here.
+
+    ``num_computed_tokens`` tokens have their K/V in the cache; the rest are computed in
+    later steps (a prompt chunk, or the one token sampled last step).  When
+    ``hold_last_token`` is set the sequence stops one token short of its end: the engine
+    forks it there so that the ``n`` samples of a request share the prompt's KV blocks.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str = "", index: int = 0):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.index = index
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.params = params
+        self.hold_last_token = False
+        self.arrival_time = time.monotonic()
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        # Opaque per-sequence state owned by other layers (sampler RNG and penalty counts,
+        # detokenizer, grammar matcher); copied on fork by their owners.
+        self.sampler_state: Any = None
+        self.detok_state: Any = None
+        self.grammar_state: Any = None
+        self.logprobs: list[Any] = []
+        self.prompt_logprobs: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, tokens={len(self)}, computed={self.num_computed_tokens}, "
+                f"blocks={self.block_table}, {self.status.name})")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def compute_target(self) -> int:
+        """How many tokens should have KV once the pending work is done."""
+        return self.num_tokens - 1 if self.hold_last_token else self.num_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.compute_target - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,92 @@
+"""Paged attention: the layer writes new K/V into cache slots, then attends over the cache.
+
+The model runner describes the flat batch in an :class:`AttentionMetadata` set for the
+duration of a forward pass; model code sees only ``(input_ids, positions)``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from infera.layers import paged_attention
+
+
+@dataclass
+class PrefillChunk:
+    """A multi-token query of one sequence: tokens ``[query_start, query_start + query_len)``
+    of the flat batch are positions ``[context_len - query_len, context_len)`` of the sequence."""
+
+    query_start: int
+    query_len: int
+    context_len: int
+    block_table: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """The first ``num_decode_tokens`` tokens are single-token queries of as many sequences
+    (their context lengths and block tables are batched); the rest are prefill chunks."""
+
+    slot_mapping: torch.Tensor
+    num_decode_tokens: int = 0
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+_metadata: AttentionMetadata | None = None
+
+
+@contextmanager
+def attention_metadata(meta: AttentionMetadata) -> Iterator[None]:
+    global _metadata
+    _metadata = meta
+    try:
+        yield
+    finally:
+        _metadata = None
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    if _metadata is None:
+        raise RuntimeError("attention called outside a model-runner forward pass")
+    return _metadata
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped K/V heads over a paged KV cache.
+
+    ``k_cache`` / ``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]`` views
+    handed over by the model runner.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q``: [T, Hq, D]; ``k``, ``v``: [T, Hkv, D]; returns [T, Hq * D]."""
+        meta = get_attention_metadata()
+        paged_attention.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        d = meta.num_decode_tokens
+        if d:
+            out[:d] = paged_attention.decode_attention(
+                q[:d], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale)
+        for chunk in meta.prefills:
+            s, n = chunk.query_start, chunk.query_len
+            if n == chunk.context_len:  # nothing cached before this chunk: attend to the fresh K/V
+                ck, cv = k[s:s + n], v[s:s + n]
+            else:
+                ck, cv = paged_attention.gather_kv(self.k_cache, self.v_cache, chunk.block_table, chunk.context_len)
+            out[s:s + n] = paged_attention.prefill_attention(q[s:s + n], ck, cv, self.scale)
+        return out.flatten(1)

@@ -1,0 +1,159 @@
+"""Read a GGUF file: the HF config, the tensors under HF names, and the tokenizer."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, PretrainedConfig
+from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+from infera.loader.errors import ModelLoadError
+
+# GGUF architecture -> HF architecture and model_type
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "mistral": ("MistralForCausalLM", "mistral"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+# GGUF tensor name (per block: blk.N.<name>) -> HF parameter name
+GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF parameter name of a GGUF tensor, or None if the model has no such parameter."""
+    m = _BLOCK_RE.match(gguf_name)
+    if m:
+        part = BLOCK_TENSORS.get(m.group(2))
+        return f"model.layers.{m.group(1)}.{part}.{m.group(3)}" if part else None
+    stem, _, suffix = gguf_name.rpartition(".")
+    part = GLOBAL_TENSORS.get(stem)
+    return f"{part}.{suffix}" if part else None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs back to rotate-half)."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+class GGUFFile:
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.path}: no such file")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # the gguf package raises ValueError/struct/IndexError on bad files
+            raise ModelLoadError(f"{self.path}: not a readable GGUF file ({e})") from None
+        self.arch = self._field("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise ModelLoadError(f"{self.path}: unsupported architecture {self.arch!r}; "
+                                 f"supported: {', '.join(ARCHITECTURES)}")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def _field(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def config(self) -> PretrainedConfig:
+        architecture, model_type = ARCHITECTURES[self.arch]
+        values: dict = {}
+        for key, hf_key in GGUF_CONFIG_MAPPING[self.arch].items():
+            value = self._field(f"{self.arch}.{key}")
+            if hf_key is not None and value is not None:
+                values[hf_key] = value
+        if "num_key_value_heads" not in values:
+            values["num_key_value_heads"] = values.get("num_attention_heads")
+        values.setdefault("vocab_size", len(self._field("tokenizer.ggml.tokens", [])))
+        key_length = self._field(f"{self.arch}.attention.key_length")
+        if key_length is not None:
+            values["head_dim"] = key_length
+        rope = {"rope_type": "default", "rope_theta": values.pop("rope_theta", 10000.0)}
+        scaling = self._field(f"{self.arch}.rope.scaling.type")
+        if scaling and scaling != "none":
+            rope.update(rope_type=scaling, factor=self._field(f"{self.arch}.rope.scaling.factor", 1.0))
+            original = self._field(f"{self.arch}.rope.scaling.original_context_length")
+            if original:
+                rope["original_max_position_embeddings"] = original
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+                   if k not in values]
+        if missing:
+            raise ModelLoadError(f"{self.path}: metadata lacks {', '.join(missing)}")
+        config = AutoConfig.for_model(
+            model_type, architectures=[architecture], rope_parameters=rope,
+            tie_word_embeddings="output.weight" not in self.tensors,
+            bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self._field("tokenizer.ggml.eos_token_id"), **values)
+        return config
+
+    def rope_freq_factors(self) -> torch.Tensor | None:
+        t = self.tensors.get("rope_freqs.weight")
+        return None if t is None else torch.from_numpy(np.array(t.data, dtype=np.float32))
+
+    def weights(self, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) for every tensor the model uses, dequantized."""
+        import gguf
+
+        for name, t in self.tensors.items():
+            target = hf_name(name)
+            if target is None:
+                continue
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise ModelLoadError(f"{self.path}: tensor {name} has unsupported type {t.tensor_type.name}") from None
+            w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+            if self.arch in ("llama", "mistral") and target.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_attention_heads if "q_proj" in target else config.num_key_value_heads
+                w = _unpermute(w, heads)
+            yield target, torch.from_numpy(np.ascontiguousarray(w))
+
+    def tokenizer_dir(self) -> Path:
+        """A directory with the tokenizer converted by transformers (cached: conversion takes seconds)."""
+        from transformers import AutoTokenizer
+
+        stat = self.path.stat()
+        key = hashlib.sha1(f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("INFERA_CACHE_DIR", Path.home() / ".cache" / "infera")) / "tokenizers" / key
+        if not (cache / "tokenizer_config.json").exists():
+            try:
+                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            except Exception as e:
+                raise ModelLoadError(f"{self.path}: cannot build its tokenizer ({e})") from None
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+            tok.save_pretrained(tmp)
+            try:
+                tmp.rename(cache)
+            except OSError:  # another process converted it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cache
