@@ -8,6 +8,27 @@ MAX_LOGPROBS = 20
 
 
 @dataclass
+class StructuredOutputParams:
+    """One output constraint (vLLM's names): a JSON schema, any JSON object, a regex,
+    an EBNF grammar, or a choice among strings."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("json", "regex", "grammar", "choice") if getattr(self, n) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured output takes exactly one of json, json_object, regex, grammar, choice; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"choice must be a non-empty list of strings, got {self.choice!r}")
+
+
+@dataclass
 class SamplingParams:
     """How to sample one request. Field names and defaults follow vLLM.
 
@@ -33,7 +54,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    structured: Any = None
+    structured: StructuredOutputParams | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,6 +85,8 @@ class SamplingParams:
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", "must be non-negative integers", self.stop_token_ids)
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer", self.seed)
+        _check(self.structured is None or isinstance(self.structured, StructuredOutputParams),
+               "structured", "must be a StructuredOutputParams", self.structured)
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,81 @@
+"""Shared fixtures: the bundled model, and tiny random-weight HF models built on the fly."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from infera.loader.gguf_file import GGUFFile
+from infera.loader.model_loader import default_model_path
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "llama3_rope": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                        tie_word_embeddings=True,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 256}),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64,
+                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    sliding_window=None, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(bundled_model_path: Path) -> Path:
+    """The bundled model's tokenizer, converted from its GGUF metadata (and cached)."""
+    return GGUFFile(bundled_model_path).tokenizer_dir()
+
+
+def make_tiny_model(root: Path, kind: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Save a random-weight HF model of architecture ``kind`` with the bundled tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = root / kind
+    if (path / "config.json").exists():
+        return path
+    spec = dict(TINY_CONFIGS[kind])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                                  bos_token_id=1, eos_token_id=2, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, so logits are not all near zero
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+    model.save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
+    """``tiny_model(kind)`` -> path of a saved tiny HF model (llama, llama3_rope, qwen2, qwen3, mistral)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return lambda kind="llama": make_tiny_model(root, kind, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model):
+    """An fp32 LLM over the tiny Llama, shared by engine tests (they must leave it idle)."""
+    from infera import LLM
+
+    return LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="64MiB")
