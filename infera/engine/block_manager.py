@@ -168,7 +168,9 @@ class BlockManager:
         del seq.block_table[keep:]
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
         if num_tokens % self.block_size and seq.block_table:
-            self._unhash(self.blocks[seq.block_table[-1]])  # it will be written again
+            last = self.blocks[seq.block_table[-1]]
+            if last.ref_count == 1:
+                self._unhash(last)  # it will be written again (a shared one is copied first)
 
     def _release(self, block_ids: list[int]) -> None:
         for block_id in reversed(block_ids):

@@ -1,8 +1,11 @@
-"""Paged-attention kernels in plain PyTorch (the CPU path and the reference for others)."""
+"""Paged-attention kernels: PyTorch implementations (the reference, and the fallback) plus the
+native CPU decode kernel (csrc/paged_attention.cpp) where it compiled."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from infera.kernels import load_cpu_extension
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -37,6 +40,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D]."""
+    if q.device.type == "cpu" and q.dtype == k_cache.dtype and (ext := load_cpu_extension("paged_attention")):
+        return ext.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`decode_attention` by gathering each context into a padded batch for SDPA."""
     k = k_cache[block_tables].flatten(1, 2).to(q.dtype)  # [B, L, Hkv, D]
     v = v_cache[block_tables].flatten(1, 2).to(q.dtype)
     mask = torch.arange(k.shape[1], device=q.device) < context_lens[:, None]
