@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from infera.sampling_params import SamplingParams
+from infera.sampling_params import SamplingParams, StructuredOutputParams
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
@@ -60,6 +62,32 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g = p.add_argument_group("structured output (xgrammar; at most one of these)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE_OR_JSON", default=None,
+                   help="output JSON that validates against this JSON schema (a file, or inline JSON starting with `{`)")
+    g.add_argument("--json-object", action="store_true", help="output any JSON object")
+    g.add_argument("--regex", default=None, help="output text that fully matches this regular expression")
+    g.add_argument("--grammar", metavar="FILE", default=None,
+                   help="output text in the language of this EBNF grammar (GBNF dialect, rule `root`)")
+    g.add_argument("--choice", action="append", default=None, help="output exactly one of these strings (repeatable)")
+
+
+def structured_params(args: argparse.Namespace) -> StructuredOutputParams | None:
+    """The structured-output flags as StructuredOutputParams (None if none is given)."""
+    if args.json_schema is not None:
+        inline = args.json_schema.lstrip().startswith("{")
+        text = args.json_schema if inline else Path(args.json_schema).read_text()
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            where = "the inline schema" if inline else args.json_schema
+            raise ValueError(f"--json-schema: {where} is not valid JSON ({e})") from None
+        return StructuredOutputParams(json=schema)
+    if args.grammar is not None:
+        return StructuredOutputParams(grammar=Path(args.grammar).read_text())
+    if args.json_object or args.regex is not None or args.choice:
+        return StructuredOutputParams(json_object=args.json_object, regex=args.regex, choice=args.choice)
+    return None
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -67,7 +95,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                           min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           seed=args.sample_seed, max_tokens=args.max_tokens, stop=args.stop,
-                          ignore_eos=args.ignore_eos)
+                          ignore_eos=args.ignore_eos, structured=structured_params(args))
 
 
 @command("generate", "complete prompts with the model and print the results")
@@ -131,6 +159,157 @@ def run_chat(args: argparse.Namespace) -> None:
             engine.abort_request(request_id)
         print()
         history.append({"role": "assistant", "content": shown})
+
+
+def add_hardware_args(p: argparse.ArgumentParser) -> None:
+    from infera.profiler.hardware import HARDWARE_NAMES
+
+    p.add_argument("--hardware", default="local",
+                   help=f"{', '.join(HARDWARE_NAMES)}; local = this machine (CUDA if present), calibrated once "
+                        f"by a short benchmark and cached in ~/.cache/infera/hardware.json")
+    p.add_argument("--recalibrate", action="store_true", help="measure the local hardware again")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables (roofline: one report's "
+                   "object, or {\"reports\": [...]} for several phases or batch sizes)")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="also write a PNG plot")
+
+
+@command("roofline", "predict per-operator FLOPs, bytes, bound and time of a model on a hardware spec")
+def _roofline(p: argparse.ArgumentParser) -> None:
+    from infera.profiler.roofline import BUILTIN_CONFIGS, KV_DTYPES, QUANTIZATIONS
+
+    p.add_argument("--model", "-m", default=None, help="a GGUF file or an HF model directory (only its config "
+                   "is read); default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--config", default=None, choices=list(BUILTIN_CONFIGS), help="a built-in model shape instead")
+    p.add_argument("--batch", default="1", help="sequences per step; a comma list (1,64) models each")
+    p.add_argument("--context", type=int, default=512,
+                   help="prefill: prompt length; decode: context length each new token attends to")
+    p.add_argument("--phase", default="decode", choices=["prefill", "decode", "both"],
+                   help="which phase to model; both = prefill, then decode")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute (activation) dtype; default bfloat16 on GPUs, infera's auto choice on local")
+    p.add_argument("--quantization", default=None, choices=["none", *QUANTIZATIONS],
+                   help="weight format; default: a GGUF's own tensor types, else the dtype; none = the dtype")
+    p.add_argument("--group-size", type=int, default=128, help="weights per scale for int4")
+    p.add_argument("--kv-cache-dtype", default=None, choices=KV_DTYPES, help="default: the dtype")
+    add_hardware_args(p)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO or WARNING")
+    p.set_defaults(run=run_roofline)
+
+
+def run_roofline(args: argparse.Namespace) -> None:
+    import json
+
+    from infera.config import EngineConfig
+    from infera.profiler.hardware import get_hardware
+    from infera.profiler.roofline import phase_report, resolve_model
+
+    hw = get_hardware(args.hardware, args.recalibrate)
+    dtype = args.dtype or ("bfloat16" if hw.name != "local" else str(EngineConfig().torch_dtype).removeprefix("torch."))
+    shape, layout = resolve_model(args.model, args.config, dtype, args.quantization, args.group_size)
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch must be an integer or a comma list of them, got {args.batch!r}") from None
+    phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]
+    reports = [phase_report(shape, ph, b, args.context, hw, dtype, layout, args.kv_cache_dtype)
+               for ph in phases for b in batches]
+    if args.json:  # one report, or {"reports": [...]} for several phases or batch sizes
+        dicts = [r.to_dict() for r in reports]
+        print(json.dumps(dicts[0] if len(dicts) == 1 else {"reports": dicts}, indent=1))
+    else:
+        print("\n\n".join(r.table() for r in reports))
+    if args.plot:
+        from infera.profiler.plot import plot_roofline
+
+        print(f"wrote {plot_roofline(reports, hw, args.plot)}", file=sys.stderr)
+
+
+@command("profile", "run a workload under torch.profiler: measured time per operator beside the roofline")
+def _profile(p: argparse.ArgumentParser) -> None:
+    from infera.profiler.profile import WORKLOADS
+
+    p.add_argument("--workload", default="decode", choices=WORKLOADS,
+                   help="decode: profile the decode steps after the prompts are in; prefill: prompts only; "
+                        "mixed: the whole run, prefill chunks and decodes together")
+    p.add_argument("--batch", type=int, default=1, help="concurrent requests")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request (random ids)")
+    p.add_argument("--output-len", type=int, default=32, help="generated tokens per request")
+    p.add_argument("--sweep-batches", default="1,2,4,8,16,32,64,128,256",
+                   help="CUDA only: decode batch sizes swept for the CPU-/GPU-bound transition")
+    add_hardware_args(p)
+    add_engine_args(p)
+    p.set_defaults(run=run_profile)
+
+
+def run_profile(args: argparse.Namespace) -> None:
+    import json
+
+    from infera import LLM
+    from infera.profiler.hardware import get_hardware
+    from infera.profiler.profile import profile
+
+    try:
+        sweep = [int(b) for b in args.sweep_batches.split(",")]
+    except ValueError:
+        raise ValueError(f"--sweep-batches must be comma-separated integers, got {args.sweep_batches!r}") from None
+    engine = LLM(**engine_kwargs(args)).engine
+    hw = get_hardware(args.hardware, args.recalibrate, device=engine.device)
+    report = profile(engine, hw, args.workload, args.batch, args.prompt_len, args.output_len, sweep)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
+    if args.plot:
+        from infera.profiler.plot import plot_profile
+
+        print(f"wrote {plot_profile(report, args.plot)}", file=sys.stderr)
+
+
+@command("serve", "serve a model over the OpenAI API: completions, chat, streaming, /metrics")
+def _serve(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    g.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on the API; None: $INFERA_API_KEY if set, else no key")
+    g.add_argument("--served-model-name", default=None, help="the model's name in the API; None: the model file's stem")
+    g.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="answer 503 to new requests while this many wait for the engine")
+    add_engine_args(p)
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from infera.server.api_server import run_server
+
+    args.api_key = args.api_key or os.environ.get("INFERA_API_KEY")
+    run_server(args)
+
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@command("bench", "run a benchmark script from benchmarks/, e.g. `infera bench serve --url URL`")
+def _bench(p: argparse.ArgumentParser) -> None:
+    names = [f.stem for f in sorted(BENCHMARKS_DIR.glob("*.py")) if "__main__" in f.read_text()]
+    p.add_argument("name", help=f"the benchmark (benchmarks/NAME.py): {', '.join(names) or 'none found'}")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="its options (`infera bench NAME --help` lists them)")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Run benchmarks/NAME.py as `python benchmarks/NAME.py OPTIONS` would."""
+    import runpy
+
+    path = BENCHMARKS_DIR / f"{args.name}.py"
+    if not path.is_file():
+        raise ValueError(f"no benchmark {args.name!r}: {path} not found (benchmarks/ ships with the source checkout)")
+    argv, sys.argv = sys.argv, [str(path), *args.options]
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = argv
+        sys.path.remove(str(BENCHMARKS_DIR))
 
 
 def build_parser() -> argparse.ArgumentParser:

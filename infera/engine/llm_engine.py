@@ -11,12 +11,13 @@ from infera.engine.block_manager import BlockManager
 from infera.engine.model_runner import ModelRunner
 from infera.engine.output_processor import OutputProcessor
 from infera.engine.scheduler import Scheduler
-from infera.engine.sequence import Sequence
+from infera.engine.sequence import Sequence, SequenceStatus
 from infera.layers.sampler import TokenLogprobs
 from infera.loader.model_loader import build_model, open_model
 from infera.loader.tokenizer import Tokenizer
 from infera.outputs import RequestMetrics, RequestOutput
 from infera.sampling_params import SamplingParams
+from infera.structured import StructuredOutputManager
 
 logger = logging.getLogger("infera")
 
@@ -58,6 +59,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.structured = StructuredOutputManager(self.tokenizer, self.runner.vocab_size)
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0  # prompt tokens computed (prefix-cache hits excluded)
         self.num_generated_tokens = 0
@@ -88,6 +90,7 @@ class LLMEngine:
             if bad:
                 raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size}), got {bad[:3]}")
         self.check_prompt_length(len(token_ids))
+        grammar = self.structured.grammar_for(params)  # ValueError for a bad schema/regex/grammar
         req = Request(request_id, text, token_ids, params)
         first = Sequence(token_ids, params, request_id, 0)
         # n > 1: compute the prompt once, then fork it (see _maybe_fork)
@@ -97,7 +100,10 @@ class LLMEngine:
             req.seqs += [Sequence(token_ids, params, request_id, i) for i in range(1, params.n)]
         self.requests[request_id] = req
         for seq in req.seqs:
-            self.scheduler.add(seq)
+            if grammar is not None:
+                self.structured.add(seq, grammar)  # held back until its grammar has compiled
+            else:
+                self.scheduler.add(seq)
         return request_id
 
     def check_prompt_length(self, num_tokens: int) -> None:
@@ -114,7 +120,10 @@ class LLMEngine:
         for seq in req.seqs:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                if self.structured.discard(seq):  # still waiting for its grammar: never scheduled
+                    seq.status = SequenceStatus.FINISHED
+                else:
+                    self.scheduler.finish(seq)
 
     def fork(self, seq: Sequence, index: int) -> Sequence:
         """A new running sequence that shares all of ``seq``'s KV blocks (copy-on-write)."""
@@ -125,6 +134,8 @@ class LLMEngine:
             child.sampler_state = seq.sampler_state.fork()
         if seq.detok_state is not None:
             child.detok_state = seq.detok_state.fork()
+        if seq.grammar_state is not None:
+            child.grammar_state = seq.grammar_state.fork()
         self.block_manager.fork(seq, child)
         self.scheduler.add_running(child)
         return child
@@ -135,12 +146,14 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return an output for every request that advanced."""
+        for seq in self.structured.admit(block=not self.scheduler.has_unfinished()):
+            self.scheduler.add(seq)
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
             return []
-        results = self.runner.execute(batch)
+        results = self.runner.execute(batch, self.structured.bitmask)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, n, out in zip(batch.seqs, batch.num_new_tokens, results):
@@ -154,7 +167,7 @@ class LLMEngine:
                 req.prompt_logprobs.extend(out.prompt_logprobs)
             if out.token_id is not None:
                 self.output_processor.append_token(seq, out.token_id, out.logprobs)
-                self.num_generated_tokens += 1
+                self.num_generated_tokens += 1 + self.structured.advance(seq, self.output_processor)
                 if seq.finish_reason is not None:
                     self.scheduler.finish(seq)
                 req.metrics.first_token_time = req.metrics.first_token_time or now

@@ -11,6 +11,7 @@ from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence
 from infera.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from infera.layers.sampler import Sampler, TokenLogprobs, token_logprobs
+from infera.structured.bitmask import TokenBitmask
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, device, eos_token_ids, seed)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, allowed: torch.Tensor | None = None) -> list[StepOutput]:
+    def execute(self, batch: ScheduledBatch, bitmask: TokenBitmask | None = None) -> list[StepOutput]:
+        """Run one step; ``bitmask`` constrains the sequences that carry a grammar."""
         if batch.block_copies:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*batch.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -62,9 +64,11 @@ class ModelRunner:
         ends = torch.tensor(counts).cumsum(0) - 1
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
         if sample_rows:
-            logits = self.model.compute_logits(hidden[ends[sample_rows].to(self.device)])
             sampled = [seqs[i] for i in sample_rows]
-            tokens, logprobs = self.sampler(logits, sampled, allowed)
+            # CPU work that overlaps the forward pass where that runs asynchronously (GPU)
+            mask = bitmask.fill(sampled) if bitmask is not None else None
+            logits = self.model.compute_logits(hidden[ends[sample_rows].to(self.device)])
+            tokens, logprobs = self.sampler(logits, sampled, mask)
             for i, t, lp in zip(sample_rows, tokens, logprobs):
                 outputs[i].token_id, outputs[i].logprobs = t, lp
         start = 0

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from infera.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from infera.structured.bitmask import BatchBitmask
 
 
 @dataclass
@@ -66,11 +70,12 @@ class Sampler:
         return seq.sampler_state
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 allowed: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+                 bitmask: BatchBitmask | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Sample one token per row of ``logits`` [R, V] (float32) for ``seqs``.
 
-        ``allowed`` is an optional boolean mask [R, V] (structured output): other tokens get
-        probability zero.  Log-probabilities are those of the model, before any processing.
+        ``bitmask`` holds the allowed tokens of the rows under a grammar (structured output):
+        other tokens get probability zero.  Log-probabilities are those of the model, before
+        any processing.
         """
         logits = logits.float()
         raw_logprobs = None
@@ -79,9 +84,9 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         states = [self.state(s) for s in seqs]
         logits = self._apply_penalties(logits, seqs, states)
+        if bitmask is not None:
+            bitmask.apply(logits)
         logits = self._suppress_eos(logits, seqs)
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
         tokens = self._sample(logits, seqs, states)
         for state, token in zip(states, tokens):
             state.record(token)
@@ -113,7 +118,11 @@ class Sampler:
             return logits
         logits = logits.clone()
         for i, s in rows:
-            logits[i, self.eos_token_ids + s.params.stop_token_ids] = float("-inf")
+            ids = torch.tensor(self.eos_token_ids + s.params.stop_token_ids, device=logits.device)
+            row = logits[i].index_fill(0, ids, float("-inf"))
+            # a complete grammar allows only its end: then the grammar wins over min_tokens
+            if s.grammar_state is None or bool(row.isfinite().any()):
+                logits[i] = row
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], states: list[SamplerState]) -> list[int]:

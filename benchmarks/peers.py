@@ -1,0 +1,123 @@
+"""The peers infera is measured against, driven on the same token ids as infera.
+
+- llama.cpp through llama-cpp-python's low-level API: every request is its own sequence in one
+  shared context, prompts are prefilled in ``n_batch`` chunks and all sequences decode together in
+  one batch per step (its "parallel slots" mode), greedy, ``n_threads`` threads.
+- HF transformers ``generate``: one padded batch (left padding), greedy, ``min_new_tokens`` forcing
+  the full output length.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import Workload
+
+
+def llama_cpp_quantize(src: Path, dst: Path, ftype: str = "Q4_0") -> Path:
+    """Requantize a GGUF with llama.cpp (its repacked CPU kernels are fastest on Q4_0)."""
+    import llama_cpp
+
+    if not dst.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        params.allow_requantize = True
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize failed with {rc}")
+    return dst
+
+
+class LlamaCpp:
+    def __init__(self, path: Path, n_ctx: int, n_seq: int, n_threads: int = 2, n_batch: int = 512):
+        import llama_cpp
+
+        self.lib = llama_cpp
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        self.n_batch = n_batch
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(max(n_batch, n_seq), 0, 1)
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """items: (token, position, sequence, want_logits)."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(items)
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _argmax(self, i: int) -> int:
+        ptr = self.lib.llama_get_logits_ith(self.ctx, i)
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+        """Greedy, all sequences decoding together; returns timings."""
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        start = time.perf_counter()
+        next_tok: list[int] = []
+        for s, prompt in enumerate(prompts):
+            for c in range(0, len(prompt), self.n_batch):
+                chunk = prompt[c:c + self.n_batch]
+                last = c + len(chunk) == len(prompt)
+                self._decode([(t, c + j, s, last and j == len(chunk) - 1) for j, t in enumerate(chunk)])
+            next_tok.append(self._argmax(len(prompt[c:c + self.n_batch]) - 1))
+        first = time.perf_counter()
+        for step in range(output_len - 1):
+            self._decode([(next_tok[s], len(p) + step, s, True) for s, p in enumerate(prompts)])
+            next_tok = [self._argmax(s) for s in range(len(prompts))]
+        end = time.perf_counter()
+        return {"seconds": end - start, "prefill_s": first - start, "decode_s": end - first}
+
+
+def run_llama_cpp(path: Path, workload: Workload, n_threads: int = 2) -> dict[str, float]:
+    n_seq = len(workload.prompts)
+    n_ctx = sum(len(p) + workload.output_len for p in workload.prompts) + 64 * n_seq
+    engine = LlamaCpp(path, n_ctx, n_seq, n_threads)
+    try:
+        return engine.generate(workload.prompts, workload.output_len)
+    finally:
+        engine.close()
+
+
+def run_hf(gguf_path: Path, workload: Workload, dtype: torch.dtype, pad_id: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype).eval()
+    width = max(len(p) for p in workload.prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in workload.prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in workload.prompts])
+    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=pad_id)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=workload.output_len, min_new_tokens=workload.output_len, **kwargs)
+        t2 = time.perf_counter()
+    del model
+    gc.collect()
+    prefill = t1 - t0
+    return {"seconds": t2 - t1, "prefill_s": prefill, "decode_s": max(t2 - t1 - prefill, 1e-9)}

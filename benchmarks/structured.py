@@ -1,0 +1,256 @@
+"""Structured-output benchmark: what a JSON schema or a regex costs on top of free generation.
+
+On the bundled model (or ``--model``), in one run:
+  * per-token mask time (filling the xgrammar bitmask + applying it to the logits), p50/p99 per
+    sequence per token, at batch 1 and 32;
+  * end-to-end output tok/s with a JSON schema and with a regex, jump-forward off and on, against
+    unconstrained generation of exactly as many tokens per request (EOS ignored), at batch 1 and 32;
+  * time to first token of a schema never seen before (compiled in the background) vs one cached
+    vs no constraint;
+  * the peer: HF transformers ``generate`` with xgrammar's own HF logits processor, same model and
+    schema, batch 1, and the ratio.
+
+    python benchmarks/structured.py                  # everything (a few minutes on a laptop CPU)
+    python benchmarks/structured.py --no-peer --batch-sizes 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import jsonschema
+
+from infera import LLM, SamplingParams
+from infera.sampling_params import StructuredOutputParams
+from infera.structured.bitmask import BatchBitmask
+
+SCHEMA = {
+    "type": "object", "required": ["name", "age", "email", "city", "skills", "level", "active"],
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 18, "maximum": 90},
+        "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.com$"},
+        "city": {"type": "string"},
+        "skills": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+        "level": {"enum": ["junior", "senior", "lead"]},
+        "active": {"type": "boolean"},
+    },
+}
+REGEX = r"Name: [A-Z][a-z]{1,12} [A-Z][a-z]{1,12}\nAge: [1-9][0-9]\nPhone: [0-9]{3}-[0-9]{3}-[0-9]{4}\n"
+ROLES = ["teacher", "pilot", "chef", "nurse", "farmer", "painter", "lawyer", "baker"]
+CITIES = ["Paris", "Lima", "Osaka", "Cairo", "Oslo", "Quito", "Perth", "Accra"]
+
+
+@dataclass
+class MaskTimer:
+    """Wraps the engine's bitmask fill and apply; records seconds per constrained row."""
+
+    fill: list[float] = field(default_factory=list)
+    apply: list[float] = field(default_factory=list)
+
+    def install(self, llm: LLM) -> None:
+        bitmask = llm.engine.structured.bitmask
+        fill, apply = bitmask.fill, BatchBitmask.apply
+
+        def timed_fill(seqs):
+            start = time.perf_counter()
+            out = fill(seqs)
+            rows = sum(s.grammar_state is not None for s in seqs)
+            if rows:
+                self.fill.append((time.perf_counter() - start) / rows)
+            return out
+
+        def timed_apply(mask, logits):
+            start = time.perf_counter()
+            apply(mask, logits)
+            self.apply.append((time.perf_counter() - start) / max(1, len(mask.rows)))
+
+        bitmask.fill = timed_fill
+        BatchBitmask.apply = timed_apply
+
+    def take(self) -> tuple[list[float], list[float]]:
+        out = self.fill, self.apply
+        self.fill, self.apply = [], []
+        return out
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def prompts(llm: LLM, kind: str, n: int) -> list[list[int]]:
+    what = "as JSON" if kind == "json" else "as a card with Name, Age and Phone lines"
+    return [llm.tokenizer.apply_chat_template([{"role": "user", "content":
+            f"Describe a {ROLES[i % 8]} from {CITIES[i // 8 % 8]} (person number {i}) {what}."}])
+            for i in range(n)]
+
+
+def constraint(kind: str) -> StructuredOutputParams:
+    return StructuredOutputParams(json=SCHEMA) if kind == "json" else StructuredOutputParams(regex=REGEX)
+
+
+def run(llm: LLM, batch: list[list[int]], params: list[SamplingParams], rounds: int) -> tuple[float, list]:
+    """Generate ``rounds`` times (batch 1: one request after another); seconds and outputs."""
+    start, outs = time.perf_counter(), []
+    for _ in range(rounds):
+        outs = llm.generate(batch, params, use_tqdm=False)
+    return time.perf_counter() - start, outs
+
+
+def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_tokens: int, rounds: int) -> dict:
+    batch = prompts(llm, kind, batch_size)
+    structured = llm.engine.structured
+    row: dict = {"workload": kind, "batch": batch_size}
+    counts = None
+    for jf in (False, True):
+        structured.jump_forward = jf
+        params = [SamplingParams(temperature=0, max_tokens=max_tokens, structured=constraint(kind))] * batch_size
+        llm.generate(batch[:1], params[:1], use_tqdm=False)  # compiled and cached before timing
+        timer.take()
+        forced = structured.num_forced_tokens
+        seconds, outs = run(llm, batch, params, rounds)
+        forced = structured.num_forced_tokens - forced
+        fill, apply = timer.take()
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs) * rounds
+        valid = sum(is_valid(kind, o.outputs[0]) for o in outs)
+        tag = "jf" if jf else "plain"
+        row[f"{tag}_tok_s"] = tokens / seconds
+        row[f"{tag}_valid"] = f"{valid}/{len(outs)}"
+        if not jf:
+            counts = [len(o.outputs[0].token_ids) for o in outs]
+            row["mask_fill_p50_us"], row["mask_fill_p99_us"] = pct(fill, 0.5) * 1e6, pct(fill, 0.99) * 1e6
+            row["mask_apply_p50_us"], row["mask_apply_p99_us"] = pct(apply, 0.5) * 1e6, pct(apply, 0.99) * 1e6
+            row["tokens_per_request"] = statistics.mean(counts)
+        else:
+            row["forced_share"] = forced / tokens
+    free = [SamplingParams(temperature=0, max_tokens=c, ignore_eos=True) for c in counts]
+    seconds, _ = run(llm, batch, free, rounds)
+    row["free_tok_s"] = sum(counts) * rounds / seconds
+    return row
+
+
+def is_valid(kind: str, completion) -> bool:
+    if completion.finish_reason != "stop":
+        return False
+    if kind == "regex":
+        return re.fullmatch(REGEX, completion.text) is not None
+    try:
+        jsonschema.validate(json.loads(completion.text), SCHEMA)
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
+
+
+def ttft(llm: LLM, structured: StructuredOutputParams | None) -> float:
+    engine = llm.engine
+    prompt = prompts(llm, "json", 1)[0]
+    start = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, structured=structured))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def peer_hf(llm: LLM, max_tokens: int, rounds: int) -> dict | None:
+    """HF transformers generate, constrained by xgrammar's HF logits processor, batch 1."""
+    import torch
+    import xgrammar as xgr
+    from transformers import AutoModelForCausalLM
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    path = llm.engine.model_path
+    try:
+        if path.endswith(".gguf"):
+            from pathlib import Path
+            model = AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
+                                                         dtype=llm.engine.dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=llm.engine.dtype)
+    except Exception as e:  # noqa: BLE001 - the peer is optional; say why it is skipped
+        print(f"HF transformers peer skipped: {e}")
+        return None
+    model.eval()
+    tokenizer = llm.tokenizer.hf
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.config.vocab_size)
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    prompt = torch.tensor([prompts(llm, "json", 1)[0]])
+    out: dict = {}
+    with torch.inference_mode():
+        for name in ("json", "free"):
+            tokens, start = 0, time.perf_counter()
+            for _ in range(rounds):
+                extra = dict(logits_processor=[LogitsProcessor(compiled)]) if name == "json" else dict(
+                    min_new_tokens=out["json_tokens"], max_new_tokens=out["json_tokens"])
+                gen = model.generate(prompt, do_sample=False, max_new_tokens=max_tokens, **extra,
+                                     pad_token_id=tokenizer.eos_token_id)
+                tokens += gen.shape[1] - prompt.shape[1]
+                if name == "json":
+                    out["json_tokens"] = gen.shape[1] - prompt.shape[1]
+            out[f"{name}_tok_s"] = tokens / (time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=3, help="repeats of the batch-1 runs")
+    ap.add_argument("--no-peer", action="store_true", help="skip HF transformers + xgrammar")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    llm = LLM(args.model, dtype=args.dtype)
+    print(f"model {llm.engine.model_path} ({llm.engine.dtype}, {llm.engine.device})")
+    timer = MaskTimer()
+    timer.install(llm)
+    llm.generate(prompts(llm, "json", 2), SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
+
+    rows = []
+    for kind in ("json", "regex"):
+        for b in args.batch_sizes:
+            row = throughput(llm, timer, kind, b, args.max_tokens, args.rounds if b == 1 else 1)
+            rows.append(row)
+            print(f"{kind:5s} batch {b:2d}: {row['tokens_per_request']:.0f} tok/request; free {row['free_tok_s']:.1f} "
+                  f"tok/s; constrained {row['plain_tok_s']:.1f} tok/s ({row['plain_tok_s'] / row['free_tok_s']:.2f}x, "
+                  f"valid {row['plain_valid']}); with jump-forward {row['jf_tok_s']:.1f} tok/s "
+                  f"({row['jf_tok_s'] / row['free_tok_s']:.2f}x, valid {row['jf_valid']}, "
+                  f"{row['forced_share']:.0%} of tokens forced); mask per seq per token: "
+                  f"fill p50 {row['mask_fill_p50_us']:.0f} us p99 {row['mask_fill_p99_us']:.0f} us, "
+                  f"apply p50 {row['mask_apply_p50_us']:.0f} us p99 {row['mask_apply_p99_us']:.0f} us", flush=True)
+
+    llm.engine.structured.jump_forward = True
+    fresh = dict(SCHEMA, properties=dict(SCHEMA["properties"], **{f"id_{uuid.uuid4().hex[:8]}": {"type": "integer"}}))
+    times = {"free": ttft(llm, None), "new schema": ttft(llm, StructuredOutputParams(json=fresh)),
+             "cached schema": ttft(llm, StructuredOutputParams(json=fresh))}
+    print("time to first token: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()))
+
+    peer = None
+    if not args.no_peer:
+        json1 = next(r for r in rows if r["workload"] == "json" and r["batch"] == 1) if 1 in args.batch_sizes else None
+        peer = peer_hf(llm, args.max_tokens, args.rounds)
+        if peer:
+            line = (f"peer HF transformers + xgrammar logits processor, batch 1: json {peer['json_tok_s']:.1f} tok/s, "
+                    f"free {peer['free_tok_s']:.1f} tok/s ({peer['json_tok_s'] / peer['free_tok_s']:.2f}x)")
+            if json1:
+                line += (f"; infera/HF with the schema: {json1['plain_tok_s'] / peer['json_tok_s']:.2f}x "
+                         f"(jump-forward {json1['jf_tok_s'] / peer['json_tok_s']:.2f}x)")
+            print(line)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "ttft_s": times, "peer_hf": peer}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

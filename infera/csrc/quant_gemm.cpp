@@ -1,0 +1,427 @@
+// Matrix products with block-quantized weights on CPU (GGUF Q8_0/Q4_0/Q4_1 and infera's formats).
+//
+// Layout (built by infera/quant/layout.py): output rows are taken 16 at a time ("tiles") and the
+// inputs in blocks of 32. For each block of a tile, 64-byte vectors hold 4 consecutive quants of
+// each of the 16 rows side by side (int32 lane r = row r), so one u8 x s8 VNNI dot product
+// (vpdpbusd) with 4 activation bytes broadcast to all lanes advances 16 rows at once and a block
+// ends with the 16 rows' integer dots in the 16 lanes: no horizontal sums, no padding along K.
+// After the quants of a tile come its fp16 scale arrays, [array][scale index][16 rows], one scale
+// per `sg` blocks.
+//
+// Encodings: Q8 = one u8 per weight (int8 + 128), vector k of a block holding values 4k..4k+3;
+// Q4 = a nibble per weight, vector p holding bytes 4p..4p+3 of the row's 16-byte block in GGUF
+// order (low nibbles: values 4p.., high: 16+4p..); T2 = the same nibbles, each holding two trits
+// (t1 + 1) | (t2 + 1) << 2. A weight is d * (q - offset) [+ m] (Q8, Q4) or a1 * t1 + a2 * t2 (T2).
+//
+// Activations are quantized to int8 per block of 32 (as llama.cpp's q8 path), so block b adds
+// d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define INFERA_VNNI 1
+#else
+#define INFERA_VNNI 0
+#endif
+
+namespace {
+
+enum Encoding : int64_t { Q8 = 0, Q4 = 1, T2 = 2 };
+constexpr int64_t TILE = 16;
+
+struct Layout {
+  int64_t enc, K, sg, nsa, offset;
+  bool has_min;
+  int64_t nb, nsb, bbytes, row_bytes, tile_quant_bytes, tile_bytes;
+
+  Layout(int64_t enc_, int64_t K_, int64_t sg_, int64_t nsa_, bool has_min_, int64_t offset_)
+      : enc(enc_), K(K_), sg(sg_), nsa(nsa_), offset(offset_), has_min(has_min_) {
+    TORCH_CHECK(enc >= Q8 && enc <= T2, "unknown encoding ", enc);
+    TORCH_CHECK(K > 0 && K % 32 == 0, "in_features must be a multiple of 32, got ", K);
+    nb = K / 32;
+    TORCH_CHECK(sg >= 1 && nb % sg == 0, "a scale group of ", sg, " blocks does not divide ", nb, " blocks");
+    TORCH_CHECK(nsa >= 0 && nsa <= 2 && (!has_min || nsa == 2) && (enc != T2 || nsa == 2),
+                "inconsistent scale arrays");
+    nsb = nb / sg;
+    bbytes = enc == Q8 ? 32 : 16;
+    row_bytes = nb * bbytes + nsa * nsb * 2;
+    tile_quant_bytes = TILE * nb * bbytes;
+    tile_bytes = TILE * row_bytes;
+  }
+  // scale `a` of block b for the 16 rows of a tile
+  const at::Half* scales(const uint8_t* tile, int64_t a, int64_t b) const {
+    return reinterpret_cast<const at::Half*>(tile + tile_quant_bytes) + (a * nsb + b / sg) * TILE;
+  }
+};
+
+// Value of weight (n, k), in float: the reference the fast paths are tested against.
+float weight_value(const Layout& L, const uint8_t* w, int64_t n, int64_t k) {
+  const uint8_t* tile = w + (n / TILE) * L.tile_bytes;
+  const int64_t r = n % TILE, b = k / 32, e = k % 32, i = L.enc == Q8 ? e : e % 16;
+  const uint8_t byte = tile[b * TILE * L.bbytes + (i / 4) * 64 + 4 * r + i % 4];
+  const float d = L.nsa > 0 ? float(L.scales(tile, 0, b)[r]) : 1.f;
+  const float s1 = L.nsa > 1 ? float(L.scales(tile, 1, b)[r]) : 0.f;
+  if (L.enc == Q8) return d * float(int(byte) - L.offset) + (L.has_min ? s1 : 0.f);
+  const int q = e < 16 ? (byte & 15) : (byte >> 4);
+  if (L.enc == T2) return d * float((q & 3) - 1) + s1 * float((q >> 2) - 1);
+  return d * float(q - L.offset) + (L.has_min ? s1 : 0.f);
+}
+
+// Activation rows quantized per block of 32: quants in natural order, and per block the scale,
+// -offset * sum (the integer accumulator's start) and scale * sum (for the min term).
+struct Activations {
+  int64_t K = 0, nb = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d, ds;
+  std::vector<int32_t> init;
+  std::vector<float> xf;                       // the rows in float (outliers and sparse terms)
+  std::vector<std::vector<int32_t>> outliers;  // per row: inputs kept out of the int8 product
+
+  void resize(int64_t M, int64_t K_, bool need_float) {
+    K = K_;
+    nb = K / 32;
+    q.resize(M * K);
+    d.resize(M * nb);
+    ds.resize(M * nb);
+    init.resize(M * nb);
+    xf.resize(need_float ? M * K : 0);
+    if (int64_t(outliers.size()) < M) outliers.resize(M);
+    for (int64_t m = 0; m < M; ++m) outliers[m].clear();
+  }
+};
+
+inline void load_block(const float* x, float* out) { std::memcpy(out, x, 32 * sizeof(float)); }
+inline void load_block(const at::BFloat16* x, float* out) {
+#if INFERA_VNNI
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * h));
+    _mm512_storeu_ps(out + 16 * h, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+  }
+#else
+  for (int e = 0; e < 32; ++e) out[e] = float(x[e]);
+#endif
+}
+
+// int8 quants of 32 floats (round to nearest); returns the scale, the quant sum in *sum.
+inline float quantize_block(const float* v, int8_t* out, int32_t* sum) {
+#if INFERA_VNNI
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const __m512 id = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(qb));
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  return amax / 127.f;
+#else
+  float amax = 0.f;
+  for (int e = 0; e < 32; ++e) amax = std::max(amax, std::fabs(v[e]));
+  const float id = amax > 0 ? 127.f / amax : 0.f;
+  int32_t total = 0;
+  for (int e = 0; e < 32; ++e) {
+    const int q = int(std::nearbyint(v[e] * id));
+    out[e] = int8_t(q);
+    total += q;
+  }
+  *sum = total;
+  return amax / 127.f;
+#endif
+}
+
+template <typename T>
+void quantize_row(const T* x, int64_t m, float threshold, int64_t offset, Activations& A) {
+  const int64_t K = A.K, nb = A.nb;
+  int8_t* q = A.q.data() + m * K;
+  float* xf = A.xf.empty() ? nullptr : A.xf.data() + m * K;
+  alignas(64) float blk[32];
+  for (int64_t b = 0; b < nb; ++b) {
+    load_block(x + b * 32, blk);
+    if (xf) std::memcpy(xf + b * 32, blk, sizeof blk);
+    if (threshold > 0) {
+      for (int e = 0; e < 32; ++e) {
+        if (std::fabs(blk[e]) > threshold) {
+          A.outliers[m].push_back(int32_t(b * 32 + e));
+          blk[e] = 0.f;
+        }
+      }
+    }
+    int32_t sum;
+    const float d = quantize_block(blk, q + b * 32, &sum);
+    A.d[m * nb + b] = d;
+    A.ds[m * nb + b] = d * float(sum);
+    A.init[m * nb + b] = int32_t(-offset * sum);
+  }
+}
+
+#if INFERA_VNNI
+inline __m512 half16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// acc[t][m] (16 rows of tile t x activation row m0 + m) over all blocks, in floats.
+template <int ENC, int NT, int MR>
+inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Activations& A, int64_t m0,
+                        __m512 (&accf)[NT][MR]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
+  const int64_t nb = L.nb, K = L.K;
+  for (int t = 0; t < NT; ++t)
+    for (int m = 0; m < MR; ++m) accf[t][m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acc[NT][MR], acc2[NT][MR];
+    for (int m = 0; m < MR; ++m) {
+      const __m512i init = _mm512_set1_epi32(A.init[(m0 + m) * nb + b]);
+      for (int t = 0; t < NT; ++t) acc[t][m] = acc2[t][m] = init;
+    }
+    const int8_t* xb[MR];
+    for (int m = 0; m < MR; ++m) xb[m] = A.q.data() + (m0 + m) * K + b * 32;
+    if constexpr (ENC == Q8) {
+      for (int k = 0; k < 8; ++k) {
+        __m512i w[NT];
+        for (int t = 0; t < NT; ++t) w[t] = _mm512_loadu_si512(tiles[t] + b * 512 + k * 64);
+        for (int m = 0; m < MR; ++m) {
+          const __m512i x = bcast4(xb[m] + 4 * k);
+          for (int t = 0; t < NT; ++t) acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], w[t], x);
+        }
+      }
+    } else {
+      for (int p = 0; p < 4; ++p) {
+        __m512i lo[NT], hi[NT];
+        for (int t = 0; t < NT; ++t) {
+          const __m512i v = _mm512_loadu_si512(tiles[t] + b * 256 + p * 64);
+          lo[t] = _mm512_and_si512(v, low4);
+          hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+        for (int m = 0; m < MR; ++m) {
+          const __m512i xa = bcast4(xb[m] + 4 * p), xc = bcast4(xb[m] + 16 + 4 * p);
+          for (int t = 0; t < NT; ++t) {
+            if constexpr (ENC == Q4) {
+              acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], lo[t], xa);
+              acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], hi[t], xc);
+            } else {
+              acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], _mm512_and_si512(lo[t], low2), xa);
+              acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], _mm512_and_si512(hi[t], low2), xc);
+              acc2[t][m] = _mm512_dpbusd_epi32(acc2[t][m], _mm512_srli_epi16(lo[t], 2), xa);
+              acc2[t][m] = _mm512_dpbusd_epi32(acc2[t][m], _mm512_srli_epi16(hi[t], 2), xc);
+            }
+          }
+        }
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const __m512 d0 = L.nsa > 0 ? half16(L.scales(tiles[t], 0, b)) : _mm512_set1_ps(1.f);
+      const __m512 d1 = L.nsa > 1 ? half16(L.scales(tiles[t], 1, b)) : _mm512_setzero_ps();
+      for (int m = 0; m < MR; ++m) {
+        const __m512 dx = _mm512_set1_ps(A.d[(m0 + m) * nb + b]);
+        accf[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][m]), _mm512_mul_ps(d0, dx), accf[t][m]);
+        if constexpr (ENC == T2) {
+          accf[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2[t][m]), _mm512_mul_ps(d1, dx), accf[t][m]);
+        } else {
+          if (L.has_min) accf[t][m] = _mm512_fmadd_ps(d1, _mm512_set1_ps(A.ds[(m0 + m) * nb + b]), accf[t][m]);
+        }
+      }
+    }
+  }
+}
+#endif
+
+// The same sums for CPUs without AVX512-VNNI, one row at a time.
+float row_dot_generic(const Layout& L, const uint8_t* w, int64_t n, const Activations& A, int64_t m) {
+  const uint8_t* tile = w + (n / TILE) * L.tile_bytes;
+  const int64_t r = n % TILE;
+  float total = 0.f;
+  for (int64_t b = 0; b < L.nb; ++b) {
+    int32_t dot1 = A.init[m * L.nb + b], dot2 = dot1;
+    for (int e = 0; e < 32; ++e) {
+      const int x = A.q[m * L.K + b * 32 + e];
+      const int64_t i = L.enc == Q8 ? e : e % 16;
+      const uint8_t byte = tile[b * TILE * L.bbytes + (i / 4) * 64 + 4 * r + i % 4];
+      const int q = L.enc == Q8 ? byte : (e < 16 ? (byte & 15) : (byte >> 4));
+      if (L.enc == T2) {
+        dot1 += (q & 3) * x;
+        dot2 += (q >> 2) * x;
+      } else {
+        dot1 += q * x;
+      }
+    }
+    const float dx = A.d[m * L.nb + b];
+    const float d0 = L.nsa > 0 ? float(L.scales(tile, 0, b)[r]) : 1.f;
+    total += d0 * dx * float(dot1);
+    if (L.enc == T2) total += float(L.scales(tile, 1, b)[r]) * dx * float(dot2);
+    else if (L.has_min) total += float(L.scales(tile, 1, b)[r]) * A.ds[m * L.nb + b];
+  }
+  return total;
+}
+
+void check_packed(const at::Tensor& w, const Layout& L, int64_t N) {
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == L.row_bytes && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "packed weight must be contiguous uint8 [rows, ", L.row_bytes, "], got ", w.sizes(), " ",
+              w.scalar_type());
+  TORCH_CHECK(w.size(0) % TILE == 0 && N <= w.size(0) && N > w.size(0) - TILE,
+              "packed weight has ", w.size(0), " rows (a multiple of 16) for ", N, " outputs");
+}
+
+struct Extras {  // what is added to the int8 product in float
+  const float* bias = nullptr;
+  const int32_t* indptr = nullptr;
+  const int32_t* indices = nullptr;
+  const float* values = nullptr;
+  bool outliers = false;
+};
+
+// Writes rows [n0, n0 + 16) x activation row m of y from the 16 lane sums.
+template <typename OutT>
+inline void store_tile(float* sums, const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex,
+                       int64_t n0, int64_t m, int64_t N, OutT* y) {
+  const int64_t rows = std::min<int64_t>(TILE, N - n0);
+  if (ex.outliers || ex.indptr) {
+    const float* xf = A.xf.data() + m * L.K;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int32_t k : A.outliers[m]) sums[r] += xf[k] * weight_value(L, w, n0 + r, k);
+      if (ex.indptr) {
+        for (int32_t i = ex.indptr[n0 + r]; i < ex.indptr[n0 + r + 1]; ++i) sums[r] += ex.values[i] * xf[ex.indices[i]];
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = OutT(sums[r] + (ex.bias ? ex.bias[n0 + r] : 0.f));
+}
+
+template <typename OutT>
+void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
+               OutT* y) {
+  const int64_t ntiles = (N + TILE - 1) / TILE;
+#if INFERA_VNNI
+  // 4 tiles x 1 row when decoding one sequence, 2 tiles x 4 rows (2 x 2 for trits) for batches
+  const int nt_max = M == 1 ? 4 : 2, mr_max = M == 1 ? 1 : (L.enc == T2 ? 2 : 4);
+  const int64_t units = (ntiles + nt_max - 1) / nt_max;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    alignas(64) float sums[TILE];
+    for (int64_t t = u0 * nt_max; t < std::min(ntiles, u1 * nt_max);) {
+      const int nt = ntiles - t >= nt_max ? nt_max : ntiles - t >= 2 ? 2 : 1;
+      const uint8_t* tiles[4];
+      for (int i = 0; i < nt; ++i) tiles[i] = w + (t + i) * L.tile_bytes;
+      for (int64_t m0 = 0; m0 < M;) {
+        const int mr = M - m0 >= mr_max ? mr_max : M - m0 >= 2 ? 2 : 1;
+        auto emit = [&](auto& accf, int tn, int mn) {
+          for (int i = 0; i < tn; ++i) {
+            for (int m = 0; m < mn; ++m) {
+              _mm512_store_ps(sums, accf[i][m]);
+              store_tile(sums, L, w, A, ex, (t + i) * TILE, m0 + m, N, y);
+            }
+          }
+        };
+#define INFERA_TILE(NT, MR)                                          \
+  if (nt == NT && mr == MR) {                                        \
+    __m512 accf[NT][MR];                                             \
+    if (L.enc == Q8) tile_kernel<Q8, NT, MR>(L, tiles, A, m0, accf); \
+    else if (L.enc == Q4) tile_kernel<Q4, NT, MR>(L, tiles, A, m0, accf); \
+    else tile_kernel<T2, NT, MR>(L, tiles, A, m0, accf);             \
+    emit(accf, NT, MR);                                              \
+  }
+        INFERA_TILE(4, 1) else INFERA_TILE(2, 4) else INFERA_TILE(2, 2) else INFERA_TILE(2, 1)
+        else INFERA_TILE(1, 4) else INFERA_TILE(1, 2) else INFERA_TILE(1, 1)
+#undef INFERA_TILE
+        m0 += mr;
+      }
+      t += nt;
+    }
+  });
+#else
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    float sums[TILE];
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t r = 0; r < TILE; ++r) sums[r] = t * TILE + r < N ? row_dot_generic(L, w, t * TILE + r, A, m) : 0.f;
+        store_tile(sums, L, w, A, ex, t * TILE, m, N, y);
+      }
+    }
+  });
+#endif
+}
+
+// y = x @ W^T (+ bias) (+ sparse @ x) for x [M, K] (float32 or bfloat16) and packed W (N outputs).
+// `threshold` > 0 keeps inputs with |x| above it out of the int8 product and adds them in float
+// (LLM.int8()'s mixed decomposition); indptr/indices/values add an exact CSR term.
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const Layout& L, int64_t N,
+                const c10::optional<at::Tensor>& bias, double threshold, const c10::optional<at::Tensor>& indptr,
+                const c10::optional<at::Tensor>& indices, const c10::optional<at::Tensor>& values) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == L.K, "x must be [M, ", L.K, "], got ", x.sizes());
+  check_packed(w, L, N);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = L.K;
+  const bool sparse = indptr.has_value();
+  static thread_local Activations buffers;  // reused between calls
+  Activations& A = buffers;
+  A.resize(M, K, threshold > 0 || sparse);
+  at::parallel_for(0, M, 4, [&](int64_t a, int64_t b) {
+    for (int64_t m = a; m < b; ++m) {
+      if (bf16) quantize_row(xc.data_ptr<at::BFloat16>() + m * K, m, float(threshold), L.offset, A);
+      else quantize_row(xc.data_ptr<float>() + m * K, m, float(threshold), L.offset, A);
+    }
+  });
+  Extras ex;
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor ipt = sparse ? indptr->to(at::kInt).contiguous() : at::Tensor();
+  const at::Tensor ixt = sparse ? indices->to(at::kInt).contiguous() : at::Tensor();
+  const at::Tensor ivt = sparse ? values->to(at::kFloat).contiguous() : at::Tensor();
+  if (bf.defined()) ex.bias = bf.data_ptr<float>();
+  if (sparse) {
+    ex.indptr = ipt.data_ptr<int32_t>();
+    ex.indices = ixt.data_ptr<int32_t>();
+    ex.values = ivt.data_ptr<float>();
+  }
+  for (int64_t m = 0; m < M; ++m) ex.outliers |= !A.outliers[m].empty();
+  at::Tensor y = at::empty({M, N}, xc.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  if (bf16) run_tiles(L, wp, A, ex, M, N, y.data_ptr<at::BFloat16>());
+  else run_tiles(L, wp, A, ex, M, N, y.data_ptr<float>());
+  return y;
+}
+
+// Rows `ids` of W (N outputs) dequantized to `dtype`: an embedding lookup, or all rows.
+at::Tensor dequantize(const at::Tensor& w, const Layout& L, int64_t N, const c10::optional<at::Tensor>& ids,
+                      at::ScalarType dtype) {
+  check_packed(w, L, N);
+  const at::Tensor idx = ids.has_value() ? ids->to(at::kLong).contiguous() : at::arange(N, at::kLong);
+  const int64_t R = idx.numel(), K = L.K;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < N, "row index ", ip[r], " out of range");
+  at::Tensor out = at::empty({R, K}, at::kFloat);
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t k = 0; k < K; ++k) op[r * K + k] = weight_value(L, wp, ip[r], k);
+    }
+  });
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "block-quantized weight kernels (int8 VNNI dot products over 16-row tiles)";
+  m.attr("vnni") = bool(INFERA_VNNI);
+  py::class_<Layout>(m, "Layout")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, int64_t>(), py::arg("encoding"), py::arg("in_features"),
+           py::arg("scale_group"), py::arg("num_scale_arrays"), py::arg("has_min"), py::arg("offset"))
+      .def_readonly("row_bytes", &Layout::row_bytes);
+  m.def("gemm", &gemm, py::arg("x"), py::arg("w"), py::arg("layout"), py::arg("out_features"),
+        py::arg("bias") = py::none(), py::arg("threshold") = 0.0, py::arg("indptr") = py::none(),
+        py::arg("indices") = py::none(), py::arg("values") = py::none());
+  m.def("dequantize", &dequantize, py::arg("w"), py::arg("layout"), py::arg("out_features"),
+        py::arg("ids") = py::none(), py::arg("dtype") = at::kFloat);
+}

@@ -1,0 +1,248 @@
+"""An asyncio front for :class:`LLMEngine`, used by the server.
+
+The synchronous engine runs in one dedicated thread and is touched from nowhere else: requests
+to add or abort reach it through a thread-safe queue, and each step's outputs come back to the
+event loop with ``loop.call_soon_threadsafe``, where they are routed to per-request asyncio
+queues.  With nothing to run, the thread blocks on the request queue (no polling).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from infera.engine.llm_engine import LLMEngine
+from infera.outputs import RequestOutput
+from infera.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is at its bound; the client should retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can run."""
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step failed while this request was in it; the request was aborted."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    accepted: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+@dataclass
+class RequestStream:
+    """One request's outputs, in order. Iterate it to get each new :class:`RequestOutput`
+    (cumulative, as the engine makes them); leaving the iteration early aborts the request."""
+
+    request_id: str
+    engine: AsyncLLMEngine
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: bool = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort the request unless it finished; safe to call more than once."""
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+        self.engine._streams.pop(self.request_id, None)
+
+    def __del__(self) -> None:  # a stream dropped before it was iterated still frees its blocks
+        if not self.finished:
+            self.engine.abort(self.request_id)
+
+
+class AsyncLLMEngine:
+    """Runs ``engine.step()`` in a background thread and streams outputs to asyncio callers.
+
+    ``max_waiting_requests`` bounds the scheduler's waiting queue: a request that would go past
+    it is refused with :class:`QueueFullError`.
+    """
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None):
+        if max_waiting_requests is not None and max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.check_prompt_length = engine.check_prompt_length  # pure: reads max_model_len only
+        self.max_waiting_requests = max_waiting_requests
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # touched on the event loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stats = self._read_stats()
+        self.error: BaseException | None = None
+
+    # -- event-loop side ------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume the outputs."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is already started")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="infera-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._ops.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The engine's stats as of its last step, plus prompt/generation token counters."""
+        return self._stats
+
+    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+                          request_id: str) -> RequestStream:
+        """Queue a request. Raises ValueError (the engine refused it), QueueFullError or
+        EngineDeadError before any output, so the caller can answer with an error status."""
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running ({self.error or 'not started'})")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        accepted = self._loop.create_future()
+        self._ops.put(_Add(request_id, prompt, params, accepted))
+        try:
+            if self.error is not None:  # the thread died after the check above
+                raise EngineDeadError(f"the engine is not running ({self.error})")
+            await accepted
+        except BaseException:
+            stream.close()  # cancelled while queued: the abort follows the add on the queue
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, reentrant: callable from ``__del__``)."""
+        self._ops.put(_Abort(request_id))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(out)
+
+    def _fail(self, request_ids: list[str] | None, error: BaseException) -> None:
+        for rid in list(self._streams) if request_ids is None else request_ids:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.queue.put_nowait(error)
+
+    # -- engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                if not engine.has_unfinished_requests():
+                    self._stats = self._read_stats()
+                    if not self._apply(self._ops.get()):  # idle: sleep until a request arrives
+                        return
+                while True:
+                    try:
+                        op = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not self._apply(op):
+                        return
+                if engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - the thread must report any failure
+            logger.exception("the engine thread failed")
+            self.error = e
+            dead = EngineDeadError(f"engine failed: {e}")
+            self._loop.call_soon_threadsafe(self._fail, None, dead)
+            while True:  # settle adds still queued, so that no caller waits forever
+                try:
+                    op = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(op, _Add):
+                    self._loop.call_soon_threadsafe(_settle, op.accepted, dead)
+
+    def _apply(self, op: Any) -> bool:
+        if op is _STOP:
+            return False
+        if isinstance(op, _Abort):
+            self.engine.abort_request(op.request_id)
+            return True
+        error: BaseException | None = None
+        try:
+            waiting = self.engine.stats["waiting"]
+            if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+                raise QueueFullError(f"the server is busy: {waiting} requests are waiting "
+                                     f"(--max-waiting-requests {self.max_waiting_requests}); retry later")
+            self.engine.add_request(op.prompt, op.params, op.request_id)
+        except (ValueError, QueueFullError) as e:
+            error = e
+        self._loop.call_soon_threadsafe(_settle, op.accepted, error)
+        return True
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving the rest
+            logger.exception("engine step failed; aborting the running requests")
+            failed = list(self.engine.requests)
+            for rid in failed:
+                self.engine.abort_request(rid)
+            self._loop.call_soon_threadsafe(self._fail, failed, RequestFailedError(f"engine step failed: {e}"))
+            return
+        for out in outputs:  # the engine keeps appending to these lists: hand over copies
+            for c in out.outputs:
+                if c.logprobs is not None:
+                    c.logprobs = list(c.logprobs)
+        self._stats = self._read_stats()
+        if outputs:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _read_stats(self) -> dict[str, float]:
+        return {**self.engine.stats, "prompt_tokens": self.engine.num_prompt_tokens,
+                "generation_tokens": self.engine.num_generated_tokens}
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

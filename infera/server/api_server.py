@@ -1,0 +1,256 @@
+"""The OpenAI-compatible HTTP server: FastAPI app, routes, error handling, and ``infera serve``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import shlex
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
+from infera.server.metrics import ServerMetrics
+from infera.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                    CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                                    ModelCard, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse)
+from infera.server.serving import OpenAIServing
+
+logger = logging.getLogger("infera.server")
+
+# Reachable without the API key.
+OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return _render(OpenAIError(status, message, type, param, code))
+
+
+def _render(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body.model_dump(), status_code=e.status)
+
+
+class APIKeyMiddleware:
+    """401 unless ``Authorization: Bearer KEY`` (pure ASGI, so streaming is untouched)."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"] not in OPEN_PATHS:
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not secrets.compare_digest(given, self.expected):
+                response = error_response(401, "Incorrect or missing API key: send `Authorization: Bearer KEY`.",
+                                          code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    # pydantic names the union member it tried ("str", "list[str]", ...): not part of the parameter
+    loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_type_tag(x)]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        return f"The request body is not valid JSON: {detail}".rstrip(": "), None
+    message = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    if param is None and err.get("type") == "missing":
+        return "The request body is missing; send a JSON object.", None
+    return (f"{param}: {message}" if param else message), param
+
+
+def _is_type_tag(part: str | int) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or any(c in part for c in "[-"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
+        return _render(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(e)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(ValueError)
+    async def _value_error(_: Request, e: ValueError) -> JSONResponse:
+        return error_response(400, str(e))
+
+    @app.exception_handler(QueueFullError)
+    async def _busy(_: Request, e: QueueFullError) -> JSONResponse:
+        return error_response(503, str(e), type="server_error", code="server_overloaded")
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, e: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(e), type="server_error", code="engine_dead")
+
+    @app.exception_handler(RequestFailedError)
+    async def _failed(_: Request, e: RequestFailedError) -> JSONResponse:
+        return error_response(500, str(e), type="server_error")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}", type=kind)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return error_response(500, f"internal server error: {type(e).__name__}: {e}", type="server_error")
+
+
+async def _until_disconnect(raw: Request, work: Awaitable[Any]) -> Any:
+    """Run ``work`` unless the client goes away first; then cancel it (aborting its requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let it abort its requests
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    return task.result()
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None,
+              model_path: str | None = None) -> FastAPI:
+    """The FastAPI app over a not-yet-started async engine (the app's lifespan starts and stops it)."""
+    metrics = ServerMetrics(lambda: engine.stats, model_name)
+    serving = OpenAIServing(engine, model_name, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="infera", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    def respond(result: Any) -> Response:
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, AsyncIterator):
+            return StreamingResponse(result, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(result.model_dump())
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    async def completions(request: CompletionRequest, raw: Request) -> Response:
+        """Text completion; ``stream: true`` answers with server-sent events."""
+        return respond(await _until_disconnect(raw, serving.create_completion(request)))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
+        """Chat completion with the model's chat template; ``stream: true`` answers with server-sent events."""
+        return respond(await _until_disconnect(raw, serving.create_chat_completion(request)))
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, root=model_path, max_model_len=engine.max_model_len)])
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_running:
+            return Response(status_code=200)
+        return error_response(503, f"the engine is not running ({engine.error})", type="server_error")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        serving.check_model(request.model)
+        if request.messages is not None:
+            tokens = serving.chat_prompt(request.messages, request.add_generation_prompt)
+        else:
+            tokens = engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        serving.check_model(request.model)
+        vocab = engine.tokenizer.vocab_size
+        bad = [t for t in request.tokens if not 0 <= t < vocab]
+        if bad:
+            raise OpenAIError(400, f"token ids must be in [0, {vocab}), got {bad[:3]}", param="tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens))
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus a banner once the socket is bound (so the address shown is the real one)."""
+
+    def __init__(self, config: uvicorn.Config, banner: Any):
+        super().__init__(config)
+        self.banner = banner
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.banner(self.servers[0].sockets[0].getsockname()[1])
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """``infera serve``: load the model, then serve it until Ctrl-C."""
+    from infera.cli import engine_kwargs
+    from infera.engine.llm_engine import LLMEngine
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_waiting_requests < 1:
+        raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
+    engine = LLMEngine(**engine_kwargs(args))
+    name = args.served_model_name or Path(engine.model_path).stem
+    async_engine = AsyncLLMEngine(engine, args.max_waiting_requests)
+    app = build_app(async_engine, name, args.api_key, engine.model_path)
+
+    def banner(port: int) -> None:
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        url = f"http://{host}:{port}"
+        body = {"model": name, "messages": [{"role": "user", "content": "Hello! Who are you?"}], "max_tokens": 64}
+        auth = ' -H "Authorization: Bearer $INFERA_API_KEY"' if args.api_key else ""
+        logger.info("serving %s as '%s': %s on %s, KV cache %d tokens, context %d tokens, up to %d sequences",
+                    engine.model_path, name, str(engine.dtype).removeprefix("torch."), engine.device,
+                    engine.runner.num_blocks * engine.config.block_size, engine.max_model_len,
+                    engine.config.max_num_seqs)
+        logger.info("listening on http://%s:%d (OpenAI API at %s/v1, metrics at %s/metrics)", args.host, port,
+                    url, url)
+        logger.info("try it:\n  curl %s/v1/chat/completions -H 'Content-Type: application/json'%s -d %s",
+                    url, auth, shlex.quote(json.dumps(body)))
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=5)
+    _Server(config, banner).run()

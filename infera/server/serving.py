@@ -1,0 +1,332 @@
+"""OpenAI completions and chat completions over the async engine: prompts in, responses or
+server-sent-event streams out."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import jinja2
+
+from infera.engine.async_engine import AsyncLLMEngine, RequestStream
+from infera.layers.sampler import TokenLogprobs
+from infera.outputs import CompletionOutput, RequestOutput
+from infera.sampling_params import SamplingParams
+from infera.server.metrics import ServerMetrics
+from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                    ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatMessage,
+                                    ChatStreamChoice, CompletionChoice, CompletionLogProbs, CompletionRequest,
+                                    CompletionResponse, DeltaMessage, OpenAIError, SamplingRequest, TopLogprob,
+                                    UsageInfo, random_id)
+
+logger = logging.getLogger("infera.server")
+
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+@dataclass
+class ChoiceState:
+    """How much of one choice was already sent."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0
+    done: bool = False
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.metrics = metrics
+        self._token_text: dict[int, str] = {}
+
+    # -- shared -----------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                              param="model", code="model_not_found")
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    template_kwargs: dict | None = None) -> list[int]:
+        try:
+            return self.tokenizer.apply_chat_template([m.template_dict() for m in messages],
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **(template_kwargs or {}))
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
+            raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+
+    def _max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
+        try:
+            self.engine.check_prompt_length(num_prompt)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from None
+        room = self.engine.max_model_len - num_prompt
+        if requested is None:
+            return room
+        if requested > room:
+            raise OpenAIError(400, f"This model's maximum context length is {self.engine.max_model_len} tokens. "
+                                   f"However, you requested {num_prompt + requested} tokens ({num_prompt} in the "
+                                   f"prompt, {requested} for the completion). Please reduce the length of the "
+                                   f"prompt or the completion.", param="max_tokens", code="context_length_exceeded")
+        return requested
+
+    @staticmethod
+    def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return req.sampling_params(max_tokens, logprobs)
+        except ValueError as e:  # SamplingParams and StructuredOutputParams name the field first
+            field = str(e).split(" ", 1)[0]
+            raise OpenAIError(400, str(e), param=field if field in type(req).model_fields
+                              else req.constraint_field) from None
+
+    async def _submit(self, req: SamplingRequest, prompts: list[list[int]], params: SamplingParams,
+                      request_id: str, prompt_field: str) -> list[RequestStream]:
+        """Add every prompt to the engine; a prompt or constraint the engine refuses is a 400."""
+        streams: list[RequestStream] = []
+        try:
+            for i, ids in enumerate(prompts):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                streams.append(await self.engine.add_request(ids, params, rid))
+        except BaseException as e:
+            for s in streams:
+                s.close()
+            if isinstance(e, ValueError):
+                about_prompt = str(e).startswith(("prompt", "the prompt"))
+                raise OpenAIError(400, str(e), param=prompt_field if about_prompt else req.constraint_field) from None
+            raise
+        return streams
+
+    async def _outputs(self, streams: list[RequestStream], prompts: list[list[int]], arrival: float,
+                       user: str | None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every stream's outputs, merged, as (prompt index, output); observes metrics and writes
+        one access-log line per engine request."""
+        trackers = [self.metrics.track(arrival) for _ in streams]
+        last: list[RequestOutput | None] = [None] * len(streams)
+        status = "aborted"
+        try:
+            async for i, out in _merge(streams):
+                trackers[i].update(out)
+                last[i] = out
+                yield i, out
+            status = "finished"
+        except Exception as e:
+            status = f"failed ({e})"
+            raise
+        finally:
+            now = time.monotonic()
+            for stream, ids, tracker, out in zip(streams, prompts, trackers, last):
+                ttft = f"{tracker.ttft:.3f}s" if tracker.ttft is not None else "-"
+                reasons = ",".join(c.finish_reason or "-" for c in out.outputs) if out and out.finished else "-"
+                logger.info("request %s %s: prompt %d tokens, completion %d tokens, TTFT %s, total %.3fs, "
+                            "finish %s%s", stream.request_id, status, len(ids),
+                            out.num_generated_tokens if out else 0, ttft, now - arrival, reasons,
+                            f", user {user}" if user else "")
+
+    def _deltas(self, out: RequestOutput, states: dict[int, ChoiceState], base: int) -> list[tuple[int, Delta]]:
+        """What is new in ``out`` since the last call, per choice index (``base`` + sample index)."""
+        deltas = []
+        for c in out.outputs:
+            st = states.setdefault(base + c.index, ChoiceState())
+            if st.done:
+                continue
+            text, ids = c.text[st.text_len:], c.token_ids[st.num_tokens:]
+            finish = c.finish_reason if c.finish_reason in ("stop", "length") else None
+            if not text and not ids and finish is None:
+                continue
+            logprobs = c.logprobs[st.num_tokens:] if c.logprobs is not None else None
+            st.text_len, st.num_tokens, st.done = len(c.text), len(c.token_ids), finish is not None
+            deltas.append((base + c.index, Delta(text, ids, logprobs, finish)))
+        return deltas
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    @staticmethod
+    def _usage(prompts: list[list[int]], num_completion: int) -> UsageInfo:
+        num_prompt = sum(len(p) for p in prompts)
+        return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                         total_tokens=num_prompt + num_completion)
+
+    @staticmethod
+    async def _stream_events(events: AsyncIterator[str], streams: list[RequestStream]) -> AsyncIterator[str]:
+        """SSE framing: each event, an error event if the engine fails mid-stream, then [DONE].
+        However the response ends (a client that disconnects included), its requests are aborted."""
+        try:
+            async for event in events:
+                yield sse(event)
+        except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band
+            logger.exception("stream failed")
+            yield sse(OpenAIError(500, f"generation failed: {e}", type="server_error").body.model_dump_json())
+        finally:
+            for stream in streams:
+                stream.close()
+        yield sse("[DONE]")
+
+    # -- completions ------------------------------------------------------------------------
+    async def create_completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        arrival = time.monotonic()
+        self.check_model(req.model)
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
+        max_tokens = min(self._max_tokens(len(p), req.max_tokens, "prompt") for p in prompts)
+        params = self._params(req, max_tokens, req.logprobs)
+        request_id = random_id("cmpl")
+        streams = await self._submit(req, prompts, params, request_id, "prompt")
+        outputs = self._outputs(streams, prompts, arrival, req.user)
+        created = int(time.time())
+        if req.stream:
+            return self._stream_events(self._completion_events(req, request_id, created, prompts, outputs), streams)
+        final: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in outputs:
+                final[i] = out
+        finally:
+            for stream in streams:
+                stream.close()
+        choices = [self._completion_choice(i * req.n + c.index, c, req.logprobs)
+                   for i in sorted(final) for c in final[i].outputs]
+        return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
+                                  usage=self._usage(prompts, sum(o.num_generated_tokens for o in final.values())))
+
+    def _completion_choice(self, index: int, c: CompletionOutput, logprobs: int | None) -> CompletionChoice:
+        lp = self._completion_logprobs(c.logprobs, logprobs, ChoiceState()) if logprobs is not None else None
+        return CompletionChoice(index=index, text=c.text, logprobs=lp, finish_reason=c.finish_reason,
+                                stop_reason=c.stop_reason)
+
+    def _completion_logprobs(self, entries: list[TokenLogprobs] | None, k: int,
+                             state: ChoiceState) -> CompletionLogProbs:
+        lp = CompletionLogProbs()
+        for e in entries or []:
+            token = self.token_text(e.token_id)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(max(e.logprob, MIN_LOGPROB))
+            lp.top_logprobs.append({self.token_text(t): max(v, MIN_LOGPROB) for t, v in e.top[:k]})
+            lp.text_offset.append(state.text_offset)
+            state.text_offset += len(token)
+        return lp
+
+    async def _completion_events(self, req: CompletionRequest, request_id: str, created: int,
+                                 prompts: list[list[int]],
+                                 outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        states: dict[int, ChoiceState] = {}
+        num_completion = 0
+        async for i, out in outputs:
+            for index, d in self._deltas(out, states, i * req.n):
+                num_completion += len(d.token_ids)
+                lp = (self._completion_logprobs(d.logprobs, req.logprobs, states[index])
+                      if req.logprobs is not None else None)
+                choice = CompletionChoice(index=index, text=d.text, logprobs=lp, finish_reason=d.finish_reason)
+                yield CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                         choices=[choice]).model_dump_json()
+        if req.include_usage:
+            yield CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
+                                     usage=self._usage(prompts, num_completion)).model_dump_json()
+
+    # -- chat completions -------------------------------------------------------------------
+    async def create_chat_completion(self, req: ChatCompletionRequest
+                                     ) -> ChatCompletionResponse | AsyncIterator[str]:
+        arrival = time.monotonic()
+        self.check_model(req.model)
+        prompt = self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        max_tokens = self._max_tokens(len(prompt), req.requested_max_tokens, "messages")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, max_tokens, top)
+        request_id = random_id("chatcmpl")
+        streams = await self._submit(req, [prompt], params, request_id, "messages")
+        outputs = self._outputs(streams, [prompt], arrival, req.user)
+        created = int(time.time())
+        if req.stream:
+            return self._stream_events(self._chat_events(req, request_id, created, prompt, outputs), streams)
+        final = None
+        try:
+            async for _, final in outputs:
+                pass
+        finally:
+            streams[0].close()
+        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                              logprobs=self._chat_logprobs(c.logprobs, top) if top is not None else None,
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in final.outputs]
+        return ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
+                                      usage=self._usage([prompt], final.num_generated_tokens))
+
+    def _chat_logprobs(self, entries: list[TokenLogprobs] | None, k: int) -> ChatLogprobs:
+        content = []
+        for e in entries or []:
+            token = self.token_text(e.token_id)
+            alternatives = [TopLogprob(token=(t := self.token_text(tid)), logprob=max(v, MIN_LOGPROB),
+                                       bytes=list(t.encode())) for tid, v in e.top[:k]]
+            content.append(ChatLogprobToken(token=token, logprob=max(e.logprob, MIN_LOGPROB),
+                                            bytes=list(token.encode()), top_logprobs=alternatives))
+        return ChatLogprobs(content=content)
+
+    async def _chat_events(self, req: ChatCompletionRequest, request_id: str, created: int, prompt: list[int],
+                           outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices,
+                                       usage=usage).model_dump_json()
+
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        for index in range(req.n):
+            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+        states: dict[int, ChoiceState] = {}
+        num_completion = 0
+        async for _, out in outputs:
+            for index, d in self._deltas(out, states, 0):
+                num_completion += len(d.token_ids)
+                lp = self._chat_logprobs(d.logprobs, top) if top is not None else None
+                yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=d.text), logprobs=lp,
+                                              finish_reason=d.finish_reason)])
+        if req.include_usage:
+            yield chunk([], self._usage([prompt], num_completion))
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()

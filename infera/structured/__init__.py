@@ -1,0 +1,130 @@
+"""Structured output through xgrammar: JSON schema, any JSON object, regex, EBNF grammar, choice.
+
+The engine owns one ``StructuredOutputManager``.  A constrained request is validated in
+``add_request`` (``grammar_for`` raises ValueError), then its sequences wait here until their
+grammar has compiled in the background (``add`` / ``admit``); others keep running meanwhile.
+Each step the model runner fills the batch's token bitmask (``bitmask.fill``) while the
+forward pass runs and the sampler applies it; after sampling, ``advance`` moves each
+sequence's matcher past its new token, ends the sequence when the grammar has accepted its
+stop token, and appends the text the grammar forces next (jump-forward), whose KV the next
+step computes as one multi-token chunk.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
+from typing import TYPE_CHECKING
+
+import xgrammar as xgr
+
+from infera.engine.sequence import Sequence
+from infera.loader.tokenizer import Tokenizer
+from infera.sampling_params import SamplingParams
+from infera.structured.bitmask import BatchBitmask, TokenBitmask
+from infera.structured.grammar_compiler import GrammarCompiler
+from infera.structured.matcher import GrammarState
+
+if TYPE_CHECKING:
+    from infera.engine.output_processor import OutputProcessor
+
+__all__ = ["BatchBitmask", "GrammarCompiler", "GrammarState", "StructuredOutputManager", "TokenBitmask"]
+
+logger = logging.getLogger(__name__)
+
+ADMIT_WAIT_S = 0.05  # longest an idle engine step waits for a compilation
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, jump_forward: bool = True):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(tokenizer.eos_token_ids)
+        self.bitmask = TokenBitmask(vocab_size, self.stop_token_ids)
+        self.jump_forward = jump_forward
+        self.waiting: list[Sequence] = []
+        self.num_forced_tokens = 0  # tokens appended by jump-forward, without a sampling step each
+        self._compiler: GrammarCompiler | None = None
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        """Built on the first constrained request (reading the vocabulary takes ~0.15 s)."""
+        if self._compiler is None:
+            self._compiler = GrammarCompiler(self.tokenizer.hf, self.vocab_size, self.stop_token_ids)
+        return self._compiler
+
+    def grammar_for(self, params: SamplingParams) -> Future[xgr.CompiledGrammar] | None:
+        """The compiled grammar (a future) of a request; ValueError if its constraint is invalid."""
+        return None if params.structured is None else self.compiler.submit(params.structured)
+
+    # -- sequences waiting for their grammar ------------------------------------------------
+    def add(self, seq: Sequence, grammar: Future[xgr.CompiledGrammar]) -> None:
+        """Give ``seq`` its grammar state and hold it until the grammar has compiled."""
+        seq.grammar_state = GrammarState(grammar)
+        self.waiting.append(seq)
+
+    def admit(self, block: bool = False) -> list[Sequence]:
+        """Sequences whose grammar is ready, in arrival order.  With ``block`` (the engine has
+        nothing else to run) wait up to ADMIT_WAIT_S for a compilation to finish."""
+        if not self.waiting:
+            return []
+        if block:  # bounded, so that an engine thread still sees aborts while a big grammar compiles
+            wait_futures({s.grammar_state.grammar for s in self.waiting}, ADMIT_WAIT_S, FIRST_COMPLETED)
+        ready = [s for s in self.waiting if s.grammar_state.ready]
+        if ready:
+            self.waiting = [s for s in self.waiting if not s.grammar_state.ready]
+        return ready
+
+    def discard(self, seq: Sequence) -> bool:
+        """Release an aborted sequence's matcher; True if it was still waiting here."""
+        if seq.grammar_state is not None:
+            seq.grammar_state.release()
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            return True
+        return False
+
+    # -- per step ---------------------------------------------------------------------------
+    def advance(self, seq: Sequence, output_processor: OutputProcessor) -> int:
+        """Move the matcher past the token just appended to ``seq`` and finish or extend the
+        sequence as the grammar says.  Returns the number of forced tokens appended."""
+        state = seq.grammar_state
+        if state is None:
+            return 0
+        forced = 0
+        if not state.accept(seq.token_ids[-1]):
+            if not state.failed:
+                logger.warning("structured output: request %s sampled token %d that its grammar rejects",
+                               seq.request_id, seq.token_ids[-1])
+            seq.finish_reason, seq.stop_reason = "abort", None
+        elif state.is_terminated:
+            seq.finish_reason = "stop"  # the grammar is complete and accepted its stop token
+        elif seq.finish_reason is None and self.jump_forward and seq.params.logprobs is None:
+            forced = self._jump_forward(seq, state, output_processor)
+        if seq.finish_reason is not None:
+            state.release()
+        return forced
+
+    def _jump_forward(self, seq: Sequence, state: GrammarState, output_processor: OutputProcessor) -> int:
+        """Append the tokens of the text the grammar forces next; the engine computes their KV
+        in the next step as one chunk, instead of one decode step per token."""
+        text = state.jump_forward_string()
+        if not text:
+            return 0
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if self.tokenizer.decode(ids, skip_special_tokens=False) != text:
+            return 0  # the tokenizer would not reproduce the text on its own (e.g. a prefix space)
+        forced = 0
+        for t in ids:
+            if not state.accept(t):
+                break
+            output_processor.append_token(seq, t, None)
+            forced += 1
+            if seq.finish_reason is not None:
+                break
+        self.num_forced_tokens += forced
+        return forced
+
+    def shutdown(self) -> None:
+        if self._compiler is not None:
+            self._compiler.shutdown()

@@ -1,0 +1,87 @@
+"""The token bitmask of a batch: filled on the CPU for the constrained rows only, applied to
+the logits right before sampling.  Rows of unconstrained sequences are neither filled nor
+touched, so they pay nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import xgrammar as xgr
+
+from infera.engine.sequence import Sequence
+
+
+def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean vector [V] -> xgrammar's int32 bitset [ceil(V / 32)] (bit j of word w is token 32w + j)."""
+    words = -(-allowed.numel() // 32)
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[:allowed.numel()] = allowed.to(torch.int64)
+    packed = (bits.view(words, 32) << torch.arange(32)).sum(dim=1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The inverse of ``pack_bits`` for one row or a batch of rows: bool [..., vocab_size]."""
+    bits = (bitmask.to(torch.int64).unsqueeze(-1) >> torch.arange(32)) & 1
+    return bits.flatten(-2)[..., :vocab_size].bool()
+
+
+# byte value -> the additive mask of its 8 tokens (0 where the bit is set, -inf where not)
+_BYTE_BITS = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+_BYTE_MASK = torch.zeros(256, 8).masked_fill_(_BYTE_BITS == 0, float("-inf"))
+
+
+@dataclass
+class BatchBitmask:
+    """Filled masks for ``rows`` of a batch of logits [R, V]."""
+
+    bitmask: torch.Tensor  # int32 [>= R, ceil(V / 32)] on the CPU
+    rows: list[int]
+    vocab_size: int
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the logits of disallowed tokens to -inf, in place (float32 logits).
+
+        Each bitmask byte looks up its 8 additive entries (0 or -inf): one gather and one add
+        over the masked rows, 2-3x faster on CPU than xgrammar's per-token loop at a vocabulary
+        of 49k, and the same code on any device."""
+        rows = torch.tensor(self.rows)
+        packed = self.bitmask[rows].view(torch.uint8).to(logits.device, torch.long)
+        table = _BYTE_MASK if logits.device.type == "cpu" else _BYTE_MASK.to(logits.device)
+        additive = torch.nn.functional.embedding(packed, table).view(len(self.rows), -1)[:, :self.vocab_size]
+        if len(self.rows) == logits.shape[0]:
+            logits[:, :self.vocab_size] += additive
+        else:
+            index = rows.to(logits.device)
+            logits[index, :self.vocab_size] = logits[index, :self.vocab_size] + additive
+
+
+class TokenBitmask:
+    """A reusable bitmask buffer for the engine's batches."""
+
+    def __init__(self, vocab_size: int, stop_token_ids: list[int]):
+        self.vocab_size = vocab_size
+        self.buffer = xgr.allocate_token_bitmask(16, vocab_size)
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed[[t for t in stop_token_ids if t < vocab_size]] = True
+        self.stop_only = pack_bits(allowed)  # the row of a sequence whose grammar failed to compile
+        self.batch_matcher = xgr.BatchGrammarMatcher("auto")  # fills rows on several threads
+
+    def fill(self, seqs: list[Sequence]) -> BatchBitmask | None:
+        """Masks for the rows of ``seqs`` that carry a grammar; None if no row needs one."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar_state is not None]
+        if not rows:
+            return None
+        if self.buffer.shape[0] < len(seqs):
+            self.buffer = xgr.allocate_token_bitmask(max(len(seqs), 2 * self.buffer.shape[0]), self.vocab_size)
+        matchers, live = [], []
+        for i in rows:
+            matcher = seqs[i].grammar_state.matcher
+            if matcher is None:
+                self.buffer[i] = self.stop_only
+            else:
+                matchers.append(matcher)
+                live.append(i)
+        if matchers:
+            self.batch_matcher.batch_fill_next_token_bitmask(matchers, self.buffer, live)
+        return BatchBitmask(self.buffer, rows, self.vocab_size)
