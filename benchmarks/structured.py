@@ -98,43 +98,49 @@ def constraint(kind: str) -> StructuredOutputParams:
     return StructuredOutputParams(json=SCHEMA) if kind == "json" else StructuredOutputParams(regex=REGEX)
 
 
-def run(llm: LLM, batch: list[list[int]], params: list[SamplingParams], rounds: int) -> tuple[float, list]:
-    """Generate ``rounds`` times (batch 1: one request after another); seconds and outputs."""
-    start, outs = time.perf_counter(), []
-    for _ in range(rounds):
-        outs = llm.generate(batch, params, use_tqdm=False)
+def timed(llm: LLM, batch: list[list[int]], params: list[SamplingParams]) -> tuple[float, list]:
+    start = time.perf_counter()
+    outs = llm.generate(batch, params, use_tqdm=False)
     return time.perf_counter() - start, outs
 
 
 def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_tokens: int, rounds: int) -> dict:
+    """Constrained (jump-forward off, on) and free runs, interleaved ``rounds`` times; medians."""
     batch = prompts(llm, kind, batch_size)
     structured = llm.engine.structured
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens, structured=constraint(kind))] * batch_size
+    llm.generate(batch[:1], params[:1], use_tqdm=False)  # compiled and cached before timing
+    seconds: dict[str, list[float]] = {"plain": [], "jf": [], "free": []}
+    tokens: dict[str, int] = {}
     row: dict = {"workload": kind, "batch": batch_size}
-    counts = None
-    for jf in (False, True):
-        structured.jump_forward = jf
-        params = [SamplingParams(temperature=0, max_tokens=max_tokens, structured=constraint(kind))] * batch_size
-        llm.generate(batch[:1], params[:1], use_tqdm=False)  # compiled and cached before timing
-        timer.take()
-        forced = structured.num_forced_tokens
-        seconds, outs = run(llm, batch, params, rounds)
-        forced = structured.num_forced_tokens - forced
-        fill, apply = timer.take()
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs) * rounds
-        valid = sum(is_valid(kind, o.outputs[0]) for o in outs)
-        tag = "jf" if jf else "plain"
-        row[f"{tag}_tok_s"] = tokens / seconds
-        row[f"{tag}_valid"] = f"{valid}/{len(outs)}"
-        if not jf:
-            counts = [len(o.outputs[0].token_ids) for o in outs]
-            row["mask_fill_p50_us"], row["mask_fill_p99_us"] = pct(fill, 0.5) * 1e6, pct(fill, 0.99) * 1e6
-            row["mask_apply_p50_us"], row["mask_apply_p99_us"] = pct(apply, 0.5) * 1e6, pct(apply, 0.99) * 1e6
-            row["tokens_per_request"] = statistics.mean(counts)
-        else:
-            row["forced_share"] = forced / tokens
-    free = [SamplingParams(temperature=0, max_tokens=c, ignore_eos=True) for c in counts]
-    seconds, _ = run(llm, batch, free, rounds)
-    row["free_tok_s"] = sum(counts) * rounds / seconds
+    fill: list[float] = []
+    apply: list[float] = []
+    forced, free = 0, []
+    for _ in range(rounds):
+        for tag in ("plain", "jf"):
+            structured.jump_forward = tag == "jf"
+            timer.take()
+            before = structured.num_forced_tokens
+            dt, outs = timed(llm, batch, params)
+            seconds[tag].append(dt)
+            tokens[tag] = sum(len(o.outputs[0].token_ids) for o in outs)
+            row[f"{tag}_valid"] = f"{sum(is_valid(kind, o.outputs[0]) for o in outs)}/{len(outs)}"
+            if tag == "plain":
+                f, a = timer.take()
+                fill += f
+                apply += a
+                free = [SamplingParams(temperature=0, max_tokens=len(o.outputs[0].token_ids), ignore_eos=True)
+                        for o in outs]
+            else:
+                forced = structured.num_forced_tokens - before
+        seconds["free"].append(timed(llm, batch, free)[0])
+    tokens["free"] = tokens["plain"]
+    for tag, values in seconds.items():
+        row[f"{tag}_tok_s"] = tokens[tag] / statistics.median(values)
+    row["tokens_per_request"] = tokens["plain"] / batch_size
+    row["forced_share"] = forced / tokens["jf"]
+    row["mask_fill_p50_us"], row["mask_fill_p99_us"] = pct(fill, 0.5) * 1e6, pct(fill, 0.99) * 1e6
+    row["mask_apply_p50_us"], row["mask_apply_p99_us"] = pct(apply, 0.5) * 1e6, pct(apply, 0.99) * 1e6
     return row
 
 
@@ -205,7 +211,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--rounds", type=int, default=3, help="repeats of the batch-1 runs")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of each run (medians are reported)")
     ap.add_argument("--no-peer", action="store_true", help="skip HF transformers + xgrammar")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -220,7 +226,7 @@ def main() -> None:
     rows = []
     for kind in ("json", "regex"):
         for b in args.batch_sizes:
-            row = throughput(llm, timer, kind, b, args.max_tokens, args.rounds if b == 1 else 1)
+            row = throughput(llm, timer, kind, b, args.max_tokens, args.rounds)
             rows.append(row)
             print(f"{kind:5s} batch {b:2d}: {row['tokens_per_request']:.0f} tok/request; free {row['free_tok_s']:.1f} "
                   f"tok/s; constrained {row['plain_tok_s']:.1f} tok/s ({row['plain_tok_s'] / row['free_tok_s']:.2f}x, "

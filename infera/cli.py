@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from infera.quant import QUANTIZATION_METHODS
 from infera.sampling_params import SamplingParams, StructuredOutputParams
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -36,6 +37,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget per engine step (prefill chunks + decodes)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--kv-cache-memory", default="2GiB", help="memory for the KV cache, e.g. 2GiB or 512MB")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto = the model's dtype; int8 = per-token-and-head scaled int8, about half the memory")
+    g.add_argument("--quantization", default=None, choices=QUANTIZATION_METHODS,
+                   help="quantize the weights at load (CPU kernels): gguf = a GGUF file's own tensors (the "
+                        "default for GGUF models with --dtype auto; an explicit --dtype dequantizes instead); "
+                        "q8_0/q4_0/q4_1 = GGUF blocks; int8, int4 (groups along inputs), int4_ic (groups along "
+                        "outputs), llm_int8 (int8 + float outlier features), dense_sparse (int4 + exact sparse "
+                        "outliers), trit_planes (two ternary planes)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     g.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
@@ -44,8 +53,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+                quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -283,6 +292,55 @@ def run_serve(args: argparse.Namespace) -> None:
 
     args.api_key = args.api_key or os.environ.get("INFERA_API_KEY")
     run_server(args)
+
+
+@command("quantize", "quantize a model's weights and save them (safetensors + quantization_config.json)")
+def _quantize(p: argparse.ArgumentParser) -> None:
+    from infera.quant import GGUF_BLOCK_METHODS, QUANTIZERS
+
+    p.add_argument("--model", "-m", default=None, help="a GGUF file (dequantized first) or an HF model directory; "
+                   "default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--method", required=True, choices=[*GGUF_BLOCK_METHODS, *QUANTIZERS],
+                   help="weight format (see `infera generate --help`, --quantization)")
+    p.add_argument("--out", "-o", required=True, help="output directory (new or empty); load it with --model DIR")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4, int4_ic, dense_sparse, trit_planes: weights per scale (default 128, lowered to fit)")
+    p.add_argument("--threshold", type=float, default=None, help="llm_int8: outlier feature magnitude (default 6)")
+    p.add_argument("--fraction", type=float, default=None, help="dense_sparse: share of weights kept exact "
+                   "(default 0.005)")
+    p.add_argument("--iterations", type=int, default=None, help="trit_planes: refinement rounds (default 6)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the tensors left unquantized (embeddings, norms)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    p.set_defaults(run=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    from infera.quant.checkpoint import quantize_checkpoint
+
+    options = {k: v for k in ("group_size", "threshold", "fraction", "iterations")
+               if (v := getattr(args, k)) is not None}
+    summary = quantize_checkpoint(args.model, args.method, args.out, args.dtype, **options)
+    print(f"wrote {args.out}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB "
+          f"(bfloat16: {summary['bfloat16_bytes'] / 2**20:.1f} MiB); run it with --model {args.out}")
+
+
+@command("eval", "evaluate the model on a task (perplexity: fixed slices of pydoc_data/topics.py text)")
+def _eval(p: argparse.ArgumentParser) -> None:
+    from infera.eval import TASKS, task_module
+
+    p.add_argument("--task", default="perplexity", choices=list(TASKS), help="what to evaluate")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name in TASKS:
+        task_module(name).add_arguments(p.add_argument_group(f"{name} options"))
+    add_engine_args(p)
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from infera.eval import task_module
+
+    task_module(args.task).run(args, engine_kwargs(args))
 
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -32,7 +32,10 @@ def cpu_has_bf16() -> bool:
 @dataclass
 class EngineConfig:
     """Everything the engine decides from. ``dtype='auto'`` picks bfloat16 where the hardware
-    computes it fast (CUDA, or a CPU with AVX512-BF16/AMX) and float32 elsewhere."""
+    computes it fast (CUDA, or a CPU with AVX512-BF16/AMX) and float32 elsewhere.
+    ``quantization`` (a method of :mod:`infera.quant`) quantizes the weights at load; with None, a
+    GGUF model runs on its own quantized tensors when ``dtype`` is auto (on CPU) and is dequantized
+    to an explicit ``dtype``."""
 
     model: str | None = None
     dtype: str = "auto"
@@ -42,6 +45,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     block_size: int = 16
     kv_cache_memory: int | str = "2GiB"
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
 
@@ -49,6 +54,14 @@ class EngineConfig:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.quantization is not None:
+            from infera.quant import QUANTIZATION_METHODS
+
+            if self.quantization not in QUANTIZATION_METHODS:
+                raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; "
+                                 f"got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory"):

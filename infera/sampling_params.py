@@ -84,7 +84,8 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", "must be non-negative integers", self.stop_token_ids)
-        _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer", self.seed)
+        _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63),
+               "seed", "must be a 64-bit integer", self.seed)
         _check(self.structured is None or isinstance(self.structured, StructuredOutputParams),
                "structured", "must be a StructuredOutputParams", self.structured)
 

@@ -6,6 +6,7 @@ import torch
 
 from infera.kernels import load_cpu_extension
 from infera.layers import paged_attention as pa
+from infera.layers.attention import LayerKVCache
 
 
 def dense_attention(q, k, v, scale):
@@ -20,38 +21,50 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def paged_layout(lens, num_blocks=64, block_size=4, hkv=2, d=16, dtype=torch.float32, seed=0):
+def paged_layout(lens, num_blocks=64, block_size=4, hkv=2, d=16, dtype=torch.float32, int8=False, seed=0):
+    """A random cache (float, or int8 written through store_kv) and block tables for ``lens``."""
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
+    if int8:
+        kv = LayerKVCache(*(torch.zeros(num_blocks, block_size, hkv, d, dtype=torch.int8) for _ in range(2)),
+                          *(torch.ones(num_blocks, block_size, hkv) for _ in range(2)))
+        k, v = (torch.randn(num_blocks * block_size, hkv, d, generator=g).to(dtype) for _ in range(2))
+        pa.store_kv(kv, k, v, torch.arange(num_blocks * block_size))
+    else:
+        kv = LayerKVCache(*(torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype) for _ in range(2)))
     width = max(-(-n // block_size) for n in lens)
     perm = torch.randperm(num_blocks, generator=g)
     tables = perm[:len(lens) * width].view(len(lens), width)
-    return k_cache, v_cache, tables
+    return kv, tables
 
 
-def contiguous_kv(cache, table, n):
-    return cache[table].flatten(0, 1)[:n]
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,int8,tol", [(torch.float32, False, 1e-5), (torch.bfloat16, False, 2e-2),
+                                            (torch.float32, True, 1e-5), (torch.bfloat16, True, 2e-2)])
 @pytest.mark.parametrize("impl", ["reference", "native"])
-def test_decode_attention(dtype, tol, impl):
+def test_decode_attention(dtype, int8, tol, impl):
+    """Against dense attention over the cache's (dequantized) contents."""
     lens = [1, 5, 16, 23]
     hq, hkv, d = 6, 2, 16
-    k_cache, v_cache, tables = paged_layout(lens, hkv=hkv, d=d, dtype=dtype)
+    kv, tables = paged_layout(lens, hkv=hkv, d=d, dtype=dtype, int8=int8)
     q = torch.randn(len(lens), hq, d).to(dtype)
     ctx = torch.tensor(lens)
     if impl == "native":
         ext = load_cpu_extension("paged_attention")
         if ext is None:
             pytest.skip("no C++ compiler for native kernels")
-        out = ext.decode_attention(q, k_cache, v_cache, tables, ctx, 0.25)
+        out = ext.decode_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, tables, ctx, 0.25)
     else:
-        out = pa.decode_attention_reference(q, k_cache, v_cache, tables, ctx, 0.25)
+        out = pa.decode_attention_reference(q, kv, tables, ctx, 0.25)
     for i, n in enumerate(lens):
-        ref = dense_attention(q[i:i + 1], contiguous_kv(k_cache, tables[i], n), contiguous_kv(v_cache, tables[i], n), 0.25)
+        k, v = pa.gather_kv(kv, tables[i], n, torch.float32)
+        ref = dense_attention(q[i:i + 1], k, v, 0.25)
         assert (out[i].double() - ref[0]).abs().max() < tol
+
+
+def test_int8_roundtrip_error():
+    x = torch.randn(100, 4, 64) * torch.linspace(0.1, 10, 100)[:, None, None]
+    q, s = pa.quantize_int8(x)
+    err = (pa.dequantize_int8(q, s, torch.float32) - x).abs()
+    assert torch.all(err <= s.unsqueeze(-1) / 2 + 1e-6)  # at most half a step per element
 
 
 @pytest.mark.parametrize("tq,tk", [(7, 7), (5, 12), (1, 9)])
@@ -62,10 +75,10 @@ def test_prefill_attention_with_cached_prefix(tq, tk):
 
 
 def test_store_and_gather_roundtrip():
-    k_cache, v_cache = torch.zeros(8, 4, 2, 3), torch.zeros(8, 4, 2, 3)
+    kv = LayerKVCache(torch.zeros(8, 4, 2, 3), torch.zeros(8, 4, 2, 3))
     k, v = torch.randn(6, 2, 3), torch.randn(6, 2, 3)
     table = torch.tensor([5, 2])
     slots = torch.tensor([5 * 4 + i for i in range(4)] + [2 * 4, 2 * 4 + 1])
-    pa.store_kv(k, v, k_cache, v_cache, slots)
-    gk, gv = pa.gather_kv(k_cache, v_cache, table, 6)
-    assert torch.equal(gk, k) and torch.equal(gv, v)
+    seen_k, seen_v = pa.store_kv(kv, k, v, slots)
+    gk, gv = pa.gather_kv(kv, table, 6, torch.float32)
+    assert torch.equal(gk, k) and torch.equal(gv, v) and torch.equal(seen_k, k)

@@ -134,14 +134,18 @@ inline float quantize_block(const float* v, int8_t* out, int32_t* sum) {
 #endif
 }
 
+// Quantize activation row x into row m of A; `mul` (per input, optional) scales it first.
 template <typename T>
-void quantize_row(const T* x, int64_t m, float threshold, int64_t offset, Activations& A) {
+void quantize_row(const T* x, const float* mul, int64_t m, float threshold, int64_t offset, Activations& A) {
   const int64_t K = A.K, nb = A.nb;
   int8_t* q = A.q.data() + m * K;
   float* xf = A.xf.empty() ? nullptr : A.xf.data() + m * K;
   alignas(64) float blk[32];
   for (int64_t b = 0; b < nb; ++b) {
     load_block(x + b * 32, blk);
+    if (mul) {
+      for (int e = 0; e < 32; ++e) blk[e] *= mul[b * 32 + e];
+    }
     if (xf) std::memcpy(xf + b * 32, blk, sizeof blk);
     if (threshold > 0) {
       for (int e = 0; e < 32; ++e) {
@@ -212,8 +216,9 @@ inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Acti
             } else {
               acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], _mm512_and_si512(lo[t], low2), xa);
               acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], _mm512_and_si512(hi[t], low2), xc);
-              acc2[t][m] = _mm512_dpbusd_epi32(acc2[t][m], _mm512_srli_epi16(lo[t], 2), xa);
-              acc2[t][m] = _mm512_dpbusd_epi32(acc2[t][m], _mm512_srli_epi16(hi[t], 2), xc);
+              // (16-bit shifts carry the next byte's low bits in: mask again)
+              acc2[t][m] = _mm512_dpbusd_epi32(acc2[t][m], _mm512_and_si512(_mm512_srli_epi16(lo[t], 2), low2), xa);
+              acc2[t][m] = _mm512_dpbusd_epi32(acc2[t][m], _mm512_and_si512(_mm512_srli_epi16(hi[t], 2), low2), xc);
             }
           }
         }
@@ -274,6 +279,8 @@ void check_packed(const at::Tensor& w, const Layout& L, int64_t N) {
 
 struct Extras {  // what is added to the int8 product in float
   const float* bias = nullptr;
+  const float* row_shift = nullptr;  // per-IC groups: [group][m] added to every row of the group
+  int64_t ic_group = 0;              // per-IC groups: rows per group (activation rows [group * M, ...))
   const int32_t* indptr = nullptr;
   const int32_t* indices = nullptr;
   const float* values = nullptr;
@@ -283,8 +290,12 @@ struct Extras {  // what is added to the int8 product in float
 // Writes rows [n0, n0 + 16) x activation row m of y from the 16 lane sums.
 template <typename OutT>
 inline void store_tile(float* sums, const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex,
-                       int64_t n0, int64_t m, int64_t N, OutT* y) {
+                       int64_t n0, int64_t m, int64_t M, int64_t N, OutT* y) {
   const int64_t rows = std::min<int64_t>(TILE, N - n0);
+  if (ex.row_shift) {
+    const float shift = ex.row_shift[(n0 / ex.ic_group) * M + m];
+    for (int64_t r = 0; r < rows; ++r) sums[r] += shift;
+  }
   if (ex.outliers || ex.indptr) {
     const float* xf = A.xf.data() + m * L.K;
     for (int64_t r = 0; r < rows; ++r) {
@@ -313,20 +324,21 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
       for (int i = 0; i < nt; ++i) tiles[i] = w + (t + i) * L.tile_bytes;
       for (int64_t m0 = 0; m0 < M;) {
         const int mr = M - m0 >= mr_max ? mr_max : M - m0 >= 2 ? 2 : 1;
+        const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;  // this group's activations
         auto emit = [&](auto& accf, int tn, int mn) {
           for (int i = 0; i < tn; ++i) {
             for (int m = 0; m < mn; ++m) {
               _mm512_store_ps(sums, accf[i][m]);
-              store_tile(sums, L, w, A, ex, (t + i) * TILE, m0 + m, N, y);
+              store_tile(sums, L, w, A, ex, (t + i) * TILE, m0 + m, M, N, y);
             }
           }
         };
 #define INFERA_TILE(NT, MR)                                          \
   if (nt == NT && mr == MR) {                                        \
     __m512 accf[NT][MR];                                             \
-    if (L.enc == Q8) tile_kernel<Q8, NT, MR>(L, tiles, A, m0, accf); \
-    else if (L.enc == Q4) tile_kernel<Q4, NT, MR>(L, tiles, A, m0, accf); \
-    else tile_kernel<T2, NT, MR>(L, tiles, A, m0, accf);             \
+    if (L.enc == Q8) tile_kernel<Q8, NT, MR>(L, tiles, A, base + m0, accf); \
+    else if (L.enc == Q4) tile_kernel<Q4, NT, MR>(L, tiles, A, base + m0, accf); \
+    else tile_kernel<T2, NT, MR>(L, tiles, A, base + m0, accf);             \
     emit(accf, NT, MR);                                              \
   }
         INFERA_TILE(4, 1) else INFERA_TILE(2, 4) else INFERA_TILE(2, 2) else INFERA_TILE(2, 1)
@@ -342,8 +354,10 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
     float sums[TILE];
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t m = 0; m < M; ++m) {
-        for (int64_t r = 0; r < TILE; ++r) sums[r] = t * TILE + r < N ? row_dot_generic(L, w, t * TILE + r, A, m) : 0.f;
-        store_tile(sums, L, w, A, ex, t * TILE, m, N, y);
+        const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;
+        for (int64_t r = 0; r < TILE; ++r)
+          sums[r] = t * TILE + r < N ? row_dot_generic(L, w, t * TILE + r, A, base + m) : 0.f;
+        store_tile(sums, L, w, A, ex, t * TILE, m, M, N, y);
       }
     }
   });
@@ -353,9 +367,12 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
 // y = x @ W^T (+ bias) (+ sparse @ x) for x [M, K] (float32 or bfloat16) and packed W (N outputs).
 // `threshold` > 0 keeps inputs with |x| above it out of the int8 product and adds them in float
 // (LLM.int8()'s mixed decomposition); indptr/indices/values add an exact CSR term.
+// Per-IC groups (ic_scale/ic_min [G, K], ic_group rows each): W[n, k] = s[g, k] * q[n, k] + m[g, k] for
+// g = n / ic_group, computed as the unscaled quants times x * s[g], plus x . m[g].
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const Layout& L, int64_t N,
                 const c10::optional<at::Tensor>& bias, double threshold, const c10::optional<at::Tensor>& indptr,
-                const c10::optional<at::Tensor>& indices, const c10::optional<at::Tensor>& values) {
+                const c10::optional<at::Tensor>& indices, const c10::optional<at::Tensor>& values,
+                const c10::optional<at::Tensor>& ic_scale, const c10::optional<at::Tensor>& ic_min, int64_t ic_group) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == L.K, "x must be [M, ", L.K, "], got ", x.sizes());
   check_packed(w, L, N);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
@@ -365,14 +382,33 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const Layout& L, int64
   const bool sparse = indptr.has_value();
   static thread_local Activations buffers;  // reused between calls
   Activations& A = buffers;
-  A.resize(M, K, threshold > 0 || sparse);
-  at::parallel_for(0, M, 4, [&](int64_t a, int64_t b) {
-    for (int64_t m = a; m < b; ++m) {
-      if (bf16) quantize_row(xc.data_ptr<at::BFloat16>() + m * K, m, float(threshold), L.offset, A);
-      else quantize_row(xc.data_ptr<float>() + m * K, m, float(threshold), L.offset, A);
+  const bool ic = ic_scale.has_value();
+  at::Tensor ics, icm, shift;
+  int64_t groups = 1;
+  if (ic) {
+    ics = ic_scale->to(at::kFloat).contiguous();
+    icm = ic_min->to(at::kFloat).contiguous();
+    groups = ics.size(0);
+    TORCH_CHECK(ics.dim() == 2 && ics.size(1) == K && icm.sizes() == ics.sizes(), "ic_scale/ic_min must be [G, K]");
+    TORCH_CHECK(ic_group > 0 && ic_group % 64 == 0 && groups * ic_group >= N, "per-IC groups of ", ic_group,
+                " rows must be a multiple of 64 and cover ", N, " rows");
+    TORCH_CHECK(threshold == 0 && !sparse, "per-IC groups take no outliers or sparse terms");
+    shift = at::matmul(icm, xc.to(at::kFloat).t()).contiguous();  // [G, M]
+  }
+  A.resize(groups * M, K, threshold > 0 || sparse);
+  at::parallel_for(0, groups * M, 4, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t g = i / M, m = i % M;
+      const float* mul = ic ? ics.data_ptr<float>() + g * K : nullptr;
+      if (bf16) quantize_row(xc.data_ptr<at::BFloat16>() + m * K, mul, i, float(threshold), L.offset, A);
+      else quantize_row(xc.data_ptr<float>() + m * K, mul, i, float(threshold), L.offset, A);
     }
   });
   Extras ex;
+  if (ic) {
+    ex.row_shift = shift.data_ptr<float>();
+    ex.ic_group = ic_group;
+  }
   const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor ipt = sparse ? indptr->to(at::kInt).contiguous() : at::Tensor();
   const at::Tensor ixt = sparse ? indices->to(at::kInt).contiguous() : at::Tensor();
@@ -421,7 +457,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("row_bytes", &Layout::row_bytes);
   m.def("gemm", &gemm, py::arg("x"), py::arg("w"), py::arg("layout"), py::arg("out_features"),
         py::arg("bias") = py::none(), py::arg("threshold") = 0.0, py::arg("indptr") = py::none(),
-        py::arg("indices") = py::none(), py::arg("values") = py::none());
+        py::arg("indices") = py::none(), py::arg("values") = py::none(), py::arg("ic_scale") = py::none(),
+        py::arg("ic_min") = py::none(), py::arg("ic_group") = 0);
   m.def("dequantize", &dequantize, py::arg("w"), py::arg("layout"), py::arg("out_features"),
         py::arg("ids") = py::none(), py::arg("dtype") = at::kFloat);
 }

@@ -5,6 +5,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from infera.config import EngineConfig
 from infera.engine.block_manager import BlockManager
@@ -13,9 +14,10 @@ from infera.engine.output_processor import OutputProcessor
 from infera.engine.scheduler import Scheduler
 from infera.engine.sequence import Sequence, SequenceStatus
 from infera.layers.sampler import TokenLogprobs
-from infera.loader.model_loader import build_model, open_model
+from infera.loader.model_loader import build_model, open_model, resolve_quantization
 from infera.loader.tokenizer import Tokenizer
 from infera.outputs import RequestMetrics, RequestOutput
+from infera.quant.method import weight_bytes
 from infera.sampling_params import SamplingParams
 from infera.structured import StructuredOutputManager
 
@@ -31,10 +33,23 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
+    retain: bool = False  # finished sequences keep their KV blocks until LLMEngine.release()
+    num_computed_prompt_tokens: int = 0  # prompt tokens computed for it (cache and fork hits excluded)
 
     @property
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.finish_reason is not None for s in self.seqs)
+
+
+class EngineDriver(Protocol):
+    """Runs requests from inside the engine loop (a scaling search, say): before each step it may
+    add, continue or release sequences; after it, it sees the step's outputs."""
+
+    def has_work(self) -> bool: ...
+
+    def before_step(self) -> None: ...
+
+    def after_step(self, outputs: list[RequestOutput]) -> None: ...
 
 
 class LLMEngine:
@@ -51,9 +66,10 @@ class LLMEngine:
         window = getattr(self.hf_config, "sliding_window", None)
         if window and getattr(self.hf_config, "use_sliding_window", True):
             limit = min(limit, window)  # sliding-window attention is not implemented: stay inside the window
-        model = build_model(source, self.hf_config, self.dtype, self.device, limit)
+        quantization = resolve_quantization(source, cfg.quantization, cfg.dtype, self.device)
+        model = build_model(source, self.hf_config, self.dtype, self.device, limit, quantization)
         self.runner = ModelRunner(model, cfg.block_size, cfg.kv_cache_memory, self.tokenizer.eos_token_ids,
-                                  self.device, cfg.seed)
+                                  self.device, cfg.seed, cfg.kv_cache_dtype)
         capacity = self.runner.num_blocks * cfg.block_size
         self.max_model_len = min(limit, capacity)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -61,23 +77,33 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.structured = StructuredOutputManager(self.tokenizer, self.runner.vocab_size)
         self.requests: dict[str, Request] = {}
+        self.drivers: list[EngineDriver] = []
         self.num_prompt_tokens = 0  # prompt tokens computed (prefix-cache hits excluded)
         self.num_generated_tokens = 0
         self._ids = itertools.count()
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.info("loaded %s: %s, %.0fM parameters, %s on %s, in %.1fs", self.model_path,
-                    (self.hf_config.architectures or ["?"])[0], n_params / 1e6, str(self.dtype).removeprefix("torch."),
+        self.weight_bytes = weight_bytes(model)
+        logger.info("loaded %s: %s, %.0f MiB of weights (%s), %s on %s, in %.1fs", self.model_path,
+                    (self.hf_config.architectures or ["?"])[0], self.weight_bytes / 2**20,
+                    quantization.name if quantization else "unquantized", str(self.dtype).removeprefix("torch."),
                     self.device, time.monotonic() - started)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
+        logger.info("KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
                     "up to %d tokens and %d sequences per step; prefix caching %s",
-                    self.runner.num_blocks, cfg.block_size, capacity, self.runner.kv_cache_bytes / 2**30,
+                    str(self.runner.kv_cache.dtype).removeprefix("torch."), self.runner.num_blocks,
+                    cfg.block_size, capacity, self.runner.kv_cache.num_bytes / 2**30,
                     self.max_model_len, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                     "on" if cfg.enable_prefix_caching else "off")
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt (text or token ids). Raises ValueError for a prompt that cannot run."""
+                    request_id: str | None = None, *, parent: Sequence | None = None, retain: bool = False) -> str:
+        """Queue a prompt (text or token ids). Raises ValueError for a prompt that cannot run.
+
+        ``parent``: a sequence holding KV blocks (e.g. one kept by ``retain``); every sample of the
+        new request shares its blocks for the longest common prefix of ``prompt`` and ``parent``
+        (copy-on-write), so only the rest of the prompt is computed.  ``retain``: the request's
+        sequences keep their KV blocks when they finish, for later requests to continue from, until
+        :meth:`release` (or an abort of the still-running request) frees them.
+        """
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
@@ -90,8 +116,14 @@ class LLMEngine:
             if bad:
                 raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size}), got {bad[:3]}")
         self.check_prompt_length(len(token_ids))
+        if parent is not None and params.structured is not None:
+            raise ValueError("structured output cannot continue from a parent sequence")
         grammar = self.structured.grammar_for(params)  # ValueError for a bad schema/regex/grammar
-        req = Request(request_id, text, token_ids, params)
+        req = Request(request_id, text, token_ids, params, retain=retain)
+        if parent is not None:
+            req.seqs = [self._share_prefix(parent, token_ids, params, request_id, i) for i in range(params.n)]
+            self.requests[request_id] = req
+            return request_id
         first = Sequence(token_ids, params, request_id, 0)
         # n > 1: compute the prompt once, then fork it (see _maybe_fork)
         first.hold_last_token = params.n > 1 and len(token_ids) > 1
@@ -124,6 +156,30 @@ class LLMEngine:
                     seq.status = SequenceStatus.FINISHED
                 else:
                     self.scheduler.finish(seq)
+            elif req.retain:
+                self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the KV blocks still held by a finished sequence of a retained request."""
+        if seq.status != SequenceStatus.FINISHED:
+            raise ValueError(f"sequence {seq.seq_id} has not finished; abort its request instead")
+        self.block_manager.free(seq)
+
+    def _share_prefix(self, parent: Sequence, token_ids: list[int], params: SamplingParams, request_id: str,
+                      index: int) -> Sequence:
+        """A sequence of ``token_ids`` sharing ``parent``'s blocks for their common computed prefix."""
+        seq = Sequence(token_ids, params, request_id, index)
+        self.block_manager.fork(parent, seq)
+        limit, shared = min(seq.num_computed_tokens, len(token_ids) - 1), 0  # leave one token to compute
+        while shared < limit and token_ids[shared] == parent.token_ids[shared]:
+            shared += 1
+        self.block_manager.truncate(seq, shared)
+        seq.num_cached_tokens = shared
+        if seq.block_table:
+            self.scheduler.add_running(seq)
+        else:
+            self.scheduler.add(seq)
+        return seq
 
     def fork(self, seq: Sequence, index: int) -> Sequence:
         """A new running sequence that shares all of ``seq``'s KV blocks (copy-on-write)."""
@@ -141,11 +197,13 @@ class LLMEngine:
         return child
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or any(driver.has_work() for driver in self.drivers)
 
     # -- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return an output for every request that advanced."""
+        for driver in self.drivers:
+            driver.before_step()
         for seq in self.structured.admit(block=not self.scheduler.has_unfinished()):
             self.scheduler.add(seq)
         batch = self.scheduler.schedule()
@@ -162,13 +220,18 @@ class LLMEngine:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = seq.num_cached_tokens
             self.block_manager.commit(seq, n)
-            self.num_prompt_tokens += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens + n))
+            computed_prompt = max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens + n))
+            self.num_prompt_tokens += computed_prompt
+            req.num_computed_prompt_tokens += computed_prompt
             if out.prompt_logprobs:
                 req.prompt_logprobs.extend(out.prompt_logprobs)
             if out.token_id is not None:
                 self.output_processor.append_token(seq, out.token_id, out.logprobs)
                 self.num_generated_tokens += 1 + self.structured.advance(seq, self.output_processor)
-                if seq.finish_reason is not None:
+                if seq.finish_reason is not None and req.retain:
+                    self.scheduler.running.remove(seq)  # finished, but its blocks stay (see release)
+                    seq.status = SequenceStatus.FINISHED
+                elif seq.finish_reason is not None:
                     self.scheduler.finish(seq)
                 req.metrics.first_token_time = req.metrics.first_token_time or now
                 req.metrics.last_token_time = now
@@ -182,6 +245,8 @@ class LLMEngine:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
             outputs.append(self.make_output(req))
+        for driver in self.drivers:
+            driver.after_step(outputs)
         return outputs
 
     def make_output(self, req: Request) -> RequestOutput:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from infera.engine.kv_cache import KVCachePool
 from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence
 from infera.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
@@ -28,22 +29,14 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, block_size: int, kv_cache_memory: int, eos_token_ids: set[int],
-                 device: torch.device, seed: int = 0):
+                 device: torch.device, seed: int = 0, kv_cache_dtype: str = "auto"):
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        first = self.attention_layers[0]
-        dtype = next(model.parameters()).dtype
-        per_block = 2 * len(self.attention_layers) * block_size * first.num_kv_heads * first.head_dim * dtype.itemsize
-        self.num_blocks = kv_cache_memory // per_block
-        if self.num_blocks < 1:
-            raise ValueError(f"kv_cache_memory of {kv_cache_memory} bytes holds no block of {per_block} bytes")
-        shape = (self.num_blocks, block_size, first.num_kv_heads, first.head_dim)
-        self.kv_cache = torch.zeros(2, len(self.attention_layers), *shape, dtype=dtype, device=device)
-        for i, layer in enumerate(self.attention_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        self.kv_cache_bytes = self.kv_cache.numel() * dtype.itemsize
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # quantized weights are uint8
+        self.kv_cache = KVCachePool(layers, block_size, kv_cache_memory, dtype, kv_cache_dtype, device)
+        self.num_blocks = self.kv_cache.num_blocks
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler(self.vocab_size, device, eos_token_ids, seed)
 
@@ -51,8 +44,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, bitmask: TokenBitmask | None = None) -> list[StepOutput]:
         """Run one step; ``bitmask`` constrains the sequences that carry a grammar."""
         if batch.block_copies:
-            src, dst = (torch.tensor(x, device=self.device) for x in zip(*batch.block_copies))
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            self.kv_cache.copy_blocks(batch.block_copies)
         # single-token queries first: their attention runs batched
         order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] > 1)
         seqs = [batch.seqs[i] for i in order]

@@ -16,6 +16,21 @@ from infera.layers import paged_attention
 
 
 @dataclass
+class LayerKVCache:
+    """One layer's paged K/V: ``[num_blocks, block_size, num_kv_heads, head_dim]`` each, in the
+    model's dtype, or int8 with one float32 scale per token and head (``[..., num_kv_heads]``)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+
+@dataclass
 class PrefillChunk:
     """A multi-token query of one sequence: tokens ``[query_start, query_start + query_len)``
     of the flat batch are positions ``[context_len - query_len, context_len)`` of the sequence."""
@@ -58,11 +73,8 @@ def get_attention_metadata() -> AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped K/V heads over a paged KV cache.
-
-    ``k_cache`` / ``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]`` views
-    handed over by the model runner.
-    """
+    """Multi-head attention with grouped K/V heads over a paged KV cache (``kv_cache``, a view
+    into the pool handed over by the model runner)."""
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
         super().__init__()
@@ -70,23 +82,23 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.kv_cache: LayerKVCache | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q``: [T, Hq, D]; ``k``, ``v``: [T, Hkv, D]; returns [T, Hq * D]."""
         meta = get_attention_metadata()
-        paged_attention.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        kv = self.kv_cache
+        k, v = paged_attention.store_kv(kv, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         d = meta.num_decode_tokens
         if d:
-            out[:d] = paged_attention.decode_attention(
-                q[:d], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale)
+            out[:d] = paged_attention.decode_attention(q[:d], kv, meta.decode_block_tables, meta.decode_context_lens,
+                                                       self.scale)
         for chunk in meta.prefills:
             s, n = chunk.query_start, chunk.query_len
             if n == chunk.context_len:  # nothing cached before this chunk: attend to the fresh K/V
                 ck, cv = k[s:s + n], v[s:s + n]
             else:
-                ck, cv = paged_attention.gather_kv(self.k_cache, self.v_cache, chunk.block_table, chunk.context_len)
+                ck, cv = paged_attention.gather_kv(kv, chunk.block_table, chunk.context_len, q.dtype)
             out[s:s + n] = paged_attention.prefill_attention(q[s:s + n], ck, cv, self.scale)
         return out.flatten(1)

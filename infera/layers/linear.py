@@ -1,9 +1,16 @@
-"""Linear layers whose parameters know how to load their checkpoint shards."""
+"""Linear layers whose weights come from a pluggable quant method (vLLM style).
+
+The method (:mod:`infera.quant.base`) creates the weight parameters, post-processes them after
+loading and computes the product; :class:`UnquantizedLinearMethod` keeps a float ``weight``.
+Layers built inside :func:`infera.quant.base.quantization_context` ask its config for a method.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from infera.quant.base import QuantizeMethodBase, current_quant_config
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -12,15 +19,41 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
-class Linear(nn.Module):
-    """``y = x W^T (+ b)`` with the weight stored ``[out_features, in_features]``."""
+class UnquantizedLinearMethod(QuantizeMethodBase):
+    """A float ``weight [out_features, in_features]`` in the model's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int], bias: bool,
+                       params_dtype: torch.dtype) -> None:
+        weight = nn.Parameter(torch.empty(sum(output_sizes), in_features, dtype=params_dtype), requires_grad=False)
+        weight.weight_loader = getattr(layer, "weight_loader", default_weight_loader)
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
+
+
+def make_quant_method(layer: nn.Module, quant_method: QuantizeMethodBase | None) -> QuantizeMethodBase:
+    """``quant_method`` if given, else what the current quantization config picks, else float."""
+    if quant_method is not None:
+        return quant_method
+    config = current_quant_config()
+    return (config.get_quant_method(layer) if config else None) or UnquantizedLinearMethod()
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)``; ``W`` is ``[out_features, in_features]`` as the quant method stores it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 quant_method: QuantizeMethodBase | None = None, output_sizes: list[int] | None = None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.output_sizes = list(output_sizes or [out_features])
+        self.quant_method = make_quant_method(self, quant_method)
+        self.quant_method.create_weights(self, in_features, self.output_sizes, bias, torch.get_default_dtype())
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -28,10 +61,15 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None = None) -> None:
-        default_weight_loader(param, loaded)
+        """Copy a checkpoint tensor, or shard ``shard`` into its rows (a row-wise tensor: dim 0 = outputs)."""
+        if shard is None:
+            default_weight_loader(param, loaded)
+            return
+        start = sum(self.output_sizes[:shard])
+        default_weight_loader(param.data.narrow(0, start, self.output_sizes[shard]), loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class MergedLinear(Linear):
@@ -40,13 +78,6 @@ class MergedLinear(Linear):
     Checkpoint shard ``i`` fills rows ``sum(output_sizes[:i])`` onwards.
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
-        super().__init__(in_features, sum(output_sizes), bias)
-        self.output_sizes = list(output_sizes)
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None = None) -> None:
-        if shard is None:
-            default_weight_loader(param, loaded)
-            return
-        start = sum(self.output_sizes[:shard])
-        default_weight_loader(param.data.narrow(0, start, self.output_sizes[shard]), loaded)
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 quant_method: QuantizeMethodBase | None = None):
+        super().__init__(in_features, sum(output_sizes), bias, quant_method, output_sizes)

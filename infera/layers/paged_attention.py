@@ -1,26 +1,62 @@
 """Paged-attention kernels: PyTorch implementations (the reference, and the fallback) plus the
-native CPU decode kernel (csrc/paged_attention.cpp) where it compiled."""
+native CPU decode kernel (csrc/paged_attention.cpp) where it compiled.
+
+An int8 cache stores ``round(x / s)`` with ``s = max|x| / 127`` per token and head; every reader
+sees the dequantized values, fresh K/V included, so results do not depend on whether a prefix
+came from the cache.
+"""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from infera.kernels import load_cpu_extension
 
-
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write token ``i``'s K/V into flat slot ``slot_mapping[i]`` (block * block_size + offset)."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+if TYPE_CHECKING:
+    from infera.layers.attention import LayerKVCache
 
 
-def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-              context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dimension: (int8 values, float32 scales of shape x.shape[:-1])."""
+    scale = x.float().abs().amax(dim=-1).clamp_(min=1e-8) / 127.0
+    q = torch.round(x.float() / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def store_kv(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write token ``i``'s K/V into flat slot ``slot_mapping[i]`` (block * block_size + offset).
+
+    Returns K/V as later readers of the cache will see them (dequantized for an int8 cache)."""
+    heads = k.shape[1:]
+    if not kv.quantized:
+        kv.k.view(-1, *heads).index_copy_(0, slot_mapping, k.to(kv.k.dtype))
+        kv.v.view(-1, *heads).index_copy_(0, slot_mapping, v.to(kv.v.dtype))
+        return k, v
+    out = []
+    for x, cache, scales in ((k, kv.k, kv.k_scale), (v, kv.v, kv.v_scale)):
+        q, s = quantize_int8(x)
+        cache.view(-1, *heads).index_copy_(0, slot_mapping, q)
+        scales.view(-1, heads[0]).index_copy_(0, slot_mapping, s)
+        out.append(dequantize_int8(q, s, x.dtype))
+    return out[0], out[1]
+
+
+def gather_kv(kv: LayerKVCache, block_table: torch.Tensor, context_len: int,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``context_len`` cached K/V rows of one sequence: [context_len, Hkv, D]."""
-    k = k_cache[block_table].flatten(0, 1)[:context_len]
-    v = v_cache[block_table].flatten(0, 1)[:context_len]
-    return k, v
+    k = kv.k[block_table].flatten(0, 1)[:context_len]
+    v = kv.v[block_table].flatten(0, 1)[:context_len]
+    if kv.quantized:
+        k = dequantize_int8(k, kv.k_scale[block_table].flatten(0, 1)[:context_len], dtype)
+        v = dequantize_int8(v, kv.v_scale[block_table].flatten(0, 1)[:context_len], dtype)
+    return k.to(dtype), v.to(dtype)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -37,21 +73,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.squeeze(0).transpose(0, 1)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D]."""
-    if q.device.type == "cpu" and q.dtype == k_cache.dtype and (ext := load_cpu_extension("paged_attention")):
-        return ext.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    native = kv.quantized or q.dtype == kv.k.dtype
+    if q.device.type == "cpu" and native and (ext := load_cpu_extension("paged_attention")):
+        return ext.decode_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, context_lens, scale)
+    return decode_attention_reference(q, kv, block_tables, context_lens, scale)
 
 
-def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention_reference(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor,
+                               context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`decode_attention` by gathering each context into a padded batch for SDPA."""
-    k = k_cache[block_tables].flatten(1, 2).to(q.dtype)  # [B, L, Hkv, D]
-    v = v_cache[block_tables].flatten(1, 2).to(q.dtype)
+    k, v = kv.k[block_tables].flatten(1, 2), kv.v[block_tables].flatten(1, 2)  # [B, L, Hkv, D]
+    if kv.quantized:
+        k = dequantize_int8(k, kv.k_scale[block_tables].flatten(1, 2), q.dtype)
+        v = dequantize_int8(v, kv.v_scale[block_tables].flatten(1, 2), q.dtype)
     mask = torch.arange(k.shape[1], device=q.device) < context_lens[:, None]
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        q.unsqueeze(2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
         attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
     return out.squeeze(2)

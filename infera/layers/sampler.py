@@ -29,7 +29,7 @@ class SamplerState:
         params = seq.params
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator(device).manual_seed(params.seed + seq.index)
+            self.generator = torch.Generator(device).manual_seed((params.seed + seq.index) % 2**64)
         self.output_counts: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
         if params.needs_penalties:

@@ -119,23 +119,35 @@ class GGUFFile:
         t = self.tensors.get("rope_freqs.weight")
         return None if t is None else torch.from_numpy(np.array(t.data, dtype=np.float32))
 
-    def weights(self, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float32 tensor) for every tensor the model uses, dequantized."""
+    def weights(self, config: PretrainedConfig, native: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) for every tensor the model uses, dequantized; with ``native``,
+        quantized 2-D tensors come as :class:`~infera.quant.gguf_blocks.GGUFTensor` (raw blocks)."""
         import gguf
+
+        from infera.quant.gguf_blocks import FLOAT_TYPES, GGUFTensor
 
         for name, t in self.tensors.items():
             target = hf_name(name)
             if target is None:
                 continue
-            try:
-                w = gguf.quants.dequantize(t.data, t.tensor_type)
-            except NotImplementedError:
-                raise ModelLoadError(f"{self.path}: tensor {name} has unsupported type {t.tensor_type.name}") from None
-            w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+            shape = [int(d) for d in reversed(t.shape)]
+            keep = native and len(shape) == 2 and t.tensor_type.name not in FLOAT_TYPES
+            if keep:  # raw rows: [rows, bytes per row]; row permutations apply to them as to values
+                w = np.array(t.data).reshape(shape[0], -1)
+            else:
+                try:
+                    w = gguf.quants.dequantize(t.data, t.tensor_type)
+                except NotImplementedError:
+                    raise ModelLoadError(f"{self.path}: tensor {name} has unsupported type "
+                                         f"{t.tensor_type.name}") from None
+                w = np.array(w, dtype=np.float32).reshape(shape)
             if self.arch in ("llama", "mistral") and target.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.num_attention_heads if "q_proj" in target else config.num_key_value_heads
                 w = _unpermute(w, heads)
-            yield target, torch.from_numpy(np.ascontiguousarray(w))
+            if keep:
+                yield target, GGUFTensor(np.ascontiguousarray(w), t.tensor_type.name, (shape[0], shape[1]))
+            else:
+                yield target, torch.from_numpy(np.ascontiguousarray(w))
 
     def tokenizer_dir(self) -> Path:
         """A directory with the tokenizer converted by transformers (cached: conversion takes seconds)."""

@@ -15,6 +15,7 @@ from infera.layers.linear import default_weight_loader
 from infera.loader.gguf_file import GGUFFile
 from infera.loader.safetensors_dir import SafetensorsDir
 from infera.models.registry import model_class
+from infera.quant.base import QuantizationConfig, quantization_context
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +74,50 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
         module = name.rsplit(".", 2)[-2]
         shards = [i for fused, i in packed.values() if fused == module]
         expected |= {f"{name}#{i}" for i in shards} if shards else {f"{name}#None"}
-    missing = sorted(expected - loaded)
+    # a fused tensor loaded whole (a quantized checkpoint saves qkv_proj, gate_up_proj) covers its shards
+    missing = sorted(m for m in expected - loaded if f"{m.split('#')[0]}#None" not in loaded)
     if missing:
         raise ModelLoadError(f"{source}: checkpoint lacks {len(missing)} tensors, e.g. "
                              f"{', '.join(m.split('#')[0] for m in missing[:3])}")
 
 
+def resolve_quantization(source: GGUFFile | SafetensorsDir, quantization: str | None, dtype: str,
+                         device: torch.device) -> QuantizationConfig | None:
+    """What quantizes the weights: a quantized checkpoint's own config, else ``quantization``, else
+    (a GGUF model with dtype ``auto`` on CPU) its GGUF tensors run natively, as llama.cpp does."""
+    import json
+
+    from infera.quant import CONFIG_FILE, quantization_config
+    from infera.quant.layout import kernels
+
+    stored = source.path / CONFIG_FILE if isinstance(source, SafetensorsDir) else None
+    if stored is not None and stored.is_file():
+        try:
+            options = json.loads(stored.read_text())
+            method = options.pop("method")
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{stored}: not a quantization config ({e})") from None
+        if quantization not in (None, method):
+            raise ModelLoadError(f"{source.path} is quantized with {method}; it cannot be loaded as {quantization}")
+        return quantization_config(method, from_checkpoint=True, **options)
+    if quantization is None:
+        if not isinstance(source, GGUFFile) or dtype != "auto" or device.type != "cpu":
+            return None
+        if kernels() is None:
+            logger.warning("native GGUF kernels unavailable: dequantizing %s", source.path.name)
+            return None
+        return quantization_config("gguf")
+    if quantization == "gguf" and not isinstance(source, GGUFFile):
+        raise ModelLoadError(f"{source.path}: quantization gguf needs a GGUF model")
+    if device.type != "cpu":
+        raise ValueError(f"quantization {quantization} runs on CPU only (device {device})")
+    return quantization_config(quantization)
+
+
 def build_model(source: GGUFFile | SafetensorsDir, config: PretrainedConfig, dtype: torch.dtype,
-                device: torch.device, max_position: int) -> nn.Module:
+                device: torch.device, max_position: int, quantization: QuantizationConfig | None = None) -> nn.Module:
+    """The model with its weights loaded; ``quantization`` (see :func:`resolve_quantization`) picks
+    each layer's quant method, which post-processes its weights once all are loaded."""
     architecture = (config.architectures or ["?"])[0]
     try:
         cls = model_class(architecture)
@@ -90,10 +127,15 @@ def build_model(source: GGUFFile | SafetensorsDir, config: PretrainedConfig, dty
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), quantization_context(quantization):
             model = cls(config, max_position, freq_factors)
     finally:
         torch.set_default_dtype(default)
-    weights = source.weights(config) if isinstance(source, GGUFFile) else source.weights()
+    native = quantization is not None and quantization.name == "gguf"
+    weights = source.weights(config, native=native) if isinstance(source, GGUFFile) else source.weights()
     load_weights(model, weights, str(source.path))
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
     return model.eval()

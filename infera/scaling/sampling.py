@@ -1,0 +1,72 @@
+"""Independent samples, then a choice: best-of-N, self-consistency, weighted best-of-N.
+
+All ``budget`` samples share the prompt's KV (it is computed once, then forked); each advances
+one step at a time, like the branches of the search methods, so a sample stops as soon as it
+has marked an answer.  Rewards score finished samples only.
+"""
+from __future__ import annotations
+
+from infera.scaling.controller import Branch, Search, SearchGen
+from infera.scaling.result import ScalingResult
+from infera.scaling.selection import argmax, vote
+
+
+def sample(s: Search) -> SearchGen:
+    """``budget`` solutions, each stepped to its end and then scored; returns them in order."""
+    samples = (yield from s.expand([(s.root, s.budget)]))[0]
+    while True:
+        yield from s.score([b for b in samples if b.finished])
+        active = [i for i, b in enumerate(samples) if not b.finished]
+        if not active:
+            return samples
+        children = yield from s.expand([(samples[i], 1) for i in active])
+        for i, (child,) in zip(active, children):
+            samples[i] = child
+
+
+def pick_best(s: Search, samples: list[Branch]) -> ScalingResult:
+    """The sample with the highest (aggregated) reward."""
+    return s.finish(samples[argmax([s.value(b) for b in samples])], samples)
+
+
+def pick_majority(s: Search, samples: list[Branch]) -> ScalingResult:
+    """The most frequent answer (majority vote)."""
+    winners, votes = vote([s.extract(b.text) for b in samples])
+    return s.finish(samples[winners[0]], samples, votes)
+
+
+def pick_weighted(s: Search, samples: list[Branch]) -> ScalingResult:
+    """The answer with the largest sum of rewards over the samples that give it."""
+    values = [s.value(b) for b in samples]
+    winners, totals = vote([s.extract(b.text) for b in samples], values)
+    return s.finish(samples[max(winners, key=lambda i: (values[i], -i))], samples, totals)
+
+
+PICKS = {"best_of_n": pick_best, "self_consistency": pick_majority, "weighted_best_of_n": pick_weighted}
+
+
+def best_of_n(s: Search) -> SearchGen:
+    """Best-of-N: ``budget`` samples, the one with the highest reward wins."""
+    return (yield from shared_samples(s, ["best_of_n"]))[0]
+
+
+def self_consistency(s: Search) -> SearchGen:
+    """Self-consistency: ``budget`` samples, the most frequent answer wins (no reward needed)."""
+    return (yield from shared_samples(s, ["self_consistency"]))[0]
+
+
+def weighted_best_of_n(s: Search) -> SearchGen:
+    """Weighted best-of-N: ``budget`` samples, the answer with the largest summed reward wins."""
+    return (yield from shared_samples(s, ["weighted_best_of_n"]))[0]
+
+
+def shared_samples(s: Search, methods: list[str]) -> SearchGen:
+    """One set of samples, chosen from by each of ``methods`` (``infera eval`` evaluates the
+    three sampling methods at a budget on the same samples); returns one result per method."""
+    samples = yield from sample(s)
+    results = []
+    for m in methods:
+        result = PICKS[m](s, samples)
+        result.method = m
+        results.append(result)
+    return results

@@ -1,0 +1,124 @@
+"""Quantized models end to end: native GGUF execution, quantize-at-load, quantized checkpoints
+written by ``infera quantize``, and the perplexity eval.
+
+Tolerances: the native Q4_1 bundled model gives the same greedy text as its dequantized float32
+run on the prompts below, and its logits differ by at most 6% of the largest |logit| (its
+activations are rounded to int8 per block of 32, as llama.cpp does). On the tiny random-weight
+model, logits stay within LOGIT_BOUNDS (fraction of the largest float |logit|) of float32.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from infera.cli import main
+from infera.engine.llm_engine import LLMEngine
+from infera.engine.sequence import Sequence
+from infera.layers.attention import attention_metadata
+from infera.llm import LLM
+from infera.loader.errors import ModelLoadError
+from infera.quant.layout import kernels
+from infera.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason="native kernels could not be compiled")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are"]
+LOGIT_BOUNDS = {"int8": 0.05, "llm_int8": 0.05, "q8_0": 0.05, "int4": 0.3, "int4_ic": 0.3, "q4_0": 0.3,
+                "q4_1": 0.3, "dense_sparse": 0.3, "trit_planes": 0.6}
+
+
+def logits(engine: LLMEngine, text: str) -> torch.Tensor:
+    """Logits of every position of ``text`` (one prefill through the paged cache)."""
+    ids = engine.tokenizer.encode(text)
+    seq = Sequence(ids, SamplingParams())
+    assert engine.block_manager.allocate_slots(seq, len(ids))
+    with torch.inference_mode():
+        input_ids, positions, meta = engine.runner.prepare_inputs([seq], [len(ids)])
+        with attention_metadata(meta):
+            out = engine.runner.model.compute_logits(engine.runner.model(input_ids, positions)).float()
+    engine.block_manager.free(seq)
+    return out
+
+
+def greedy(llm: LLM, max_tokens: int = 24) -> list[str]:
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+    return [o.outputs[0].text for o in outs]
+
+
+@pytest.mark.slow
+def test_native_gguf_matches_dequantized_float(bundled_model_path):
+    native = LLM(model=str(bundled_model_path), kv_cache_memory="64MiB")  # dtype auto: native blocks
+    ref = LLM(model=str(bundled_model_path), dtype="float32", kv_cache_memory="64MiB")
+    assert native.engine.weight_bytes <= 1.01 * bundled_model_path.stat().st_size
+    assert ref.engine.weight_bytes > 5 * bundled_model_path.stat().st_size
+    assert greedy(native) == greedy(ref)
+    a, b = logits(native.engine, PROMPTS[2]), logits(ref.engine, PROMPTS[2])
+    assert (a - b).abs().max().item() <= 0.06 * b.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return str(tiny_model("llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny_float(tiny):
+    engine = LLMEngine(model=tiny, dtype="float32", kv_cache_memory="16MiB")
+    return logits(engine, PROMPTS[2])
+
+
+@pytest.mark.parametrize("method", list(LOGIT_BOUNDS))
+def test_quantize_at_load(tiny, tiny_float, method):
+    engine = LLMEngine(model=tiny, dtype="float32", kv_cache_memory="16MiB", quantization=method)
+    q = logits(engine, PROMPTS[2])
+    assert (q - tiny_float).abs().max().item() <= LOGIT_BOUNDS[method] * tiny_float.abs().max().item()
+    float_bytes = LLMEngine(model=tiny, dtype="float32", kv_cache_memory="16MiB").weight_bytes
+    assert engine.weight_bytes < float_bytes
+
+
+@pytest.mark.parametrize("method", ["int4", "dense_sparse", "q4_1"])
+def test_quantized_checkpoint_round_trip(tiny, tmp_path, method, capsys):
+    out = tmp_path / method
+    assert main(["quantize", "--model", tiny, "--method", method, "--out", str(out)]) == 0
+    assert json.loads((out / "quantization_config.json").read_text())["method"] == method
+    loaded = LLMEngine(model=str(out), dtype="float32", kv_cache_memory="16MiB")
+    at_load = LLMEngine(model=tiny, dtype="float32", kv_cache_memory="16MiB", quantization=method)
+    assert torch.equal(logits(loaded, PROMPTS[0]), logits(at_load, PROMPTS[0]))
+    with pytest.raises(ModelLoadError, match=f"quantized with {method}"):
+        LLMEngine(model=str(out), kv_cache_memory="16MiB", quantization="int8")
+
+
+def test_quantized_checkpoint_missing_scale_fails_at_load(tiny, tmp_path):
+    out = tmp_path / "int8"
+    assert main(["quantize", "--model", tiny, "--method", "int8", "--out", str(out)]) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight_scales"]
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="model.layers.1.mlp.down_proj.weight_scales"):
+        LLMEngine(model=str(broken), kv_cache_memory="16MiB")
+
+
+def test_cli_errors_name_the_method(tiny, tmp_path, capsys):
+    assert main(["quantize", "--model", tiny, "--method", "gguf", "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit):
+        main(["generate", "hi", "--model", tiny, "--quantization", "int3"])
+    assert "int3" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", tiny, "--quantization", "gguf"]) == 2
+    assert "gguf needs a GGUF model" in capsys.readouterr().err
+
+
+def test_eval_perplexity_reports_each_method(tiny, capsys):
+    assert main(["eval", "--task", "perplexity", "--model", tiny, "--methods", "float32,int8,int4", "--windows", "2",
+                 "--window-len", "64", "--decode-tokens", "4", "--kv-cache-memory", "16MiB", "--json"]) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"float32", "int8", "int4"}
+    assert all(r["tokens"] == 2 * 63 and r["decode_tok_s"] > 0 for r in rows.values())
+    assert rows["int8"]["weight_mib"] < rows["float32"]["weight_mib"]
+    assert abs(rows["int8"]["perplexity"] / rows["float32"]["perplexity"] - 1) < 0.05
