@@ -98,10 +98,25 @@ def constraint(kind: str) -> StructuredOutputParams:
     return StructuredOutputParams(json=SCHEMA) if kind == "json" else StructuredOutputParams(regex=REGEX)
 
 
-def timed(llm: LLM, batch: list[list[int]], params: list[SamplingParams]) -> tuple[float, list]:
-    start = time.perf_counter()
-    outs = llm.generate(batch, params, use_tqdm=False)
-    return time.perf_counter() - start, outs
+@dataclass
+class Cost:
+    wall: float  # seconds
+    cpu: float  # CPU seconds of this process (all threads): steadier than wall time on a shared machine
+    steps: int  # engine steps, i.e. forward passes
+
+
+def timed(llm: LLM, batch: list[list[int]], params: list[SamplingParams]) -> tuple[Cost, list]:
+    engine = llm.engine
+    steps = 0
+    while engine.has_unfinished_requests():  # nothing left over from before
+        engine.step()
+    wall, cpu = time.perf_counter(), time.process_time()
+    ids = [engine.add_request(p, sp) for p, sp in zip(batch, params)]
+    done = {}
+    while engine.has_unfinished_requests():
+        steps += 1
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    return Cost(time.perf_counter() - wall, time.process_time() - cpu, steps), [done[i] for i in ids]
 
 
 def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_tokens: int, rounds: int) -> dict:
@@ -110,7 +125,7 @@ def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_token
     structured = llm.engine.structured
     params = [SamplingParams(temperature=0, max_tokens=max_tokens, structured=constraint(kind))] * batch_size
     llm.generate(batch[:1], params[:1], use_tqdm=False)  # compiled and cached before timing
-    seconds: dict[str, list[float]] = {"plain": [], "jf": [], "free": []}
+    costs: dict[str, list[Cost]] = {"plain": [], "jf": [], "free": []}
     tokens: dict[str, int] = {}
     row: dict = {"workload": kind, "batch": batch_size}
     fill: list[float] = []
@@ -121,8 +136,8 @@ def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_token
             structured.jump_forward = tag == "jf"
             timer.take()
             before = structured.num_forced_tokens
-            dt, outs = timed(llm, batch, params)
-            seconds[tag].append(dt)
+            cost, outs = timed(llm, batch, params)
+            costs[tag].append(cost)
             tokens[tag] = sum(len(o.outputs[0].token_ids) for o in outs)
             row[f"{tag}_valid"] = f"{sum(is_valid(kind, o.outputs[0]) for o in outs)}/{len(outs)}"
             if tag == "plain":
@@ -133,10 +148,12 @@ def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_token
                         for o in outs]
             else:
                 forced = structured.num_forced_tokens - before
-        seconds["free"].append(timed(llm, batch, free)[0])
+        costs["free"].append(timed(llm, batch, free)[0])
     tokens["free"] = tokens["plain"]
-    for tag, values in seconds.items():
-        row[f"{tag}_tok_s"] = tokens[tag] / statistics.median(values)
+    for tag, values in costs.items():
+        row[f"{tag}_tok_s"] = tokens[tag] / statistics.median(c.wall for c in values)
+        row[f"{tag}_tok_cpu_s"] = tokens[tag] / statistics.median(c.cpu for c in values)
+        row[f"{tag}_steps"] = values[0].steps
     row["tokens_per_request"] = tokens["plain"] / batch_size
     row["forced_share"] = forced / tokens["jf"]
     row["mask_fill_p50_us"], row["mask_fill_p99_us"] = pct(fill, 0.5) * 1e6, pct(fill, 0.99) * 1e6
@@ -192,16 +209,16 @@ def peer_hf(llm: LLM, max_tokens: int, rounds: int) -> dict | None:
     out: dict = {}
     with torch.inference_mode():
         for name in ("json", "free"):
-            tokens, start = 0, time.perf_counter()
+            tokens, start, cpu = 0, time.perf_counter(), time.process_time()
             for _ in range(rounds):
-                extra = dict(logits_processor=[LogitsProcessor(compiled)]) if name == "json" else dict(
-                    min_new_tokens=out["json_tokens"], max_new_tokens=out["json_tokens"])
-                gen = model.generate(prompt, do_sample=False, max_new_tokens=max_tokens, **extra,
-                                     pad_token_id=tokenizer.eos_token_id)
+                extra = dict(logits_processor=[LogitsProcessor(compiled)], max_new_tokens=max_tokens) if name == "json" \
+                    else dict(min_new_tokens=out["json_tokens"], max_new_tokens=out["json_tokens"])
+                gen = model.generate(prompt, do_sample=False, pad_token_id=tokenizer.eos_token_id, **extra)
                 tokens += gen.shape[1] - prompt.shape[1]
                 if name == "json":
                     out["json_tokens"] = gen.shape[1] - prompt.shape[1]
             out[f"{name}_tok_s"] = tokens / (time.perf_counter() - start)
+            out[f"{name}_tok_cpu_s"] = tokens / (time.process_time() - cpu)
     return out
 
 
@@ -228,11 +245,14 @@ def main() -> None:
         for b in args.batch_sizes:
             row = throughput(llm, timer, kind, b, args.max_tokens, args.rounds)
             rows.append(row)
-            print(f"{kind:5s} batch {b:2d}: {row['tokens_per_request']:.0f} tok/request; free {row['free_tok_s']:.1f} "
-                  f"tok/s; constrained {row['plain_tok_s']:.1f} tok/s ({row['plain_tok_s'] / row['free_tok_s']:.2f}x, "
-                  f"valid {row['plain_valid']}); with jump-forward {row['jf_tok_s']:.1f} tok/s "
-                  f"({row['jf_tok_s'] / row['free_tok_s']:.2f}x, valid {row['jf_valid']}, "
-                  f"{row['forced_share']:.0%} of tokens forced); mask per seq per token: "
+            print(f"{kind} batch {b}: {row['tokens_per_request']:.0f} tokens/request", flush=True)
+            for tag, name in (("free", "free"), ("plain", "constrained"), ("jf", "+ jump-forward")):
+                ratio = "" if tag == "free" else (
+                    f" = {row[f'{tag}_tok_s'] / row['free_tok_s']:.2f}x / {row[f'{tag}_tok_cpu_s'] / row['free_tok_cpu_s']:.2f}x"
+                    f" of free, valid {row[f'{tag}_valid']}")
+                print(f"  {name:15s} {row[f'{tag}_tok_s']:6.1f} tok/s wall, {row[f'{tag}_tok_cpu_s']:6.1f} tok/CPU-s, "
+                      f"{row[f'{tag}_steps']:3d} steps{ratio}")
+            print(f"  {row['forced_share']:.0%} of tokens forced (jump-forward); mask per sequence per token: "
                   f"fill p50 {row['mask_fill_p50_us']:.0f} us p99 {row['mask_fill_p99_us']:.0f} us, "
                   f"apply p50 {row['mask_apply_p50_us']:.0f} us p99 {row['mask_apply_p99_us']:.0f} us", flush=True)
 
@@ -247,11 +267,14 @@ def main() -> None:
         json1 = next(r for r in rows if r["workload"] == "json" and r["batch"] == 1) if 1 in args.batch_sizes else None
         peer = peer_hf(llm, args.max_tokens, args.rounds)
         if peer:
-            line = (f"peer HF transformers + xgrammar logits processor, batch 1: json {peer['json_tok_s']:.1f} tok/s, "
-                    f"free {peer['free_tok_s']:.1f} tok/s ({peer['json_tok_s'] / peer['free_tok_s']:.2f}x)")
+            line = (f"peer HF transformers + xgrammar logits processor, batch 1: json {peer['json_tok_s']:.1f} tok/s "
+                    f"wall, {peer['json_tok_cpu_s']:.1f} tok/CPU-s; free {peer['free_tok_s']:.1f} tok/s wall, "
+                    f"{peer['free_tok_cpu_s']:.1f} tok/CPU-s")
             if json1:
-                line += (f"; infera/HF with the schema: {json1['plain_tok_s'] / peer['json_tok_s']:.2f}x "
-                         f"(jump-forward {json1['jf_tok_s'] / peer['json_tok_s']:.2f}x)")
+                line += (f"; infera/HF with the schema: {json1['plain_tok_s'] / peer['json_tok_s']:.2f}x wall, "
+                         f"{json1['plain_tok_cpu_s'] / peer['json_tok_cpu_s']:.2f}x CPU "
+                         f"(with jump-forward {json1['jf_tok_s'] / peer['json_tok_s']:.2f}x, "
+                         f"{json1['jf_tok_cpu_s'] / peer['json_tok_cpu_s']:.2f}x)")
             print(line)
     if args.out:
         with open(args.out, "w") as f:

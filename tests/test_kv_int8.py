@@ -3,6 +3,7 @@ prefix caching / forks stay exact (every reader sees the same dequantized values
 from __future__ import annotations
 
 import pytest
+import torch
 
 from infera import LLM, SamplingParams
 from test_models_vs_hf import PROMPT, infera_logits
