@@ -34,11 +34,25 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: str = "Q4_0") -> Path:
     return dst
 
 
+_QUIET = None
+
+
+def _silence_llama_cpp() -> None:
+    """Drop llama.cpp's per-load log lines (kept referenced: C holds the callback)."""
+    global _QUIET
+    import llama_cpp
+
+    if _QUIET is None:
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+
+
 class LlamaCpp:
     def __init__(self, path: Path, n_ctx: int, n_seq: int, n_threads: int = 2, n_batch: int = 512):
         import llama_cpp
 
         self.lib = llama_cpp
+        _silence_llama_cpp()
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
@@ -49,6 +63,7 @@ class LlamaCpp:
         cparams.n_seq_max = n_seq
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
+        cparams.kv_unified = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         self.n_batch = n_batch
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))

@@ -49,34 +49,47 @@ CITIES = ["Paris", "Lima", "Osaka", "Cairo", "Oslo", "Quito", "Perth", "Accra"]
 
 @dataclass
 class MaskTimer:
-    """Wraps the engine's bitmask fill and apply; records seconds per constrained row."""
+    """Wraps the engine's bitmask fill and apply (seconds per constrained row) and counts all
+    the time the engine spends in structured-output code (fill, apply, matcher advance)."""
 
     fill: list[float] = field(default_factory=list)
     apply: list[float] = field(default_factory=list)
+    total: float = 0.0
 
     def install(self, llm: LLM) -> None:
-        bitmask = llm.engine.structured.bitmask
-        fill, apply = bitmask.fill, BatchBitmask.apply
+        structured = llm.engine.structured
+        fill, apply, advance = structured.bitmask.fill, BatchBitmask.apply, structured.advance
 
         def timed_fill(seqs):
             start = time.perf_counter()
             out = fill(seqs)
+            dt = time.perf_counter() - start
             rows = sum(s.grammar_state is not None for s in seqs)
             if rows:
-                self.fill.append((time.perf_counter() - start) / rows)
+                self.fill.append(dt / rows)
+            self.total += dt
             return out
 
         def timed_apply(mask, logits):
             start = time.perf_counter()
             apply(mask, logits)
-            self.apply.append((time.perf_counter() - start) / max(1, len(mask.rows)))
+            dt = time.perf_counter() - start
+            self.apply.append(dt / max(1, len(mask.rows)))
+            self.total += dt
 
-        bitmask.fill = timed_fill
+        def timed_advance(seq, output_processor):
+            start = time.perf_counter()
+            out = advance(seq, output_processor)
+            self.total += time.perf_counter() - start
+            return out
+
+        structured.bitmask.fill = timed_fill
+        structured.advance = timed_advance
         BatchBitmask.apply = timed_apply
 
-    def take(self) -> tuple[list[float], list[float]]:
-        out = self.fill, self.apply
-        self.fill, self.apply = [], []
+    def take(self) -> tuple[list[float], list[float], float]:
+        out = self.fill, self.apply, self.total
+        self.fill, self.apply, self.total = [], [], 0.0
         return out
 
 
@@ -131,6 +144,7 @@ def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_token
     fill: list[float] = []
     apply: list[float] = []
     forced, free = 0, []
+    shares: dict[str, list[float]] = {"plain": [], "jf": []}
     for _ in range(rounds):
         for tag in ("plain", "jf"):
             structured.jump_forward = tag == "jf"
@@ -140,8 +154,9 @@ def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_token
             costs[tag].append(cost)
             tokens[tag] = sum(len(o.outputs[0].token_ids) for o in outs)
             row[f"{tag}_valid"] = f"{sum(is_valid(kind, o.outputs[0]) for o in outs)}/{len(outs)}"
+            f, a, total = timer.take()
+            shares[tag].append(total / cost.wall)
             if tag == "plain":
-                f, a = timer.take()
                 fill += f
                 apply += a
                 free = [SamplingParams(temperature=0, max_tokens=len(o.outputs[0].token_ids), ignore_eos=True)
@@ -154,6 +169,8 @@ def throughput(llm: LLM, timer: MaskTimer, kind: str, batch_size: int, max_token
         row[f"{tag}_tok_s"] = tokens[tag] / statistics.median(c.wall for c in values)
         row[f"{tag}_tok_cpu_s"] = tokens[tag] / statistics.median(c.cpu for c in values)
         row[f"{tag}_steps"] = values[0].steps
+        if tag in shares:
+            row[f"{tag}_structured_share"] = statistics.median(shares[tag])
     row["tokens_per_request"] = tokens["plain"] / batch_size
     row["forced_share"] = forced / tokens["jf"]
     row["mask_fill_p50_us"], row["mask_fill_p99_us"] = pct(fill, 0.5) * 1e6, pct(fill, 0.99) * 1e6
@@ -230,9 +247,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of each run (medians are reported)")
     ap.add_argument("--no-peer", action="store_true", help="skip HF transformers + xgrammar")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice); 1 gives steadier CPU-time figures on a busy machine")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
 
     llm = LLM(args.model, dtype=args.dtype)
     print(f"model {llm.engine.model_path} ({llm.engine.dtype}, {llm.engine.device})")
@@ -249,7 +271,8 @@ def main() -> None:
             for tag, name in (("free", "free"), ("plain", "constrained"), ("jf", "+ jump-forward")):
                 ratio = "" if tag == "free" else (
                     f" = {row[f'{tag}_tok_s'] / row['free_tok_s']:.2f}x / {row[f'{tag}_tok_cpu_s'] / row['free_tok_cpu_s']:.2f}x"
-                    f" of free, valid {row[f'{tag}_valid']}")
+                    f" of free, valid {row[f'{tag}_valid']}, {row[f'{tag}_structured_share']:.1%} of the time in "
+                    f"structured-output code")
                 print(f"  {name:15s} {row[f'{tag}_tok_s']:6.1f} tok/s wall, {row[f'{tag}_tok_cpu_s']:6.1f} tok/CPU-s, "
                       f"{row[f'{tag}_steps']:3d} steps{ratio}")
             print(f"  {row['forced_share']:.0%} of tokens forced (jump-forward); mask per sequence per token: "

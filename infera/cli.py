@@ -325,14 +325,26 @@ def run_quantize(args: argparse.Namespace) -> None:
           f"(bfloat16: {summary['bfloat16_bytes'] / 2**20:.1f} MiB); run it with --model {args.out}")
 
 
-@command("eval", "evaluate the model on a task (perplexity: fixed slices of pydoc_data/topics.py text)")
+@command("eval", "evaluate the model on a task: perplexity (fixed slices of pydoc_data/topics.py text), or "
+                 "inference-time scaling methods on arithmetic word problems or a jsonl:FILE of questions")
 def _eval(p: argparse.ArgumentParser) -> None:
-    from infera.eval import TASKS, task_module
+    import importlib
 
-    p.add_argument("--task", default="perplexity", choices=list(TASKS), help="what to evaluate")
+    from infera.eval import TASKS
+
+    p.add_argument("--task", default="perplexity",
+                   help="perplexity, arithmetic, or jsonl:FILE (one {\"question\": ..., \"answer\": ...} per line)")
+    p.add_argument("--methods", default=None,
+                   help="comma list of what to compare. perplexity: float32, bfloat16 (dequantized / unquantized) and "
+                        "quantization methods (gguf, q8_0, int4, ...), default: the engine options as given; "
+                        "arithmetic, jsonl: best_of_n, self_consistency, weighted_best_of_n, beam_search, "
+                        "particle_filtering, default: all five")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    for name in TASKS:
-        task_module(name).add_arguments(p.add_argument_group(f"{name} options"))
+    modules: dict[str, list[str]] = {}
+    for name, module in TASKS.items():
+        modules.setdefault(module, []).append(name)
+    for module, names in modules.items():
+        importlib.import_module(module).add_arguments(p.add_argument_group(f"{' / '.join(names)} options"))
     add_engine_args(p)
     p.set_defaults(run=run_eval)
 

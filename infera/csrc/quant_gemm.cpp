@@ -316,23 +316,27 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
   // 4 tiles x 1 row when decoding one sequence, 2 tiles x 4 rows (2 x 2 for trits) for batches
   const int nt_max = M == 1 ? 4 : 2, mr_max = M == 1 ? 1 : (L.enc == T2 ? 2 : 4);
   const int64_t units = (ntiles + nt_max - 1) / nt_max;
+  // activation rows in chunks of about 256 KiB, so a chunk stays in L2 while the thread's tiles pass
+  const int64_t m_chunk = std::max<int64_t>(4, (256 * 1024 / L.K) / 4 * 4);
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     alignas(64) float sums[TILE];
-    for (int64_t t = u0 * nt_max; t < std::min(ntiles, u1 * nt_max);) {
-      const int nt = ntiles - t >= nt_max ? nt_max : ntiles - t >= 2 ? 2 : 1;
-      const uint8_t* tiles[4];
-      for (int i = 0; i < nt; ++i) tiles[i] = w + (t + i) * L.tile_bytes;
-      for (int64_t m0 = 0; m0 < M;) {
-        const int mr = M - m0 >= mr_max ? mr_max : M - m0 >= 2 ? 2 : 1;
-        const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;  // this group's activations
-        auto emit = [&](auto& accf, int tn, int mn) {
-          for (int i = 0; i < tn; ++i) {
-            for (int m = 0; m < mn; ++m) {
-              _mm512_store_ps(sums, accf[i][m]);
-              store_tile(sums, L, w, A, ex, (t + i) * TILE, m0 + m, M, N, y);
+    for (int64_t mc = 0; mc < M; mc += m_chunk) {
+      const int64_t m_end = std::min(M, mc + m_chunk);
+      for (int64_t t = u0 * nt_max; t < std::min(ntiles, u1 * nt_max);) {
+        const int nt = ntiles - t >= nt_max ? nt_max : ntiles - t >= 2 ? 2 : 1;
+        const uint8_t* tiles[4];
+        for (int i = 0; i < nt; ++i) tiles[i] = w + (t + i) * L.tile_bytes;
+        for (int64_t m0 = mc; m0 < m_end;) {
+          const int mr = m_end - m0 >= mr_max ? mr_max : m_end - m0 >= 2 ? 2 : 1;
+          const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;  // this group's activations
+          auto emit = [&](auto& accf, int tn, int mn) {
+            for (int i = 0; i < tn; ++i) {
+              for (int m = 0; m < mn; ++m) {
+                _mm512_store_ps(sums, accf[i][m]);
+                store_tile(sums, L, w, A, ex, (t + i) * TILE, m0 + m, M, N, y);
+              }
             }
-          }
-        };
+          };
 #define INFERA_TILE(NT, MR)                                          \
   if (nt == NT && mr == MR) {                                        \
     __m512 accf[NT][MR];                                             \
@@ -341,12 +345,13 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
     else tile_kernel<T2, NT, MR>(L, tiles, A, base + m0, accf);             \
     emit(accf, NT, MR);                                              \
   }
-        INFERA_TILE(4, 1) else INFERA_TILE(2, 4) else INFERA_TILE(2, 2) else INFERA_TILE(2, 1)
-        else INFERA_TILE(1, 4) else INFERA_TILE(1, 2) else INFERA_TILE(1, 1)
+          INFERA_TILE(4, 1) else INFERA_TILE(2, 4) else INFERA_TILE(2, 2) else INFERA_TILE(2, 1)
+          else INFERA_TILE(1, 4) else INFERA_TILE(1, 2) else INFERA_TILE(1, 1)
 #undef INFERA_TILE
-        m0 += mr;
+          m0 += mr;
+        }
+        t += nt;
       }
-      t += nt;
     }
   });
 #else

@@ -199,6 +199,16 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or any(driver.has_work() for driver in self.drivers)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's name), e.g. between benchmark runs; only while no
+        sequence holds KV blocks."""
+        bm = self.block_manager
+        if bm.num_free_blocks != bm.num_blocks:
+            raise RuntimeError("cannot reset the prefix cache while sequences hold KV blocks")
+        bm.hash_to_block.clear()
+        for block in bm.blocks:
+            block.hash = block.token_ids = None
+
     # -- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return an output for every request that advanced."""

@@ -8,12 +8,16 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS: dict[str, str] = {  # task -> module
+TASKS: dict[str, str] = {  # task (the part of --task before any ":") -> module
     "perplexity": "infera.eval.perplexity",
+    "arithmetic": "infera.scaling.eval",
+    "jsonl": "infera.scaling.eval",
 }
 
 
 def task_module(name: str) -> ModuleType:
-    if name not in TASKS:
-        raise ValueError(f"unknown eval task {name!r}; choose from {', '.join(TASKS)}")
-    return importlib.import_module(TASKS[name])
+    """The module of task ``name`` (``jsonl:FILE`` is task ``jsonl``)."""
+    kind = name.split(":", 1)[0]
+    if kind not in TASKS or (kind == "jsonl") != (":" in name):
+        raise ValueError(f"unknown eval task {name!r}; choose from perplexity, arithmetic, jsonl:FILE")
+    return importlib.import_module(TASKS[kind])

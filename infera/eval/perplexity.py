@@ -93,9 +93,6 @@ def row_kwargs(method: str, engine_kwargs: dict) -> dict:
 
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--methods", default=None,
-                   help="comma list of rows to compare: float32, bfloat16 (dequantized / unquantized) and "
-                        "quantization methods (gguf, q8_0, int4, ...); default: the engine options as given")
     g.add_argument("--windows", type=int, default=4, help="text windows scored")
     g.add_argument("--window-len", type=int, default=512, help="tokens per window")
     g.add_argument("--decode-tokens", type=int, default=64, help="tokens generated to time decoding (0: skip)")

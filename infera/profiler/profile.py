@@ -154,9 +154,12 @@ def module_layout(model: nn.Module, shape: ModelShape) -> WeightLayout:
         attn = name in ("qkv_proj", "o_proj")
         return module_bytes(f"model.layers.{layer}.{'self_attn' if attn else 'mlp'}.{name}")
 
-    qkv = modules["model.layers.0.self_attn.qkv_proj"]
-    kinds = sorted({str(t.dtype).removeprefix("torch.") for t in qkv.parameters()})
-    return WeightLayout("/".join(kinds) + " as loaded", matrix_bytes)
+    def bits(name: str, layer: int | None) -> float:
+        return 8 * matrix_bytes(name, layer) / sum(r * c for r, c in shape.matrices(name))
+
+    method = type(getattr(modules["model.layers.0.self_attn.qkv_proj"], "quant_method", None)).__name__
+    return WeightLayout(f"as loaded: {bits('qkv_proj', 0):.2f} bits/weight in layers, "
+                        f"{bits('embed_tokens', None):.2f} in the embedding ({method})", matrix_bytes)
 
 
 # ---- CUDA launch and queuing time -------------------------------------------------------------

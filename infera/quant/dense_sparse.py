@@ -10,6 +10,7 @@ Stored: int4's ``qweight``/``scales``/``mins`` plus CSR ``sparse_indptr`` int32 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -54,7 +55,6 @@ class DenseSparseQuantizer(Quantizer):
         return w
 
     def pack(self, tensors: dict[str, torch.Tensor], out_features: int) -> PackedWeight:
-        packed = self.dense.pack(tensors, out_features)
-        packed.sparse = (tensors["sparse_indptr"].int().contiguous(), tensors["sparse_indices"].int().contiguous(),
-                         tensors["sparse_values"].float().contiguous())
-        return packed
+        sparse = (tensors["sparse_indptr"].int().contiguous(), tensors["sparse_indices"].int().contiguous(),
+                  tensors["sparse_values"].float().contiguous())
+        return replace(self.dense.pack(tensors, out_features), sparse=sparse)

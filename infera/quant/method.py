@@ -16,6 +16,9 @@ from infera.quant.base import QuantizationConfig, QuantizeMethodBase
 from infera.quant.layout import BlockLayout, require_kernels
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 @dataclass
 class PackedWeight:
     """A weight as the native kernel multiplies with it (see ``csrc/quant_gemm.cpp``)."""
@@ -31,6 +34,8 @@ class PackedWeight:
 
     def __post_init__(self) -> None:
         self.native = self.layout.native()
+        self._gemm = require_kernels("packed weights").gemm
+        self._extra = (*(self.sparse or (None, None, None)), self.ic_scale, self.ic_min, self.ic_group)
 
     @property
     def nbytes(self) -> int:
@@ -38,15 +43,15 @@ class PackedWeight:
         return self.data.numel() + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W^T (+ bias)`` for ``x [..., in_features]``."""
-        ext = require_kernels("packed weights")
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype not in (torch.float32, torch.bfloat16):
+        """``x @ W^T (+ bias)`` for ``x [..., in_features]`` (float32 or bfloat16 run as they are).
+        Called once per layer and token step: kept to the fewest Python operations."""
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.dtype not in KERNEL_DTYPES:
             x2 = x2.float()
-        indptr, indices, values = self.sparse or (None, None, None)
-        y = ext.gemm(x2, self.data, self.native, self.out_features, bias, self.threshold, indptr, indices, values,
-                     self.ic_scale, self.ic_min, self.ic_group)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = self._gemm(x2, self.data, self.native, self.out_features, bias, self.threshold, *self._extra)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` dequantized (an embedding lookup)."""

@@ -3,7 +3,7 @@
 Fitted progressively per group of ``group_size`` weights along each output row: the first plane
 ternarizes the weights (threshold 0.7 * mean |w|, least-squares scale), the second the residual;
 then ``iterations`` rounds alternate between the least-squares scales of both planes (a 2 x 2
-system per group) and the best trit pair of every weight for those scales (9 candidates), each
+system per group) and the best trit pair of every weight for those scales, each
 round lowering the error (up to the fp16 rounding of the scales). ``group_size`` (default 128) is lowered to the largest
 power of two >= 32 dividing in_features. Inference multiplies no weights: the kernel takes
 ``t + 1`` in {0, 1, 2} as unsigned bytes.
@@ -21,15 +21,31 @@ from infera.quant.int4 import fit_group
 from infera.quant.layout import T2, BlockLayout, nibbles, pack_rows, unnibble
 from infera.quant.method import PackedWeight, Quantizer
 
-TRIT_PAIRS = torch.tensor([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=torch.float32)  # [9, 2]
-
-
 def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Trits and least-squares scale of each group (last dim) of ``w``."""
     delta = 0.7 * w.abs().mean(dim=-1, keepdim=True)
     t = torch.sign(w) * (w.abs() > delta)
     scale = (w * t).sum(-1, keepdim=True) / (t * t).sum(-1, keepdim=True).clamp_min(1)
     return t, scale
+
+
+def best_trits(w: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trit pair minimizing ``(w - a1 t1 - a2 t2)^2`` for every weight: for each t2 the best t1
+    is ``w - a2 t2`` over ``a1`` rounded into [-1, 1] (a convex quadratic in t1)."""
+    a1_safe = torch.where(a1.abs() > 1e-12, a1, torch.full_like(a1, 1e-12))
+    best = None
+    for t2 in (-1.0, 0.0, 1.0):
+        r = w - a2 * t2
+        t1 = torch.round(r / a1_safe).clamp_(-1, 1)
+        err = (r - a1 * t1).square_()
+        if best is None:
+            best, best_t1, best_t2 = err, t1, torch.full_like(w, t2)
+        else:
+            better = err < best
+            best = torch.where(better, err, best)
+            best_t1 = torch.where(better, t1, best_t1)
+            best_t2 = torch.where(better, t2, best_t2)
+    return best_t1, best_t2
 
 
 def fit_trit_planes(w: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,10 +61,7 @@ def fit_trit_planes(w: torch.Tensor, iterations: int) -> tuple[torch.Tensor, tor
         a1 = torch.where(ok, (b1 * s22 - b2 * s12) / det.where(ok, torch.ones_like(det)), a1)
         a2 = torch.where(ok, (b2 * s11 - b1 * s12) / det.where(ok, torch.ones_like(det)), a2)
         a1, a2 = a1.half().float(), a2.half().float()
-        # trits: the best of the 9 pairs for every weight
-        values = a1[..., None] * TRIT_PAIRS[:, 0] + a2[..., None] * TRIT_PAIRS[:, 1]  # [..., 1, 9]
-        best = (w[..., None] - values).square().argmin(-1)
-        t1, t2 = TRIT_PAIRS[best, 0], TRIT_PAIRS[best, 1]
+        t1, t2 = best_trits(w, a1, a2)
     return t1, t2, a1.half(), a2.half()
 
 
@@ -77,8 +90,7 @@ class TritPlaneQuantizer(Quantizer):
         n, k = weight.shape
         g = self.group(k)
         w = weight.float().reshape(n, k // g, g)
-        parts = [fit_trit_planes(w[i:i + 256], self.iterations) for i in range(0, n, 256)]  # bounded memory
-        t1, t2, a1, a2 = (torch.cat(p) for p in zip(*parts))
+        t1, t2, a1, a2 = fit_trit_planes(w, self.iterations)
         codes = ((t1 + 1) + 4 * (t2 + 1)).to(torch.uint8).reshape(n, k)
         return {"qweight": nibbles(codes).reshape(n, k // 2), "alpha1": a1.reshape(n, -1), "alpha2": a2.reshape(n, -1)}
 

@@ -213,11 +213,13 @@ class Search:
             branch.seq = None
             self.live.discard(branch)
 
+    def step_limit(self, branch: Branch) -> int:
+        """The most tokens the branch's next step may have."""
+        return min(self.config.step_max_tokens, self.config.max_tokens - branch.num_answer_tokens)
+
     def step_params(self, branch: Branch, n: int) -> SamplingParams:
         cfg = self.config
-        room = cfg.max_tokens - branch.num_answer_tokens
-        return SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_tokens=min(cfg.step_max_tokens, room),
+        return SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=self.step_limit(branch),
                               stop=[cfg.delimiter] if cfg.delimiter else None, include_stop_str_in_output=True,
                               seed=self.rng.randrange(2**62))
 
@@ -225,33 +227,33 @@ class Search:
                ) -> ScalingResult:
         """The result: ``chosen`` among ``candidates`` (each listed once)."""
         unique = list(dict.fromkeys(candidates))
-        cands = [Candidate(b.text, self.extract(b.text), self.value(b) if self.reward is not None else None,
+        cands = [Candidate(b.text, list(b.steps), self.extract(b.text), self.value(b) if self.reward is not None else None,
                            list(b.scores), b.num_answer_tokens, b.finish_reason) for b in unique]
         return ScalingResult(self.method, self.budget, self.extract(chosen.text), chosen.text, cands,
                              answer_scores or {}, steps=self.steps)
 
     # -- for the controller -----------------------------------------------------------------
-    def child(self, parent: Branch, seq: Sequence, tokenizer: Any) -> Branch:
-        """The branch ``seq`` made of ``parent`` by one more step."""
+    def child(self, parent: Branch, token_ids: list[int], step: str, finish_reason: str | None,
+              stop_reason: int | str | None, seq: Sequence | None = None) -> Branch:
+        """The branch made of ``parent`` by one more step (``token_ids``: all of it, prompt
+        included; ``finish_reason``/``stop_reason``: how the step's generation ended; ``seq``:
+        the parked sequence holding its KV, if any)."""
         cfg = self.config
-        new_tokens = seq.token_ids[len(parent.token_ids):]
-        full = tokenizer.decode(seq.token_ids[parent.num_prompt_tokens:])
-        parent_text = parent.text
-        step = full[len(parent_text):] if full.startswith(parent_text) else tokenizer.decode(new_tokens)
-        branch = Branch(list(seq.token_ids), parent.num_prompt_tokens, [*parent.steps, step],
-                        [*parent.step_ends, len(seq.token_ids) - parent.num_prompt_tokens], list(parent.scores),
+        branch = Branch(list(token_ids), parent.num_prompt_tokens, [*parent.steps, step],
+                        [*parent.step_ends, len(token_ids) - parent.num_prompt_tokens], list(parent.scores),
                         parent.num_scored_steps, seq, parent=parent)
-        self.generated_tokens += len(new_tokens)
-        if seq.finish_reason == "stop" and seq.stop_reason != cfg.delimiter:
+        num_new = len(token_ids) - len(parent.token_ids)
+        self.generated_tokens += num_new
+        if finish_reason == "stop" and stop_reason != cfg.delimiter:
             branch.finish_reason = "stop"  # end of sequence (or a stop token)
         elif branch.num_answer_tokens >= cfg.max_tokens or (
-                seq.finish_reason == "length" and seq.num_output_tokens < seq.params.max_tokens):  # context full
+                finish_reason == "length" and num_new < self.step_limit(parent)):  # the context is full
             branch.finish_reason = "length"
-        elif cfg.stop_on_answer and self.extract.marked(full) is not None:
+        elif cfg.stop_on_answer and self.extract.marked(branch.text) is not None:
             branch.finish_reason = "answer"
         elif len(branch.steps) >= cfg.max_steps:
             branch.finish_reason = "steps"
-        if seq.block_table:
+        if seq is not None and seq.block_table:
             self.live.add(branch)
         else:
             branch.seq = None
@@ -379,7 +381,15 @@ class SearchController:
             search.judge_passes += 1
             lp = req.seqs[0].logprobs[0]
             return [(lp.token_id, lp.logprob), *lp.top]
-        return [search.child(op.branch, seq, self.engine.tokenizer) for seq in sorted(req.seqs, key=lambda s: s.index)]
+        return [search.child(op.branch, seq.token_ids, self._step_text(op.branch, seq), seq.finish_reason,
+                             seq.stop_reason, seq) for seq in sorted(req.seqs, key=lambda s: s.index)]
+
+    def _step_text(self, parent: Branch, seq: Sequence) -> str:
+        """The text ``seq`` added to ``parent`` (decoded with the answer before it, so that a
+        token split across the step boundary decodes right)."""
+        tokenizer = self.engine.tokenizer
+        full, before = tokenizer.decode(seq.token_ids[parent.num_prompt_tokens:]), parent.text
+        return full[len(before):] if full.startswith(before) else tokenizer.decode(seq.token_ids[len(parent.token_ids):])
 
     def _cancel(self, search_id: str) -> None:
         for s in list(self.waiting):

@@ -8,6 +8,7 @@ from typing import Any
 @dataclass
 class Candidate:
     text: str
+    steps: list[str]
     answer: str | None
     score: float | None  # the reward, aggregated over its step scores (None without a reward)
     step_scores: list[float]
@@ -38,5 +39,5 @@ class ScalingResult:
     def summary(self) -> dict[str, Any]:
         """The result without the candidates' texts (the server's ``scaling`` object)."""
         d = asdict(self)
-        d["candidates"] = [{k: v for k, v in c.items() if k != "text"} for c in d["candidates"]]
+        d["candidates"] = [{k: v for k, v in c.items() if k not in ("text", "steps")} for c in d["candidates"]]
         return d

@@ -225,6 +225,20 @@ class ChatMessage(OpenAIModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
+class ScalingRequest(BaseModel):
+    """infera's extra: answer by an inference-time scaling method (see infera.scaling).  Keys
+    other than these three are the method's options (temperature, max_tokens, beam_width, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+    budget: int = Field(8, ge=1, le=1024)
+    reward: str | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -234,6 +248,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    scaling: ScalingRequest | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -241,6 +256,8 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs needs logprobs set to true")
         if self.tools:
             raise ValueError("tools are not supported")
+        if self.scaling is not None and (self.stream or self.n != 1 or self.logprobs or self.constraint_field):
+            raise ValueError("scaling takes a single non-streamed choice without logprobs or output constraints")
         return self
 
     @property
@@ -282,6 +299,13 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+
+
+class ScalingChatCompletionResponse(ChatCompletionResponse):
+    """A chat completion answered by a scaling method: the chosen solution is the message;
+    ``scaling`` summarizes the search (answer, candidates' scores, tokens spent)."""
+
+    scaling: dict[str, Any]
 
 
 class DeltaMessage(OpenAIModel):

@@ -15,11 +15,14 @@ from infera.layers.sampler import TokenLogprobs
 from infera.outputs import CompletionOutput, RequestOutput
 from infera.sampling_params import SamplingParams
 from infera.server.metrics import ServerMetrics
+from infera.scaling.api import build_search
+from infera.scaling.controller import Search, SearchController
+from infera.scaling.rewards import make_reward
 from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatMessage,
                                     ChatStreamChoice, CompletionChoice, CompletionLogProbs, CompletionRequest,
-                                    CompletionResponse, DeltaMessage, OpenAIError, SamplingRequest, TopLogprob,
-                                    UsageInfo, random_id)
+                                    CompletionResponse, DeltaMessage, OpenAIError, SamplingRequest,
+                                    ScalingChatCompletionResponse, TopLogprob, UsageInfo, random_id)
 
 logger = logging.getLogger("infera.server")
 
@@ -55,6 +58,9 @@ class OpenAIServing:
         self.model_name = model_name
         self.metrics = metrics
         self._token_text: dict[int, str] = {}
+        # scaling searches run on the engine thread, inside engine.step() (see infera.scaling.controller)
+        self.scaling = SearchController(engine.engine)
+        engine.engine.drivers.append(self.scaling)
 
     # -- shared -----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -245,6 +251,8 @@ class OpenAIServing:
                                      ) -> ChatCompletionResponse | AsyncIterator[str]:
         arrival = time.monotonic()
         self.check_model(req.model)
+        if req.scaling is not None:
+            return await self.create_scaling_completion(req, arrival)
         prompt = self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         max_tokens = self._max_tokens(len(prompt), req.requested_max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -266,6 +274,50 @@ class OpenAIServing:
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in final.outputs]
         return ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                       usage=self._usage([prompt], final.num_generated_tokens))
+
+    async def create_scaling_completion(self, req: ChatCompletionRequest, arrival: float
+                                        ) -> ScalingChatCompletionResponse:
+        """Answer with an inference-time scaling method (``scaling``: method, budget, reward,
+        options); the request's temperature, top_p, seed and max_tokens are search options."""
+        spec = req.scaling
+        options = spec.options
+        for name, value in (("temperature", req.temperature), ("top_p", req.top_p), ("seed", req.seed),
+                            ("max_tokens", req.requested_max_tokens)):
+            if value is not None:
+                options.setdefault(name, value)
+        try:
+            reward = await asyncio.to_thread(make_reward, spec.reward)  # a reward model loads for a while
+            search = build_search(self.engine.engine, [m.template_dict() for m in req.messages], spec.method,
+                                  spec.budget, reward, options)
+        except ValueError as e:
+            raise OpenAIError(400, f"scaling: {e}", param="scaling") from None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self.scaling.submit(search, lambda _: loop.call_soon_threadsafe(_settle_search, done))
+        self.engine.abort(search.id)  # no such request: the no-op wakes an idle engine thread to run the search
+        try:
+            await done
+        except asyncio.CancelledError:
+            self.scaling.cancel(search.id)
+            self.engine.abort(search.id)
+            raise
+        return self._scaling_response(search, arrival, req.user)
+
+    def _scaling_response(self, search: Search, arrival: float, user: str | None) -> ScalingChatCompletionResponse:
+        if isinstance(search.error, ValueError):
+            raise OpenAIError(400, f"scaling: {search.error}", param="scaling")
+        if search.error is not None:
+            raise OpenAIError(500, f"scaling search failed: {search.error}", type="server_error")
+        result = search.result
+        num_prompt = len(search.problem.prompt_ids)
+        logger.info("scaling %s %s (budget %d) finished: answer %r, %d generated + %d prefilled tokens, %.3fs%s",
+                    search.id, result.method, result.budget, result.answer, result.generated_tokens,
+                    result.prefill_tokens, time.monotonic() - arrival, f", user {user}" if user else "")
+        choice = ChatChoice(index=0, message=AssistantMessage(content=result.text), finish_reason="stop")
+        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=result.generated_tokens,
+                          total_tokens=num_prompt + result.generated_tokens)
+        return ScalingChatCompletionResponse(id=random_id("chatcmpl"), model=self.model_name, choices=[choice],
+                                             usage=usage, scaling=result.summary())
 
     def _chat_logprobs(self, entries: list[TokenLogprobs] | None, k: int) -> ChatLogprobs:
         content = []
@@ -296,6 +348,11 @@ class OpenAIServing:
                                               finish_reason=d.finish_reason)])
         if req.include_usage:
             yield chunk([], self._usage([prompt], num_completion))
+
+
+def _settle_search(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -80,7 +80,7 @@ class GrammarCompiler:
                                                                  stop_token_ids=self.stop_token_ids)
         # our cache holds the results; xgrammar's own cache would keep a second copy
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=max_threads, cache_enabled=False)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infera-grammar")
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="infera-grammar")
         self.cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
         self.cache_size = cache_size
 

@@ -1,0 +1,188 @@
+"""Inference-time scaling benchmark on the bundled SmolLM2-135M-Instruct and the arithmetic task.
+
+1. Accuracy against budget for every method (best-of-N, self-consistency, weighted best-of-N,
+   beam search, particle filtering), with the built-in arithmetic checker and with the model
+   judging itself, through ``infera eval``'s machinery: OUT/<reward>/results.csv and
+   accuracy.png, resumable (pairs already in a CSV are not run again).
+2. The same particle filtering, in the engine and driven over the OpenAI API step by step as
+   the HTTP libraries (search-and-learn, its_hub) do it: every step of every particle is a
+   ``/v1/completions`` request that re-sends the prompt and the partial answer as text to an
+   ``infera serve`` subprocess (prefix cache on), one problem at a time, its particles
+   concurrently.  The search code is the same; only the driver differs.  Reported: wall time and
+   prompt tokens the engine computed (prefill), in-engine vs over HTTP, and their ratios.
+
+    python benchmarks/scaling.py                                      # 200 problems, budgets 1..32
+    python benchmarks/scaling.py --problems 50 --budgets 1,4,8 --out /tmp/scaling
+    python benchmarks/scaling.py --rewards arithmetic --http-budget 0  # accuracy only
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+from common import machine, save_json
+from prometheus_client.parser import text_string_to_metric_families
+from serve import launch
+from tqdm.auto import tqdm
+
+from infera import LLM
+from infera.scaling.answers import answers_equal
+from infera.scaling.api import build_search, run_searches
+from infera.scaling.controller import Expand, Search
+from infera.scaling.eval import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods
+from infera.scaling.result import ScalingResult
+from infera.scaling.tasks import Task, arithmetic_tasks
+
+REWARD_NAMES = {"arithmetic": "arithmetic checker", "self": "self-judging"}
+
+
+class HTTPDriver:
+    """Fulfils a search's expand operations over ``/v1/completions``: one request per particle
+    and step, whose prompt is the problem's chat prompt plus the partial answer, as text."""
+
+    def __init__(self, client: openai.AsyncOpenAI, tokenizer):
+        self.client = client
+        self.tokenizer = tokenizer
+        self.generated = 0
+
+    async def run(self, search: Search) -> ScalingResult:
+        prompt = self.tokenizer.hf.apply_chat_template(search.problem.messages, tokenize=False,
+                                                       add_generation_prompt=True)
+        results = None
+        while True:
+            try:
+                ops = search.gen.send(results)
+            except StopIteration as stop:
+                return stop.value
+            results = await asyncio.gather(*(self.expand(search, prompt, op) for op in ops))
+
+    async def expand(self, search: Search, prompt: str, op: Expand) -> list:
+        if not isinstance(op, Expand):
+            raise ValueError("only expand operations are driven over HTTP (use the arithmetic reward)")
+        p = op.params
+        outs = await asyncio.gather(*(self.client.completions.create(
+            model="bench", prompt=prompt + op.branch.text, max_tokens=p.max_tokens, temperature=p.temperature,
+            top_p=p.top_p, stop=p.stop, seed=(p.seed + i) % 2**62,
+            extra_body={"include_stop_str_in_output": True}) for i in range(op.n)))
+        children = []
+        for out in outs:
+            choice = out.choices[0]
+            self.generated += out.usage.completion_tokens
+            # the token ids are the server's business: only their count matters to the search
+            ids = op.branch.token_ids + [0] * out.usage.completion_tokens
+            stop_reason = (choice.model_extra or {}).get("stop_reason")
+            children.append(search.child(op.branch, ids, choice.text, choice.finish_reason, stop_reason))
+        return children
+
+
+def server_prompt_tokens(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return next(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name == "infera:prompt_tokens_total")
+
+
+def particle_filtering_in_engine(llm: LLM, tasks: list[Task], budget: int, options: dict) -> dict:
+    engine = llm.engine
+    engine.reset_prefix_cache()
+    searches = [build_search(engine, t.question, "particle_filtering", budget, "arithmetic", options, t.answer)
+                for t in tasks]
+    before, started = engine.num_prompt_tokens, time.perf_counter()
+    run_searches(engine, searches, use_tqdm=True, desc=f"in-engine particle_filtering @ {budget}")
+    wall = time.perf_counter() - started
+    results = [s.result for s in searches]
+    return {"wall_s": wall, "prefill_tokens": engine.num_prompt_tokens - before,
+            "generated_tokens": sum(r.generated_tokens for r in results),
+            "accuracy": sum(answers_equal(r.answer, t.answer) for r, t in zip(results, tasks)) / len(tasks)}
+
+
+async def particle_filtering_over_http(llm: LLM, url: str, tasks: list[Task], budget: int, options: dict,
+                                       concurrency: int) -> dict:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600,
+                                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=1024)))
+    driver = HTTPDriver(client, llm.tokenizer)
+    searches = [build_search(llm.engine, t.question, "particle_filtering", budget, "arithmetic", options, t.answer)
+                for t in tasks]
+    bar = tqdm(total=len(tasks), desc=f"over HTTP particle_filtering @ {budget}", unit="problem")
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(search: Search) -> ScalingResult:
+        async with gate:
+            result = await driver.run(search)
+            bar.update(1)
+            return result
+
+    before, started = server_prompt_tokens(url), time.perf_counter()
+    results = await asyncio.gather(*(one(s) for s in searches))
+    wall = time.perf_counter() - started
+    bar.close()
+    await client.close()
+    return {"wall_s": wall, "prefill_tokens": int(server_prompt_tokens(url) - before),
+            "generated_tokens": driver.generated,
+            "accuracy": sum(answers_equal(r.answer, t.answer) for r, t in zip(results, tasks)) / len(tasks)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: the bundled SmolLM2-135M)")
+    p.add_argument("--problems", type=int, default=200, help="arithmetic problems (fixed seed)")
+    p.add_argument("--problem-seed", type=int, default=0)
+    p.add_argument("--budgets", default="1,2,4,8,16,32")
+    p.add_argument("--methods", default=",".join(EVAL_METHODS))
+    p.add_argument("--rewards", default="arithmetic,self", help="comma list: arithmetic, self")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens in one solution")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0, help="seed of each search's random choices")
+    p.add_argument("--kv-cache-memory", default="2GiB", help="KV cache of the engine and of the server")
+    p.add_argument("--http-budget", type=int, default=8, help="particles of the in-engine vs HTTP run (0: skip)")
+    p.add_argument("--http-problems", type=int, default=None, help="problems of that run (default: --problems)")
+    p.add_argument("--http-concurrency", type=int, default=1,
+                   help="problems in flight over HTTP (1: one at a time, as the HTTP libraries' loops do)")
+    p.add_argument("--out", default="benchmarks/results/scaling", help="output directory")
+    args = p.parse_args()
+    tasks = arithmetic_tasks(args.problems, args.problem_seed)
+    budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
+    rewards = args.rewards.split(",") if args.rewards else []
+    options = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed}
+    out = Path(args.out)
+    print(f"machine: {machine()}", flush=True)
+    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory)
+    summary: dict = {"machine": machine(), "problems": len(tasks), "options": options, "accuracy": {}}
+    for reward in rewards:
+        rows = evaluate_all(llm.engine, {}, tasks, methods, budgets, reward, options, out / reward,
+                            f"SmolLM2-135M-Instruct, arithmetic, {len(tasks)} problems, {REWARD_NAMES[reward]}")
+        summary["accuracy"][reward] = rows
+        acc = {(r["method"], r["budget"]): r["accuracy"] for r in rows}
+        pf8, b32, sc32 = acc.get(("particle_filtering", 8)), acc.get(("best_of_n", 32)), acc.get(("self_consistency", 32))
+        if None not in (pf8, b32, sc32):
+            print(f"[{reward}] particle filtering @ 8: {100 * pf8:.1f}%  vs  best-of-N @ 32: {100 * b32:.1f}%, "
+                  f"self-consistency @ 32: {100 * sc32:.1f}%  -> target {'met' if pf8 >= max(b32, sc32) else 'missed'}")
+    if args.http_budget:
+        http_tasks = tasks[:args.http_problems or len(tasks)]
+        engine_run = particle_filtering_in_engine(llm, http_tasks, args.http_budget, options)
+        server_args = ["--kv-cache-memory", args.kv_cache_memory, "--log-level", "WARNING"]
+        with launch("infera", str(llm.engine.model_path), server_args, 0) as server:
+            http_run = asyncio.run(particle_filtering_over_http(llm, server.url, http_tasks, args.http_budget, options,
+                                                                args.http_concurrency))
+        speedup = http_run["wall_s"] / engine_run["wall_s"]
+        fewer = http_run["prefill_tokens"] / max(engine_run["prefill_tokens"], 1)
+        summary["http"] = {"budget": args.http_budget, "problems": len(http_tasks), "in_engine": engine_run,
+                           "over_http": http_run, "speedup": speedup, "prefill_ratio": fewer,
+                           "http_concurrency": args.http_concurrency}
+        print(f"\nparticle filtering @ {args.http_budget}, {len(http_tasks)} problems, arithmetic checker")
+        print(f"{'':>12} {'wall s':>9} {'prefill tok':>12} {'generated':>10} {'accuracy':>9}")
+        for name, r in (("in-engine", engine_run), ("over HTTP", http_run)):
+            print(f"{name:>12} {r['wall_s']:9.1f} {r['prefill_tokens']:12d} {r['generated_tokens']:10d} "
+                  f"{100 * r['accuracy']:8.1f}%")
+        print(f"in-engine is {speedup:.1f}x faster (target >= 3x) and computes {fewer:.1f}x fewer prefill tokens "
+              f"(target >= 5x)")
+    save_json(str(out / "summary.json"), summary)
+    print(f"wrote {out}/summary.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""``infera eval --task arithmetic|jsonl:FILE``: accuracy of scaling methods against their budget.
+
+Every (method, budget) pair runs all problems at once through one engine and appends a row to
+``OUT/results.csv`` (``method, budget, accuracy, tokens, prefill_tokens, wall_s``; ``tokens``
+are generated tokens, pruned branches included; ``prefill_tokens`` are prompt tokens computed).
+A pair already in the CSV is skipped, so an interrupted run resumes where it stopped.  The three
+sampling methods (best-of-N, self-consistency, weighted best-of-N) choose from one shared set of
+samples per budget, so they report the same tokens and time.  Each pair starts with an empty
+prefix cache.  ``OUT/details.jsonl`` holds every problem's answer; ``OUT/accuracy.png`` plots
+accuracy against budget and against tokens, one line per method.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from infera.engine.llm_engine import LLMEngine
+from infera.scaling.answers import answers_equal
+from infera.scaling.api import build_search, run_searches
+from infera.scaling.rewards import REWARD_SOURCES
+from infera.scaling.sampling import PICKS, shared_samples
+from infera.scaling.tasks import Task, load_tasks
+
+logger = logging.getLogger("infera.eval")
+
+EVAL_METHODS = ("best_of_n", "self_consistency", "weighted_best_of_n", "beam_search", "particle_filtering")
+COLUMNS = ("method", "budget", "accuracy", "tokens", "prefill_tokens", "wall_s")
+
+
+def add_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--budgets", default="1,2,4,8,16,32", help="comma list of budgets (samples, beams or particles)")
+    g.add_argument("--reward", default="arithmetic",
+                   help=f"reward for the methods that need one: {', '.join(REWARD_SOURCES[:3])}")
+    g.add_argument("--problems", type=int, default=None,
+                   help="how many problems (arithmetic: generated, default 200; jsonl: the first N, default all)")
+    g.add_argument("--problem-seed", type=int, default=0, help="seed of the generated arithmetic problems")
+    g.add_argument("--out", default="eval-out", help="directory for results.csv, details.jsonl and accuracy.png")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the branches")
+    g.add_argument("--max-tokens", type=int, default=384, help="most tokens in one solution")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another method option (repeatable), e.g. beam_width=2, delimiter='\\n', "
+                        "resample_temperature=0.5; VALUE is read as JSON when it parses")
+
+
+def parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--budgets must be comma-separated integers, got {text!r}") from None
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"every budget must be >= 1, got {text!r}")
+    return budgets
+
+
+def parse_methods(text: str | None) -> list[str]:
+    methods = text.split(",") if text else list(EVAL_METHODS)
+    unknown = [m for m in methods if m not in EVAL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(EVAL_METHODS)}")
+    return methods
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option must look like KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def evaluate(engine: LLMEngine, tasks: list[Task], methods: list[str], budget: int, reward: str,
+             options: dict[str, Any]) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Run ``methods`` (sampling methods sharing their samples) at ``budget`` over ``tasks``:
+    a CSV row per method and a detail record per problem and method."""
+    sampling = [m for m in methods if m in PICKS]
+    runs = ([("+".join(sampling), sampling)] if sampling else []) + [(m, [m]) for m in methods if m not in PICKS]
+    rows, details = {}, []
+    for label, group in runs:
+        engine.reset_prefix_cache()
+        shared = group[0] in PICKS
+        needs = next((m for m in group if m != "self_consistency"), group[0])
+        searches = [build_search(engine, t.question, needs, budget, reward if needs != "self_consistency" else None,
+                                 {**options, "methods": group} if shared else options, t.answer,
+                                 algorithm=shared_samples if shared else None) for t in tasks]
+        started = time.monotonic()
+        run_searches(engine, searches, use_tqdm=True, desc=f"{label} @ {budget}")
+        wall = time.monotonic() - started
+        tokens = sum(s.generated_tokens for s in searches)
+        prefill = sum(s.prefill_tokens for s in searches)
+        for i, method in enumerate(group):
+            results = [s.result[i] if shared else s.result for s in searches]
+            correct = [answers_equal(r.answer, t.answer) for r, t in zip(results, tasks)]
+            rows[method] = {"method": method, "budget": budget, "accuracy": sum(correct) / len(tasks),
+                            "tokens": tokens, "prefill_tokens": prefill, "wall_s": round(wall, 2)}
+            details += [{"method": method, "budget": budget, "question": t.question, "reference": t.answer,
+                         "answer": r.answer, "correct": c, "generated_tokens": r.generated_tokens,
+                         "prefill_tokens": r.prefill_tokens} for t, r, c in zip(tasks, results, correct)]
+    return rows, details
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if rows and tuple(rows[0]) != COLUMNS:
+        raise ValueError(f"{path} has columns {', '.join(rows[0])}, not {', '.join(COLUMNS)}; use another --out")
+    return [{**r, "budget": int(r["budget"]), "accuracy": float(r["accuracy"]), "tokens": int(r["tokens"]),
+             "prefill_tokens": int(r["prefill_tokens"]), "wall_s": float(r["wall_s"])} for r in rows]
+
+
+def plot(rows: list[dict[str, Any]], num_problems: int, path: Path, title: str) -> None:
+    """Accuracy against budget and against generated tokens per problem, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_budget, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+        acc = [100 * r["accuracy"] for r in mine]
+        by_budget.plot([r["budget"] for r in mine], acc, marker="o", label=method)
+        by_tokens.plot([r["tokens"] / num_problems for r in mine], acc, marker="o", label=method)
+    by_budget.set_xscale("log", base=2)
+    by_budget.set_xlabel("budget (samples / beams / particles)")
+    by_tokens.set_xscale("log")
+    by_tokens.set_xlabel("generated tokens per problem")
+    for ax in (by_budget, by_tokens):
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    by_budget.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_all(engine: LLMEngine | None, engine_kwargs: dict[str, Any], tasks: list[Task], methods: list[str],
+                 budgets: list[int], reward: str, options: dict[str, Any], out: Path,
+                 title: str) -> list[dict[str, Any]]:
+    """Every (method, budget) not yet in ``out/results.csv``, appended to it as it finishes;
+    then the plot.  The engine is built from ``engine_kwargs`` only if something must run."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    rows = read_rows(csv_path)
+    done = {(r["method"], r["budget"]) for r in rows}
+    todo = [(b, [m for m in methods if (m, b) not in done]) for b in budgets]
+    todo = [(b, ms) for b, ms in todo if ms]
+    if done:
+        logger.info("%s: %d rows already there; %d budgets left to run", csv_path, len(done), len(todo))
+    if todo and engine is None:
+        engine = LLMEngine(**engine_kwargs)
+    for budget, pending in todo:
+        new_rows, details = evaluate(engine, tasks, pending, budget, reward, options)
+        write_header = not csv_path.is_file()
+        with csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            if write_header:
+                writer.writeheader()
+            writer.writerows(new_rows[m] for m in pending)
+        with (out / "details.jsonl").open("a") as f:
+            f.writelines(json.dumps(d) + "\n" for d in details)
+        rows += [new_rows[m] for m in pending]
+        for m in pending:
+            r = new_rows[m]
+            print(f"{m:>20} @ {budget:<3} accuracy {100 * r['accuracy']:5.1f}%  tokens {r['tokens']:>8}  "
+                  f"prefill {r['prefill_tokens']:>7}  {r['wall_s']:8.1f}s", flush=True)
+    shown = [r for r in rows if r["method"] in methods and r["budget"] in budgets]
+    plot(shown, len(tasks), out / "accuracy.png", title)
+    return shown
+
+
+def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
+    tasks = load_tasks(args.task, args.problems, args.problem_seed)
+    methods = parse_methods(args.methods)
+    budgets = parse_budgets(args.budgets)
+    options = {"temperature": args.temperature, "max_tokens": args.max_tokens, **parse_options(args.option)}
+    out = Path(args.out)
+    evaluate_all(None, engine_kwargs, tasks, methods, budgets, args.reward, options, out,
+                 f"{args.task}, {len(tasks)} problems, reward {args.reward}")
+    print(f"wrote {out / 'results.csv'} and {out / 'accuracy.png'}")
