@@ -157,7 +157,8 @@ def main() -> None:
                             f"SmolLM2-135M-Instruct, arithmetic, {len(tasks)} problems, {REWARD_NAMES[reward]}")
         summary["accuracy"][reward] = rows
         acc = {(r["method"], r["budget"]): r["accuracy"] for r in rows}
-        pf8, b32, sc32 = acc.get(("particle_filtering", 8)), acc.get(("best_of_n", 32)), acc.get(("self_consistency", 32))
+        pf8, b32 = acc.get(("particle_filtering", 8)), acc.get(("best_of_n", 32))
+        sc32 = acc.get(("self_consistency", 32))
         if None not in (pf8, b32, sc32):
             print(f"[{reward}] particle filtering @ 8: {100 * pf8:.1f}%  vs  best-of-N @ 32: {100 * b32:.1f}%, "
                   f"self-consistency @ 32: {100 * sc32:.1f}%  -> target {'met' if pf8 >= max(b32, sc32) else 'missed'}")

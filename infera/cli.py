@@ -36,7 +36,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=1024,
                    help="token budget per engine step (prefill chunks + decodes)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    g.add_argument("--kv-cache-memory", default="2GiB", help="memory for the KV cache, e.g. 2GiB or 512MB")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="memory for the KV cache, e.g. 2GiB or 512MB (default: 2GiB on CPU; on CUDA, what "
+                        "--gpu-memory-utilization leaves after a warm-up pass of the largest step)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: the share of the GPU's memory that weights, activations and the KV cache may take, "
+                        "when --kv-cache-memory is not given")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly instead of replaying CUDA graphs for decode steps")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="auto = the model's dtype; int8 = per-token-and-head scaled int8, about half the memory")
     g.add_argument("--quantization", default=None, choices=QUANTIZATION_METHODS,
@@ -54,7 +61,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-                quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+                quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

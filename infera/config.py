@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_KV_CACHE_MEMORY = 2 * 2**30  # on CPU, when kv_cache_memory is not given
 
 
 def parse_size(value: str | int) -> int:
@@ -35,7 +36,9 @@ class EngineConfig:
     computes it fast (CUDA, or a CPU with AVX512-BF16/AMX) and float32 elsewhere.
     ``quantization`` (a method of :mod:`infera.quant`) quantizes the weights at load; with None, a
     GGUF model runs on its own quantized tensors when ``dtype`` is auto (on CPU) and is dequantized
-    to an explicit ``dtype``."""
+    to an explicit ``dtype``. ``kv_cache_memory`` None means 2 GiB on CPU and, on CUDA, what
+    ``gpu_memory_utilization`` of the device leaves after a warm-up pass of the largest step.
+    On CUDA, decode steps replay CUDA graphs unless ``enforce_eager``."""
 
     model: str | None = None
     dtype: str = "auto"
@@ -44,14 +47,17 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 1024
     block_size: int = 16
-    kv_cache_memory: int | str = "2GiB"
+    kv_cache_memory: int | str | None = None
     kv_cache_dtype: str = "auto"
     quantization: str | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
-        self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.quantization is not None:
@@ -65,8 +71,10 @@ class EngineConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

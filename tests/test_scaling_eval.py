@@ -41,3 +41,6 @@ def test_eval_bad_options_are_one_line_errors(tmp_path, capsys):
     assert "unknown method(s) mcts" in capsys.readouterr().err
     assert main(["eval", "--task", "arithmetic", "--budgets", "0,2", "--out", str(tmp_path)]) == 2
     assert "every budget must be >= 1" in capsys.readouterr().err
+    assert main(["eval", "--task", "arithmetic", "--methods", "best_of_n", "--option", "beam_width=2",
+                 "--out", str(tmp_path)]) == 2
+    assert "option(s) beam_width apply to none of best_of_n" in capsys.readouterr().err

@@ -120,7 +120,8 @@ def test_arithmetic_tasks_are_seeded_and_right():
 
 def test_jsonl_tasks(tmp_path):
     path = tmp_path / "tasks.jsonl"
-    path.write_text(json.dumps({"question": "1+1?", "answer": 2}) + "\n\n" + json.dumps({"question": "2+2?", "answer": "4"}))
+    lines = [json.dumps({"question": "1+1?", "answer": 2}), "", json.dumps({"question": "2+2?", "answer": "4"})]
+    path.write_text("\n".join(lines))
     assert [(t.question, t.answer) for t in load_tasks(f"jsonl:{path}")] == [("1+1?", "2"), ("2+2?", "4")]
     path.write_text('{"question": "x"}\n')
     with pytest.raises(ValueError, match=r"tasks.jsonl:1: expected an object"):

@@ -16,7 +16,7 @@ from infera import LLM, SamplingParams
 from infera.cli import build_parser, sampling_params
 from infera.engine.sequence import Sequence
 from infera.sampling_params import StructuredOutputParams as SO
-from infera.structured import GrammarState
+from infera.structured import JUMP_FORWARD_MAX_BATCH, GrammarState
 from infera.structured.bitmask import TokenBitmask, pack_bits, unpack_bits
 from infera.structured.grammar_compiler import constraint_key
 
@@ -27,7 +27,7 @@ SCHEMAS: list[tuple[str, dict]] = [
     ("a user with a nested address", {
         "type": "object", "required": ["user"],
         "properties": {"user": {"type": "object", "required": ["id", "address"], "properties": {
-            "id": {"type": "integer", "minimum": 1, "maximum": 9999},
+            "id": {"type": "integer", "minimum": 1, "maximum": 99},
             "address": {"type": "object", "required": ["city", "zip"], "properties": {
                 "city": {"type": "string", "maxLength": 12}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}}}}),
     ("a list of two to four digits", {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
@@ -44,8 +44,8 @@ SCHEMAS: list[tuple[str, dict]] = [
     ("whether the sky is blue", {"type": "object", "required": ["answer"], "properties": {"answer": {"type": "boolean"}}}),
     ("two points", {"type": "array", "minItems": 1, "maxItems": 2, "items": {
         "type": "object", "required": ["x", "y"],
-        "properties": {"x": {"type": "integer", "minimum": -100, "maximum": 100},
-                       "y": {"type": "integer", "minimum": -100, "maximum": 100}}}}),
+        "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
+                       "y": {"type": "integer", "minimum": -9, "maximum": 9}}}}),
     ("a file format version", {"type": "object", "required": ["version", "name"],
                                "properties": {"version": {"const": "1.0"}, "name": {"type": "string", "maxLength": 12}}}),
     ("a value that is a number or a short word", {
@@ -75,8 +75,8 @@ SCHEMAS: list[tuple[str, dict]] = [
         "word": {"type": "string", "minLength": 3, "maxLength": 8}}}),
     ("a line from a start point to an end point", {
         "$defs": {"point": {"type": "object", "required": ["x", "y"],
-                            "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 50},
-                                           "y": {"type": "integer", "minimum": 0, "maximum": 50}}}},
+                            "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9},
+                                           "y": {"type": "integer", "minimum": 0, "maximum": 9}}}},
         "type": "object", "required": ["start", "end"],
         "properties": {"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}}}),
     ("a probability", {"type": "number", "minimum": 0, "maximum": 1}),
@@ -121,13 +121,13 @@ def test_schemas_in_mixed_batch_of_32(llm: LLM, temperature: float):
     for i, (what, schema) in enumerate(SCHEMAS):
         prompts.append(prompt_for(llm, what, schema))
         params.append(SamplingParams(temperature=temperature, seed=i, max_tokens=MAX_TOKENS, structured=SO(json=schema)))
-    what, schema = SCHEMAS[0]
-    prompts.append(prompt_for(llm, what, schema))
+    what, person = SCHEMAS[0]
+    prompts.append(prompt_for(llm, what, person))
     if temperature == 0:
         params.append(SamplingParams(temperature=0, max_tokens=MAX_TOKENS, structured=SO(json_object=True)))
     else:
         params.append(SamplingParams(n=3, temperature=temperature, seed=99, max_tokens=MAX_TOKENS,
-                                     structured=SO(json=schema)))
+                                     structured=SO(json=person)))
     free = 32 - sum(p.n for p in params)
     for i in range(free):
         prompts.append(llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Count to {i + 3}."}]))
@@ -142,7 +142,7 @@ def test_schemas_in_mixed_batch_of_32(llm: LLM, temperature: float):
         assert len(extra) == 3
         for c in extra:
             assert c.finish_reason == "stop", c
-            jsonschema.validate(json.loads(c.text), schema)
+            jsonschema.validate(json.loads(c.text), person)
     for out in outs[len(SCHEMAS) + 1:]:
         assert len(out.outputs[0].token_ids) <= 8
 
@@ -150,12 +150,12 @@ def test_schemas_in_mixed_batch_of_32(llm: LLM, temperature: float):
 @pytest.mark.parametrize("temperature, jump_forward", [(0.0, True), (1.0, False)])
 def test_schema_alone(llm: LLM, temperature: float, jump_forward: bool):
     what, schema = SCHEMAS[1]
-    llm.engine.structured.jump_forward = jump_forward
+    llm.engine.structured.jump_forward_max_batch = 1 if jump_forward else 0
     try:
         out = llm.generate(prompt_for(llm, what, schema), SamplingParams(temperature=temperature, seed=3,
                            max_tokens=MAX_TOKENS, structured=SO(json=schema)), use_tqdm=False)[0]
     finally:
-        llm.engine.structured.jump_forward = True
+        llm.engine.structured.jump_forward_max_batch = JUMP_FORWARD_MAX_BATCH
     check_json(out, schema)
 
 

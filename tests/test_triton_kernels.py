@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,69 +148,160 @@ def test_prefill_attention_paged_varlen(dtype, int8):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tq,tk", [(7, 7), (5, 12), (70, 70), (1, 9)])
 def test_chunk_attention(dtype, tq, tk):
-    """One chunk over contiguous K/V (fresh, or a gathered prefix), V strided as the QKV split leaves it."""
+    """One chunk over K/V rows as the layer has them: K contiguous, V a strided view of the QKV output."""
     g = torch.Generator().manual_seed(3)
     q = torch.randn(tq, 4, 32, generator=g).to(dtype)
-    kv = torch.randn(tk, 2, 2, 32, generator=g).to(dtype)
-    k, v = kv[:, 0], kv[:, 1]
+    k = torch.randn(tk, 2, 32, generator=g).to(dtype)
+    v = torch.randn(tk, 8, 32, generator=g).to(dtype)[:, 6:]
     out = ta.chunk_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 0.2)
     assert max_error(out, dense_attention(q, k, v, 0.2)) < TOL[dtype]
 
 
+# ---- the engine's attention through the kernels (the interpreter on CPU) ----------------------
+
+@pytest.fixture
+def triton_dispatch(monkeypatch):
+    """Route paged_attention's store, prefill and decode to the Triton kernels for any device, as
+    it does for CUDA tensors."""
+    def write_slots(k_cache, v_cache, k, v, slot_mapping):
+        ta.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def decode(q, kv, block_tables, context_lens, scale):
+        return ta.decode_attention(q, kv, block_tables, context_lens, scale, num_splits=2, block_n=16)
+
+    monkeypatch.setattr(pa, "_write_slots", write_slots)
+    monkeypatch.setattr(pa, "prefill_attention", ta.chunk_attention)
+    monkeypatch.setattr(pa, "decode_attention", decode)
+
+
+def engine_logits(engine, token_ids: list[int], chunks: list[int]) -> torch.Tensor:
+    from infera.engine.sequence import Sequence
+    from infera.layers.attention import attention_metadata
+    from infera.sampling_params import SamplingParams
+
+    seq = Sequence(token_ids, SamplingParams())
+    bm, runner = engine.block_manager, engine.runner
+    out = []
+    with torch.inference_mode():
+        for n in chunks:
+            assert bm.allocate_slots(seq, n)
+            ids, pos, meta = runner.prepare_inputs([seq], [n])
+            with attention_metadata(meta):
+                out.append(runner.model.compute_logits(runner.model(ids, pos)).float())
+            bm.commit(seq, n)
+    bm.free(seq)
+    return torch.cat(out)
+
+
+@pytest.mark.skipif(CUDA, reason="covered by tests/test_cuda.py on a GPU")
+@pytest.mark.parametrize("kind,kv_cache_dtype", [("llama", "auto"), ("qwen3", "auto"), ("llama", "int8")])
+def test_engine_logits_through_triton(tiny_model, kind, kv_cache_dtype, request):
+    """A tiny model's logits (prefill, chunked prefill over a cached prefix, decode) are those of
+    the PyTorch path."""
+    from infera.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(model=str(tiny_model(kind)), dtype="float32", kv_cache_memory="8MiB",
+                       kv_cache_dtype=kv_cache_dtype)
+    ids = engine.tokenizer.encode("Paged attention keeps the KV cache in blocks of tokens. " * 3)
+    chunks = [len(ids) - 20, 13, 1, 1, 1, 1, 1, 1, 1]
+    ref = engine_logits(engine, ids, chunks)
+    request.getfixturevalue("triton_dispatch")
+    assert (engine_logits(engine, ids, chunks) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.skipif(CUDA, reason="covered by tests/test_cuda.py on a GPU")
+def test_padded_graph_batch_matches_eager(tiny_model, triton_dispatch):
+    """What a CUDA-graph replay computes (the step copied into static buffers, padded to its bucket
+    with slot -1 and context 0), run eagerly: the same hidden states and KV writes as the step alone."""
+    from infera.engine.cuda_graph import CUDAGraphRunner
+    from infera.engine.llm_engine import LLMEngine
+    from infera.engine.sequence import Sequence
+    from infera.layers.attention import attention_metadata
+    from infera.sampling_params import SamplingParams
+
+    engine = LLMEngine(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="8MiB")
+    runner, bm = engine.runner, engine.block_manager
+    seqs = [Sequence(engine.tokenizer.encode(text), SamplingParams())
+            for text in ("one two three", "a longer prompt of several more words than that", "x")]
+    with torch.inference_mode():
+        counts = [len(s.token_ids) for s in seqs]
+        for s, n in zip(seqs, counts):
+            assert bm.allocate_slots(s, n)
+        ids, pos, meta = runner.prepare_inputs(seqs, counts)
+        with attention_metadata(meta):
+            runner.model(ids, pos)
+        for s, n in zip(seqs, counts):
+            bm.commit(s, n)
+            s.append_token(7)
+            assert bm.allocate_slots(s, 1)
+        ids, pos, meta = runner.prepare_inputs(seqs, [1] * 3)
+        cache = runner.kv_cache.data.clone()
+        with attention_metadata(meta):
+            eager = runner.model(ids, pos)
+        written = runner.kv_cache.data.clone()
+        runner.kv_cache.data.copy_(cache)
+        graphs = CUDAGraphRunner(runner.model, 8, 16, runner.model.config.hidden_size, torch.float32, runner.device)
+        graphs.slot_mapping[3:] = 5  # stale rows of an earlier, larger step
+        graphs.context_lens[3:] = 9
+        assert graphs.can_run(meta) and graphs.prepare(ids, pos, meta) == 4
+        padded = graphs.forward(4)
+    assert torch.allclose(padded[:3], eager, atol=1e-5)
+    assert torch.allclose(runner.kv_cache.data, written, atol=1e-5)  # layer 1's K/V went through 4-row GEMMs
+    slots = runner.kv_cache.data.flatten(2, 3).flatten(3)  # [K/V, layer, slot, values]
+    changed = (slots != cache.flatten(2, 3).flatten(3)).any(-1).any(0).any(0).nonzero().flatten()
+    assert sorted(changed.tolist()) == sorted(meta.slot_mapping.tolist())  # nothing written for padding
+    assert not padded[3].isnan().any()
+
+
 COMPILE_SCRIPT = textwrap.dedent("""
-    import os, re, subprocess, sys, tempfile
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
+    import os, re, subprocess, tempfile
+    import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
     from infera.layers import triton_attention as ta
 
-    PTXAS = get_ptxas(90).path  # the ptxas Triton itself runs for sm_90
-    TARGET = GPUTarget("cuda", 90, 32)
-
-    def compile(kernel, types, constants, num_warps=4):
+    def compile(kernel, types, constants, num_warps):
+        \"\"\"Registers and spilled bytes on sm_90 (ptxas, as Triton runs it), and whether the PTX has MMA.\"\"\"
         names = list(kernel.arg_names)
+        assert not (set(types) | set(constants)) - set(names)
         signature = {n: types.get(n, "constexpr" if n in constants else "i32") for n in names}
-        unknown = (set(types) | set(constants)) - set(names)
-        assert not unknown, unknown
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-        ptx = triton.compile(src, target=TARGET, options={"num_warps": num_warps}).asm["ptx"]
+        # as the JIT specializes real launches: pointers 16-byte aligned, integers multiples of 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if signature[n] not in ("constexpr", "fp32")}
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(ptx)
             f.flush()
-            info = subprocess.run([PTXAS, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                                  capture_output=True, text=True, check=True).stderr
-        regs = int(re.search(r"Used (\\d+) registers", info).group(1))
-        spills = sum(int(x) for x in re.findall(r"(\\d+) bytes spill", info))
-        mma = "mma" in ptx
-        return regs, spills, mma
+            log = subprocess.run([get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", f.name,
+                                  "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+        spills = sum(int(x) for x in re.findall(r"(\\d+) bytes spill", log))
+        return int(re.search(r"Used (\\d+) registers", log).group(1)), spills, "mma" in ptx
 
-    def cache_types(dtype, quant):
-        t = "*i8" if quant else dtype
-        return {"k_cache_ptr": t, "v_cache_ptr": t, "k_scale_ptr": "*fp32" if quant else t,
-                "v_scale_ptr": "*fp32" if quant else t}
-
-    failures = []
+    TORCH = {"*bf16": torch.bfloat16, "*fp32": torch.float32}
     for dtype, quant in [("*bf16", False), ("*fp32", False), ("*bf16", True)]:
-        precision = "ieee" if dtype == "*fp32" else "tf32"
-        common = dict(HEAD_DIM=128, BLOCK_D=128, QUANT=quant, UPCAST=False, PRECISION=precision)
+        cache = "*i8" if quant else dtype
+        types = {"q_ptr": dtype, "k_cache_ptr": cache, "v_cache_ptr": cache, "k_scale_ptr": "*fp32" if quant else cache,
+                 "v_scale_ptr": "*fp32" if quant else cache, "block_tables_ptr": "*i64", "context_lens_ptr": "*i64",
+                 "scale": "fp32", "stride_kb": "i64", "stride_vb": "i64"}
+        common = dict(HEAD_DIM=128, BLOCK_D=128, QUANT=quant, UPCAST=False,
+                      PRECISION="ieee" if dtype == "*fp32" else "tf32")
+        block_n, warps = ta.decode_config(TORCH[dtype])
         for group in (2, 4):  # Qwen3-0.6B, Llama-3-8B
-            types = {"q_ptr": dtype, "block_tables_ptr": "*i64", "context_lens_ptr": "*i64", "o_part_ptr": "*fp32",
-                     "lse_ptr": "*fp32", "scale": "fp32", "stride_cb": "i64", **cache_types(dtype, quant)}
-            consts = dict(common, GROUP=group, BLOCK_H=16, BLOCK_N=ta.DECODE_BLOCK_N, NUM_SPLITS=8)
-            print("decode", dtype, quant, group, *compile(ta._decode_kernel, types, consts))
-            types = {"q_ptr": dtype, "block_tables_ptr": "*i64", "cu_seqlens_q_ptr": "*i32",
-                     "context_lens_ptr": "*i64", "out_ptr": dtype, "scale": "fp32", "stride_cb": "i64",
-                     **cache_types(dtype, quant)}
-            consts = dict(common, GROUP=group, BLOCK_M=ta.PREFILL_BLOCK_M, BLOCK_N=ta.PREFILL_BLOCK_N)
-            print("prefill", dtype, quant, group, *compile(ta._prefill_kernel, types, consts))
-        consts = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, BLOCK_S=8)
-        print("merge", dtype, *compile(ta._decode_merge_kernel, {"o_part_ptr": "*fp32", "lse_ptr": "*fp32",
-                                                              "out_ptr": dtype}, consts))
-        src = "*i8" if quant else dtype
-        types = {"k_ptr": src, "v_ptr": src, "k_cache_ptr": src, "v_cache_ptr": src, "slot_ptr": "*i64"}
-        print("store", dtype, quant, *compile(ta._store_kv_kernel, types, dict(WIDTH=1024, BLOCK=1024)))
+            consts = dict(common, GROUP=group, BLOCK_H=16, BLOCK_N=block_n, NUM_SPLITS=8)
+            print("decode", dtype, quant, group, *compile(ta._decode_kernel, dict(types, o_part_ptr="*fp32",
+                                                                                  lse_ptr="*fp32"), consts, warps))
+        block_m, block_n, warps = ta.prefill_config(TORCH[dtype])
+        consts = dict(common, GROUP=2, BLOCK_M=block_m, BLOCK_N=block_n)
+        print("prefill", dtype, quant, 2, *compile(ta._prefill_kernel, dict(types, cu_seqlens_q_ptr="*i32",
+                                                                             out_ptr=dtype), consts, warps))
+        if not quant:
+            consts = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, BLOCK_S=8)
+            print("merge", dtype, quant, 0, *compile(ta._decode_merge_kernel, {"o_part_ptr": "*fp32",
+                                                     "lse_ptr": "*fp32", "out_ptr": dtype}, consts, 4))
+        rows = {"k_ptr": cache, "v_ptr": cache, "k_cache_ptr": cache, "v_cache_ptr": cache, "slot_ptr": "*i64"}
+        print("store", dtype, quant, 0, *compile(ta._store_kv_kernel, rows, dict(WIDTH=1024, BLOCK=1024), 4))
     """)
 
 
@@ -217,14 +309,18 @@ COMPILE_SCRIPT = textwrap.dedent("""
 def test_kernels_compile_for_h100():
     """Every kernel variant compiles for sm_90 (no GPU needed), without register spills, and the
     16-bit attention dots use tensor-core MMA instructions."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton cannot compile ahead of time for sm_90 here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=600)
+                         cwd=Path(__file__).resolve().parent.parent, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.splitlines()]
-    assert len(lines) == 3 * (2 * 2 + 2), run.stdout
-    for parts in lines:
-        regs, spills, mma = int(parts[-3]), int(parts[-2]), parts[-1] == "True"
-        assert spills == 0, f"{' '.join(parts[:-3])}: {regs} registers, {spills} bytes spilled"
-        if parts[0] in ("decode", "prefill") and parts[1] == "*bf16":
-            assert mma, f"{' '.join(parts[:-3])}: no MMA instructions"
+    assert len(lines) == 3 * 4 + 2, run.stdout
+    for kernel, dtype, quant, group, regs, spills, mma in lines:
+        what = f"{kernel} {dtype} int8={quant} group={group}"
+        assert int(spills) == 0, f"{what}: {regs} registers, {spills} bytes spilled"
+        if kernel in ("decode", "prefill") and dtype == "*bf16":
+            assert mma == "True", f"{what}: no MMA instructions"

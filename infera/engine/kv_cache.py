@@ -16,8 +16,7 @@ class KVCachePool:
         first = layers[0]
         self.quantized = kv_cache_dtype == "int8"
         self.dtype = torch.int8 if self.quantized else dtype
-        per_token_head = first.head_dim * self.dtype.itemsize + (4 if self.quantized else 0)
-        self.bytes_per_block = 2 * len(layers) * block_size * first.num_kv_heads * per_token_head
+        self.bytes_per_block = self.block_bytes(layers, block_size, dtype, kv_cache_dtype)
         self.num_blocks = memory // self.bytes_per_block
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory of {memory} bytes holds no block of {self.bytes_per_block} bytes")
@@ -27,6 +26,13 @@ class KVCachePool:
         for i, layer in enumerate(layers):
             scales = (self.scales[0, i], self.scales[1, i]) if self.quantized else (None, None)
             layer.kv_cache = LayerKVCache(self.data[0, i], self.data[1, i], *scales)
+
+    @staticmethod
+    def block_bytes(layers: list[Attention], block_size: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
+        """Bytes of one block in all layers, K and V (and int8 scales)."""
+        quantized = kv_cache_dtype == "int8"
+        per_token_head = layers[0].head_dim * (1 if quantized else dtype.itemsize) + (4 if quantized else 0)
+        return 2 * len(layers) * block_size * layers[0].num_kv_heads * per_token_head
 
     @property
     def num_bytes(self) -> int:
@@ -38,3 +44,21 @@ class KVCachePool:
         self.data[:, :, dst] = self.data[:, :, src]
         if self.scales is not None:
             self.scales[:, :, dst] = self.scales[:, :, src]
+
+
+def available_kv_cache_memory(device: torch.device, utilization: float) -> int:
+    """Bytes a KV cache may take on a CUDA device after a warm-up pass of the largest step, so that
+    the device stays within ``utilization`` of its memory: what is in use now (weights, CUDA
+    context, other processes) and the warm-up's peak activations come off ``utilization * total``."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)
+    activations = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+    budget = int(total * utilization) - (total - free) - activations
+    if budget <= 0:
+        gib = 2 ** 30
+        raise ValueError(f"gpu_memory_utilization {utilization} leaves no memory for the KV cache: "
+                         f"{(total - free) / gib:.2f} GiB in use and {activations / gib:.2f} GiB of activations "
+                         f"out of {total / gib:.2f} GiB")
+    return budget

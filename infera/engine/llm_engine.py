@@ -69,7 +69,9 @@ class LLMEngine:
         quantization = resolve_quantization(source, cfg.quantization, cfg.dtype, self.device)
         model = build_model(source, self.hf_config, self.dtype, self.device, limit, quantization)
         self.runner = ModelRunner(model, cfg.block_size, cfg.kv_cache_memory, self.tokenizer.eos_token_ids,
-                                  self.device, cfg.seed, cfg.kv_cache_dtype)
+                                  self.device, cfg.seed, cfg.kv_cache_dtype, max_num_seqs=cfg.max_num_seqs,
+                                  max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=limit,
+                                  gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
         capacity = self.runner.num_blocks * cfg.block_size
         self.max_model_len = min(limit, capacity)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)

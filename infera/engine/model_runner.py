@@ -1,17 +1,20 @@
 """The one place that builds batch tensors: flat varlen inputs -> model -> logits -> tokens."""
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from infera.engine.kv_cache import KVCachePool
+from infera.config import DEFAULT_KV_CACHE_MEMORY
+from infera.engine.cuda_graph import CUDAGraphRunner
+from infera.engine.kv_cache import KVCachePool, available_kv_cache_memory
 from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence
 from infera.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
-from infera.layers.sampler import Sampler, TokenLogprobs, token_logprobs
+from infera.layers.sampler import Sampler, TokenLogprobs, device_tensor, token_logprobs
 from infera.structured.bitmask import TokenBitmask
 
 logger = logging.getLogger(__name__)
@@ -28,17 +31,55 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, block_size: int, kv_cache_memory: int, eos_token_ids: set[int],
-                 device: torch.device, seed: int = 0, kv_cache_dtype: str = "auto"):
+    """``kv_cache_memory`` None: 2 GiB on CPU; on CUDA, what ``gpu_memory_utilization`` of the device
+    leaves after a warm-up pass of the largest step (``max_num_batched_tokens`` tokens, then
+    ``max_num_seqs`` rows sampled). On CUDA, decode steps of up to ``max_num_seqs`` sequences replay
+    CUDA graphs unless ``enforce_eager``."""
+
+    def __init__(self, model: nn.Module, block_size: int, kv_cache_memory: int | None, eos_token_ids: set[int],
+                 device: torch.device, seed: int = 0, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 1024, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
         self.model = model
         self.block_size = block_size
         self.device = device
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # quantized weights are uint8
-        self.kv_cache = KVCachePool(layers, block_size, kv_cache_memory, dtype, kv_cache_dtype, device)
-        self.num_blocks = self.kv_cache.num_blocks
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler(self.vocab_size, device, eos_token_ids, seed)
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        if kv_cache_memory is None and device.type == "cuda":
+            # the layers need a cache to run the warm-up: one block, which it does not write
+            KVCachePool(layers, block_size, KVCachePool.block_bytes(layers, block_size, dtype, kv_cache_dtype),
+                        dtype, kv_cache_dtype, device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self._warm_up(max_num_batched_tokens, max_num_seqs, max_model_len)
+            for layer in layers:
+                layer.kv_cache = None
+            kv_cache_memory = available_kv_cache_memory(device, gpu_memory_utilization)
+        self.kv_cache = KVCachePool(layers, block_size, kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, dtype,
+                                    kv_cache_dtype, device)
+        self.num_blocks = self.kv_cache.num_blocks
+        self.graphs: CUDAGraphRunner | None = None
+        if device.type == "cuda" and not enforce_eager:
+            max_blocks = min(-(-max_model_len // block_size), self.num_blocks)
+            self.graphs = CUDAGraphRunner(model, max_num_seqs, max_blocks, model.config.hidden_size, dtype, device)
+            self.graphs.capture()
+
+    @torch.inference_mode()
+    def _warm_up(self, num_tokens: int, num_rows: int, max_model_len: int) -> None:
+        """The largest step: ``num_tokens`` prompt tokens (chunks of at most ``max_model_len``) that
+        write no KV (slot -1), logits for ``num_rows`` of them and buffers as large as the sampler's."""
+        lens = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
+        no_table = torch.empty(0, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
+                                 prefills=[PrefillChunk(start, n, n, no_table)
+                                           for start, n in zip(itertools.accumulate([0] + lens), lens)])
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        with attention_metadata(meta):
+            hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions)
+        probs = self.model.compute_logits(hidden[:num_rows]).float().softmax(dim=-1)
+        (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, bitmask: TokenBitmask | None = None) -> list[StepOutput]:
@@ -50,16 +91,20 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta = self.prepare_inputs(seqs, counts)
-        with attention_metadata(meta):
-            hidden = self.model(input_ids, positions)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            with attention_metadata(meta):
+                hidden = self.model(input_ids, positions)
         outputs = [StepOutput() for _ in seqs]
-        ends = torch.tensor(counts).cumsum(0) - 1
+        ends = list(itertools.accumulate(counts))  # one past each sequence's last token
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
         if sample_rows:
             sampled = [seqs[i] for i in sample_rows]
             # CPU work that overlaps the forward pass where that runs asynchronously (GPU)
             mask = bitmask.fill(sampled) if bitmask is not None else None
-            logits = self.model.compute_logits(hidden[ends[sample_rows].to(self.device)])
+            rows = device_tensor([ends[i] - 1 for i in sample_rows], self.device)
+            logits = self.model.compute_logits(hidden[rows])
             tokens, logprobs = self.sampler(logits, sampled, mask)
             for i, t, lp in zip(sample_rows, tokens, logprobs):
                 outputs[i].token_id, outputs[i].logprobs = t, lp
@@ -92,16 +137,16 @@ class ModelRunner:
                 decode_lens.append(start + 1)
             else:
                 prefills.append(PrefillChunk(len(input_ids) - n, n, start + n,
-                                             torch.tensor(table, dtype=torch.long, device=self.device)))
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+                                             device_tensor(table, self.device, torch.long)))
+        meta = AttentionMetadata(slot_mapping=device_tensor(slots, self.device, torch.long),
                                  num_decode_tokens=len(decode_lens), prefills=prefills)
         if decode_lens:
             width = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
-                                                    dtype=torch.long, device=self.device)
-            meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+            meta.decode_block_tables = device_tensor([t + [0] * (width - len(t)) for t in decode_tables],
+                                                     self.device, torch.long)
+            meta.decode_context_lens = device_tensor(decode_lens, self.device, torch.long)
+        ids = device_tensor(input_ids, self.device, torch.long)
+        pos = device_tensor(positions, self.device, torch.long)
         return ids, pos, meta
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprobs]:

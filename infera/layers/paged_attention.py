@@ -1,5 +1,7 @@
 """Paged-attention kernels: PyTorch implementations (the reference, and the fallback) plus the
-native CPU decode kernel (csrc/paged_attention.cpp) where it compiled.
+native CPU decode kernel (csrc/paged_attention.cpp) where it compiled; CUDA tensors go to the
+Triton kernels of :mod:`infera.layers.triton_attention` (prefill there too unless
+``INFERA_PREFILL_ATTENTION=torch`` picks PyTorch's SDPA).
 
 An int8 cache stores ``round(x / s)`` with ``s = max|x| / 127`` per token and head; every reader
 sees the dequantized values, fresh K/V included, so results do not depend on whether a prefix
@@ -7,6 +9,7 @@ came from the cache.
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +19,11 @@ from infera.kernels import load_cpu_extension
 
 if TYPE_CHECKING:
     from infera.layers.attention import LayerKVCache
+
+PREFILL_BACKENDS = ("triton", "torch")
+PREFILL_BACKEND = os.environ.get("INFERA_PREFILL_ATTENTION", "triton")  # prefill attention on CUDA
+if PREFILL_BACKEND not in PREFILL_BACKENDS:
+    raise ValueError(f"INFERA_PREFILL_ATTENTION must be triton or torch, got {PREFILL_BACKEND!r}")
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,19 +41,27 @@ def store_kv(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Write token ``i``'s K/V into flat slot ``slot_mapping[i]`` (block * block_size + offset).
 
-    Returns K/V as later readers of the cache will see them (dequantized for an int8 cache)."""
-    heads = k.shape[1:]
+    Returns K/V as later readers of the cache will see them (dequantized for an int8 cache).
+    On CUDA, slot -1 skips a token (the padded rows of a CUDA-graph batch)."""
     if not kv.quantized:
-        kv.k.view(-1, *heads).index_copy_(0, slot_mapping, k.to(kv.k.dtype))
-        kv.v.view(-1, *heads).index_copy_(0, slot_mapping, v.to(kv.v.dtype))
+        _write_slots(kv.k, kv.v, k, v, slot_mapping)
         return k, v
-    out = []
-    for x, cache, scales in ((k, kv.k, kv.k_scale), (v, kv.v, kv.v_scale)):
-        q, s = quantize_int8(x)
-        cache.view(-1, *heads).index_copy_(0, slot_mapping, q)
-        scales.view(-1, heads[0]).index_copy_(0, slot_mapping, s)
-        out.append(dequantize_int8(q, s, x.dtype))
-    return out[0], out[1]
+    (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
+    _write_slots(kv.k, kv.v, qk, qv, slot_mapping)
+    _write_slots(kv.k_scale, kv.v_scale, sk, sv, slot_mapping)
+    return dequantize_int8(qk, sk, k.dtype), dequantize_int8(qv, sv, v.dtype)
+
+
+def _write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    if k.is_cuda:
+        from infera.layers import triton_attention
+
+        triton_attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
+    rows = k.shape[1:]
+    k_cache.view(-1, *rows).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *rows).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def gather_kv(kv: LayerKVCache, block_table: torch.Tensor, context_len: int,
@@ -61,6 +77,10 @@ def gather_kv(kv: LayerKVCache, block_table: torch.Tensor, context_len: int,
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of the last ``len(q)`` positions over ``len(k)`` positions: [Tq, Hq, D]."""
+    if q.is_cuda and PREFILL_BACKEND == "triton":
+        from infera.layers import triton_attention
+
+        return triton_attention.chunk_attention(q, k, v, scale)
     n, ctx = q.shape[0], k.shape[0]
     if n == ctx:
         mask, causal = None, True
@@ -76,6 +96,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D]."""
+    if q.is_cuda:
+        from infera.layers import triton_attention
+
+        return triton_attention.decode_attention(q, kv, block_tables, context_lens, scale)
     native = kv.quantized or q.dtype == kv.k.dtype
     if q.device.type == "cpu" and native and (ext := load_cpu_extension("paged_attention")):
         return ext.decode_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, context_lens, scale)

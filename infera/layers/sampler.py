@@ -22,6 +22,14 @@ class TokenLogprobs:
     top: list[tuple[int, float]]
 
 
+def device_tensor(data: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host data as a tensor on ``device``. On CUDA it is copied from pinned memory without
+    waiting: a plain copy would first wait for every kernel already queued."""
+    if device.type == "cuda":
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
 class SamplerState:
     """Per-sequence sampling state: its RNG (seeded requests) and penalty bookkeeping."""
 
@@ -118,7 +126,7 @@ class Sampler:
             return logits
         logits = logits.clone()
         for i, s in rows:
-            ids = torch.tensor(self.eos_token_ids + s.params.stop_token_ids, device=logits.device)
+            ids = device_tensor(self.eos_token_ids + s.params.stop_token_ids, logits.device)
             row = logits[i].index_fill(0, ids, float("-inf"))
             # a complete grammar allows only its end: then the grammar wins over min_tokens
             if s.grammar_state is None or bool(row.isfinite().any()):
@@ -126,16 +134,17 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], states: list[SamplerState]) -> list[int]:
+        """Nothing here waits for the device until the tokens come back (``tolist``)."""
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if random_rows:
-            idx = torch.tensor(random_rows, device=logits.device)
+            idx = device_tensor(random_rows, logits.device)
             probs = self._probs(logits[idx], [seqs[i].params for i in random_rows])
             noise = torch.empty_like(probs)
             unseeded = [j for j, i in enumerate(random_rows) if states[i].generator is None]
             if unseeded:
-                noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-                    generator=self.generator)
+                noise[device_tensor(unseeded, probs.device)] = torch.empty(
+                    len(unseeded), probs.shape[1], device=probs.device).exponential_(generator=self.generator)
             for j, i in enumerate(random_rows):
                 if states[i].generator is not None:
                     noise[j].exponential_(generator=states[i].generator)
@@ -145,16 +154,15 @@ class Sampler:
 
     @staticmethod
     def _probs(logits: torch.Tensor, params: list) -> torch.Tensor:
-        temps = torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+        temps = device_tensor([p.temperature for p in params], logits.device).unsqueeze(1)
         logits = logits / temps
-        top_k = [p.top_k for p in params]
-        if any(top_k):
-            k = torch.tensor([kk if kk > 0 else logits.shape[1] for kk in top_k], device=logits.device)
-            k = k.clamp_(max=logits.shape[1])
-            kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+        if any(p.top_k for p in params):
+            ks = [min(p.top_k, logits.shape[1]) if p.top_k > 0 else logits.shape[1] for p in params]
+            k = device_tensor(ks, logits.device)
+            kth = logits.topk(max(ks), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        if bool((top_p < 1.0).any()):
+        if any(p.top_p < 1.0 for p in params):
+            top_p = device_tensor([p.top_p for p in params], logits.device)
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
             # drop a token once the mass before it already reaches top_p (always keep the first)
@@ -162,8 +170,8 @@ class Sampler:
             drop[:, 0] = False
             logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = logits.softmax(dim=-1)
-        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
-        if bool((min_p > 0).any()):
+        if any(p.min_p > 0 for p in params):
+            min_p = device_tensor([p.min_p for p in params], logits.device)
             keep = probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs * keep
             probs = probs / probs.sum(dim=-1, keepdim=True)

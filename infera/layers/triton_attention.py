@@ -32,10 +32,20 @@ import triton.language as tl
 if TYPE_CHECKING:
     from infera.layers.attention import LayerKVCache
 
-DECODE_BLOCK_N = 64  # keys per tile in decode
-PREFILL_BLOCK_M = 64  # queries per program in prefill
-PREFILL_BLOCK_N = 64  # keys per tile in prefill
 MAX_SPLITS = 32
+
+
+def decode_config(dtype: torch.dtype) -> tuple[int, int]:
+    """(keys per tile, warps) of the decode kernel, and
+    :func:`prefill_config`: (queries per program, keys per tile, warps) of the prefill kernel.
+
+    Chosen so that no variant spills registers on sm_90 (ptxas, see tests/test_triton_kernels.py);
+    float32 dots run on CUDA cores and need smaller tiles. Not yet tuned by measurement on a GPU."""
+    return (32, 8) if dtype == torch.float32 else (64, 4)
+
+
+def prefill_config(dtype: torch.dtype) -> tuple[int, int, int]:
+    return (32, 32, 8) if dtype == torch.float32 else (64, 64, 8)
 
 
 @triton.jit
@@ -82,7 +92,8 @@ def _load_kv_tile(cache_ptr, scale_ptr, block, offset, kv_head, d, mask, d_mask,
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr,
                    o_part_ptr, lse_ptr, scale, block_size, num_heads,
-                   stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_bt,
+                   stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                   stride_sb, stride_st, stride_bt,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, QUANT: tl.constexpr, UPCAST: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -112,10 +123,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         mask = pos < end
         block = tl.load(block_tables_ptr + seq * stride_bt + pos // block_size, mask=mask, other=0)
         offset = pos % block_size
-        k = _load_kv_tile(k_cache_ptr, k_scale_ptr, block, offset, kv_head, d, mask, d_mask, stride_cb, stride_ct,
-                          stride_ch, stride_sb, stride_st, dtype, QUANT, UPCAST)
-        v = _load_kv_tile(v_cache_ptr, v_scale_ptr, block, offset, kv_head, d, mask, d_mask, stride_cb, stride_ct,
-                          stride_ch, stride_sb, stride_st, dtype, QUANT, UPCAST)
+        k = _load_kv_tile(k_cache_ptr, k_scale_ptr, block, offset, kv_head, d, mask, d_mask, stride_kb, stride_kt,
+                          stride_kh, stride_sb, stride_st, dtype, QUANT, UPCAST)
+        v = _load_kv_tile(v_cache_ptr, v_scale_ptr, block, offset, kv_head, d, mask, d_mask, stride_vb, stride_vt,
+                          stride_vh, stride_sb, stride_st, dtype, QUANT, UPCAST)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale
         s = tl.where(mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -158,8 +169,8 @@ def _decode_merge_kernel(o_part_ptr, lse_ptr, out_ptr, num_heads, stride_ob, str
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, cu_seqlens_q_ptr,
                     context_lens_ptr, out_ptr, scale, block_size,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
-                    stride_bt,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                    stride_vh, stride_sb, stride_st, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, QUANT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Program (query tile, sequence, query head): ``BLOCK_M`` queries of a chunk whose last query
@@ -192,10 +203,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
         mask = pos < kv_end
         block = tl.load(block_tables_ptr + seq * stride_bt + pos // block_size, mask=mask, other=0)
         offset = pos % block_size
-        k = _load_kv_tile(k_cache_ptr, k_scale_ptr, block, offset, kv_head, d, mask, d_mask, stride_cb, stride_ct,
-                          stride_ch, stride_sb, stride_st, dtype, QUANT, UPCAST)
-        v = _load_kv_tile(v_cache_ptr, v_scale_ptr, block, offset, kv_head, d, mask, d_mask, stride_cb, stride_ct,
-                          stride_ch, stride_sb, stride_st, dtype, QUANT, UPCAST)
+        k = _load_kv_tile(k_cache_ptr, k_scale_ptr, block, offset, kv_head, d, mask, d_mask, stride_kb, stride_kt,
+                          stride_kh, stride_sb, stride_st, dtype, QUANT, UPCAST)
+        v = _load_kv_tile(v_cache_ptr, v_scale_ptr, block, offset, kv_head, d, mask, d_mask, stride_vb, stride_vt,
+                          stride_vh, stride_sb, stride_st, dtype, QUANT, UPCAST)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale
         # every query sees key 0, so each row's maximum is finite from the first tile on
         s = tl.where(mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -225,12 +236,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _cache_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None) -> tuple:
-    """Scale pointers and (block, token, head) strides of the caches; placeholders when not int8."""
-    if k_cache.stride(-1) != 1 or (k_scale is not None and k_scale.stride(-1) != 1):
+def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None) -> tuple:
+    """(block, token, head) strides of K and V, and (block, token) strides of the scales (0 when not int8)."""
+    if k_scale is None and k_cache.dtype != q.dtype:
+        raise ValueError(f"a {k_cache.dtype} KV cache cannot serve {q.dtype} queries")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or (k_scale is not None and k_scale.stride(-1) != 1):
         raise ValueError("the KV cache's head dimension must be contiguous")
     scale_strides = (k_scale.stride(0), k_scale.stride(1)) if k_scale is not None else (0, 0)
-    return (*k_cache.stride()[:3], *scale_strides)
+    return (*k_cache.stride()[:3], *v_cache.stride()[:3], *scale_strides)
 
 
 @functools.cache
@@ -263,11 +276,12 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     scale: float, num_splits: int | None = None, block_n: int = DECODE_BLOCK_N) -> torch.Tensor:
+                     scale: float, num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """One query token per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D].
 
     ``context_lens`` may hold 0 (a padded row): its output is zeros."""
     batch, num_heads, head_dim = q.shape
+    default_block_n, num_warps = decode_config(q.dtype)
     num_kv_heads = kv.k.shape[2]
     group = num_heads // num_kv_heads
     splits = num_splits or num_decode_splits(batch * num_kv_heads, q.device)
@@ -282,9 +296,10 @@ def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tens
     k_scale, v_scale = (kv.k_scale, kv.v_scale) if kv.quantized else (kv.k, kv.v)
     _decode_kernel[(batch, num_kv_heads, splits)](
         q, kv.k, kv.v, k_scale, v_scale, block_tables, context_lens, o_part, lse, scale, kv.k.shape[1], num_heads,
-        q.stride(0), q.stride(1), *_cache_args(kv.k, kv.k_scale), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=block_d, NUM_SPLITS=splits, QUANT=kv.quantized, **_dot_options(q))
+        q.stride(0), q.stride(1), *_cache_args(q, kv.k, kv.v, kv.k_scale), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n or default_block_n, BLOCK_D=block_d, NUM_SPLITS=splits, QUANT=kv.quantized,
+        **_dot_options(q), num_warps=num_warps)
     _decode_merge_kernel[(batch, num_heads)](
         o_part, lse, out, num_heads, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
@@ -293,7 +308,7 @@ def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tens
 
 def prefill_attention(q: torch.Tensor, kv: LayerKVCache, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                       block_tables: torch.Tensor, max_query_len: int, scale: float,
-                      block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N) -> torch.Tensor:
+                      block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Causal attention of the chunks of a flat batch over their paged contexts: q [T, Hq, D] -> [T, Hq, D].
 
     Chunk ``i`` is queries ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]``, the last positions of a context
@@ -311,13 +326,16 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     return _prefill(q, k.unsqueeze(0), v.unsqueeze(0), None, None, info[0:2], info[2:3], info[3:4].view(1, 1), n,
-                    scale, PREFILL_BLOCK_M, PREFILL_BLOCK_N)
+                    scale)
 
 
 def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
              v_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-             block_tables: torch.Tensor, max_query_len: int, scale: float, block_m: int, block_n: int) -> torch.Tensor:
+             block_tables: torch.Tensor, max_query_len: int, scale: float, block_m: int | None = None,
+             block_n: int | None = None) -> torch.Tensor:
     num_heads, head_dim = q.shape[1:]
+    default_m, default_n, num_warps = prefill_config(q.dtype)
+    block_m, block_n = block_m or default_m, block_n or default_n
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -328,7 +346,7 @@ def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sc
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), num_seqs, num_heads)](
         q, k_cache, v_cache, k_scale if quantized else k_cache, v_scale if quantized else v_cache, block_tables,
         cu_seqlens_q, context_lens, out, scale, k_cache.shape[1], q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), *_cache_args(k_cache, k_scale), block_tables.stride(0),
+        out.stride(1), *_cache_args(q, k_cache, v_cache, k_scale), block_tables.stride(0),
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), QUANT=quantized, **_dot_options(q))
+        BLOCK_D=triton.next_power_of_2(head_dim), QUANT=quantized, **_dot_options(q), num_warps=num_warps)
     return out

@@ -4,7 +4,7 @@ Methods (``--quantization``, ``infera quantize --method``):
 
 ======================  ==============================================================
 ``gguf``                a GGUF file's own tensors, packed (the default for GGUF models)
-``q8_0 q4_0 q4_1``      GGUF block formats as quantizers (embeddings in Q8_0)
+``q8_0 q4_0 q4_1``      GGUF block formats as quantizers
 ``int8``                int8, one scale per output channel (round-to-nearest)
 ``int4``                int4 with groups along input channels per output channel
 ``int4_ic``             int4 with groups along output channels per input channel
@@ -12,6 +12,8 @@ Methods (``--quantization``, ``infera quantize --method``):
 ``dense_sparse``        int4 groups plus exact sparse outliers (SqueezeLLM)
 ``trit_planes``         two ternary planes per weight (PTQTP)
 ======================  ==============================================================
+
+Every quantizer keeps the vocabulary embedding and LM head in Q8_0 (as llama.cpp does).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ CONFIG_FILE = "quantization_config.json"
 
 def quantization_config(method: str, from_checkpoint: bool = False, **options: Any) -> QuantizationConfig:
     """The config of ``method`` (ValueError naming the method or option if unknown)."""
-    from infera.quant.gguf_blocks import GGUFBlockConfig, GGUFConfig
+    from infera.quant.gguf_blocks import GGUFBlockQuantizer, GGUFConfig
     from infera.quant.method import WeightQuantConfig
 
     if method == "gguf":
@@ -45,7 +47,7 @@ def quantization_config(method: str, from_checkpoint: bool = False, **options: A
     if method in GGUF_BLOCK_METHODS:
         if options:
             raise ValueError(f"quantization {method} takes no options, got {', '.join(options)}")
-        return GGUFBlockConfig(method, from_checkpoint)
+        return WeightQuantConfig(GGUFBlockQuantizer(method), from_checkpoint)
     if method not in QUANTIZERS:
         raise ValueError(f"unknown quantization method {method!r}; choose from {', '.join(QUANTIZATION_METHODS)}")
     module, cls = QUANTIZERS[method]

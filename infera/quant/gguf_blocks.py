@@ -7,14 +7,12 @@ relative error <= 2.5e-4 on the scales). Other quantized types (Q5_*, Q6_K, Q2_K
 are requantized to Q8_0 at load (error <= 1/254 of a block's largest weight); F32/F16/BF16
 tensors stay float. Stored tensors of these formats are raw GGUF block bytes ``[rows, bytes]``.
 
-The same blocks serve as quantizers of float models (``--quantization q8_0|q4_0|q4_1``), with
-the vocabulary embedding (and LM head) in Q8_0 as in llama.cpp's files.
+The same blocks serve as quantizers of float models (``--quantization q8_0|q4_0|q4_1``).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +21,7 @@ from torch import nn
 
 from infera.quant.base import QuantizationConfig, QuantizeMethodBase
 from infera.quant.layout import Q4, Q8, BlockLayout, pack_rows
-from infera.quant.method import PackedWeight, QuantizedLinearMethod, Quantizer, set_packed
+from infera.quant.method import PackedWeight, Quantizer, set_packed
 
 logger = logging.getLogger(__name__)
 
@@ -149,29 +147,6 @@ class GGUFBlockQuantizer(Quantizer):
         return pack_blocks(raw, self.block_type, raw.shape[1] // NATIVE_TYPES[self.block_type] * 32, out_features)
 
 
-class GGUFBlockConfig(QuantizationConfig):
-    """``q8_0`` / ``q4_0`` / ``q4_1``: linear layers in that block type, embeddings in Q8_0."""
-
-    def __init__(self, block_type: str, from_checkpoint: bool = False):
-        self.linear = GGUFBlockQuantizer(block_type)
-        self.embedding = GGUFBlockQuantizer("Q8_0")
-        self.name = self.linear.name
-        self.from_checkpoint = from_checkpoint
-
-    def get_quant_method(self, layer: nn.Module) -> QuantizeMethodBase | None:
-        from infera.layers.embed_head import VocabEmbedding
-        from infera.layers.linear import Linear
-
-        if isinstance(layer, Linear):
-            return QuantizedLinearMethod(self.linear, self.from_checkpoint)
-        if isinstance(layer, VocabEmbedding):
-            return QuantizedLinearMethod(self.embedding, self.from_checkpoint)
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name}
-
-
 class GGUFLinearMethod(QuantizeMethodBase):
     """A GGUF tensor kept in its file's format: packed blocks, or float for F32/F16/BF16 tensors.
 
@@ -208,8 +183,8 @@ class GGUFLinearMethod(QuantizeMethodBase):
             param.data = torch.from_numpy(quantize_blocks(current, "Q8_0"))
             param.type_name = "Q8_0"
         if param.type_name == "float":
-            data = loaded.dequantize() if loaded.type_name not in ("F32",) else torch.from_numpy(
-                np.asarray(loaded.raw, dtype=np.float32)).reshape(loaded.shape)
+            data = (torch.from_numpy(np.asarray(loaded.raw, dtype=np.float32)).reshape(loaded.shape)
+                    if loaded.type_name == "F32" else loaded.dequantize())
         elif loaded.type_name == param.type_name:
             data = torch.from_numpy(np.ascontiguousarray(loaded.raw))
         else:

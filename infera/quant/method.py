@@ -168,7 +168,8 @@ def _take_any_shape(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 class WeightQuantConfig(QuantizationConfig):
-    """One quantizer for every linear layer (embeddings and the LM head stay float)."""
+    """One quantizer for every linear layer; the vocabulary embedding and LM head (a third of a small
+    model's weights, read at every step) in Q8_0, as llama.cpp keeps them."""
 
     def __init__(self, quantizer: Quantizer, from_checkpoint: bool = False):
         self.quantizer = quantizer
@@ -176,10 +177,14 @@ class WeightQuantConfig(QuantizationConfig):
         self.from_checkpoint = from_checkpoint
 
     def get_quant_method(self, layer: nn.Module) -> QuantizeMethodBase | None:
+        from infera.layers.embed_head import VocabEmbedding
         from infera.layers.linear import Linear
+        from infera.quant.gguf_blocks import GGUFBlockQuantizer
 
         if isinstance(layer, Linear):
             return QuantizedLinearMethod(self.quantizer, self.from_checkpoint)
+        if isinstance(layer, VocabEmbedding):
+            return QuantizedLinearMethod(GGUFBlockQuantizer("Q8_0"), self.from_checkpoint)
         return None
 
     def to_dict(self) -> dict[str, Any]:

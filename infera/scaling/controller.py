@@ -158,7 +158,8 @@ class Search:
         self.reward, self.config = reward, config
         self.aggregation = config.aggregate or (reward.aggregate if reward is not None else "last")
         self.extract = AnswerExtractor(config.answer_pattern)
-        self.rng = random.Random(config.seed)
+        # a seeded search depends on its seed and prompt only (problems draw independent streams)
+        self.rng = random.Random(None if config.seed is None else f"{config.seed}/{problem.prompt_ids}")
         self.root = Branch(list(problem.prompt_ids), len(problem.prompt_ids))
         self.gen = algorithm(self, **options)
         self.controller: SearchController | None = None
@@ -221,14 +222,15 @@ class Search:
         cfg = self.config
         return SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=self.step_limit(branch),
                               stop=[cfg.delimiter] if cfg.delimiter else None, include_stop_str_in_output=True,
-                              seed=self.rng.randrange(2**62))
+                              seed=self.rng.randrange(2**62) if cfg.seed is not None else None)
 
     def finish(self, chosen: Branch, candidates: list[Branch], answer_scores: dict[str, float] | None = None
                ) -> ScalingResult:
         """The result: ``chosen`` among ``candidates`` (each listed once)."""
         unique = list(dict.fromkeys(candidates))
-        cands = [Candidate(b.text, list(b.steps), self.extract(b.text), self.value(b) if self.reward is not None else None,
-                           list(b.scores), b.num_answer_tokens, b.finish_reason) for b in unique]
+        cands = [Candidate(b.text, list(b.steps), self.extract(b.text),
+                           self.value(b) if self.reward is not None else None, list(b.scores),
+                           b.num_answer_tokens, b.finish_reason) for b in unique]
         return ScalingResult(self.method, self.budget, self.extract(chosen.text), chosen.text, cands,
                              answer_scores or {}, steps=self.steps)
 
@@ -389,7 +391,9 @@ class SearchController:
         token split across the step boundary decodes right)."""
         tokenizer = self.engine.tokenizer
         full, before = tokenizer.decode(seq.token_ids[parent.num_prompt_tokens:]), parent.text
-        return full[len(before):] if full.startswith(before) else tokenizer.decode(seq.token_ids[len(parent.token_ids):])
+        if full.startswith(before):
+            return full[len(before):]
+        return tokenizer.decode(seq.token_ids[len(parent.token_ids):])
 
     def _cancel(self, search_id: str) -> None:
         for s in list(self.waiting):

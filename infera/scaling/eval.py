@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import logging
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from infera.engine.llm_engine import LLMEngine
 from infera.scaling.answers import answers_equal
-from infera.scaling.api import build_search, run_searches
+from infera.scaling.api import METHODS, build_search, run_searches
+from infera.scaling.controller import SearchConfig
 from infera.scaling.rewards import REWARD_SOURCES
 from infera.scaling.sampling import PICKS, shared_samples
 from infera.scaling.tasks import Task, load_tasks
@@ -78,6 +81,21 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options that apply to ``method``: the shared ones and its own (beam_width is beam
+    search's, select particle filtering's, ...)."""
+    own = set(inspect.signature(METHODS[method]).parameters) - {"s"}
+    shared = {f.name for f in fields(SearchConfig)} | {"instruction"}
+    return {k: v for k, v in options.items() if k in shared | own}
+
+
+def check_options(methods: list[str], options: dict[str, Any]) -> None:
+    known = set().union(*(options_for(m, options) for m in methods))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"option(s) {', '.join(unknown)} apply to none of {', '.join(methods)}")
+
+
 def evaluate(engine: LLMEngine, tasks: list[Task], methods: list[str], budget: int, reward: str,
              options: dict[str, Any]) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Run ``methods`` (sampling methods sharing their samples) at ``budget`` over ``tasks``:
@@ -89,9 +107,9 @@ def evaluate(engine: LLMEngine, tasks: list[Task], methods: list[str], budget: i
         engine.reset_prefix_cache()
         shared = group[0] in PICKS
         needs = next((m for m in group if m != "self_consistency"), group[0])
+        own = {**options_for(needs, options), "methods": group} if shared else options_for(needs, options)
         searches = [build_search(engine, t.question, needs, budget, reward if needs != "self_consistency" else None,
-                                 {**options, "methods": group} if shared else options, t.answer,
-                                 algorithm=shared_samples if shared else None) for t in tasks]
+                                 own, t.answer, algorithm=shared_samples if shared else None) for t in tasks]
         started = time.monotonic()
         run_searches(engine, searches, use_tqdm=True, desc=f"{label} @ {budget}")
         wall = time.monotonic() - started
@@ -151,6 +169,7 @@ def evaluate_all(engine: LLMEngine | None, engine_kwargs: dict[str, Any], tasks:
                  title: str) -> list[dict[str, Any]]:
     """Every (method, budget) not yet in ``out/results.csv``, appended to it as it finishes;
     then the plot.  The engine is built from ``engine_kwargs`` only if something must run."""
+    check_options(methods, options)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
@@ -176,7 +195,7 @@ def evaluate_all(engine: LLMEngine | None, engine_kwargs: dict[str, Any], tasks:
             r = new_rows[m]
             print(f"{m:>20} @ {budget:<3} accuracy {100 * r['accuracy']:5.1f}%  tokens {r['tokens']:>8}  "
                   f"prefill {r['prefill_tokens']:>7}  {r['wall_s']:8.1f}s", flush=True)
-    shown = [r for r in rows if r["method"] in methods and r["budget"] in budgets]
+    shown = [r for r in rows if r["method"] in methods]
     plot(shown, len(tasks), out / "accuracy.png", title)
     return shown
 

@@ -6,8 +6,7 @@ from typing import Any
 
 from infera.loader.tokenizer import Tokenizer
 
-DEFAULT_INSTRUCTION = ("Solve the problem step by step. Separate the steps with a blank line, and give the "
-                       "final answer as \\boxed{ANSWER}.")
+DEFAULT_INSTRUCTION = "Think step by step, leaving a blank line between steps. Put the final answer in \\boxed{}."
 JUDGE_QUESTION = "Is the solution above correct? Answer Yes or No."
 _MARK = "\x00ANSWER\x00"
 

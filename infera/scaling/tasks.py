@@ -19,15 +19,15 @@ THINGS = ["apples", "books", "stickers", "marbles", "pencils", "cookies", "stamp
 
 def _addition(rng: random.Random) -> Task:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a, b = rng.randint(10, 89), rng.randint(10, 89)
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
     verb = rng.choice(["buys", "finds", "gets"])
     return Task(f"{name} has {a} {thing} and {verb} {b} more. How many {thing} does {name} have now?", str(a + b))
 
 
 def _subtraction(rng: random.Random) -> Task:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a = rng.randint(30, 99)
-    b = rng.randint(10, a - 5)
+    a = rng.randint(6, 20)
+    b = rng.randint(2, a - 2)
     verb = rng.choice(["gives away", "sells", "loses"])
     return Task(f"{name} had {a} {thing} and {verb} {b} of them. How many {thing} does {name} have left?",
                 str(a - b))
@@ -35,9 +35,9 @@ def _subtraction(rng: random.Random) -> Task:
 
 def _two_step(rng: random.Random) -> Task:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a = rng.randint(30, 99)
-    b = rng.randint(5, a - 10)
-    c = rng.randint(5, 60)
+    a = rng.randint(6, 15)
+    b = rng.randint(2, a - 2)
+    c = rng.randint(2, 10)
     return Task(f"{name} has {a} {thing}. {name} gives {b} {thing} to a friend and then buys {c} more. "
                 f"How many {thing} does {name} have now?", str(a - b + c))
 
@@ -46,7 +46,8 @@ KINDS = (_addition, _subtraction, _two_step)
 
 
 def arithmetic_tasks(num: int, seed: int = 0) -> list[Task]:
-    """``num`` word problems (addition, subtraction, two steps, in turn) with their answers."""
+    """``num`` word problems with small numbers (addition, subtraction, two steps, in turn) and
+    their answers."""
     if num < 1:
         raise ValueError(f"the number of problems must be >= 1, got {num}")
     rng = random.Random(seed)

@@ -6,8 +6,8 @@ grammar has compiled in the background (``add`` / ``admit``); others keep runnin
 Each step the model runner fills the batch's token bitmask (``bitmask.fill``) while the
 forward pass runs and the sampler applies it; after sampling, ``advance`` moves each
 sequence's matcher past its new token, ends the sequence when the grammar has accepted its
-stop token, and appends the text the grammar forces next (jump-forward), whose KV the next
-step computes as one multi-token chunk.
+stop token, and, in small batches, appends the text the grammar forces next (jump-forward),
+whose KV the next step computes as one multi-token chunk.
 """
 from __future__ import annotations
 
@@ -28,20 +28,26 @@ from infera.structured.matcher import GrammarState
 if TYPE_CHECKING:
     from infera.engine.output_processor import OutputProcessor
 
-__all__ = ["BatchBitmask", "GrammarCompiler", "GrammarState", "StructuredOutputManager", "TokenBitmask"]
+__all__ = ["JUMP_FORWARD_MAX_BATCH", "BatchBitmask", "GrammarCompiler", "GrammarState", "StructuredOutputManager",
+           "TokenBitmask"]
 
 logger = logging.getLogger(__name__)
 
 ADMIT_WAIT_S = 0.05  # longest an idle engine step waits for a compilation
+# Jump-forward only in steps that sample at most this many sequences.  Forced tokens turn the
+# sequence's next step into a multi-token chunk, and prefill chunks run attention one sequence
+# at a time: at batch 1 a 4-token chunk cost ~1.3-2.7x a decode step here (a win), at batch 32
+# 2-token chunks made the step ~2.5-3.6x slower than batched decode (a loss).
+JUMP_FORWARD_MAX_BATCH = 2
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, jump_forward: bool = True):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, jump_forward_max_batch: int = JUMP_FORWARD_MAX_BATCH):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(tokenizer.eos_token_ids)
         self.bitmask = TokenBitmask(vocab_size, self.stop_token_ids)
-        self.jump_forward = jump_forward
+        self.jump_forward_max_batch = jump_forward_max_batch  # 0: never jump forward
         self.waiting: list[Sequence] = []
         self.num_forced_tokens = 0  # tokens appended by jump-forward, without a sampling step each
         self._compiler: GrammarCompiler | None = None
@@ -99,7 +105,8 @@ class StructuredOutputManager:
             seq.finish_reason, seq.stop_reason = "abort", None
         elif state.is_terminated:
             seq.finish_reason = "stop"  # the grammar is complete and accepted its stop token
-        elif seq.finish_reason is None and self.jump_forward and seq.params.logprobs is None:
+        elif (seq.finish_reason is None and seq.params.logprobs is None
+              and self.bitmask.num_rows <= self.jump_forward_max_batch):
             forced = self._jump_forward(seq, state, output_processor)
         if seq.finish_reason is not None:
             state.release()

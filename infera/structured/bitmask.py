@@ -75,9 +75,11 @@ class TokenBitmask:
         allowed[[t for t in stop_token_ids if t < vocab_size]] = True
         self.stop_only = pack_bits(allowed)  # the row of a sequence whose grammar failed to compile
         self.batch_matcher = xgr.BatchGrammarMatcher("auto")  # fills rows on several threads
+        self.num_rows = 0  # sequences sampled in the current step
 
     def fill(self, seqs: list[Sequence]) -> BatchBitmask | None:
         """Masks for the rows of ``seqs`` that carry a grammar; None if no row needs one."""
+        self.num_rows = len(seqs)
         rows = [i for i, s in enumerate(seqs) if s.grammar_state is not None]
         if not rows:
             return None
