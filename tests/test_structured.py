@@ -41,13 +41,15 @@ SCHEMAS: list[tuple[str, dict]] = [
         "properties": {"title": {"type": "string", "maxLength": 16}, "subtitle": {"type": "string", "maxLength": 16}}}),
     ("an airport code", {"type": "object", "required": ["code"],
                          "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}}),
-    ("whether the sky is blue", {"type": "object", "required": ["answer"], "properties": {"answer": {"type": "boolean"}}}),
+    ("whether the sky is blue", {"type": "object", "required": ["answer"],
+                                 "properties": {"answer": {"type": "boolean"}}}),
     ("two points", {"type": "array", "minItems": 1, "maxItems": 2, "items": {
         "type": "object", "required": ["x", "y"],
         "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
                        "y": {"type": "integer", "minimum": -9, "maximum": 9}}}}),
     ("a file format version", {"type": "object", "required": ["version", "name"],
-                               "properties": {"version": {"const": "1.0"}, "name": {"type": "string", "maxLength": 12}}}),
+                               "properties": {"version": {"const": "1.0"},
+                                              "name": {"type": "string", "maxLength": 12}}}),
     ("a value that is a number or a short word", {
         "type": "object", "required": ["value"],
         "properties": {"value": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 5}]}}}),
@@ -120,7 +122,8 @@ def test_schemas_in_mixed_batch_of_32(llm: LLM, temperature: float):
     prompts, params = [], []
     for i, (what, schema) in enumerate(SCHEMAS):
         prompts.append(prompt_for(llm, what, schema))
-        params.append(SamplingParams(temperature=temperature, seed=i, max_tokens=MAX_TOKENS, structured=SO(json=schema)))
+        params.append(SamplingParams(temperature=temperature, seed=i, max_tokens=MAX_TOKENS,
+                                     structured=SO(json=schema)))
     what, person = SCHEMAS[0]
     prompts.append(prompt_for(llm, what, person))
     if temperature == 0:
@@ -327,7 +330,8 @@ def test_compile_cache_is_keyed_by_content(tiny: LLM):
     a = structured.grammar_for(SamplingParams(structured=SO(json={"type": "object", "properties": {"x": {}}})))
     b = structured.grammar_for(SamplingParams(structured=SO(json='{"type": "object", "properties": {"x": {}}}')))
     assert a is b  # a schema given as text is the same constraint as the same schema given as a dict
-    assert constraint_key(SO(json={"a": 1, "b": 2})) != constraint_key(SO(json={"b": 2, "a": 1}))  # order is output order
+    # key order is the output order, so it is part of the key
+    assert constraint_key(SO(json={"a": 1, "b": 2})) != constraint_key(SO(json={"b": 2, "a": 1}))
 
 
 # -- engine mechanics on the tiny model -------------------------------------------------------

@@ -131,7 +131,3 @@ class StructuredOutputManager:
                 break
         self.num_forced_tokens += forced
         return forced
-
-    def shutdown(self) -> None:
-        if self._compiler is not None:
-            self._compiler.shutdown()

@@ -97,6 +97,3 @@ class GrammarCompiler:
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
         return future
-
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
