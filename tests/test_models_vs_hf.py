@@ -46,6 +46,7 @@ def chunkings(n: int) -> dict[str, list[int]]:
     return {
         "prefill": [n],
         "chunked": [7, 16, n - 23],
+        "short chunks": [n - 12, 4, 3, 5],
         "prefill+decode": [n - 6] + [1] * 6,
     }
 

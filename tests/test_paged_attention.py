@@ -40,24 +40,29 @@ def paged_layout(lens, num_blocks=64, block_size=4, hkv=2, d=16, dtype=torch.flo
 @pytest.mark.parametrize("dtype,int8,tol", [(torch.float32, False, 1e-5), (torch.bfloat16, False, 2e-2),
                                             (torch.float32, True, 1e-5), (torch.bfloat16, True, 2e-2)])
 @pytest.mark.parametrize("impl", ["reference", "native"])
-def test_decode_attention(dtype, int8, tol, impl):
-    """Against dense attention over the cache's (dequantized) contents."""
+@pytest.mark.parametrize("queries", ["one token each", "varlen"])
+def test_short_query_attention(dtype, int8, tol, impl, queries):
+    """Against dense causal attention over the cache's (dequantized) contents."""
     lens = [1, 5, 16, 23]
+    nq = [1, 1, 1, 1] if queries == "one token each" else [1, 3, 16, 4]
     hq, hkv, d = 6, 2, 16
     kv, tables = paged_layout(lens, hkv=hkv, d=d, dtype=dtype, int8=int8)
-    q = torch.randn(len(lens), hq, d).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(nq).cumsum(0).tolist()])
+    q = torch.randn(int(starts[-1]), hq, d).to(dtype)
     ctx = torch.tensor(lens)
+    query_start = None if queries == "one token each" else starts
     if impl == "native":
         ext = load_cpu_extension("paged_attention")
         if ext is None:
             pytest.skip("no C++ compiler for native kernels")
-        out = ext.decode_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, tables, ctx, 0.25)
+        out = ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, tables, starts, ctx, 0.25)
     else:
-        out = pa.decode_attention_reference(q, kv, tables, ctx, 0.25)
+        out = pa.decode_attention_reference(q, kv, tables, ctx, 0.25, query_start)
     for i, n in enumerate(lens):
         k, v = pa.gather_kv(kv, tables[i], n, torch.float32)
-        ref = dense_attention(q[i:i + 1], k, v, 0.25)
-        assert (out[i].double() - ref[0]).abs().max() < tol
+        a, b = int(starts[i]), int(starts[i + 1])
+        ref = dense_attention(q[a:b], k, v, 0.25)
+        assert (out[a:b].double() - ref).abs().max() < tol
 
 
 def test_int8_roundtrip_error():

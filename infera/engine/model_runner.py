@@ -30,6 +30,9 @@ class StepOutput:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
+MAX_BATCHED_QUERY_LEN_CPU = 16
+
+
 class ModelRunner:
     """``kv_cache_memory`` None: 2 GiB on CPU; on CUDA, what ``gpu_memory_utilization`` of the device
     leaves after a warm-up pass of the largest step (``max_num_batched_tokens`` tokens, then
@@ -43,6 +46,9 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        # queries up to this long run batched with the decodes (the CPU kernel takes any length;
+        # on CUDA the decode kernel and its graphs take one token per sequence)
+        self.max_batched_query_len = 1 if device.type == "cuda" else MAX_BATCHED_QUERY_LEN_CPU
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # quantized weights are uint8
         self.vocab_size = model.config.vocab_size
@@ -86,8 +92,8 @@ class ModelRunner:
         """Run one step; ``bitmask`` constrains the sequences that carry a grammar."""
         if batch.block_copies:
             self.kv_cache.copy_blocks(batch.block_copies)
-        # single-token queries first: their attention runs batched
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] > 1)
+        # short queries first: their attention runs batched
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] > self.max_batched_query_len)
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta = self.prepare_inputs(seqs, counts)
@@ -125,6 +131,7 @@ class ModelRunner:
         slots: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
+        decode_starts: list[int] = [0]
         prefills: list[PrefillChunk] = []
         for s, n in zip(seqs, counts):
             start = s.num_computed_tokens
@@ -132,19 +139,22 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             table = s.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
+            if n <= self.max_batched_query_len:
                 decode_tables.append(table)
-                decode_lens.append(start + 1)
+                decode_lens.append(start + n)
+                decode_starts.append(decode_starts[-1] + n)
             else:
                 prefills.append(PrefillChunk(len(input_ids) - n, n, start + n,
                                              device_tensor(table, self.device, torch.long)))
         meta = AttentionMetadata(slot_mapping=device_tensor(slots, self.device, torch.long),
-                                 num_decode_tokens=len(decode_lens), prefills=prefills)
+                                 num_decode_tokens=decode_starts[-1], prefills=prefills)
         if decode_lens:
             width = max(len(t) for t in decode_tables)
             meta.decode_block_tables = device_tensor([t + [0] * (width - len(t)) for t in decode_tables],
                                                      self.device, torch.long)
             meta.decode_context_lens = device_tensor(decode_lens, self.device, torch.long)
+            if decode_starts[-1] > len(decode_lens):
+                meta.decode_query_start = device_tensor(decode_starts, self.device, torch.long)
         ids = device_tensor(input_ids, self.device, torch.long)
         pos = device_tensor(positions, self.device, torch.long)
         return ids, pos, meta

@@ -43,13 +43,16 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
-    """The first ``num_decode_tokens`` tokens are single-token queries of as many sequences
-    (their context lengths and block tables are batched); the rest are prefill chunks."""
+    """The first ``num_decode_tokens`` tokens are short queries (decode steps, speculative
+    verification, small chunks) whose attention runs batched over the paged cache: one token per
+    sequence, or ``decode_query_start[s]:decode_query_start[s + 1]`` for sequence ``s``. The rest
+    are prefill chunks, one sequence each."""
 
     slot_mapping: torch.Tensor
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
+    decode_query_start: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -93,7 +96,7 @@ class Attention(nn.Module):
         d = meta.num_decode_tokens
         if d:
             out[:d] = paged_attention.decode_attention(q[:d], kv, meta.decode_block_tables, meta.decode_context_lens,
-                                                       self.scale)
+                                                       self.scale, meta.decode_query_start)
         for chunk in meta.prefills:
             s, n = chunk.query_start, chunk.query_len
             if n == chunk.context_len:  # nothing cached before this chunk: attend to the fresh K/V

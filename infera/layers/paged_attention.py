@@ -1,5 +1,5 @@
 """Paged-attention kernels: PyTorch implementations (the reference, and the fallback) plus the
-native CPU decode kernel (csrc/paged_attention.cpp) where it compiled; CUDA tensors go to the
+native CPU kernel for short queries (csrc/paged_attention.cpp) where it compiled; CUDA tensors go to the
 Triton kernels of :mod:`infera.layers.triton_attention` (prefill there too unless
 ``INFERA_PREFILL_ATTENTION=torch`` picks PyTorch's SDPA).
 
@@ -93,22 +93,39 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.squeeze(0).transpose(0, 1)
 
 
-def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D]."""
+def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     scale: float, query_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Short causal queries over paged contexts, batched: q [T, Hq, D] -> [T, Hq, D].
+
+    Sequence ``s`` owns query rows ``query_start[s]:query_start[s + 1]`` (one row each when
+    ``query_start`` is None: a decode step), the last positions of its ``context_lens[s]`` tokens.
+    """
     if q.is_cuda:
         from infera.layers import triton_attention
 
+        if query_start is not None:
+            raise ValueError("multi-token queries go through prefill attention on CUDA")
         return triton_attention.decode_attention(q, kv, block_tables, context_lens, scale)
     native = kv.quantized or q.dtype == kv.k.dtype
-    if q.device.type == "cpu" and native and (ext := load_cpu_extension("paged_attention")):
-        return ext.decode_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, context_lens, scale)
-    return decode_attention_reference(q, kv, block_tables, context_lens, scale)
+    if native and (ext := load_cpu_extension("paged_attention")):
+        if query_start is None:
+            query_start = torch.arange(len(context_lens) + 1)
+        return ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, query_start, context_lens,
+                                   scale)
+    return decode_attention_reference(q, kv, block_tables, context_lens, scale, query_start)
 
 
 def decode_attention_reference(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor,
-                               context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`decode_attention` by gathering each context into a padded batch for SDPA."""
+                               context_lens: torch.Tensor, scale: float,
+                               query_start: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`decode_attention` in PyTorch: one padded SDPA call for single-token queries,
+    else one call per sequence over its gathered context."""
+    if query_start is not None:
+        out = torch.empty_like(q)
+        for s, (a, b) in enumerate(zip(query_start[:-1].tolist(), query_start[1:].tolist())):
+            k, v = gather_kv(kv, block_tables[s], int(context_lens[s]), q.dtype)
+            out[a:b] = prefill_attention(q[a:b], k, v, scale)
+        return out
     k, v = kv.k[block_tables].flatten(1, 2), kv.v[block_tables].flatten(1, 2)  # [B, L, Hkv, D]
     if kv.quantized:
         k = dequantize_int8(k, kv.k_scale[block_tables].flatten(1, 2), q.dtype)
