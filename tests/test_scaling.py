@@ -11,6 +11,8 @@ from infera import LLM, SamplingParams
 from infera.scaling import (METHODS, Reward, beam_search, best_of_n, particle_filtering, self_consistency, solve,
                             weighted_best_of_n)
 from infera.scaling.answers import group_answers
+from infera.scaling.api import build_search
+from infera.scaling.controller import SearchController
 from infera.scaling.problem import judge_suffix, make_problem
 
 STEPS = dict(step_max_tokens=3, max_tokens=9, seed=1)  # random text: steps end by length, 3 steps
@@ -238,3 +240,24 @@ def test_bad_requests_raise_value_errors(tiny_llm):
     with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
         best_of_n(tiny_llm, "q", reward=outcome, max_tokens=0)
     assert_idle(tiny_llm.engine)
+
+
+def test_a_search_whose_requests_are_aborted_fails_and_frees_everything(tiny_llm):
+    """As after a failed engine step in the server, where every request is aborted."""
+    engine = tiny_llm.engine
+    search = build_search(engine, "What is 2 + 2?", "particle_filtering", 3, outcome, STEPS)
+    controller = SearchController(engine)
+    done: list = []
+    engine.drivers.append(controller)
+    try:
+        controller.submit(search, done.append)
+        for _ in range(3):
+            engine.step()
+        for rid in list(engine.requests):
+            engine.abort_request(rid)
+        engine.step()
+    finally:
+        engine.drivers.remove(controller)
+    assert done == [search] and "aborted" in str(search.error)
+    assert not engine.has_unfinished_requests()
+    assert_idle(engine)

@@ -320,6 +320,9 @@ class SearchController:
                 self.waiting.append(item)
             else:
                 self._cancel(item)
+        lost = {s for rid, (s, _, _, _) in self.pending.items() if rid not in self.engine.requests}
+        for search in lost:  # someone else aborted its requests (e.g. after a failed engine step)
+            self._end(search, error=RuntimeError("the engine aborted the search's requests"))
         while self.waiting and (not self.active or self._has_room(self.waiting[0])):
             search = self.waiting.popleft()
             search.controller, search.started = self, time.monotonic()
@@ -339,9 +342,6 @@ class SearchController:
                 continue
             if not any(s is search for s, _, _, _ in self.pending.values()):
                 self._advance(search, self._results.pop(search))
-        lost = {s for rid, (s, _, _, _) in self.pending.items() if rid not in self.engine.requests}
-        for search in lost:  # its requests were aborted by someone else (e.g. a failed engine step)
-            self._end(search, error=RuntimeError("the engine aborted the search's requests"))
 
     # -- internals ------------------------------------------------------------------------------
     def _has_room(self, search: Search) -> bool:
