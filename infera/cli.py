@@ -53,6 +53,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "outputs), llm_int8 (int8 + float outlier features), dense_sparse (int4 + exact sparse "
                         "outliers), trit_planes (two ternary planes)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    g.add_argument("--speculative", default=None, metavar="ngram|recycle|self[:LAYERS]|draft:PATH",
+                   help="speculative decoding (lossless): ngram = prompt lookup (copies from the prompt and output), "
+                        "recycle = token recycling (the model's earlier predictions), self = the model with some "
+                        "layers skipped (self:8-20,24 picks them), draft:PATH = a smaller model with the same "
+                        "tokenizer; the number of draft tokens adapts per sequence and drops to 0 where it does "
+                        "not pay")
+    g.add_argument("--num-speculative-tokens", type=int, default=8,
+                   help="most draft tokens per sequence and step (default 8)")
     g.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
@@ -62,7 +70,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
                 quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

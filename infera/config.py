@@ -38,7 +38,9 @@ class EngineConfig:
     GGUF model runs on its own quantized tensors when ``dtype`` is auto (on CPU) and is dequantized
     to an explicit ``dtype``. ``kv_cache_memory`` None means 2 GiB on CPU and, on CUDA, what
     ``gpu_memory_utilization`` of the device leaves after a warm-up pass of the largest step.
-    On CUDA, decode steps replay CUDA graphs unless ``enforce_eager``."""
+    On CUDA, decode steps replay CUDA graphs unless ``enforce_eager``.  ``speculative`` turns on
+    speculative decoding with a proposer (ngram, recycle, self, self:LAYERS, draft:PATH; see
+    :mod:`infera.spec`) drafting up to ``num_speculative_tokens`` tokens per sequence and step."""
 
     model: str | None = None
     dtype: str = "auto"
@@ -54,6 +56,8 @@ class EngineConfig:
     seed: int = 0
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    speculative: str | None = None
+    num_speculative_tokens: int = 8
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:
@@ -77,6 +81,12 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.speculative is not None:
+            from infera.spec.spec_decoder import check_method
+
+            check_method(self.speculative)
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 64:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, 64], got {self.num_speculative_tokens!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

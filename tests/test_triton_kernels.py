@@ -166,7 +166,8 @@ def triton_dispatch(monkeypatch):
     def write_slots(k_cache, v_cache, k, v, slot_mapping):
         ta.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
-    def decode(q, kv, block_tables, context_lens, scale):
+    def decode(q, kv, block_tables, context_lens, scale, query_start=None):
+        assert query_start is None, "CUDA runs one-token decode queries only"
         return ta.decode_attention(q, kv, block_tables, context_lens, scale, num_splits=2, block_n=16)
 
     monkeypatch.setattr(pa, "_write_slots", write_slots)
@@ -202,6 +203,7 @@ def test_engine_logits_through_triton(tiny_model, kind, kv_cache_dtype, request)
 
     engine = LLMEngine(model=str(tiny_model(kind)), dtype="float32", kv_cache_memory="8MiB",
                        kv_cache_dtype=kv_cache_dtype)
+    engine.runner.max_batched_query_len = 1  # as on CUDA: longer queries take the chunk kernel
     ids = engine.tokenizer.encode("Paged attention keeps the KV cache in blocks of tokens. " * 3)
     chunks = [len(ids) - 20, 13, 1, 1, 1, 1, 1, 1, 1]
     ref = engine_logits(engine, ids, chunks)
@@ -221,6 +223,7 @@ def test_padded_graph_batch_matches_eager(tiny_model, triton_dispatch):
 
     engine = LLMEngine(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="8MiB")
     runner, bm = engine.runner, engine.block_manager
+    runner.max_batched_query_len = 1  # as on CUDA
     seqs = [Sequence(engine.tokenizer.encode(text), SamplingParams())
             for text in ("one two three", "a longer prompt of several more words than that", "x")]
     with torch.inference_mode():

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from infera.config import EngineConfig
 from infera.engine.block_manager import BlockManager
-from infera.engine.model_runner import ModelRunner
+from infera.engine.model_runner import ModelRunner, StepOutput
 from infera.engine.output_processor import OutputProcessor
 from infera.engine.scheduler import Scheduler
 from infera.engine.sequence import Sequence, SequenceStatus
@@ -19,6 +19,7 @@ from infera.loader.tokenizer import Tokenizer
 from infera.outputs import RequestMetrics, RequestOutput
 from infera.quant.method import weight_bytes
 from infera.sampling_params import SamplingParams
+from infera.spec.spec_decoder import SpecDecoder, build_proposer
 from infera.structured import StructuredOutputManager
 
 logger = logging.getLogger("infera")
@@ -78,6 +79,15 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.structured = StructuredOutputManager(self.tokenizer, self.runner.vocab_size)
+        self.spec: SpecDecoder | None = None
+        if cfg.speculative is not None:
+            proposer = build_proposer(cfg.speculative, self)
+            self.runner.return_top_tokens = proposer.wants_top_tokens
+            query_len = self.runner.max_batched_query_len
+            self.spec = SpecDecoder(proposer, cfg.num_speculative_tokens, self.max_model_len,
+                                    self.tokenizer.eos_token_ids, query_len if query_len > 1 else None)
+            logger.info("speculative decoding: %s, up to %d draft tokens per sequence and step",
+                        cfg.speculative, cfg.num_speculative_tokens)
         self.requests: dict[str, Request] = {}
         self.drivers: list[EngineDriver] = []
         self.num_prompt_tokens = 0  # prompt tokens computed (prefix-cache hits excluded)
@@ -223,7 +233,10 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
             return []
+        started = time.perf_counter()
         results = self.runner.execute(batch, self.structured.bitmask)
+        if self.spec is not None:
+            self.spec.step_done(batch, time.perf_counter() - started)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, n, out in zip(batch.seqs, batch.num_new_tokens, results):
@@ -231,15 +244,19 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = seq.num_cached_tokens
-            self.block_manager.commit(seq, n)
+            draft = seq.spec_token_ids
+            seq.clear_drafts()
+            self.block_manager.commit(seq, n - len(draft))  # the drafts' KV counts once they are accepted
             computed_prompt = max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens + n))
             self.num_prompt_tokens += computed_prompt
             req.num_computed_prompt_tokens += computed_prompt
             if out.prompt_logprobs:
                 req.prompt_logprobs.extend(out.prompt_logprobs)
             if out.token_id is not None:
-                self.output_processor.append_token(seq, out.token_id, out.logprobs)
-                self.num_generated_tokens += 1 + self.structured.advance(seq, self.output_processor)
+                last = seq.token_ids[-1]
+                self.num_generated_tokens += self._append_tokens(seq, draft, out)
+                if self.spec is not None:
+                    self.spec.verified(seq, [last, *draft[:out.num_accepted]], draft, out)
                 if seq.finish_reason is not None and req.retain:
                     self.scheduler.running.remove(seq)  # finished, but its blocks stay (see release)
                     seq.status = SequenceStatus.FINISHED
@@ -259,7 +276,25 @@ class LLMEngine:
             outputs.append(self.make_output(req))
         for driver in self.drivers:
             driver.after_step(outputs)
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         return outputs
+
+    def _append_tokens(self, seq: Sequence, draft: list[int], out: StepOutput) -> int:
+        """Append the step's tokens to ``seq`` one at a time until it stops: the accepted drafts,
+        then the sampled token.  Keeps the KV of the accepted drafts that stay and rolls back the
+        rest.  Returns the number of tokens generated (grammar-forced ones included)."""
+        tokens = [*zip(draft[:out.num_accepted], out.accepted_logprobs), (out.token_id, out.logprobs)]
+        generated = 0
+        for i, (token_id, logprobs) in enumerate(tokens):
+            self.output_processor.append_token(seq, token_id, logprobs)
+            generated += 1 + self.structured.advance(seq, self.output_processor, jump_forward=i == len(tokens) - 1)
+            if seq.finish_reason is not None:
+                break
+        if draft:
+            self.block_manager.commit(seq, min(out.num_accepted, seq.num_tokens - seq.num_computed_tokens))
+            self.block_manager.truncate(seq, seq.num_computed_tokens)
+        return generated
 
     def make_output(self, req: Request) -> RequestOutput:
         prompt_logprobs = None
@@ -272,6 +307,9 @@ class LLMEngine:
     @property
     def stats(self) -> dict[str, float]:
         s, bm = self.scheduler, self.block_manager
-        return {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": bm.usage,
-                "preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits}
+        stats = {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": bm.usage,
+                 "preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits}
+        if self.spec is not None:
+            stats.update(self.spec.stats)
+        return stats
 

@@ -15,6 +15,7 @@ from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence
 from infera.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from infera.layers.sampler import Sampler, TokenLogprobs, device_tensor, token_logprobs
+from infera.spec.rejection_sampler import RejectionSampler
 from infera.structured.bitmask import TokenBitmask
 
 logger = logging.getLogger(__name__)
@@ -23,11 +24,19 @@ logger = logging.getLogger(__name__)
 @dataclass
 class StepOutput:
     """What one scheduled sequence got from a step: its next token (if the step reached its
-    end) and the prompt log-probabilities of the positions it computed (if asked for)."""
+    end) and the prompt log-probabilities of the positions it computed (if asked for).
+
+    A sequence with draft tokens gets the number of them accepted (``num_accepted``, with their
+    log-probabilities) and, in ``token_id``, the token that follows them.  With
+    ``ModelRunner.return_top_tokens`` (token recycling) ``top_tokens`` holds the target's most likely
+    next token and its probability at each verified position."""
 
     token_id: int | None = None
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_accepted: int = 0
+    accepted_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    top_tokens: list[tuple[int, float]] = field(default_factory=list)
 
 
 MAX_BATCHED_QUERY_LEN_CPU = 16
@@ -53,6 +62,8 @@ class ModelRunner:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # quantized weights are uint8
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler(self.vocab_size, device, eos_token_ids, seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)
+        self.return_top_tokens = False
         max_model_len = max_model_len or model.config.max_position_embeddings
         if kv_cache_memory is None and device.type == "cuda":
             # the layers need a cache to run the warm-up: one block, which it does not write
@@ -89,31 +100,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, bitmask: TokenBitmask | None = None) -> list[StepOutput]:
-        """Run one step; ``bitmask`` constrains the sequences that carry a grammar."""
+        """Run one step; ``bitmask`` constrains the sequences that carry a grammar.  The draft
+        tokens of a sequence are computed with it and verified (rejection sampler)."""
         if batch.block_copies:
             self.kv_cache.copy_blocks(batch.block_copies)
         # short queries first: their attention runs batched
         order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] > self.max_batched_query_len)
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
-        input_ids, positions, meta = self.prepare_inputs(seqs, counts)
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, positions, meta)
-        else:
-            with attention_metadata(meta):
-                hidden = self.model(input_ids, positions)
+        hidden = self.forward(seqs, counts)
         outputs = [StepOutput() for _ in seqs]
         ends = list(itertools.accumulate(counts))  # one past each sequence's last token
-        sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
+        sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts))
+                       if s.num_computed_tokens + n == s.num_tokens + len(s.spec_token_ids)]
         if sample_rows:
             sampled = [seqs[i] for i in sample_rows]
+            drafts = [s.spec_token_ids for s in sampled]
+            speculative = any(drafts)
             # CPU work that overlaps the forward pass where that runs asynchronously (GPU)
-            mask = bitmask.fill(sampled) if bitmask is not None else None
-            rows = device_tensor([ends[i] - 1 for i in sample_rows], self.device)
-            logits = self.model.compute_logits(hidden[rows])
-            tokens, logprobs = self.sampler(logits, sampled, mask)
-            for i, t, lp in zip(sample_rows, tokens, logprobs):
-                outputs[i].token_id, outputs[i].logprobs = t, lp
+            mask = bitmask.fill(sampled, drafts if speculative else None) if bitmask is not None else None
+            # a sequence's rows: the next-token logits before each of its drafts and after the last
+            rows = [r for i, d in zip(sample_rows, drafts) for r in range(ends[i] - 1 - len(d), ends[i])]
+            logits = self.model.compute_logits(hidden[device_tensor(rows, self.device)])
+            if self.return_top_tokens:
+                probs, ids = logits.float().softmax(dim=-1).max(dim=-1)
+                top = list(zip(ids.tolist(), probs.tolist()))
+                start = 0
+                for i, d in zip(sample_rows, drafts):
+                    outputs[i].top_tokens, start = top[start:start + 1 + len(d)], start + 1 + len(d)
+            if speculative:
+                for i, v in zip(sample_rows, self.rejection_sampler(logits, sampled, drafts, mask)):
+                    out = outputs[i]
+                    out.token_id, out.logprobs, out.num_accepted = v.token_id, v.logprobs[-1], v.num_accepted
+                    out.accepted_logprobs = v.logprobs[:-1]
+            else:
+                tokens, logprobs = self.sampler(logits, sampled, mask)
+                for i, t, lp in zip(sample_rows, tokens, logprobs):
+                    outputs[i].token_id, outputs[i].logprobs = t, lp
         start = 0
         for i, (s, n) in enumerate(zip(seqs, counts)):
             if s.params.prompt_logprobs is not None:
@@ -123,6 +146,27 @@ class ModelRunner:
         for pos, i in enumerate(order):
             result[i] = outputs[pos]
         return result
+
+    def forward(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True) -> torch.Tensor:
+        """Hidden states of the next ``counts[i]`` tokens of each ``seqs[i]`` (short queries first),
+        whose K/V go into the cache."""
+        input_ids, positions, meta = self.prepare_inputs(seqs, counts)
+        if use_graphs and self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(input_ids, positions, meta)
+        with attention_metadata(meta):
+            return self.model(input_ids, positions)
+
+    @torch.inference_mode()
+    def last_logits(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True) -> torch.Tensor:
+        """A proposer's forward pass: logits [len(seqs), V] after the next ``counts[i]`` tokens of each
+        ``seqs[i]`` (token ids, then draft tokens); nothing is sampled or committed."""
+        order = sorted(range(len(seqs)), key=lambda i: counts[i] > self.max_batched_query_len)
+        hidden = self.forward([seqs[i] for i in order], [counts[i] for i in order], use_graphs)
+        ends = list(itertools.accumulate(counts[i] for i in order))
+        rows = [0] * len(seqs)
+        for pos, i in enumerate(order):
+            rows[i] = ends[pos] - 1
+        return self.model.compute_logits(hidden[device_tensor(rows, self.device)])
 
     def prepare_inputs(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
@@ -135,7 +179,11 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         for s, n in zip(seqs, counts):
             start = s.num_computed_tokens
-            input_ids.extend(s.token_ids[start:start + n])
+            ids = s.token_ids[start:start + n]
+            if len(ids) < n:  # draft tokens follow the sequence's own
+                first = max(0, start - len(s.token_ids))
+                ids += s.spec_token_ids[first:first + n - len(ids)]
+            input_ids.extend(ids)
             positions.extend(range(start, start + n))
             table = s.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))

@@ -64,15 +64,22 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        # Decodes first (one token each), then prompts already running, in arrival order.
-        queue = deque(sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1))
+        # Decodes first (one token each, plus any draft tokens), then prompts already running, in
+        # arrival order.  Draft tokens are all verified in one step or dropped (no budget or blocks).
+        queue = deque(sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1 + len(s.spec_token_ids)))
         preempted = False
         while queue and budget > 0:
             seq = queue.popleft()
+            if seq.num_uncomputed_tokens > budget:
+                seq.clear_drafts()
             n = min(seq.num_uncomputed_tokens, budget)
             if n <= 0:
                 continue
             while not self.block_manager.allocate_slots(seq, n):
+                if seq.spec_token_ids:
+                    n -= len(seq.spec_token_ids)
+                    seq.clear_drafts()
+                    continue
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 preempted = True
@@ -110,6 +117,7 @@ class Scheduler:
                     seq.seq_id, seq.num_tokens)
         self.num_preemptions += 1
         self.running.remove(seq)
+        seq.clear_drafts()
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

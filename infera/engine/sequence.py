@@ -22,6 +22,8 @@ class Sequence:
     later steps (a prompt chunk, or the one token sampled last step).  When
     ``hold_last_token`` is set the sequence stops one token short of its end: the engine
     forks it there so that the ``n`` samples of a request share the prompt's KV blocks.
+    ``spec_token_ids`` are draft tokens of speculative decoding: not part of the sequence yet,
+    but computed with it (the compute target includes them) and verified by the next step.
     """
 
     _ids = itertools.count()
@@ -46,6 +48,9 @@ class Sequence:
         self.sampler_state: Any = None
         self.detok_state: Any = None
         self.grammar_state: Any = None
+        self.spec_state: Any = None  # owned by infera.spec (proposer index, acceptance history)
+        self.spec_token_ids: list[int] = []
+        self.spec_draft_probs: Any = None  # [k, V] draft distribution q; None for deterministic drafts
         self.logprobs: list[Any] = []
         self.prompt_logprobs: list[Any] = []
 
@@ -71,7 +76,7 @@ class Sequence:
     @property
     def compute_target(self) -> int:
         """How many tokens should have KV once the pending work is done."""
-        return self.num_tokens - 1 if self.hold_last_token else self.num_tokens
+        return self.num_tokens - 1 if self.hold_last_token else self.num_tokens + len(self.spec_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -83,3 +88,8 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def clear_drafts(self) -> None:
+        """Drop the draft tokens: the sequence goes on with plain decoding."""
+        self.spec_token_ids = []
+        self.spec_draft_probs = None

@@ -31,3 +31,8 @@ def load_cpu_extension(name: str) -> ModuleType | None:
     except Exception as e:  # no compiler, no ninja, a build error: stay on the PyTorch path
         logger.warning("native kernels %s unavailable, using PyTorch fallbacks: %s", name, str(e).splitlines()[0])
         return None
+
+
+def cpu_kernels(name: str, x) -> ModuleType | None:
+    """The native module ``name`` if tensor ``x`` lives on the CPU and the module built, else None."""
+    return load_cpu_extension(name) if x.device.type == "cpu" else None

@@ -2,10 +2,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infera.kernels import cpu_kernels
+
 
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` for a gate/up projection fused along the last dimension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and (ext := cpu_kernels("fused_ops", x)):
+            return ext.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -1,9 +1,14 @@
 import torch
 from torch import nn
 
+from infera.kernels import cpu_kernels
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, as HF transformers does; optionally adds the residual first."""
+    """RMSNorm computed in float32, as HF transformers does; optionally adds the residual first.
+
+    With a residual the fused CPU kernel works in place: ``x`` becomes the normalized output and
+    ``residual`` the sum."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -17,7 +22,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        ext = cpu_kernels("fused_ops", x) if x.dim() == 2 and x.dtype == self.weight.dtype else None
         if residual is None:
-            return self._norm(x)
+            return ext.rms_norm(x, self.weight, self.eps) if ext else self._norm(x)
+        if ext and x.is_contiguous() and residual.is_contiguous():
+            ext.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
         x = x + residual
         return self._norm(x), x

@@ -6,6 +6,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from infera.kernels import cpu_kernels
+
 
 def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the cos/sin scale for ``config``'s RoPE type."""
@@ -32,7 +34,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q``: [T, Hq, D], ``k``: [T, Hkv, D]; rotated in their own dtype."""
+        """``q``: [T, Hq, D], ``k``: [T, Hkv, D]; rotated in their own dtype (in place on the CPU)."""
+        if ext := cpu_kernels("fused_ops", q):
+            ext.rotary(q, k, self.cos, self.sin, positions)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

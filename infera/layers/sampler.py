@@ -85,24 +85,31 @@ class Sampler:
         other tokens get probability zero.  Log-probabilities are those of the model, before
         any processing.
         """
+        logits, raw_logprobs, states = self.process(logits, seqs, bitmask)
+        tokens = self.sample(logits, seqs, states)
+        for state, token in zip(states, tokens):
+            state.record(token)
+        out: list[TokenLogprobs | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            for i, s in enumerate(seqs):
+                if s.params.logprobs is not None:
+                    out[i] = token_logprobs(raw_logprobs[i], tokens[i], s.params.logprobs)
+        return tokens, out
+
+    def process(self, logits: torch.Tensor, seqs: list[Sequence], bitmask: BatchBitmask | None = None,
+                offsets: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list[SamplerState]]:
+        """Logits ready to sample from (penalties, grammar mask, min_tokens), the model's log-probabilities
+        (if a row wants them) and the rows' states.  Row ``i`` chooses output token
+        ``num_output_tokens + offsets[i]`` of ``seqs[i]`` (several rows of a sequence verify its drafts)."""
         logits = logits.float()
         raw_logprobs = None
-        want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want_logprobs:
+        if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         states = [self.state(s) for s in seqs]
         logits = self._apply_penalties(logits, seqs, states)
         if bitmask is not None:
             bitmask.apply(logits)
-        logits = self._suppress_eos(logits, seqs)
-        tokens = self._sample(logits, seqs, states)
-        for state, token in zip(states, tokens):
-            state.record(token)
-        out: list[TokenLogprobs | None] = [None] * len(seqs)
-        if raw_logprobs is not None:
-            for i in want_logprobs:
-                out[i] = token_logprobs(raw_logprobs[i], tokens[i], seqs[i].params.logprobs)
-        return tokens, out
+        return self._suppress_eos(logits, seqs, offsets), raw_logprobs, states
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], states: list[SamplerState]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
@@ -120,8 +127,9 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    def _suppress_eos(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        rows = [(i, s) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+    def _suppress_eos(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int] | None) -> torch.Tensor:
+        offsets = offsets or [0] * len(seqs)
+        rows = [(i, s) for i, (s, o) in enumerate(zip(seqs, offsets)) if s.num_output_tokens + o < s.params.min_tokens]
         if not rows:
             return logits
         logits = logits.clone()
@@ -133,13 +141,13 @@ class Sampler:
                 logits[i] = row
         return logits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], states: list[SamplerState]) -> list[int]:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], states: list[SamplerState]) -> list[int]:
         """Nothing here waits for the device until the tokens come back (``tolist``)."""
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if random_rows:
             idx = device_tensor(random_rows, logits.device)
-            probs = self._probs(logits[idx], [seqs[i].params for i in random_rows])
+            probs = self.probs(logits[idx], [seqs[i].params for i in random_rows])
             noise = torch.empty_like(probs)
             unseeded = [j for j, i in enumerate(random_rows) if states[i].generator is None]
             if unseeded:
@@ -153,7 +161,8 @@ class Sampler:
         return tokens.tolist()
 
     @staticmethod
-    def _probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    def probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+        """The distribution sampled from: temperature, then top-k, top-p and min-p."""
         temps = device_tensor([p.temperature for p in params], logits.device).unsqueeze(1)
         logits = logits / temps
         if any(p.top_k for p in params):

@@ -29,6 +29,13 @@ ENGINE_STATS = {
     "prefix_hits": ("infera:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "counter"),
     "prompt_tokens": ("infera:prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", "counter"),
     "generation_tokens": ("infera:generation_tokens", "Tokens generated.", "counter"),
+    "spec_drafts": ("infera:spec_decode_num_drafts", "Speculative verifications (one sequence, one step).", "counter"),
+    "spec_draft_tokens": ("infera:spec_decode_num_draft_tokens", "Draft tokens verified.", "counter"),
+    "spec_accepted_tokens": ("infera:spec_decode_num_accepted_tokens", "Draft tokens accepted.", "counter"),
+    "spec_acceptance_rate": ("infera:spec_decode_acceptance_rate", "Accepted / verified draft tokens (0 to 1).",
+                             "gauge"),
+    "spec_mean_acceptance_length": ("infera:spec_decode_mean_acceptance_length",
+                                    "Tokens per verification: 1 + accepted drafts per verification.", "gauge"),
 }
 
 

@@ -91,9 +91,10 @@ class StructuredOutputManager:
         return False
 
     # -- per step ---------------------------------------------------------------------------
-    def advance(self, seq: Sequence, output_processor: OutputProcessor) -> int:
+    def advance(self, seq: Sequence, output_processor: OutputProcessor, jump_forward: bool = True) -> int:
         """Move the matcher past the token just appended to ``seq`` and finish or extend the
-        sequence as the grammar says.  Returns the number of forced tokens appended."""
+        sequence as the grammar says (no jump-forward when ``jump_forward`` is False: more
+        verified tokens follow).  Returns the number of forced tokens appended."""
         state = seq.grammar_state
         if state is None:
             return 0
@@ -105,7 +106,7 @@ class StructuredOutputManager:
             seq.finish_reason, seq.stop_reason = "abort", None
         elif state.is_terminated:
             seq.finish_reason = "stop"  # the grammar is complete and accepted its stop token
-        elif (seq.finish_reason is None and seq.params.logprobs is None
+        elif (jump_forward and seq.finish_reason is None and seq.params.logprobs is None
               and self.bitmask.num_rows <= self.jump_forward_max_batch):
             forced = self._jump_forward(seq, state, output_processor)
         if seq.finish_reason is not None:

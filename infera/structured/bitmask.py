@@ -3,6 +3,7 @@ the logits right before sampling.  Rows of unconstrained sequences are neither f
 touched, so they pay nothing."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,23 +78,36 @@ class TokenBitmask:
         self.batch_matcher = xgr.BatchGrammarMatcher("auto")  # fills rows on several threads
         self.num_rows = 0  # sequences sampled in the current step
 
-    def fill(self, seqs: list[Sequence]) -> BatchBitmask | None:
-        """Masks for the rows of ``seqs`` that carry a grammar; None if no row needs one."""
+    def fill(self, seqs: list[Sequence], drafts: list[list[int]] | None = None) -> BatchBitmask | None:
+        """Masks for the rows of ``seqs`` that carry a grammar; None if no row needs one.
+
+        With ``drafts`` (speculative decoding), sequence ``i`` has ``1 + len(drafts[i])`` consecutive
+        rows: the mask before each of its draft tokens and after the last (the drafts are ones its
+        grammar accepts)."""
         self.num_rows = len(seqs)
-        rows = [i for i, s in enumerate(seqs) if s.grammar_state is not None]
-        if not rows:
+        counts = [1 + len(d) for d in drafts] if drafts is not None else [1] * len(seqs)
+        starts = list(itertools.accumulate(counts, initial=0))
+        constrained = [i for i, s in enumerate(seqs) if s.grammar_state is not None]
+        if not constrained:
             return None
-        if self.buffer.shape[0] < len(seqs):
-            self.buffer = xgr.allocate_token_bitmask(max(len(seqs), 2 * self.buffer.shape[0]), self.vocab_size)
+        if self.buffer.shape[0] < starts[-1]:
+            self.buffer = xgr.allocate_token_bitmask(max(starts[-1], 2 * self.buffer.shape[0]), self.vocab_size)
             self.scratch = np.empty((self.buffer.shape[0], self.buffer.shape[1] * 32), dtype=np.float32)
         matchers, live = [], []
-        for i in rows:
+        for i in constrained:
             matcher = seqs[i].grammar_state.matcher
             if matcher is None:
-                self.buffer[i] = self.stop_only
-            else:
+                self.buffer[starts[i]:starts[i + 1]] = self.stop_only
+            elif counts[i] == 1:
                 matchers.append(matcher)
-                live.append(i)
+                live.append(starts[i])
+            else:  # walk the drafts, then go back
+                for j, t in enumerate(drafts[i]):
+                    matcher.fill_next_token_bitmask(self.buffer, starts[i] + j)
+                    matcher.accept_token(t)
+                matcher.fill_next_token_bitmask(self.buffer, starts[i + 1] - 1)
+                matcher.rollback(counts[i] - 1)
         if matchers:
             self.batch_matcher.batch_fill_next_token_bitmask(matchers, self.buffer, live)
+        rows = [r for i in constrained for r in range(starts[i], starts[i + 1])]
         return BatchBitmask(self.buffer, rows, self.vocab_size, self.scratch)

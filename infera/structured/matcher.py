@@ -39,6 +39,21 @@ class GrammarState:
         matcher = self.matcher
         return matcher is not None and matcher.accept_token(token_id)
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many of ``token_ids`` (draft tokens) the grammar accepts in a row from here; the
+        matcher is left where it was."""
+        matcher = self.matcher
+        n = 0
+        if matcher is None:
+            return n
+        for t in token_ids:
+            if matcher.is_terminated() or not matcher.accept_token(t):
+                break
+            n += 1
+        if n:
+            matcher.rollback(n)
+        return n
+
     def jump_forward_string(self) -> str:
         """The text the grammar forces next (empty if there is a choice)."""
         return self._matcher.find_jump_forward_string() if self._matcher is not None else ""

@@ -1,0 +1,157 @@
+// Fused element-wise kernels for the CPU decoder layer: each replaces several small torch ops
+// (and their dispatch cost, which dominates a small model's decode step). Rounding follows
+// HF transformers' op order, so bfloat16 results match its unfused ops to the last bit or so.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace {
+
+template <typename T>
+inline T round_to(float x) {
+  return static_cast<T>(x);
+}
+
+// y = w * (x / rms(x)), in float, with the normalized value rounded to the input dtype first.
+template <typename scalar_t, typename weight_t>
+inline void norm_row(const scalar_t* x, const weight_t* w, scalar_t* y, int64_t H, float eps) {
+  float ss = 0.f;
+_Pragma("omp simd reduction(+ : ss)")
+  for (int64_t i = 0; i < H; ++i) {
+    const float v = static_cast<float>(x[i]);
+    ss += v * v;
+  }
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+_Pragma("omp simd")
+  for (int64_t i = 0; i < H; ++i) {
+    const float n = static_cast<float>(round_to<scalar_t>(static_cast<float>(x[i]) * inv));
+    y[i] = round_to<scalar_t>(static_cast<float>(w[i]) * n);
+  }
+}
+
+void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "expected [tokens, hidden] with contiguous rows");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "weight must be [hidden]");
+}
+
+}  // namespace
+
+// RMSNorm of each row of x: [T, H] -> new [T, H].
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_rows(x, weight);
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  const int64_t T = x.size(0), H = x.size(1), xs = x.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "rms_norm", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, weight.scalar_type(), "rms_norm_w", [&] {
+      const x_t* xp = x.data_ptr<x_t>();
+      const scalar_t* wp = weight.data_ptr<scalar_t>();
+      x_t* op = out.data_ptr<x_t>();
+      at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) norm_row(xp + t * xs, wp, op + t * H, H, static_cast<float>(eps));
+      });
+    });
+  });
+  return out;
+}
+
+// residual += x (rounded to the dtype, as a torch add); x = rms_norm(residual). In place.
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  check_rows(x, weight);
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes() &&
+              x.scalar_type() == residual.scalar_type(), "x and residual must match and be contiguous");
+  const int64_t T = x.size(0), H = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "fused_add_rms_norm", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, weight.scalar_type(), "fused_add_rms_norm_w", [&] {
+      x_t* xp = x.data_ptr<x_t>();
+      x_t* rp = residual.data_ptr<x_t>();
+      const scalar_t* wp = weight.data_ptr<scalar_t>();
+      at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) {
+          x_t* xr = xp + t * H;
+          x_t* rr = rp + t * H;
+_Pragma("omp simd")
+          for (int64_t i = 0; i < H; ++i) rr[i] = round_to<x_t>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+          norm_row(rr, wp, xr, H, static_cast<float>(eps));
+        }
+      });
+    });
+  });
+}
+
+// Rotate-half RoPE applied in place to q [T, Hq, D] and k [T, Hkv, D] (rows may be strided, as
+// views into a fused QKV output), with cos/sin [max_position, D/2] float32 looked up by positions.
+void rotary(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1, "bad q/k layout");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && cos.scalar_type() == torch::kFloat &&
+              sin.scalar_type() == torch::kFloat && cos.is_contiguous() && sin.is_contiguous(), "bad dtypes");
+  TORCH_CHECK(positions.scalar_type() == torch::kLong && positions.is_contiguous(), "positions must be int64");
+  const int64_t T = q.size(0), D = q.size(2), half = D / 2;
+  TORCH_CHECK(cos.size(1) == half && k.size(2) == D, "cos/sin must be [positions, head_dim / 2]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t max_pos = cos.size(0);
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "position out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "rotary", [&] {
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    auto apply = [&](scalar_t* base, int64_t heads, int64_t row_stride, int64_t head_stride, int64_t t) {
+      const float* c = cp + pos[t] * half;
+      const float* s = sp + pos[t] * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        scalar_t* x = base + t * row_stride + h * head_stride;
+_Pragma("omp simd")
+        for (int64_t i = 0; i < half; ++i) {
+          const float ci = static_cast<float>(round_to<scalar_t>(c[i]));
+          const float si = static_cast<float>(round_to<scalar_t>(s[i]));
+          const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
+          const float a = static_cast<float>(round_to<scalar_t>(x1 * ci)), b = static_cast<float>(round_to<scalar_t>(x2 * si));
+          const float e = static_cast<float>(round_to<scalar_t>(x2 * ci)), f = static_cast<float>(round_to<scalar_t>(x1 * si));
+          x[i] = round_to<scalar_t>(a - b);
+          x[i + half] = round_to<scalar_t>(e + f);
+        }
+      }
+    };
+    scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* kp = k.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        apply(qp, q.size(1), q.stride(0), q.stride(1), t);
+        apply(kp, k.size(1), k.stride(0), k.stride(1), t);
+      }
+    });
+  });
+}
+
+// silu(gate) * up for x = [gate | up]: [T, 2I] -> [T, I].
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "expected [tokens, 2 * intermediate]");
+  const int64_t T = x.size(0), I = x.size(1) / 2, xs = x.stride(0);
+  auto out = torch::empty({T, I}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const scalar_t* g = xp + t * xs;
+        const scalar_t* u = g + I;
+        scalar_t* o = op + t * I;
+_Pragma("omp simd")
+        for (int64_t i = 0; i < I; ++i) {
+          const float gv = static_cast<float>(g[i]);
+          const float act = static_cast<float>(round_to<scalar_t>(gv / (1.f + std::exp(-gv))));
+          o[i] = round_to<scalar_t>(act * static_cast<float>(u[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm over rows");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual), in place");
+  m.def("rotary", &rotary, "rotate-half RoPE on q and k, in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+}

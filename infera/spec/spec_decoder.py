@@ -1,0 +1,150 @@
+"""The engine's side of speculative decoding: draft before a step, account for verification after it."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from infera.engine.model_runner import StepOutput
+from infera.engine.scheduler import ScheduledBatch
+from infera.engine.sequence import Sequence, SequenceStatus
+from infera.spec.controller import SpecController
+from infera.spec.proposer import Proposer
+
+if TYPE_CHECKING:
+    from infera.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger("infera")
+
+LOG_INTERVAL = 200  # verification steps between acceptance log lines
+METHODS = ("ngram", "recycle", "self", "self:LAYERS", "draft:PATH")
+
+
+def check_method(method: str) -> None:
+    if method not in ("ngram", "recycle", "self") and not method.startswith(("self:", "draft:")):
+        raise ValueError(f"speculative must be one of {', '.join(METHODS)}; got {method!r}")
+    if method == "draft:":
+        raise ValueError("speculative: draft: needs the draft model's path, e.g. draft:/models/small")
+
+
+def build_proposer(method: str, engine: LLMEngine) -> Proposer:
+    """The proposer named by ``EngineConfig.speculative`` for ``engine``."""
+    check_method(method)
+    if method == "ngram":
+        from infera.spec.ngram import NgramProposer
+
+        return NgramProposer()
+    if method == "recycle":
+        from infera.spec.recycle import RecycleProposer
+
+        return RecycleProposer(engine.runner.vocab_size)
+    if method.startswith("draft:"):
+        from infera.spec.draft_model import DraftModelProposer
+
+        return DraftModelProposer(method.removeprefix("draft:"), engine.config, engine.tokenizer,
+                                  engine.runner.vocab_size, engine.max_model_len,
+                                  engine.runner.num_blocks * engine.config.block_size)
+    from infera.spec.self_draft import SelfDraftProposer
+
+    return SelfDraftProposer(engine.runner, engine.block_manager, method.removeprefix("self").removeprefix(":"))
+
+
+class SpecDecoder:
+    """Proposes drafts for the running sequences at the end of each step (the next step verifies
+    them with the sequences' own tokens) and keeps the acceptance statistics.
+
+    ``max_query_len``: the longest query the model runner batches with the decodes (a longer
+    verification chunk would run as a prefill); None: no such limit."""
+
+    def __init__(self, proposer: Proposer, max_tokens: int, max_model_len: int, eos_token_ids: set[int],
+                 max_query_len: int | None = None):
+        self.proposer = proposer
+        self.controller = SpecController(max_tokens)
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_query_len = max_query_len
+        self.num_steps = 0  # steps that verified drafts
+        self.num_drafts = 0  # verifications (one sequence, one step)
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self._logged = (0, 0, 0, 0)
+
+    # -- before a step ----------------------------------------------------------------------
+    def propose(self, running: list[Sequence]) -> None:
+        """Give each running sequence that pays for it draft tokens for the next step."""
+        self.proposer.release_finished()
+        seqs = [s for s in running if self._eligible(s)]
+        if not seqs:
+            return
+        limits = [self._limit(s) for s in seqs]
+        decoding = [s for s in running if s.num_output_tokens > 0 and not s.hold_last_token]
+        base_tokens = sum(s.num_uncomputed_tokens for s in running)
+        ks = self.controller.plan(seqs, limits, base_tokens, len(decoding), self.proposer.draft_cost)
+        chosen = [i for i, k in enumerate(ks) if k > 0]
+        if not chosen:
+            return
+        drafts = self.proposer.propose([seqs[i] for i in chosen], [ks[i] for i in chosen])
+        for i, draft in zip(chosen, drafts):
+            seq = seqs[i]
+            n = self._usable(seq, draft.token_ids[:ks[i]])
+            seq.spec_token_ids = draft.token_ids[:n]
+            seq.spec_draft_probs = draft.probs[:n] if draft.probs is not None and n else None
+
+    def _eligible(self, seq: Sequence) -> bool:
+        return (seq.status == SequenceStatus.RUNNING and seq.finish_reason is None and not seq.hold_last_token
+                and seq.num_output_tokens > 0 and not seq.params.needs_penalties and not seq.spec_token_ids
+                and (self.max_query_len is None or seq.num_uncomputed_tokens < self.max_query_len))
+
+    def _limit(self, seq: Sequence) -> int:
+        limit = min(self.max_tokens, self.max_model_len - seq.num_tokens - 1)
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+        if self.max_query_len is not None:
+            limit = min(limit, self.max_query_len - seq.num_uncomputed_tokens)
+        return max(limit, 0)
+
+    def _usable(self, seq: Sequence, tokens: list[int]) -> int:
+        """How many of the drafts are worth verifying: up to the first stop token (included) and
+        only what the sequence's grammar accepts."""
+        stops = self.eos_token_ids | set(seq.params.stop_token_ids) if not seq.params.ignore_eos else set()
+        n = next((j + 1 for j, t in enumerate(tokens) if t in stops), len(tokens))
+        if seq.grammar_state is not None:
+            n = seq.grammar_state.valid_prefix(tokens[:n])
+        return n
+
+    # -- after a step -----------------------------------------------------------------------
+    def verified(self, seq: Sequence, inputs: list[int], draft: list[int], out: StepOutput) -> None:
+        """``seq`` had ``draft`` verified (possibly empty): ``out.num_accepted`` were accepted."""
+        if draft:
+            self.num_drafts += 1
+            self.num_draft_tokens += len(draft)
+            self.num_accepted_tokens += out.num_accepted
+            self.controller.update(seq, len(draft), out.num_accepted)
+        self.proposer.observe(seq, inputs, out)
+
+    def step_done(self, batch: ScheduledBatch, seconds: float) -> None:
+        """Time a step for the cost model (decode and verification steps only) and log acceptance."""
+        if batch.num_tokens <= len(batch.seqs) * (1 + self.max_tokens):
+            self.controller.step_cost.add(batch.num_tokens, seconds)
+        if any(len(s.spec_token_ids) for s in batch.seqs):
+            self.num_steps += 1
+            if self.num_steps % LOG_INTERVAL == 0:
+                self._log()
+
+    def _log(self) -> None:
+        steps, drafts, drafted, accepted = (a - b for a, b in zip(self.counters, self._logged))
+        self._logged = self.counters
+        logger.info("speculative decoding (%s), last %d steps: acceptance rate %.1f%%, mean acceptance length "
+                    "%.2f tokens per verification, %.1f draft tokens per verification", self.proposer.name, steps,
+                    100 * accepted / max(drafted, 1), 1 + accepted / max(drafts, 1), drafted / max(drafts, 1))
+
+    @property
+    def counters(self) -> tuple[int, int, int, int]:
+        return self.num_steps, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {"spec_drafts": self.num_drafts, "spec_draft_tokens": self.num_draft_tokens,
+                "spec_accepted_tokens": self.num_accepted_tokens,
+                "spec_acceptance_rate": self.num_accepted_tokens / max(self.num_draft_tokens, 1),
+                "spec_mean_acceptance_length": 1 + self.num_accepted_tokens / max(self.num_drafts, 1)}

@@ -1,0 +1,61 @@
+"""Fused CPU kernels against the unfused PyTorch ops they replace (HF transformers' op order)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infera.kernels import load_cpu_extension
+
+ext = load_cpu_extension("fused_ops")
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler for native kernels")
+
+
+def test_extension_builds():
+    assert ext is not None, "infera/csrc/fused_ops.cpp failed to build (see the log)"
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+def rms_ref(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_fused_add(dtype):
+    x, r, w = torch.randn(37, 96).to(dtype), torch.randn(37, 96).to(dtype), torch.rand(96).to(dtype) + 0.5
+    assert torch.allclose(ext.rms_norm(x, w, 1e-5).float(), rms_ref(x, w, 1e-5).float(), atol=TOL[dtype], rtol=TOL[dtype])
+    x2, r2 = x.clone(), r.clone()
+    ext.fused_add_rms_norm(x2, r2, w, 1e-5)
+    assert torch.equal(r2, x + r)
+    assert torch.allclose(x2.float(), rms_ref(x + r, w, 1e-5).float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_on_strided_views(dtype):
+    hq, hkv, d, t = 4, 2, 16, 9
+    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hkv, d)
+    freqs = torch.outer(torch.arange(64, dtype=torch.float), 1.0 / (10000 ** (torch.arange(0, d, 2) / d)))
+    cos, sin = freqs.cos(), freqs.sin()
+    pos = torch.randint(0, 64, (t,))
+
+    def ref(x):
+        c, s = cos[pos].unsqueeze(1).to(dtype), sin[pos].unsqueeze(1).to(dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    want_q, want_k, v_before = ref(q), ref(k), v.clone()
+    ext.rotary(q, k, cos, sin, pos)
+    assert torch.allclose(q.float(), want_q.float(), atol=TOL[dtype]) and torch.allclose(k.float(), want_k.float(), atol=TOL[dtype])
+    assert torch.equal(v, v_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype):
+    x = torch.randn(11, 2 * 40).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.allclose(ext.silu_and_mul(x).float(), (F.silu(gate) * up).float(), atol=TOL[dtype], rtol=TOL[dtype])
