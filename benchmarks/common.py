@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import infera  # noqa: F401  (before torch: it sets the OpenMP spin count)
 import torch
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import infera  # noqa: E402,F401  (before torch: it sets the OpenMP spin count)
 import torch  # noqa: E402
 
 from benchmarks.common import Workload, have, machine, make_workload, save_json  # noqa: E402

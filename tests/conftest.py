@@ -5,8 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
+import infera  # noqa: F401  (before torch: sets the OpenMP spin count)
+import torch
 from infera.loader.gguf_file import GGUFFile
 from infera.loader.model_loader import default_model_path
 
