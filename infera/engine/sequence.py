@@ -50,7 +50,7 @@ class Sequence:
         self.grammar_state: Any = None
         self.spec_state: Any = None  # owned by infera.spec (proposer index, acceptance history)
         self.spec_token_ids: list[int] = []
-        self.spec_draft_probs: Any = None  # [k, V] draft distribution q; None for deterministic drafts
+        self.spec_draft_probs: Any = None  # k draft distributions q ([V] each); None: deterministic drafts
         self.logprobs: list[Any] = []
         self.prompt_logprobs: list[Any] = []
 

@@ -2,12 +2,13 @@
 
 Each sequence keeps a decayed count of accepted and rejected drafts; its acceptance rate ``a``
 (with a prior) says the ``j``-th draft token yields ``a**j`` expected tokens (the chain holds up to
-it).  A step costs ``fixed + per_token * tokens`` of target time, plus the proposer's draft passes;
-both are fitted online from measured step times.  Draft tokens are handed out across the batch in
-order of expected yield while they raise the step's expected tokens per second, so speculation
-turns itself off when the batch is already large (each draft token costs nearly a full token of
-compute) or acceptance is low, and comes back when that changes.  Evidence decays every step, so a
-sequence that stopped drafting tries again later.
+it).  A step's target time is measured per number of tokens computed (:class:`StepCost`: the CPU
+kernels take activation rows in groups of four, so time rises in steps, not in a line), plus the
+proposer's draft passes, fitted online.  Draft tokens are handed out across the batch in order of
+expected yield while they raise the step's expected tokens per second, so speculation turns itself
+off when the batch is already large (each draft token costs nearly a full token of compute) or
+acceptance is low, and comes back when that changes.  Evidence decays every step, so a sequence
+that stopped drafting tries again later.
 """
 from __future__ import annotations
 
@@ -53,6 +54,34 @@ class LinearCost:
         return fixed, slope
 
 
+class StepCost:
+    """Step time against the tokens it computes: a decayed mean per token count where measured,
+    blended with (and, as it goes stale, fading back to) a linear fit over all counts."""
+
+    def __init__(self, prior_ratio: float, decay: float = 0.95):
+        self.linear = LinearCost(prior_ratio)
+        self.decay = decay
+        self.mean: dict[int, float] = {}
+        self.weight: dict[int, float] = {}
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.linear.add(tokens, seconds)
+        for n in self.weight:
+            self.weight[n] *= self.decay
+        w = self.weight.get(tokens, 0.0)
+        self.mean[tokens] = (self.mean.get(tokens, 0.0) * w + seconds) / (w + 1)
+        self.weight[tokens] = w + 1
+
+    def __call__(self, tokens: int) -> float:
+        """Expected seconds of a step computing ``tokens`` tokens (a unit step before any measurement)."""
+        fixed, per_token = self.linear.fit()
+        if fixed <= 0:
+            fixed, per_token = 1.0, self.linear.prior_ratio
+        line = fixed + per_token * tokens
+        w = self.weight.get(tokens, 0.0)
+        return (self.mean.get(tokens, 0.0) * w + line) / (w + 1)
+
+
 @dataclass
 class SpecState:
     """``Sequence.spec_state``: decayed acceptance evidence and the proposer's own state."""
@@ -73,7 +102,7 @@ class SpecController:
         self.prior = prior
         self.prior_weight = prior_weight
         self.decay = decay
-        self.step_cost = LinearCost(per_token_cost)
+        self.step_cost = StepCost(per_token_cost)
 
     @staticmethod
     def state(seq: Sequence) -> SpecState:
@@ -101,15 +130,15 @@ class SpecController:
             s = self.state(seq)
             s.accepted *= self.decay
             s.rejected *= self.decay
-        fixed, per_token = self.step_cost.fit()
-        if fixed <= 0:
-            fixed, per_token = 1.0, self.step_cost.prior_ratio
+        step_cost = self.step_cost
         d_fixed, d_token = draft_cost.fit() if draft_cost is not None else (0.0, 0.0)
-        if draft_cost is not None and not draft_cost.measured:
-            d_fixed, d_token = 0.5 * fixed, 0.5 * per_token  # until measured: a draft pass as half a step
+        if draft_cost is not None and not draft_cost.measured:  # until measured: a draft pass as half a step
+            d_fixed, d_token = 0.5 * step_cost(1), 0.5 * (step_cost(2) - step_cost(1))
         rates = [self.acceptance(s) for s in seqs]
         ks = [0] * len(seqs)
-        cost = fixed + per_token * base_tokens
+        tokens = base_tokens
+        target = step_cost(tokens)
+        drafting = 0.0  # the draft passes' time
         expected = float(base_yield)
         depth = 0  # draft passes so far (each one's fixed cost is paid once for the batch)
         heap = [(-a, i, 1) for i, a in enumerate(rates) if limits[i] > 0]
@@ -117,10 +146,13 @@ class SpecController:
         while heap:
             neg_gain, i, j = heapq.heappop(heap)
             gain = -neg_gain
-            extra = per_token + d_token + (d_fixed if j > depth else 0.0)
-            if gain * cost <= extra * expected:  # would lower expected tokens per second
+            longer = step_cost(tokens + 1)
+            extra = longer - target + d_token + (d_fixed if j > depth else 0.0)
+            if gain * (target + drafting) <= extra * expected:  # would lower expected tokens per second
                 break
-            expected, cost, ks[i], depth = expected + gain, cost + extra, j, max(depth, j)
+            expected, tokens, ks[i], depth = expected + gain, tokens + 1, j, max(depth, j)
+            drafting += extra - (longer - target)
+            target = longer
             if j < limits[i]:
                 heapq.heappush(heap, (-gain * rates[i], i, j + 1))
         return ks

@@ -98,8 +98,7 @@ class DraftModelProposer(Proposer):
             if j:  # the first pass also catches up on the target's new tokens
                 self.draft_cost.add(len(step), time.perf_counter() - started)
         for i in active:
-            if probs[i]:
-                drafts[i].probs = torch.stack(probs[i])
+            drafts[i].probs = probs[i] or None
         return drafts
 
     def _prepare(self, seq: Sequence, k: int, batch: list[Sequence]) -> bool:
@@ -127,7 +126,9 @@ class DraftModelProposer(Proposer):
         while m < len(own) and m < len(tokens) and own[m] == tokens[m]:
             m += 1
         del own[m:]
-        self.block_manager.truncate(shadow.seq, min(shadow.seq.num_computed_tokens, m))
+        # the last token is computed again even where its KV is kept: the first draft pass needs its logits
+        # (the target may not have moved since the last drafts, when the scheduler dropped them)
+        self.block_manager.truncate(shadow.seq, min(shadow.seq.num_computed_tokens, m, len(tokens) - 1))
         own.extend(tokens[m:])
         shadow.num_synced = len(tokens)
 

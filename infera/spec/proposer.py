@@ -16,11 +16,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Draft:
-    """Tokens proposed to follow a sequence; ``probs`` [len(token_ids), V] is the distribution each
-    was sampled from, or None for deterministic drafts (q one-hot)."""
+    """Tokens proposed to follow a sequence; ``probs`` holds the distribution ([V]) each was sampled
+    from, or is None for deterministic drafts (q one-hot)."""
 
     token_ids: list[int]
-    probs: torch.Tensor | None = None
+    probs: list[torch.Tensor] | None = None
 
 
 class Proposer:
@@ -50,13 +50,14 @@ def choose_draft_tokens(logits: torch.Tensor, seqs: list[Sequence], generators: 
     distribution q (the request's temperature, top-k, top-p, min-p), returned for verification."""
     tokens = logits.argmax(dim=-1).tolist()
     probs: list[torch.Tensor | None] = [None] * len(seqs)
-    for row, (seq, generator) in enumerate(zip(seqs, generators)):
-        if seq.params.greedy:
-            continue
-        q = Sampler.probs(logits[row:row + 1].float(), [seq.params])[0]
-        noise = torch.empty_like(q).exponential_(generator=generator or default_generator)
-        tokens[row] = int((q / noise).argmax())
-        probs[row] = q
+    rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+    if rows:  # one pass over all sampled rows: small per-row tensor ops cost more than the math
+        q = Sampler.probs(logits[rows].float(), [seqs[i].params for i in rows])
+        noise = torch.empty_like(q)
+        for j, i in enumerate(rows):
+            noise[j].exponential_(generator=generators[i] or default_generator)
+        for j, (i, t) in enumerate(zip(rows, (q / noise).argmax(dim=-1).tolist())):
+            tokens[i], probs[i] = t, q[j]
     return tokens, probs
 
 

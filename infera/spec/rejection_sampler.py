@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infera.engine.sequence import Sequence
-from infera.layers.sampler import Sampler, TokenLogprobs, token_logprobs
+from infera.layers.sampler import Sampler, TokenLogprobs, device_tensor, token_logprobs
 
 if TYPE_CHECKING:
     from infera.structured.bitmask import BatchBitmask
@@ -71,9 +71,13 @@ class RejectionSampler:
             tokens[i] = rows_i[:a + 1]
             if i in rewind:
                 self._rewind(states[starts[i]].generator, rewind[i], a + 1, logits.shape[1])
-        for i in with_q:
-            tokens[i] = self._accept_or_resample(logits[starts[i]:starts[i + 1]], seqs[i], drafts[i],
-                                                 states[starts[i]].generator)
+        if with_q:
+            q_seqs = sorted(with_q)
+            q_rows = [r for i in q_seqs for r in range(starts[i], starts[i + 1])]
+            generators = [states[starts[i]].generator for i in q_seqs]
+            kept = self._accept_or_resample(logits[q_rows], [seqs[i] for i in q_seqs], [drafts[i] for i in q_seqs],
+                                            generators)
+            tokens.update(zip(q_seqs, kept))
         out = []
         for i, s in enumerate(seqs):
             kept = tokens[i]
@@ -93,24 +97,36 @@ class RejectionSampler:
         for _ in range(num_rows):
             scratch.exponential_(generator=generator)
 
-    def _accept_or_resample(self, logits: torch.Tensor, seq: Sequence, draft: list[int],
-                            generator: torch.Generator | None) -> list[int]:
-        """The rejection rule for drafts sampled from ``seq.spec_draft_probs`` (q); returns the accepted
-        drafts and the token that follows them."""
-        generator = generator or self.sampler.generator
-        k = len(draft)
-        p = Sampler.probs(logits, [seq.params] * (k + 1))
-        q = seq.spec_draft_probs[:k].to(p.device, p.dtype)
-        idx = torch.arange(k, device=p.device)
-        x = torch.tensor(draft, device=p.device)
-        u = torch.rand(k, generator=generator, device=p.device)
-        rejected = (u * q[idx, x] > p[idx, x]).tolist()
-        a = rejected.index(True) if True in rejected else k
-        if a < k:
-            dist = (p[a] - q[a]).clamp_(min=0)
-            if not bool(dist.sum() > 0):  # p == q at this position: the residual is p itself
-                dist = p[a]
-        else:
-            dist = p[k]
-        noise = torch.empty_like(dist).exponential_(generator=generator)
-        return draft[:a] + [int((dist / noise).argmax())]
+    def _accept_or_resample(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
+                            generators: list[torch.Generator | None]) -> list[list[int]]:
+        """The rejection rule for drafts sampled from ``seq.spec_draft_probs`` (q), for all such
+        sequences at once (``logits``: their rows, laid out as in :meth:`__call__`); returns each
+        one's accepted drafts and the token that follows them.  A seeded request draws its
+        acceptance uniforms, then its resampling noise, from its own generator."""
+        device = logits.device
+        p = Sampler.probs(logits, [s.params for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)])
+        x = [t for d in drafts for t in (*d, 0)]
+        rows = torch.arange(len(x), device=device)
+        # q of each draft token (1 after a sequence's last draft: that row is never rejected)
+        one = torch.ones((), device=device, dtype=p.dtype)
+        q_x = torch.stack([t for s, d in zip(seqs, drafts) for t in (*(q[t] for q, t in zip(s.spec_draft_probs, d)), one)])
+        u = torch.cat([torch.rand(len(d) + 1, generator=g or self.sampler.generator, device=device)
+                       for d, g in zip(drafts, generators)])
+        rejected = (u * q_x.to(p.dtype) > p[rows, device_tensor(x, device)]).tolist()
+        firsts, start = [], 0  # each sequence's accepted count and the row it samples the next token from
+        for d in drafts:
+            a = next((j for j in range(len(d)) if rejected[start + j]), len(d))
+            firsts.append((a, start + a))
+            start += len(d) + 1
+        p_sel = p[device_tensor([r for _, r in firsts], device)]
+        # the residual max(0, p - q) at a rejection; p itself after all drafts were accepted
+        zero = torch.zeros(p.shape[1], device=device, dtype=p.dtype)
+        q_sel = torch.stack([s.spec_draft_probs[a] if a < len(d) else zero for s, d, (a, _) in zip(seqs, drafts, firsts)])
+        dist = (p_sel - q_sel.to(p.dtype)).clamp_(min=0)
+        empty = dist.sum(dim=-1) <= 0  # p == q at that position: the residual is p itself
+        dist = torch.where(empty.unsqueeze(1), p_sel, dist)
+        noise = torch.empty_like(dist)
+        for j, g in enumerate(generators):
+            noise[j].exponential_(generator=g or self.sampler.generator)
+        resampled = (dist / noise).argmax(dim=-1).tolist()
+        return [d[:a] + [t] for d, (a, _), t in zip(drafts, firsts, resampled)]

@@ -25,9 +25,12 @@ from infera.spec.proposer import Draft, Proposer, choose_draft_tokens, seeded_ge
 
 
 def parse_layers(spec: str, num_layers: int) -> set[int]:
-    """``"8-20,24"`` -> {8, ..., 20, 24}; empty: every other layer of the second half."""
+    """``"8-20,24"`` -> {8, ..., 20, 24}; empty: every other layer of the second half (the last
+    layer for models too shallow for that)."""
     if not spec:
-        return set(range(num_layers // 2 + 1, num_layers - 1, 2))
+        if num_layers < 2:
+            raise ValueError("speculative: self-drafting skips layers, so it needs a model of at least 2 layers")
+        return set(range(num_layers // 2 + 1, num_layers - 1, 2)) or {num_layers - 1}
     layers: set[int] = set()
     try:
         for part in spec.split(","):
@@ -102,7 +105,7 @@ class SelfDraftProposer(Proposer):
                 if j:
                     self.draft_cost.add(len(step), time.perf_counter() - started)
         for i, v in passes.items():
-            drafts[i] = Draft(v.spec_token_ids, torch.stack(probs[i]) if probs[i] else None)
+            drafts[i] = Draft(v.spec_token_ids, probs[i] or None)
         return drafts
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
