@@ -24,9 +24,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # Peer benchmarks: llama-cpp-python compiles llama.cpp for several minutes, so it lives here.
-bench: $(STAMP)
+# `make bench` runs benchmarks/throughput.py; `make bench-NAME` runs benchmarks/NAME.py
+# (quant, structured, spec, scaling, serve, gpu); ARGS="..." passes options.
+bench: bench-throughput
+
+bench-%: $(STAMP)
 	$(PIP) -e '.[bench]'
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/$*.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,6 +11,9 @@
    concurrently.  The search code is the same; only the driver differs.  Reported: wall time and
    prompt tokens the engine computed (prefill), in-engine vs over HTTP, and their ratios.
 
+Every run redraws ``--plot`` (default docs/scaling_arithmetic.png) from all the results under
+OUT, so a long benchmark can be split into several runs sharing one OUT (see the README).
+
     python benchmarks/scaling.py                                      # 200 problems, budgets 1..32
     python benchmarks/scaling.py --problems 50 --budgets 1,4,8 --out /tmp/scaling
     python benchmarks/scaling.py --rewards arithmetic --http-budget 0  # accuracy only
@@ -34,7 +37,7 @@ from infera import LLM
 from infera.scaling.answers import answers_equal
 from infera.scaling.api import build_search, run_searches
 from infera.scaling.controller import Expand, Search
-from infera.scaling.eval import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods
+from infera.scaling.eval import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, read_rows
 from infera.scaling.result import ScalingResult
 from infera.scaling.tasks import Task, arithmetic_tasks
 
@@ -126,6 +129,50 @@ async def particle_filtering_over_http(llm: LLM, url: str, tasks: list[Task], bu
             "accuracy": sum(answers_equal(r.answer, t.answer) for r, t in zip(results, tasks)) / len(tasks)}
 
 
+def num_problems(out: Path) -> int:
+    """How many problems a results directory of ``evaluate_all`` was run on (from details.jsonl)."""
+    first = None
+    count = 0
+    with (out / "details.jsonl").open() as f:
+        for line in f:
+            d = json.loads(line)
+            first = first or (d["method"], d["budget"])
+            count += (d["method"], d["budget"]) == first
+    return count
+
+
+def plot_rewards(out: Path, path: Path) -> None:
+    """Accuracy against budget, one panel per reward found under ``out``, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(r, read_rows(out / r / "results.csv")) for r in REWARD_NAMES]
+    panels = [(r, rows) for r, rows in panels if rows]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (reward, rows) in zip(axes[0], panels):
+        for method in EVAL_METHODS:
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+            if mine:
+                ax.plot([r["budget"] for r in mine], [100 * r["accuracy"] for r in mine], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        budgets = sorted({r["budget"] for r in rows})
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("budget (samples / beams / particles)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"reward: {REWARD_NAMES[reward]}, {num_problems(out / reward)} problems")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M-Instruct, arithmetic word problems")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: the bundled SmolLM2-135M)")
@@ -143,6 +190,8 @@ def main() -> None:
     p.add_argument("--http-concurrency", type=int, default=1,
                    help="problems in flight over HTTP (1: one at a time, as the HTTP libraries' loops do)")
     p.add_argument("--out", default="benchmarks/results/scaling", help="output directory")
+    p.add_argument("--plot", default="docs/scaling_arithmetic.png",
+                   help="accuracy plot of every reward's results under --out")
     args = p.parse_args()
     tasks = arithmetic_tasks(args.problems, args.problem_seed)
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
@@ -181,6 +230,7 @@ def main() -> None:
                   f"{100 * r['accuracy']:8.1f}%")
         print(f"in-engine is {speedup:.1f}x faster (target >= 3x) and computes {fewer:.1f}x fewer prefill tokens "
               f"(target >= 5x)")
+    plot_rewards(out, Path(args.plot))
     save_json(str(out / "summary.json"), summary)
     print(f"wrote {out}/summary.json")
 

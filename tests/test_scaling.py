@@ -239,6 +239,8 @@ def test_bad_requests_raise_value_errors(tiny_llm):
         best_of_n(tiny_llm, "q", budget=2, reward=lambda q, s: 3.0, **STEPS)
     with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
         best_of_n(tiny_llm, "q", reward=outcome, max_tokens=0)
+    with pytest.raises(ValueError, match="aggregate must be one of last, min, product"):
+        best_of_n(tiny_llm, "q", reward=outcome, aggregate="mean")
     assert_idle(tiny_llm.engine)
 
 

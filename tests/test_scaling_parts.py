@@ -82,7 +82,7 @@ def test_selection():
     assert vote([None, None])[0] == [0]  # nobody answered: the first candidate
     assert aggregate([0.5, 0.2, 0.8], "last") == 0.8
     assert aggregate([0.5, 0.2, 0.8], "min") == 0.2
-    assert aggregate([0.5, 0.2, 0.8], "prod") == pytest.approx(0.08)
+    assert aggregate([0.5, 0.2, 0.8], "product") == pytest.approx(0.08)
 
 
 def test_weights_softmax_of_logits():

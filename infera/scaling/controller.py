@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-AGGREGATIONS = ("last", "min", "prod")
+AGGREGATIONS = ("last", "min", "product")
 
 
 @dataclass(eq=False)
@@ -113,7 +113,7 @@ class SearchConfig:
     delimiter: str | None = "\n\n"
     stop_on_answer: bool = True
     answer_pattern: str | None = None
-    aggregate: str | None = None  # last, min or prod; None: the reward's own default
+    aggregate: str | None = None  # last, min or product; None: the reward's own default
     seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -60,7 +60,7 @@ class RewardModel(Reward):
     """A PRM or ORM (see the module docstring).  ``positive_label``: the label whose probability
     is the score when there are several (a single label is read through a sigmoid)."""
 
-    aggregate = "prod"
+    aggregate = "product"
 
     def __init__(self, path: str | Path, dtype: str = "auto", device: str = "auto", kv_cache_memory: str = "256MiB",
                  positive_label: int = 1, block_size: int = 16):
@@ -72,7 +72,7 @@ class RewardModel(Reward):
             raise ModelLoadError(f"{path}: {arch} ({config.model_type}) is not a reward model infera runs; it needs "
                                  f"a token- or sequence-classification head on a {'/'.join(BACKBONES)} backbone")
         self.process = HEADS[head]
-        self.aggregate = "prod" if self.process else "last"
+        self.aggregate = "product" if self.process else "last"
         if config.num_labels > 1 and not 0 <= positive_label < config.num_labels:
             raise ValueError(f"positive_label {positive_label} is not one of the model's {config.num_labels} labels")
         self.positive_label = positive_label
