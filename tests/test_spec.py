@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from infera import LLM, SamplingParams
 from infera.engine.llm_engine import LLMEngine
 from infera.sampling_params import StructuredOutputParams as SO
-from infera.spec.controller import SpecController
+from infera.spec.controller import SpecController, StepCost
 from infera.spec.self_draft import parse_layers
 
 METHODS = ["ngram", "recycle", "self", "draft"]
@@ -334,10 +334,21 @@ def test_bad_method_named(tiny_model, bad):
         LLM(str(tiny_model("llama")), speculative=bad)
 
 
+class FlatStepCost(StepCost):
+    """Steps that cost the same whatever their tokens (a GPU-like regime), whatever this machine measures."""
+
+    def add(self, tokens: int, seconds: float) -> None:
+        pass
+
+    def __call__(self, tokens: int) -> float:
+        return 1.0
+
+
 def test_stats_and_controller_on(tiny_model):
-    """With the adaptive controller (not forced), n-gram drafts on repetitive output are verified
-    and counted in the engine's stats."""
+    """With the adaptive controller (not forced) and steps whose cost does not grow with their
+    tokens, n-gram drafts on repetitive output are verified and counted in the engine's stats."""
     llm = LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB", speculative="ngram")
+    llm.engine.spec.controller.step_cost = FlatStepCost(0.15)
     llm.generate([" ".join(WORDS * 2)], greedy(64), use_tqdm=False)
     stats = llm.engine.stats
     assert stats["spec_draft_tokens"] >= stats["spec_accepted_tokens"] > 0
