@@ -64,9 +64,9 @@ class MaskTimer:
         structured = llm.engine.structured
         fill, apply, advance = structured.bitmask.fill, BatchBitmask.apply, structured.advance
 
-        def timed_fill(seqs):
+        def timed_fill(seqs, drafts=None):
             start = time.perf_counter()
-            out = fill(seqs)
+            out = fill(seqs, drafts)
             dt = time.perf_counter() - start
             rows = sum(s.grammar_state is not None for s in seqs)
             if rows:
@@ -81,9 +81,9 @@ class MaskTimer:
             self.apply.append(dt / max(1, len(mask.rows)))
             self.total += dt
 
-        def timed_advance(seq, output_processor):
+        def timed_advance(seq, output_processor, jump_forward=True):
             start = time.perf_counter()
-            out = advance(seq, output_processor)
+            out = advance(seq, output_processor, jump_forward)
             self.total += time.perf_counter() - start
             return out
 
