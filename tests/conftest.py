@@ -80,3 +80,25 @@ def tiny_llm(tiny_model):
     from infera import LLM
 
     return LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="64MiB")
+
+
+def engine_logits(engine, token_ids: list[int], chunks: list[int]) -> torch.Tensor:
+    """Logits for every position of ``token_ids``, computed in chunks of the given sizes through
+    the engine's paged cache (on the CPU, whatever the engine's device)."""
+    from infera.engine.sequence import Sequence
+    from infera.layers.attention import attention_metadata
+    from infera.sampling_params import SamplingParams
+
+    assert sum(chunks) == len(token_ids)
+    seq = Sequence(token_ids, SamplingParams())
+    bm, runner = engine.block_manager, engine.runner
+    out = []
+    with torch.inference_mode():
+        for n in chunks:
+            assert bm.allocate_slots(seq, n)
+            ids, pos, meta = runner.prepare_inputs([seq], [n])
+            with attention_metadata(meta):
+                out.append(runner.model.compute_logits(runner.model(ids, pos)).float().cpu())
+            bm.commit(seq, n)
+    bm.free(seq)
+    return torch.cat(out)

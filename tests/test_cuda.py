@@ -14,9 +14,8 @@ import torch
 
 from infera import LLM, SamplingParams
 from infera.engine.llm_engine import LLMEngine
-from infera.engine.sequence import Sequence
 from infera.layers import paged_attention
-from infera.layers.attention import attention_metadata
+from conftest import engine_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -29,20 +28,6 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) for _ in range(n)]
 
 
-def engine_logits(engine: LLMEngine, token_ids: list[int], chunks: list[int]) -> torch.Tensor:
-    """Logits for every position, computed in chunks of the given sizes through the paged cache."""
-    seq = Sequence(token_ids, SamplingParams())
-    bm, runner = engine.block_manager, engine.runner
-    out = []
-    with torch.inference_mode():
-        for n in chunks:
-            assert bm.allocate_slots(seq, n)
-            ids, pos, meta = runner.prepare_inputs([seq], [n])
-            with attention_metadata(meta):
-                out.append(runner.model.compute_logits(runner.model(ids, pos)).float().cpu())
-            bm.commit(seq, n)
-    bm.free(seq)
-    return torch.cat(out)
 
 
 def hf_logits(path, token_ids: list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -11,29 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from infera.engine.llm_engine import LLMEngine
-from infera.engine.sequence import Sequence
-from infera.layers.attention import attention_metadata
-from infera.sampling_params import SamplingParams
+from conftest import engine_logits
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Paged attention keeps the KV cache in blocks, " * 2
 
 
-def infera_logits(engine: LLMEngine, token_ids: list[int], chunks: list[int]) -> torch.Tensor:
-    """Logits for every position, computed in the given chunk sizes through the paged cache."""
-    assert sum(chunks) == len(token_ids)
-    seq = Sequence(token_ids, SamplingParams())
-    bm, runner = engine.block_manager, engine.runner
-    out = []
-    with torch.inference_mode():
-        for n in chunks:
-            assert bm.allocate_slots(seq, n)
-            ids, pos, meta = runner.prepare_inputs([seq], [n])
-            with attention_metadata(meta):
-                hidden = runner.model(ids, pos)
-            out.append(runner.model.compute_logits(hidden).float())
-            bm.commit(seq, n)
-    bm.free(seq)
-    return torch.cat(out)
 
 
 def hf_logits(path, token_ids: list[int], dtype: torch.dtype, **kwargs) -> torch.Tensor:
@@ -58,7 +40,7 @@ def test_tiny_fp32_matches_hf(tiny_model, kind):
     ids = engine.tokenizer.encode(PROMPT)
     ref = hf_logits(path, ids, torch.float32)
     for name, chunks in chunkings(len(ids)).items():
-        ours = infera_logits(engine, ids, chunks)
+        ours = engine_logits(engine, ids, chunks)
         diff = (ours - ref).abs().max().item()
         assert diff <= 1e-4, f"{kind} {name}: max |diff| {diff:.2e}"
 
@@ -70,7 +52,7 @@ def test_tiny_bf16_matches_hf(tiny_model, kind):
     ids = engine.tokenizer.encode(PROMPT)
     ref = hf_logits(path, ids, torch.bfloat16)
     for name, chunks in chunkings(len(ids)).items():
-        ours = infera_logits(engine, ids, chunks)
+        ours = engine_logits(engine, ids, chunks)
         diff = (ours - ref).abs().max().item()
         assert diff <= 0.02 * ref.abs().max().item(), f"{kind} {name}: max |diff| {diff:.3f}"
 
@@ -81,7 +63,7 @@ def test_bundled_gguf_matches_hf(bundled_model_path):
     ids = engine.tokenizer.encode(PROMPT)
     ref = hf_logits(bundled_model_path.parent, ids, torch.float32, gguf_file=bundled_model_path.name)
     for name, chunks in chunkings(len(ids)).items():
-        ours = infera_logits(engine, ids, chunks)
+        ours = engine_logits(engine, ids, chunks)
         diff = (ours - ref).abs().max().item()
         assert diff <= 5e-4, f"bundled {name}: max |diff| {diff:.2e}"
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))

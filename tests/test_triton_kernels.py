@@ -30,6 +30,7 @@ from infera.layers import triton_attention as ta  # noqa: E402
 
 from infera.layers import paged_attention as pa  # noqa: E402
 from infera.layers.attention import LayerKVCache  # noqa: E402
+from conftest import engine_logits  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -175,23 +176,6 @@ def triton_dispatch(monkeypatch):
     monkeypatch.setattr(pa, "decode_attention", decode)
 
 
-def engine_logits(engine, token_ids: list[int], chunks: list[int]) -> torch.Tensor:
-    from infera.engine.sequence import Sequence
-    from infera.layers.attention import attention_metadata
-    from infera.sampling_params import SamplingParams
-
-    seq = Sequence(token_ids, SamplingParams())
-    bm, runner = engine.block_manager, engine.runner
-    out = []
-    with torch.inference_mode():
-        for n in chunks:
-            assert bm.allocate_slots(seq, n)
-            ids, pos, meta = runner.prepare_inputs([seq], [n])
-            with attention_metadata(meta):
-                out.append(runner.model.compute_logits(runner.model(ids, pos)).float())
-            bm.commit(seq, n)
-    bm.free(seq)
-    return torch.cat(out)
 
 
 @pytest.mark.skipif(CUDA, reason="covered by tests/test_cuda.py on a GPU")
