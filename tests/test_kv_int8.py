@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from infera import LLM, SamplingParams
-from test_models_vs_hf import PROMPT, infera_logits
+from conftest import engine_logits
+from test_models_vs_hf import PROMPT
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Water boils at", "List three colors:"]
 
@@ -28,7 +29,7 @@ def test_int8_logits_close_to_float(pair):
     flt, q8 = pair
     ids = flt.tokenizer.encode(PROMPT)
     chunks = [len(ids) - 8] + [1] * 8
-    ref, ours = infera_logits(flt.engine, ids, chunks), infera_logits(q8.engine, ids, chunks)
+    ref, ours = engine_logits(flt.engine, ids, chunks), engine_logits(q8.engine, ids, chunks)
     # measured here: mean KL 0.0017 nats, max 0.017; max |logit diff| 1.35 of a 37.5 range
     lp, lq = ref.log_softmax(-1), ours.log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
