@@ -5,6 +5,11 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include "vec512.h"
+#endif
 
 namespace {
 
@@ -27,6 +32,29 @@ _Pragma("omp simd")
   for (int64_t i = 0; i < H; ++i) {
     const float n = static_cast<float>(round_to<scalar_t>(static_cast<float>(x[i]) * inv));
     y[i] = round_to<scalar_t>(static_cast<float>(w[i]) * n);
+  }
+}
+
+// o = silu(g) * u over I values, the activation rounded to the dtype first (as torch's unfused ops).
+template <typename scalar_t>
+void silu_mul_row(const scalar_t* g, const scalar_t* u, scalar_t* o, int64_t I) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    using namespace infera_vec;
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (; i + 16 <= I; i += 16) {
+      const __m512 gv = load16(g + i);
+      const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+      const __m512 act = round16<scalar_t>(_mm512_mul_ps(gv, sig));
+      store16(o + i, round16<scalar_t>(_mm512_mul_ps(act, load16(u + i))));
+    }
+  }
+#endif
+  for (; i < I; ++i) {
+    const float gv = static_cast<float>(g[i]);
+    const float act = static_cast<float>(round_to<scalar_t>(gv / (1.f + std::exp(-gv))));
+    o[i] = round_to<scalar_t>(act * static_cast<float>(u[i]));
   }
 }
 
@@ -137,12 +165,7 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
         const scalar_t* g = xp + t * xs;
         const scalar_t* u = g + I;
         scalar_t* o = op + t * I;
-_Pragma("omp simd")
-        for (int64_t i = 0; i < I; ++i) {
-          const float gv = static_cast<float>(g[i]);
-          const float act = static_cast<float>(round_to<scalar_t>(gv / (1.f + std::exp(-gv))));
-          o[i] = round_to<scalar_t>(act * static_cast<float>(u[i]));
-        }
+        silu_mul_row(g, u, o, I);
       }
     });
   });

@@ -8,7 +8,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include "vec512.h"
+#endif
 
 namespace {
 
@@ -75,6 +80,114 @@ void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, c
       for (int64_t d = 0; d < D; ++d) out[i * L.Hq * D + g * D + d] = static_cast<scalar_t>(acc[(i * G + g) * D + d]);
 }
 
+#if defined(__AVX512F__)
+using namespace infera_vec;
+
+// AVX-512 path for head sizes of 16 * NC: a K/V row is NC vectors of floats. Positions go in
+// tiles of 16; a tile's K rows are widened to floats once, the dot products of each query row with
+// them are reduced 16 at a time (sum16), and V is accumulated in registers, a few query rows at a
+// time. An int8 row's scale multiplies its score (K) or its probability (V), not its elements.
+
+// The sums of v[0], ..., v[15] as one vector: interleave-and-add at 32 bits, 64 bits, then 128-bit lanes.
+inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int j = 0; j < 8; ++j)
+    a[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j) {
+    const __m512d x = _mm512_castps_pd(a[2 * j]), y = _mm512_castps_pd(a[2 * j + 1]);
+    b[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }  // b[j] holds, in lane l, the lane-l partial sums of v[4j], ..., v[4j + 3]
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x88), _mm512_shuffle_f32x4(c, d, 0xDD));
+}
+
+// s[0, n) <- softmax(s[0, n)); s[n, width) <- 0.
+inline void softmax_row(float* s, int64_t n, int64_t width) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16) m = _mm512_mask_max_ps(m, first_lanes(n - t), m, _mm512_loadu_ps(s + t));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < width; t += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(first_lanes(n - t), exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx)));
+    _mm512_storeu_ps(s + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t t = 0; t < n; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
+}
+
+template <int NC, typename scalar_t, typename cache_t>
+void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, const float* k_scale,
+                   const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, scalar_t* out,
+                   const Layout& L, float scale, std::vector<float>& qf, std::vector<float>& scores,
+                   std::vector<float>& acc) {
+  constexpr int64_t D = 16 * NC, RB = 24 / NC;  // RB query rows' V accumulators fill 24 registers
+  const int64_t G = L.G, rows = nq * G, first = ctx - nq, width = (ctx + 15) / 16 * 16;
+  auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
+  auto visible = [&](int64_t r) { return first + r / G + 1; };  // row r = query r / G, head r % G
+  qf.resize(rows * D);
+  scores.resize(rows * width);
+  acc.resize(16 * D);  // one tile of K rows as floats
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[(r / G) * L.Hq * D + (r % G) * D + d]) * scale;
+  for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, ctx - t0);
+    for (int64_t t = t0 + 16; t < std::min(t0 + 32, ctx); ++t) {  // the next tile's K and V rows, from DRAM
+      const int64_t st = slot(t);
+      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(cache_t)); b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(k_cache + st * L.row_stride) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v_cache + st * L.row_stride) + b, _MM_HINT_T1);
+      }
+    }
+    __m512 ks = _mm512_set1_ps(1.f);
+    for (int64_t i = 0; i < 16; ++i) {
+      const cache_t* k = k_cache + (i < n ? slot(t0 + i) : 0) * L.row_stride;
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc.data() + i * D + 16 * c, i < n ? load16(k + 16 * c) : _mm512_setzero_ps());
+    }
+    if (k_scale) {
+      alignas(64) float s[16] = {};
+      for (int64_t i = 0; i < n; ++i) s[i] = k_scale[slot(t0 + i) * L.scale_stride];
+      ks = _mm512_load_ps(s);
+    }
+    for (int64_t r = std::max<int64_t>(0, t0 - first) * G; r < rows; ++r) {  // the rows that see position t0
+      __m512 dot[16];
+      for (int i = 0; i < 16; ++i) {
+        dot[i] = _mm512_mul_ps(_mm512_loadu_ps(qf.data() + r * D), _mm512_loadu_ps(acc.data() + i * D));
+        for (int c = 1; c < NC; ++c)
+          dot[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + r * D + 16 * c), _mm512_loadu_ps(acc.data() + i * D + 16 * c), dot[i]);
+      }
+      _mm512_storeu_ps(scores.data() + r * width + t0, _mm512_mul_ps(sum16(dot), ks));
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) softmax_row(scores.data() + r * width, visible(r), width);
+  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+    const int64_t nr = std::min(RB, rows - r0);
+    __m512 a[RB][NC];
+    for (int j = 0; j < RB; ++j)
+      for (int c = 0; c < NC; ++c) a[j][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < visible(r0 + nr - 1); ++t) {
+      const int64_t st = slot(t);
+      const cache_t* v = v_cache + st * L.row_stride;
+      const float vs = v_scale ? v_scale[st * L.scale_stride] : 1.f;
+      __m512 row[NC];
+      for (int c = 0; c < NC; ++c) row[c] = load16(v + 16 * c);
+      for (int j = 0; j < RB; ++j) {
+        if (j >= nr) break;
+        const __m512 p = _mm512_set1_ps(scores[(r0 + j) * width + t] * vs);
+        for (int c = 0; c < NC; ++c) a[j][c] = _mm512_fmadd_ps(p, row[c], a[j][c]);
+      }
+    }
+    for (int64_t j = 0; j < nr; ++j) {
+      alignas(64) float o[D];
+      for (int c = 0; c < NC; ++c) _mm512_store_ps(o + 16 * c, a[j][c]);
+      const int64_t r = r0 + j;
+      for (int64_t d = 0; d < D; ++d) out[(r / G) * L.Hq * D + (r % G) * D + d] = static_cast<scalar_t>(o[d]);
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 // q: [T, Hq, D], the queries of S sequences back to back (sequence s owns rows
@@ -114,15 +227,28 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "paged_attention", [&] {
     auto run = [&](auto* kp, auto* vp) {
+      using cache_t = std::remove_pointer_t<decltype(kp)>;
       const scalar_t* qp = q.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
+      auto fn = &attend<scalar_t, cache_t>;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+        switch (D) {
+          case 16: fn = &attend_avx512<1, scalar_t, cache_t>; break;
+          case 32: fn = &attend_avx512<2, scalar_t, cache_t>; break;
+          case 64: fn = &attend_avx512<4, scalar_t, cache_t>; break;
+          case 128: fn = &attend_avx512<8, scalar_t, cache_t>; break;
+          default: break;
+        }
+      }
+#endif
       at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> qf, scores, acc;
+        std::vector<float> qf, scores, scratch;
         for (int64_t item = begin; item < end; ++item) {
           const int64_t s = item / Hkv, h = item % Hkv, row = starts[s] * Hq + h * L.G;
-          attend(qp + row * D, kp + h * D, vp + h * D, ks ? ks + h : nullptr, vs ? vs + h : nullptr,
-                 tables + s * max_blocks, starts[s + 1] - starts[s], lens[s], op + row * D, L,
-                 static_cast<float>(scale), qf, scores, acc);
+          fn(qp + row * D, kp + h * D, vp + h * D, ks ? ks + h : nullptr, vs ? vs + h : nullptr,
+             tables + s * max_blocks, starts[s + 1] - starts[s], lens[s], op + row * D, L,
+             static_cast<float>(scale), qf, scores, scratch);
         }
       });
     };

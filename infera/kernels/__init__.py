@@ -8,6 +8,7 @@ in which case callers fall back to their PyTorch path. ``INFERA_NO_EXTENSIONS=1`
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -24,9 +25,12 @@ def load_cpu_extension(name: str) -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     source = CSRC / f"{name}.cpp"
+    # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))).hexdigest()[:16]
     try:
         logger.info("loading native kernels %s (compiled on first use)", name)
-        return load(f"infera_{name}", [str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return load(f"infera_{name}", [str(source)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DINFERA_HEADERS_{headers}"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: stay on the PyTorch path
         logger.warning("native kernels %s unavailable, using PyTorch fallbacks: %s", name, str(e).splitlines()[0])
