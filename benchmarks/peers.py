@@ -1,8 +1,9 @@
 """The peers infera is measured against, driven on the same token ids as infera.
 
-- llama.cpp through llama-cpp-python's low-level API: every request is its own sequence in one
-  shared context, prompts are prefilled in ``n_batch`` chunks and all sequences decode together in
-  one batch per step (its "parallel slots" mode), greedy, ``n_threads`` threads.
+- llama.cpp through llama-cpp-python's low-level API, as llama-server drives it: every request is
+  its own sequence with its own KV stream (``kv_unified`` off, so attention reads only that
+  sequence's cells), prompt tokens of several sequences are packed into ``n_batch``-token batches,
+  and all sequences decode together in one batch per step; greedy, ``n_threads`` threads.
 - HF transformers ``generate``: one padded batch (left padding), greedy, ``min_new_tokens`` forcing
   the full output length.
 """
@@ -63,7 +64,7 @@ class LlamaCpp:
         cparams.n_seq_max = n_seq
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
-        cparams.kv_unified = True
+        cparams.kv_unified = False  # one KV stream per sequence, n_ctx / n_seq cells each
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         self.n_batch = n_batch
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
@@ -93,13 +94,14 @@ class LlamaCpp:
         """Greedy, all sequences decoding together; returns timings."""
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         start = time.perf_counter()
-        next_tok: list[int] = []
-        for s, prompt in enumerate(prompts):
-            for c in range(0, len(prompt), self.n_batch):
-                chunk = prompt[c:c + self.n_batch]
-                last = c + len(chunk) == len(prompt)
-                self._decode([(t, c + j, s, last and j == len(chunk) - 1) for j, t in enumerate(chunk)])
-            next_tok.append(self._argmax(len(prompt[c:c + self.n_batch]) - 1))
+        pending = [(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)]
+        next_tok = [0] * len(prompts)
+        for c in range(0, len(pending), self.n_batch):
+            items = pending[c:c + self.n_batch]
+            self._decode(items)
+            for i, (_, _, s, last) in enumerate(items):
+                if last:
+                    next_tok[s] = self._argmax(i)
         first = time.perf_counter()
         for step in range(output_len - 1):
             self._decode([(next_tok[s], len(p) + step, s, True) for s, p in enumerate(prompts)])
@@ -110,7 +112,7 @@ class LlamaCpp:
 
 def run_llama_cpp(path: Path, workload: Workload, n_threads: int = 2) -> dict[str, float]:
     n_seq = len(workload.prompts)
-    n_ctx = sum(len(p) + workload.output_len for p in workload.prompts) + 64 * n_seq
+    n_ctx = n_seq * (max(len(p) for p in workload.prompts) + workload.output_len + 64)
     engine = LlamaCpp(path, n_ctx, n_seq, n_threads)
     try:
         return engine.generate(workload.prompts, workload.output_len)
