@@ -240,7 +240,8 @@ def launch(name: str, model_path: str, server_args: list[str], context: int) -> 
     else:
         argv = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", "bench",
                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
-                "--n_threads", str(os.cpu_count() or 1)]
+                "--n_threads", str(os.cpu_count() or 1),
+                "--interrupt_requests", "False"]  # by default each new request cuts the running one short
     return LaunchedServer(name, argv, port)
 
 

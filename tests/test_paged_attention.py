@@ -23,7 +23,7 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def paged_layout(lens, num_blocks=64, block_size=4, hkv=2, d=16, dtype=torch.float32, int8=False, seed=0):
+def paged_layout(lens, num_blocks=128, block_size=4, hkv=2, d=16, dtype=torch.float32, int8=False, seed=0):
     """A random cache (float, or int8 written through store_kv) and block tables for ``lens``."""
     g = torch.Generator().manual_seed(seed)
     if int8:
@@ -43,11 +43,13 @@ def paged_layout(lens, num_blocks=64, block_size=4, hkv=2, d=16, dtype=torch.flo
                                             (torch.float32, True, 1e-5), (torch.bfloat16, True, 2e-2)])
 @pytest.mark.parametrize("impl", ["reference", "native"])
 @pytest.mark.parametrize("queries", ["one token each", "varlen"])
-def test_short_query_attention(dtype, int8, tol, impl, queries):
-    """Against dense causal attention over the cache's (dequantized) contents."""
-    lens = [1, 5, 16, 23]
-    nq = [1, 1, 1, 1] if queries == "one token each" else [1, 3, 16, 4]
-    hq, hkv, d = 6, 2, 16
+@pytest.mark.parametrize("d", [16, 64, 24])  # the native kernel's vector path takes 16 * {1, 2, 4, 8}; 24 the scalar one
+def test_short_query_attention(dtype, int8, tol, impl, queries, d):
+    """Against dense causal attention over the cache's (dequantized) contents; contexts span
+    several 16-token tiles and end inside one."""
+    lens = [1, 5, 16, 23, 50]
+    nq = [1, 1, 1, 1, 1] if queries == "one token each" else [1, 3, 16, 4, 9]
+    hq, hkv = 6, 2
     kv, tables = paged_layout(lens, hkv=hkv, d=d, dtype=dtype, int8=int8)
     starts = torch.tensor([0, *torch.tensor(nq).cumsum(0).tolist()])
     q = torch.randn(int(starts[-1]), hq, d).to(dtype)
