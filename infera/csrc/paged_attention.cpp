@@ -121,14 +121,14 @@ template <int NC, typename scalar_t, typename cache_t>
 void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, const float* k_scale,
                    const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, scalar_t* out,
                    const Layout& L, float scale, std::vector<float>& qf, std::vector<float>& scores,
-                   std::vector<float>& acc) {
+                   std::vector<float>& tile) {
   constexpr int64_t D = 16 * NC, RB = 24 / NC;  // RB query rows' V accumulators fill 24 registers
   const int64_t G = L.G, rows = nq * G, first = ctx - nq, width = (ctx + 15) / 16 * 16;
   auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
   auto visible = [&](int64_t r) { return first + r / G + 1; };  // row r = query r / G, head r % G
   qf.resize(rows * D);
   scores.resize(rows * width);
-  acc.resize(16 * D);  // one tile of K rows as floats
+  tile.resize(16 * D);  // one tile of K rows as floats
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[(r / G) * L.Hq * D + (r % G) * D + d]) * scale;
   for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
@@ -143,7 +143,7 @@ void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_c
     __m512 ks = _mm512_set1_ps(1.f);
     for (int64_t i = 0; i < 16; ++i) {
       const cache_t* k = k_cache + (i < n ? slot(t0 + i) : 0) * L.row_stride;
-      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc.data() + i * D + 16 * c, i < n ? load16(k + 16 * c) : _mm512_setzero_ps());
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(tile.data() + i * D + 16 * c, i < n ? load16(k + 16 * c) : _mm512_setzero_ps());
     }
     if (k_scale) {
       alignas(64) float s[16] = {};
@@ -153,9 +153,9 @@ void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_c
     for (int64_t r = std::max<int64_t>(0, t0 - first) * G; r < rows; ++r) {  // the rows that see position t0
       __m512 dot[16];
       for (int i = 0; i < 16; ++i) {
-        dot[i] = _mm512_mul_ps(_mm512_loadu_ps(qf.data() + r * D), _mm512_loadu_ps(acc.data() + i * D));
+        dot[i] = _mm512_mul_ps(_mm512_loadu_ps(qf.data() + r * D), _mm512_loadu_ps(tile.data() + i * D));
         for (int c = 1; c < NC; ++c)
-          dot[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + r * D + 16 * c), _mm512_loadu_ps(acc.data() + i * D + 16 * c), dot[i]);
+          dot[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + r * D + 16 * c), _mm512_loadu_ps(tile.data() + i * D + 16 * c), dot[i]);
       }
       _mm512_storeu_ps(scores.data() + r * width + t0, _mm512_mul_ps(sum16(dot), ks));
     }
