@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> list[Report]:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         model = args.model or httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
         bodies = request_bodies(prompts, model, args.output_len, peer, tokenizer.eos_token_ids)
+        warm_up = {**bodies[0], "max_tokens": 4, "stream": False}
+        warm_up.pop("stream_options", None)
+        httpx.post(f"{url}/v1/completions", json=warm_up, headers=headers, timeout=600).raise_for_status()
         rep = asyncio.run(run_load(name, url, bodies, args.request_rate, args.seed, api_key))
         print_report(rep, args.request_rate)
         reports.append(rep)

@@ -15,7 +15,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from infera import SamplingParams
-from infera.engine.async_engine import AsyncLLMEngine
+from infera.engine.async_engine import AsyncLLMEngine, run_on_fresh_thread
 from infera.engine.llm_engine import LLMEngine
 from infera.server.api_server import build_app
 
@@ -477,3 +477,12 @@ def test_engine_failure_fails_its_requests_not_the_server(server, monkeypatch):
     wait_until(server.idle, 30, "the failed requests were aborted")
     out = server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, extra_body=NO_EOS)
     assert out.usage.completion_tokens == 3
+
+
+def test_run_on_fresh_thread_returns_or_raises_on_the_caller():
+    """The server loads its model this way, so that only the engine thread keeps an OpenMP team."""
+    caller = threading.get_ident()
+    assert run_on_fresh_thread(threading.get_ident) != caller
+    assert run_on_fresh_thread(int, "ff", base=16) == 255
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_on_fresh_thread(int, "not a number")

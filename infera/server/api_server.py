@@ -21,7 +21,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
+from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
+                                        run_on_fresh_thread)
 from infera.server.metrics import ServerMetrics
 from infera.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -232,7 +233,7 @@ def run_server(args: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_waiting_requests < 1:
         raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
-    engine = LLMEngine(**engine_kwargs(args))
+    engine = run_on_fresh_thread(LLMEngine, **engine_kwargs(args))  # the engine thread alone runs torch
     name = args.served_model_name or Path(engine.model_path).stem
     async_engine = AsyncLLMEngine(engine, args.max_waiting_requests)
     app = build_app(async_engine, name, args.api_key, engine.model_path)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import jinja2
 
-from infera.engine.async_engine import AsyncLLMEngine, RequestStream
+from infera.engine.async_engine import AsyncLLMEngine, RequestStream, run_on_fresh_thread
 from infera.layers.sampler import TokenLogprobs
 from infera.outputs import CompletionOutput, RequestOutput
 from infera.sampling_params import SamplingParams
@@ -286,7 +286,8 @@ class OpenAIServing:
             if value is not None:
                 options.setdefault(name, value)
         try:
-            reward = await asyncio.to_thread(make_reward, spec.reward)  # a reward model loads for a while
+            # a reward model loads for a while, and off the event loop's thread and the executor's (see run_on_fresh_thread)
+            reward = await asyncio.to_thread(run_on_fresh_thread, make_reward, spec.reward)
             search = build_search(self.engine.engine, [m.template_dict() for m in req.messages], spec.method,
                                   spec.budget, reward, options)
         except ValueError as e:
