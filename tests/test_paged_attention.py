@@ -92,3 +92,23 @@ def test_store_and_gather_roundtrip():
     seen_k, seen_v = pa.store_kv(kv, k, v, slots)
     gk, gv = pa.gather_kv(kv, table, 6, torch.float32)
     assert torch.equal(gk, k) and torch.equal(gv, v) and torch.equal(seen_k, k)
+
+
+@pytest.mark.skipif(load_cpu_extension("paged_attention") is None, reason="native kernels did not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_native_store_kv_matches_index_copy(dtype):
+    """The native writer against index_copy_, on strided K/V (views into a fused QKV output), with
+    int8 caches' per-token scale rows, and a skipped slot (-1)."""
+    ext = load_cpu_extension("paged_attention")
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(5, 3 * 2 * 4, generator=g) * 50).to(dtype)
+    k, v = qkv[:, 8:16].view(5, 2, 4), qkv[:, 16:24].view(5, 2, 4)  # token rows 24 apart
+    slots = torch.tensor([9, 0, -1, 31, 4])
+    for rows in (k, qkv[:, 8:10]):  # K/V rows, and a scale-shaped [T, Hkv] row
+        cache = [torch.zeros(8, 4, *rows.shape[1:], dtype=dtype) for _ in range(2)]
+        ext.store_kv(*cache, rows, rows * 2 if dtype != torch.int8 else rows, slots)
+        keep = slots >= 0
+        expect = torch.zeros_like(cache[0]).view(-1, *rows.shape[1:]).index_copy_(0, slots[keep], rows[keep])
+        assert torch.equal(cache[0].view_as(expect), expect)
+    with pytest.raises(RuntimeError, match="out of the cache"):
+        ext.store_kv(*cache, rows, rows, torch.tensor([0, 1, 2, 3, 32]))

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -191,16 +192,18 @@ void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_c
 }  // namespace
 
 // q: [T, Hq, D], the queries of S sequences back to back (sequence s owns rows
-// query_start[s] .. query_start[s + 1], the last positions of its context_lens[s] tokens);
+// query_start[s] .. query_start[s + 1] (one row each without query_start), the last positions of its context_lens[s] tokens);
 // k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, or int8 with
 // k_scale, v_scale: [num_blocks, block_size, Hkv] float32; block_tables: [S, max_blocks] int64.
 // Returns [T, Hq, D].
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                              torch::Tensor block_tables, torch::Tensor query_start, torch::Tensor context_lens,
-                              double scale) {
+                              torch::Tensor block_tables, c10::optional<torch::Tensor> query_starts,
+                              torch::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
+  // no query_starts: one query row per sequence (a decode step)
+  torch::Tensor query_start = query_starts.has_value() ? *query_starts : torch::arange(context_lens.size(0) + 1);
   for (const auto& t : {block_tables, query_start, context_lens})
     TORCH_CHECK(t.scalar_type() == torch::kLong, "block tables, query starts and context lengths must be int64");
   const bool quantized = k_cache.scalar_type() == torch::kChar;
@@ -261,6 +264,44 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   return out;
 }
 
+// Token i's K/V rows (k, v: [T, ...], each token's row contiguous) into flat slot slot_mapping[i]
+// of k_cache / v_cache ([num_blocks, block_size, ...] with the same row shape and dtype: the K/V
+// themselves, or an int8 cache's scales); a negative slot is skipped.
+void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor slot_mapping) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+              k_cache.dim() == k.dim() + 1 && k_cache.sizes().slice(2) == k.sizes().slice(1),
+              "the caches must be contiguous [blocks, block_size, ...] with the rows of k and v, got ",
+              k_cache.sizes(), " for ", k.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes() && k.scalar_type() == k_cache.scalar_type() &&
+              v.scalar_type() == k_cache.scalar_type(), "k, v and the caches must share a shape and dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong && slot_mapping.dim() == 1 &&
+              slot_mapping.size(0) == k.size(0), "slot_mapping must be int64 [T]");
+  for (const auto& t : {k, v}) {
+    int64_t expected = 1;
+    for (int64_t d = t.dim() - 1; d >= 1; expected *= t.size(d--))
+      TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, "each token's K/V row must be contiguous");
+  }
+  const int64_t row = k.numel() / std::max<int64_t>(1, k.size(0)), slots = k_cache.numel() / std::max<int64_t>(1, row);
+  const torch::Tensor sm = slot_mapping.contiguous();
+  const int64_t* sp = sm.data_ptr<int64_t>();
+  const int64_t bytes = row * k.element_size();
+  for (int64_t i = 0; i < k.size(0); ++i) TORCH_CHECK(sp[i] < slots, "slot ", sp[i], " is out of the cache");
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
+  at::parallel_for(0, k.size(0), 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (sp[i] < 0) continue;
+      std::memcpy(kc + sp[i] * bytes, kp + i * ks, bytes);
+      std::memcpy(vc + sp[i] * bytes, vp + i * vs, bytes);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over short causal queries (CPU)");
+  m.def("store_kv", &store_kv, "write K/V rows into paged cache slots (CPU)");
 }

@@ -174,10 +174,13 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// acc[t][m] (16 rows of tile t x activation row m0 + m) over all blocks, in floats.
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+// acc[t][m] (16 rows of tile t x activation row m0 + m) over all blocks, in floats. Each tile's
+// bytes `ahead` further on (the thread's next tiles) are prefetched as its blocks go by.
 template <int ENC, int NT, int MR>
 inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Activations& A, int64_t m0,
-                        __m512 (&accf)[NT][MR]) {
+                        int64_t ahead, __m512 (&accf)[NT][MR]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
   const int64_t nb = L.nb, K = L.K;
   for (int t = 0; t < NT; ++t)
@@ -193,7 +196,10 @@ inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Acti
     if constexpr (ENC == Q8) {
       for (int k = 0; k < 8; ++k) {
         __m512i w[NT];
-        for (int t = 0; t < NT; ++t) w[t] = _mm512_loadu_si512(tiles[t] + b * 512 + k * 64);
+        for (int t = 0; t < NT; ++t) {
+          w[t] = _mm512_loadu_si512(tiles[t] + b * 512 + k * 64);
+          prefetch(tiles[t] + ahead + b * 512 + k * 64);
+        }
         for (int m = 0; m < MR; ++m) {
           const __m512i x = bcast4(xb[m] + 4 * k);
           for (int t = 0; t < NT; ++t) acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], w[t], x);
@@ -204,6 +210,7 @@ inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Acti
         __m512i lo[NT], hi[NT];
         for (int t = 0; t < NT; ++t) {
           const __m512i v = _mm512_loadu_si512(tiles[t] + b * 256 + p * 64);
+          prefetch(tiles[t] + ahead + b * 256 + p * 64);
           lo[t] = _mm512_and_si512(v, low4);
           hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         }
@@ -225,6 +232,7 @@ inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Acti
       }
     }
     for (int t = 0; t < NT; ++t) {
+      for (int64_t a = 0; a < L.nsa; ++a) prefetch(L.scales(tiles[t] + ahead, a, b));
       const __m512 d0 = L.nsa > 0 ? half16(L.scales(tiles[t], 0, b)) : _mm512_set1_ps(1.f);
       const __m512 d1 = L.nsa > 1 ? half16(L.scales(tiles[t], 1, b)) : _mm512_setzero_ps();
       for (int m = 0; m < MR; ++m) {
@@ -326,6 +334,7 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
         const int nt = ntiles - t >= nt_max ? nt_max : ntiles - t >= 2 ? 2 : 1;
         const uint8_t* tiles[4];
         for (int i = 0; i < nt; ++i) tiles[i] = w + (t + i) * L.tile_bytes;
+        const int64_t ahead = nt * L.tile_bytes;  // (prefetches past the weights' end do not fault)
         for (int64_t m0 = mc; m0 < m_end;) {
           const int mr = m_end - m0 >= mr_max ? mr_max : m_end - m0 >= 2 ? 2 : 1;
           const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;  // this group's activations
@@ -340,9 +349,9 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
 #define INFERA_TILE(NT, MR)                                          \
   if (nt == NT && mr == MR) {                                        \
     __m512 accf[NT][MR];                                             \
-    if (L.enc == Q8) tile_kernel<Q8, NT, MR>(L, tiles, A, base + m0, accf); \
-    else if (L.enc == Q4) tile_kernel<Q4, NT, MR>(L, tiles, A, base + m0, accf); \
-    else tile_kernel<T2, NT, MR>(L, tiles, A, base + m0, accf);             \
+    if (L.enc == Q8) tile_kernel<Q8, NT, MR>(L, tiles, A, base + m0, ahead, accf); \
+    else if (L.enc == Q4) tile_kernel<Q4, NT, MR>(L, tiles, A, base + m0, ahead, accf); \
+    else tile_kernel<T2, NT, MR>(L, tiles, A, base + m0, ahead, accf);             \
     emit(accf, NT, MR);                                              \
   }
           INFERA_TILE(4, 1) else INFERA_TILE(2, 4) else INFERA_TILE(2, 2) else INFERA_TILE(2, 1)

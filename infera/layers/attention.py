@@ -92,8 +92,11 @@ class Attention(nn.Module):
         meta = get_attention_metadata()
         kv = self.kv_cache
         k, v = paged_attention.store_kv(kv, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
         d = meta.num_decode_tokens
+        if not meta.prefills:  # short queries only (every decode step): no output copy
+            return paged_attention.decode_attention(q, kv, meta.decode_block_tables, meta.decode_context_lens,
+                                                    self.scale, meta.decode_query_start).flatten(1)
+        out = torch.empty_like(q)
         if d:
             out[:d] = paged_attention.decode_attention(q[:d], kv, meta.decode_block_tables, meta.decode_context_lens,
                                                        self.scale, meta.decode_query_start)

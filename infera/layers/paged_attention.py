@@ -42,7 +42,7 @@ def store_kv(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor,
     """Write token ``i``'s K/V into flat slot ``slot_mapping[i]`` (block * block_size + offset).
 
     Returns K/V as later readers of the cache will see them (dequantized for an int8 cache).
-    On CUDA, slot -1 skips a token (the padded rows of a CUDA-graph batch)."""
+    Slot -1 skips a token (the padded rows of a CUDA-graph batch; not on the PyTorch fallback)."""
     if not kv.quantized:
         _write_slots(kv.k, kv.v, k, v, slot_mapping)
         return k, v
@@ -58,6 +58,9 @@ def _write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
         from infera.layers import triton_attention
 
         triton_attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
+    if k.dtype == k_cache.dtype and (ext := load_cpu_extension("paged_attention")):
+        ext.store_kv(k_cache, v_cache, k, v, slot_mapping)
         return
     rows = k.shape[1:]
     k_cache.view(-1, *rows).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
@@ -108,8 +111,6 @@ def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tens
         return triton_attention.decode_attention(q, kv, block_tables, context_lens, scale)
     native = kv.quantized or q.dtype == kv.k.dtype
     if native and (ext := load_cpu_extension("paged_attention")):
-        if query_start is None:
-            query_start = torch.arange(len(context_lens) + 1)
         return ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, query_start, context_lens,
                                    scale)
     return decode_attention_reference(q, kv, block_tables, context_lens, scale, query_start)
