@@ -17,6 +17,7 @@ from infera.cli import build_parser, sampling_params
 from infera.engine.sequence import Sequence
 from infera.sampling_params import StructuredOutputParams as SO
 from infera.structured import JUMP_FORWARD_MAX_BATCH, GrammarState
+from infera.structured import bitmask as bitmask_module
 from infera.structured.bitmask import TokenBitmask, pack_bits, unpack_bits
 from infera.structured.grammar_compiler import constraint_key
 
@@ -287,7 +288,7 @@ def reference_allowed(matcher: xgr.GrammarMatcher, vocab_size: int) -> torch.Ten
     return allowed
 
 
-def test_bitmask_matches_token_by_token_reference(tiny: LLM):
+def test_bitmask_matches_token_by_token_reference(tiny: LLM, monkeypatch: pytest.MonkeyPatch):
     engine = tiny.engine
     structured, tok, vocab = engine.structured, engine.tokenizer, engine.runner.vocab_size
     schema = {"type": "object", "required": ["n", "ok"], "properties": {
@@ -311,10 +312,14 @@ def test_bitmask_matches_token_by_token_reference(tiny: LLM):
         # the end of the sequence is allowed exactly where the grammar is complete
         assert bool(got[eos].any()) == (prefix == prefixes[-1])
         logits = torch.randn(2, vocab)
-        masked = logits.clone()
-        batch.apply(masked)
-        assert torch.equal(masked[0], logits[0])  # the unconstrained row is untouched
-        assert torch.equal(masked[1], logits[1].masked_fill(~want, float("-inf")))
+        for native in (True, False):  # the native kernel, and the numpy path used without it
+            with monkeypatch.context() as m:
+                if not native:
+                    m.setattr(bitmask_module, "cpu_kernels", lambda name, x: None)
+                masked = logits.clone()
+                batch.apply(masked)
+            assert torch.equal(masked[0], logits[0])  # the unconstrained row is untouched
+            assert torch.equal(masked[1], logits[1].masked_fill(~want, float("-inf")))
 
 
 def test_bitmask_skips_unconstrained_batches_and_packs_bits():

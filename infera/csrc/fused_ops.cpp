@@ -4,8 +4,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include "vec512.h"
@@ -172,7 +175,44 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   return out;
 }
 
+// logits[r, t] = -inf for each row r in `rows` and token t < vocab whose bit (bit t % 32 of word
+// t / 32) is clear in bitmask[r] (xgrammar's int32 bitsets); in place, float32 logits.
+void apply_token_bitmask(torch::Tensor logits, torch::Tensor bitmask, const std::vector<int64_t>& rows,
+                         int64_t vocab) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat && logits.stride(1) == 1,
+              "logits must be float32 [R, V] with contiguous rows");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == torch::kInt && bitmask.is_contiguous() &&
+              bitmask.size(1) * 32 >= vocab && vocab <= logits.size(1), "bitmask must be int32 [R, ceil(V / 32)]");
+  for (int64_t r : rows)
+    TORCH_CHECK(r >= 0 && r < logits.size(0) && r < bitmask.size(0), "row ", r, " is out of range");
+  float* lp = logits.data_ptr<float>();
+  const auto* bp = reinterpret_cast<const uint32_t*>(bitmask.data_ptr<int32_t>());
+  const int64_t ls = logits.stride(0), W = bitmask.size(1);
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float* l = lp + rows[i] * ls;
+      const uint32_t* w = bp + rows[i] * W;
+      for (int64_t j = 0; j * 32 < vocab; ++j) {
+        const uint32_t bits = w[j];
+        if (bits == 0xFFFFFFFFu) continue;
+        const int64_t base = j * 32, n = std::min<int64_t>(32, vocab - base);
+#if defined(__AVX512F__)
+        if (n == 32) {
+          const __m512 ninf = _mm512_set1_ps(-INFINITY);
+          _mm512_mask_storeu_ps(l + base, static_cast<__mmask16>(~bits & 0xFFFFu), ninf);
+          _mm512_mask_storeu_ps(l + base + 16, static_cast<__mmask16>(~bits >> 16), ninf);
+          continue;
+        }
+#endif
+        for (int64_t k = 0; k < n; ++k)
+          if (!((bits >> k) & 1u)) l[base + k] = -INFINITY;
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("apply_token_bitmask", &apply_token_bitmask, "mask disallowed tokens' logits to -inf, in place");
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual), in place");
   m.def("rotary", &rotary, "rotate-half RoPE on q and k, in place");

@@ -11,6 +11,7 @@ import torch
 import xgrammar as xgr
 
 from infera.engine.sequence import Sequence
+from infera.kernels import cpu_kernels
 
 
 def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
@@ -46,12 +47,13 @@ class BatchBitmask:
     def apply(self, logits: torch.Tensor) -> None:
         """Set the logits of disallowed tokens to -inf, in place (float32 logits).
 
-        Each bitmask byte looks up its 8 additive entries (0 or -inf), then one add per masked
-        row.  On CPU this runs in numpy, single-threaded and without allocations: 1.5-4x faster
-        than xgrammar's per-token CPU loop at a vocabulary of 49k (measured here), and no
-        thread-pool wake-ups."""
+        On CPU the native kernel skips all-allowed words and writes -inf with masked vector
+        stores. Without it, each bitmask byte looks up its 8 additive entries (0 or -inf), then
+        one numpy add per masked row, without allocations."""
         n, vocab = len(self.rows), self.vocab_size
-        if logits.device.type == "cpu":
+        if ext := cpu_kernels("fused_ops", logits):
+            ext.apply_token_bitmask(logits, self.bitmask, self.rows, vocab)
+        elif logits.device.type == "cpu":
             packed = self.bitmask.numpy()[self.rows].view(np.uint8)
             additive = self.scratch[:n]
             np.take(_BYTE_MASK_NP, packed, axis=0, out=additive.reshape(packed.shape + (8,)))
