@@ -113,22 +113,3 @@ def test_native_store_kv_matches_index_copy(dtype):
     with pytest.raises(RuntimeError, match="out of the cache"):
         ext.store_kv(*cache, rows, rows, torch.tensor([0, 1, 2, 3, 32]))
 
-
-@pytest.mark.skipif(load_cpu_extension("paged_attention") is None, reason="native kernels did not build")
-@pytest.mark.parametrize("dtype,int8,tol", [(torch.float32, False, 1e-5), (torch.bfloat16, True, 2e-2)])
-@pytest.mark.parametrize("lens,hkv", [([300], 1), ([150, 7, 300], 1), ([200], 3)])
-def test_decode_attention_split_over_context(dtype, int8, tol, lens, hkv):
-    """Fewer (sequence, KV head) items than threads can share evenly: single-token queries split
-    their context into ranges whose softmax statistics are merged (no query starts given)."""
-    ext = load_cpu_extension("paged_attention")
-    kv, tables = paged_layout(lens, num_blocks=256, hkv=hkv, d=64, dtype=dtype, int8=int8)
-    q = torch.randn(len(lens), 2 * hkv, 64).to(dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, tables, None, torch.tensor(lens), 0.125)
-    finally:
-        torch.set_num_threads(threads)
-    for i, n in enumerate(lens):
-        k, v = pa.gather_kv(kv, tables[i], n, torch.float32)
-        assert (out[i:i + 1].double() - dense_attention(q[i:i + 1], k, v, 0.125)).abs().max() < tol

@@ -1,16 +1,13 @@
 // Paged attention for the CPU over short queries (decode steps, speculative verification,
 // small prefill chunks): K/V are read in place from the block-paged cache, no gather copy.
 // Work is split over (sequence, KV head); the G query heads that share a KV head and all the
-// sequence's query positions are processed together, so each K/V row is read once; when those
-// items are too few to keep every thread busy (one sequence decoding), single-token queries also
-// split their context into ranges whose softmax statistics are merged after (flash-decoding).
-// The cache holds the query's dtype, or int8 with a float scale per token and head.
+// sequence's query positions are processed together, so each K/V row is read once. The cache
+// holds the query's dtype, or int8 with a float scale per token and head.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -106,8 +103,8 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x88), _mm512_shuffle_f32x4(c, d, 0xDD));
 }
 
-// s[0, n) <- softmax(s[0, n)); s[n, width) <- 0. With stats, also the max and the sum of exps.
-inline void softmax_row(float* s, int64_t n, int64_t width, float* stats) {
+// s[0, n) <- softmax(s[0, n)); s[n, width) <- 0.
+inline void softmax_row(float* s, int64_t n, int64_t width) {
   __m512 m = _mm512_set1_ps(-INFINITY);
   for (int64_t t = 0; t < n; t += 16) m = _mm512_mask_max_ps(m, first_lanes(n - t), m, _mm512_loadu_ps(s + t));
   const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
@@ -117,36 +114,27 @@ inline void softmax_row(float* s, int64_t n, int64_t width, float* stats) {
     _mm512_storeu_ps(s + t, e);
     sum = _mm512_add_ps(sum, e);
   }
-  const float total = _mm512_reduce_add_ps(sum);
-  if (stats) {
-    stats[0] = _mm512_reduce_max_ps(mx);
-    stats[1] = total;
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / total);
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
   for (int64_t t = 0; t < n; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
 }
 
-// Cache positions [begin, end) only. With `partial` (single-token queries: every row sees every
-// position), the G rows' outputs over that range go there in float, [G, D], followed by each
-// row's softmax max and sum, [G, 2], for the caller to merge the ranges (flash-decoding).
 template <int NC, typename scalar_t, typename cache_t>
 void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, const float* k_scale,
                    const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, scalar_t* out,
                    const Layout& L, float scale, std::vector<float>& qf, std::vector<float>& scores,
-                   std::vector<float>& tile, int64_t begin, int64_t end, float* partial) {
+                   std::vector<float>& tile) {
   constexpr int64_t D = 16 * NC, RB = 24 / NC;  // RB query rows' V accumulators fill 24 registers
-  const int64_t G = L.G, rows = nq * G, first = ctx - nq, width = (end - begin + 15) / 16 * 16;
+  const int64_t G = L.G, rows = nq * G, first = ctx - nq, width = (ctx + 15) / 16 * 16;
   auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
-  // positions of [begin, end) that row r (query r / G, head r % G) sees
-  auto visible = [&](int64_t r) { return std::min(first + r / G + 1, end) - begin; };
+  auto visible = [&](int64_t r) { return first + r / G + 1; };  // row r = query r / G, head r % G
   qf.resize(rows * D);
   scores.resize(rows * width);
   tile.resize(16 * D);  // one tile of K rows as floats
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[(r / G) * L.Hq * D + (r % G) * D + d]) * scale;
-  for (int64_t t0 = begin; t0 < end; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, end - t0);
-    for (int64_t t = t0 + 16; t < std::min(t0 + 32, end); ++t) {  // the next tile's K and V rows, from DRAM
+  for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, ctx - t0);
+    for (int64_t t = t0 + 16; t < std::min(t0 + 32, ctx); ++t) {  // the next tile's K and V rows, from DRAM
       const int64_t st = slot(t);
       for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(cache_t)); b += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(k_cache + st * L.row_stride) + b, _MM_HINT_T0);
@@ -170,18 +158,17 @@ void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_c
         for (int c = 1; c < NC; ++c)
           dot[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + r * D + 16 * c), _mm512_loadu_ps(tile.data() + i * D + 16 * c), dot[i]);
       }
-      _mm512_storeu_ps(scores.data() + r * width + (t0 - begin), _mm512_mul_ps(sum16(dot), ks));
+      _mm512_storeu_ps(scores.data() + r * width + t0, _mm512_mul_ps(sum16(dot), ks));
     }
   }
-  float* stats = partial ? partial + rows * D : nullptr;
-  for (int64_t r = 0; r < rows; ++r) softmax_row(scores.data() + r * width, visible(r), width, stats ? stats + 2 * r : nullptr);
+  for (int64_t r = 0; r < rows; ++r) softmax_row(scores.data() + r * width, visible(r), width);
   for (int64_t r0 = 0; r0 < rows; r0 += RB) {
     const int64_t nr = std::min(RB, rows - r0);
     __m512 a[RB][NC];
     for (int j = 0; j < RB; ++j)
       for (int c = 0; c < NC; ++c) a[j][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < visible(r0 + nr - 1); ++t) {
-      const int64_t st = slot(begin + t);
+      const int64_t st = slot(t);
       const cache_t* v = v_cache + st * L.row_stride;
       const float vs = v_scale ? v_scale[st * L.scale_stride] : 1.f;
       __m512 row[NC];
@@ -196,8 +183,7 @@ void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_c
       alignas(64) float o[D];
       for (int c = 0; c < NC; ++c) _mm512_store_ps(o + 16 * c, a[j][c]);
       const int64_t r = r0 + j;
-      if (partial) std::copy(o, o + D, partial + r * D);
-      else for (int64_t d = 0; d < D; ++d) out[(r / G) * L.Hq * D + (r % G) * D + d] = static_cast<scalar_t>(o[d]);
+      for (int64_t d = 0; d < D; ++d) out[(r / G) * L.Hq * D + (r % G) * D + d] = static_cast<scalar_t>(o[d]);
     }
   }
 }
@@ -247,70 +233,27 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       using cache_t = std::remove_pointer_t<decltype(kp)>;
       const scalar_t* qp = q.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
-      // the AVX-512 kernel, which also attends over a range of positions, for the usual head sizes
-      void (*ranged)(const scalar_t*, const cache_t*, const cache_t*, const float*, const float*, const int64_t*,
-                     int64_t, int64_t, scalar_t*, const Layout&, float, std::vector<float>&, std::vector<float>&,
-                     std::vector<float>&, int64_t, int64_t, float*) = nullptr;
+      auto fn = &attend<scalar_t, cache_t>;
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
         switch (D) {
-          case 16: ranged = &attend_avx512<1, scalar_t, cache_t>; break;
-          case 32: ranged = &attend_avx512<2, scalar_t, cache_t>; break;
-          case 64: ranged = &attend_avx512<4, scalar_t, cache_t>; break;
-          case 128: ranged = &attend_avx512<8, scalar_t, cache_t>; break;
+          case 16: fn = &attend_avx512<1, scalar_t, cache_t>; break;
+          case 32: fn = &attend_avx512<2, scalar_t, cache_t>; break;
+          case 64: fn = &attend_avx512<4, scalar_t, cache_t>; break;
+          case 128: fn = &attend_avx512<8, scalar_t, cache_t>; break;
           default: break;
         }
       }
 #endif
-      // Too few (sequence, KV head) items to share evenly among the threads (one sequence decoding):
-      // single-token queries split their context into P ranges, merged below.
-      const int64_t items = S * Hkv, threads = at::get_num_threads();
-      int64_t P = 1;
-      if (ranged && threads > 1 && (items % threads != 0 || items < 2 * threads)) {
-        P = threads / std::gcd(items, threads);
-        while (items * P < 2 * threads) P *= 2;
-      }
-      auto split = [&](int64_t s) { return P > 1 && starts[s + 1] - starts[s] == 1 && lens[s] >= 32 * P; };
-      std::vector<float> partials(P > 1 ? items * P * L.G * (D + 2) : 0);
-      at::parallel_for(0, items * P, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> qf, scores, scratch;
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t s = item / (Hkv * P), h = item / P % Hkv, p = item % P, row = starts[s] * Hq + h * L.G;
-          const int64_t nq = starts[s + 1] - starts[s];
-          const float* k_s = ks ? ks + h : nullptr;
-          const float* v_s = vs ? vs + h : nullptr;
-          if (split(s)) {
-            ranged(qp + row * D, kp + h * D, vp + h * D, k_s, v_s, tables + s * max_blocks, nq, lens[s],
-                   op + row * D, L, static_cast<float>(scale), qf, scores, scratch, lens[s] * p / P,
-                   lens[s] * (p + 1) / P, partials.data() + item * L.G * (D + 2));
-          } else if (p == 0 && ranged) {
-            ranged(qp + row * D, kp + h * D, vp + h * D, k_s, v_s, tables + s * max_blocks, nq, lens[s],
-                   op + row * D, L, static_cast<float>(scale), qf, scores, scratch, 0, lens[s], nullptr);
-          } else if (p == 0) {
-            attend(qp + row * D, kp + h * D, vp + h * D, k_s, v_s, tables + s * max_blocks, nq, lens[s],
-                   op + row * D, L, static_cast<float>(scale), qf, scores, scratch);
-          }
+          const int64_t s = item / Hkv, h = item % Hkv, row = starts[s] * Hq + h * L.G;
+          fn(qp + row * D, kp + h * D, vp + h * D, ks ? ks + h : nullptr, vs ? vs + h : nullptr,
+             tables + s * max_blocks, starts[s + 1] - starts[s], lens[s], op + row * D, L,
+             static_cast<float>(scale), qf, scores, scratch);
         }
       });
-      for (int64_t s = 0; s < S; ++s) {  // merge the ranges: weights sum_p * exp(max_p - max)
-        if (!split(s)) continue;
-        for (int64_t h = 0; h < Hkv; ++h) {
-          const float* part = partials.data() + (s * Hkv + h) * P * L.G * (D + 2);
-          for (int64_t g = 0; g < L.G; ++g) {
-            float m = -INFINITY, total = 0.f;
-            for (int64_t p = 0; p < P; ++p) m = std::max(m, part[p * L.G * (D + 2) + L.G * D + 2 * g]);
-            std::vector<float> acc(D, 0.f);
-            for (int64_t p = 0; p < P; ++p) {
-              const float* pp = part + p * L.G * (D + 2);
-              const float w = pp[L.G * D + 2 * g + 1] * std::exp(pp[L.G * D + 2 * g] - m);
-              total += w;
-              for (int64_t d = 0; d < D; ++d) acc[d] += w * pp[g * D + d];
-            }
-            scalar_t* o = op + (starts[s] * Hq + h * L.G + g) * D;
-            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] / total);
-          }
-        }
-      }
     };
     if (quantized) {
       run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());

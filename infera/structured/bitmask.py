@@ -109,7 +109,9 @@ class TokenBitmask:
                     matcher.accept_token(t)
                 matcher.fill_next_token_bitmask(self.buffer, starts[i + 1] - 1)
                 matcher.rollback(counts[i] - 1)
-        if matchers:
+        if len(matchers) == 1:  # xgrammar's batch call hands even one row to its thread pool
+            matchers[0].fill_next_token_bitmask(self.buffer, live[0])
+        elif matchers:
             self.batch_matcher.batch_fill_next_token_bitmask(matchers, self.buffer, live)
         rows = [r for i in constrained for r in range(starts[i], starts[i + 1])]
         return BatchBitmask(self.buffer, rows, self.vocab_size, self.scratch)
