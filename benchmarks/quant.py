@@ -1,21 +1,25 @@
 """Weight formats on the bundled model, in one run: memory, perplexity, single-stream decode and
-batch-64 throughput per format, beside llama.cpp on the same GGUF (when llama-cpp-python is
-installed: `make bench`).
+batch-64 throughput per format, beside llama.cpp on the same GGUF and on its Q4_0 requantization
+(when llama-cpp-python is installed: `make bench`).
 
 Rows: float32 / bfloat16 (the GGUF dequantized), gguf (its own Q4_1/Q8_0 tensors run natively,
-with the engine's auto activation dtype and with float32 activations), the GGUF block formats
-requantized from the dequantized weights (q8_0, q4_0, q4_1) and each quantizer (int8, int4,
-int4_ic, llm_int8, dense_sparse, trit_planes). Single stream: a 512-token prompt, 128 new tokens,
-decode tok/s after the first token. Batch: 64 requests of 64-128-token prompts, 64 new tokens each,
-output tok/s over the whole run. Perplexity: `infera eval --task perplexity` windows.
+with the engine's auto activation dtype, with float32 activations, and with an int8 KV cache),
+the GGUF block formats requantized from the dequantized weights (q8_0, q4_0, q4_1) and each
+quantizer (int8, int4, int4_ic, llm_int8, dense_sparse, trit_planes). Single stream: a 512-token
+prompt, 128 new tokens, decode tok/s after the first token (median of 3 runs). Batch: 64 requests
+of 64-128-token prompts, 64 new tokens each, output tok/s over the whole run. Perplexity:
+`infera eval --task perplexity` windows.
 
     python benchmarks/quant.py [--methods float32,gguf,int4] [--threads 2] [--json FILE] [--plot FILE.png]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,11 +33,13 @@ from infera.eval.perplexity import perplexity  # noqa: E402
 from infera.loader.model_loader import default_model_path  # noqa: E402
 from infera.sampling_params import SamplingParams  # noqa: E402
 
+SINGLE_REPEATS = 3
 ROWS = {  # label -> engine options
     "float32": dict(dtype="float32"),
     "bfloat16": dict(dtype="bfloat16"),
     "gguf": dict(quantization="gguf"),
     "gguf/fp32-act": dict(quantization="gguf", dtype="float32"),
+    "gguf/kv-int8": dict(quantization="gguf", kv_cache_dtype="int8"),
     **{m: dict(quantization=m) for m in ("q8_0", "q4_0", "q4_1", "int8", "int4", "int4_ic", "llm_int8",
                                          "dense_sparse", "trit_planes")},
 }
@@ -58,17 +64,22 @@ def measure(label: str, options: dict, single: Workload, batch: Workload, window
     load_s = time.perf_counter() - started
     run(engine, Workload("warm-up", [single.prompts[0][:32]], 4))
     ppl, _ = perplexity(engine, windows, 512)
-    s, b = run(engine, single), run(engine, batch)
+    decode_s, b = median_decode_s(lambda: run(engine, single)), run(engine, batch)
     return {"weight_mib": engine.weight_bytes / 2**20, "perplexity": ppl, "load_s": load_s,
-            "decode_tok_s": (single.output_len - 1) / s["decode_s"], "batch_tok_s": batch.output_tokens / b["seconds"]}
+            "decode_tok_s": (single.output_len - 1) / decode_s, "batch_tok_s": batch.output_tokens / b["seconds"]}
+
+
+def median_decode_s(single_run: Callable[[], dict[str, float]], repeats: int = SINGLE_REPEATS) -> float:
+    """The median decode time of a few single-stream runs (one run of 128 tokens drifts by 20%)."""
+    return statistics.median(single_run()["decode_s"] for _ in range(repeats))
 
 
 def llama_cpp_row(gguf: Path, single: Workload, batch: Workload, threads: int) -> dict[str, float]:
     from benchmarks.peers import run_llama_cpp
 
-    s, b = run_llama_cpp(gguf, single, threads), run_llama_cpp(gguf, batch, threads)
+    decode_s, b = median_decode_s(lambda: run_llama_cpp(gguf, single, threads)), run_llama_cpp(gguf, batch, threads)
     return {"weight_mib": gguf.stat().st_size / 2**20, "perplexity": float("nan"), "load_s": float("nan"),
-            "decode_tok_s": (single.output_len - 1) / s["decode_s"], "batch_tok_s": batch.output_tokens / b["seconds"]}
+            "decode_tok_s": (single.output_len - 1) / decode_s, "batch_tok_s": batch.output_tokens / b["seconds"]}
 
 
 def plot(results: dict[str, dict[str, float]], path: str) -> None:
@@ -81,7 +92,7 @@ def plot(results: dict[str, dict[str, float]], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in zip(axes, ("decode_tok_s", "batch_tok_s", "perplexity"),
                               ("single-stream decode tok/s", "batch-64 output tok/s", "perplexity")):
-        ax.bar(labels, [results[k][key] for k in labels], color=["tab:orange" if k == "llama.cpp" else "tab:blue"
+        ax.bar(labels, [results[k][key] for k in labels], color=["tab:orange" if k.startswith("llama.cpp") else "tab:blue"
                                                                  for k in labels])
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=60)
@@ -119,15 +130,24 @@ def main() -> None:
         results[label] = measure(label, ROWS[label], single, batch, args.windows)
         show(label)
     if have("llama_cpp"):
+        from benchmarks.peers import llama_cpp_quantize
+
         results["llama.cpp"] = llama_cpp_row(gguf, single, batch, args.threads)
         show("llama.cpp")
+        with tempfile.TemporaryDirectory() as tmp:  # llama.cpp at its best: Q4_0, its repacked CPU kernels
+            results["llama.cpp Q4_0"] = llama_cpp_row(llama_cpp_quantize(gguf, Path(tmp) / "q4_0.gguf"), single,
+                                                      batch, args.threads)
+        show("llama.cpp Q4_0")
     else:
         print("llama.cpp: llama-cpp-python is not installed (make bench installs it)")
     print()
     best_native = max((results[k]["decode_tok_s"] for k in ("gguf", "gguf/fp32-act") if k in results), default=None)
     if best_native and "llama.cpp" in results:
         print(f"native Q4_1 decode vs llama.cpp: {best_native / results['llama.cpp']['decode_tok_s']:.2f}x "
-              f"(target >= 1.2x)")
+              f"(target >= 1.2x), vs llama.cpp Q4_0: {best_native / results['llama.cpp Q4_0']['decode_tok_s']:.2f}x")
+    if "q4_0" in results and "llama.cpp Q4_0" in results:
+        print(f"q4_0 decode vs llama.cpp Q4_0: "
+              f"{results['q4_0']['decode_tok_s'] / results['llama.cpp Q4_0']['decode_tok_s']:.2f}x")
     if "bfloat16" in results:
         for k in ("gguf", "q4_0", "q4_1", "int4"):
             if k in results:

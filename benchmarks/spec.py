@@ -121,7 +121,10 @@ def run_llama_cpp(gguf: Path, prompts: list[list[int]], lengths: list[int], look
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     draft = LlamaPromptLookupDecoding(num_pred_tokens=8) if lookup else None
-    llm = llama_cpp.Llama(str(gguf), n_ctx=4096, n_threads=2, n_batch=512, draft_model=draft, verbose=False)
+    # with a draft, llama-cpp-python keeps the logits of every position (its score rows otherwise
+    # stop at n_batch, and a verification past position 512 overflows them)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=4096, n_threads=2, n_batch=512, draft_model=draft, logits_all=lookup,
+                          verbose=False)
     seconds, tokens = 0.0, 0
     for prompt, n in zip(prompts, lengths):
         llm.reset()

@@ -192,7 +192,8 @@ void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_c
 }  // namespace
 
 // q: [T, Hq, D], the queries of S sequences back to back (sequence s owns rows
-// query_start[s] .. query_start[s + 1] (one row each without query_start), the last positions of its context_lens[s] tokens);
+// query_start[s] .. query_start[s + 1], or row s alone without query_start: the last positions
+// of its context_lens[s] tokens);
 // k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, or int8 with
 // k_scale, v_scale: [num_blocks, block_size, Hkv] float32; block_tables: [S, max_blocks] int64.
 // Returns [T, Hq, D].

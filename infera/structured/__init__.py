@@ -35,11 +35,11 @@ logger = logging.getLogger(__name__)
 
 ADMIT_WAIT_S = 0.05  # longest an idle engine step waits for a compilation
 # Jump-forward only in steps that sample at most this many sequences (0: never).  Forced tokens
-# turn the sequence's next step into a short multi-token query, which the native attention kernel
-# batches with the decodes: measured a win at batch 1 and at batch 32 alike (1.29x / 1.02x of free
-# generation at batch 32 for a JSON schema / a regex, against 0.87x / 0.72x without), so the bound
-# is the scheduler's default batch.
-JUMP_FORWARD_MAX_BATCH = 256
+# turn the sequence's next step into a short multi-token query.  Measured with every run paying
+# its own prefill (benchmarks/structured.py): a clear win at batch 1 (1.9x / 1.5x of free
+# generation for a JSON schema / a regex), mixed at batch 32 (0.90x / 1.12x, against 0.97x /
+# 0.96x without it).
+JUMP_FORWARD_MAX_BATCH = 2
 
 
 class StructuredOutputManager:
