@@ -354,3 +354,24 @@ def test_stats_and_controller_on(tiny_model):
     assert stats["spec_draft_tokens"] >= stats["spec_accepted_tokens"] > 0
     assert stats["spec_mean_acceptance_length"] > 1 and 0 < stats["spec_acceptance_rate"] <= 1
     assert_idle(llm.engine)
+
+
+def test_step_cost_follows_the_local_slope():
+    """A convex step cost (flat for a few tokens, 1.5 ms per token in large batches): the marginal
+    token is priced from the nearby counts, so a 16-sequence batch with well-accepted drafts gets
+    none, while a single sequence still drafts."""
+    from infera.engine.sequence import Sequence
+
+    controller = SpecController(max_tokens=8)
+    for _ in range(10):
+        for tokens in (1, 2, 3, 4, 5):
+            controller.step_cost.add(tokens, 0.010 + 0.0002 * tokens)
+        for tokens in (16, 20, 24, 32):
+            controller.step_cost.add(tokens, 0.0015 * tokens)
+    cost = controller.step_cost
+    assert cost(33) - cost(32) > 0.0012 and cost(3) - cost(2) < 0.0005
+    batch = [Sequence([1, 2], SamplingParams()) for _ in range(16)]
+    for seq in batch:
+        controller.update(seq, 8, 7)  # drafts mostly accepted
+    assert sum(controller.plan(batch, [8] * 16, 16, 16, None)) == 0
+    assert controller.plan(batch[:1], [8], 1, 1, None)[0] > 0
