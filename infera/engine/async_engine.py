@@ -18,9 +18,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from infera.engine.llm_engine import LLMEngine

@@ -286,7 +286,7 @@ class OpenAIServing:
             if value is not None:
                 options.setdefault(name, value)
         try:
-            # a reward model loads for a while, and off the event loop's thread and the executor's (see run_on_fresh_thread)
+            # a reward model loads for a while: off the event loop, on a thread that ends (run_on_fresh_thread)
             reward = await asyncio.to_thread(run_on_fresh_thread, make_reward, spec.reward)
             search = build_search(self.engine.engine, [m.template_dict() for m in req.messages], spec.method,
                                   spec.budget, reward, options)

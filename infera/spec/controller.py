@@ -65,6 +65,7 @@ class StepCost:
     over all counts."""
 
     BANDWIDTH = 0.5  # standard deviation of the nearness kernel, in log token-count ratio
+    MIN_WEIGHT = 0.05  # a count's decayed weight below which it is forgotten (~60 steps unseen)
 
     def __init__(self, prior_ratio: float, decay: float = 0.95):
         self.linear = LinearCost(prior_ratio)
@@ -74,8 +75,10 @@ class StepCost:
 
     def add(self, tokens: int, seconds: float) -> None:
         self.linear.add(tokens, seconds)
-        for n in self.weight:
+        for n in list(self.weight):  # the state stays bounded by the counts seen lately
             self.weight[n] *= self.decay
+            if self.weight[n] < self.MIN_WEIGHT:
+                del self.weight[n], self.mean[n]
         w = self.weight.get(tokens, 0.0)
         self.mean[tokens] = (self.mean.get(tokens, 0.0) * w + seconds) / (w + 1)
         self.weight[tokens] = w + 1
@@ -98,7 +101,7 @@ class StepCost:
         counts = 0
         for n, w in self.weight.items():
             k = w * math.exp(-0.5 * (math.log(n / tokens) / self.BANDWIDTH) ** 2)
-            if k < 0.05:
+            if k < self.MIN_WEIGHT:
                 continue
             counts += 1
             y = self.mean[n]

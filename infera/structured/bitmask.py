@@ -109,7 +109,7 @@ class TokenBitmask:
                     matcher.accept_token(t)
                 matcher.fill_next_token_bitmask(self.buffer, starts[i + 1] - 1)
                 matcher.rollback(counts[i] - 1)
-        if len(matchers) == 1:  # xgrammar's batch call hands even one row to its thread pool
+        if len(matchers) == 1:  # one row: the matcher itself, not the batch filler and its threads
             matchers[0].fill_next_token_bitmask(self.buffer, live[0])
         elif matchers:
             self.batch_matcher.batch_fill_next_token_bitmask(matchers, self.buffer, live)
