@@ -174,25 +174,34 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 // acc[t][m] (16 rows of tile t x activation row m0 + m) over all blocks, in floats. Each tile's
 // bytes `ahead` further on (the thread's next tiles) are prefetched as its blocks go by.
+// (Layout fields are read into locals once: per-block divisions and reloads cost more than the
+// dot products on small matrices.)
 template <int ENC, int NT, int MR>
 inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Activations& A, int64_t m0,
-                        int64_t ahead, __m512 (&accf)[NT][MR]) {
+                        int64_t ahead, __m512 (&out)[NT][MR]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
-  const int64_t nb = L.nb, K = L.K;
+  const int64_t nb = L.nb, K = L.K, sg = L.sg, nsa = L.nsa, second = L.nsb * TILE;
+  const bool has_min = L.has_min;
+  const int8_t* q = A.q.data();
+  const float *xd = A.d.data(), *xds = A.ds.data();
+  const int32_t* init = A.init.data();
+  const at::Half* sc[NT];  // scale array 0 of each tile; array 1 is `second` further
+  for (int t = 0; t < NT; ++t) sc[t] = reinterpret_cast<const at::Half*>(tiles[t] + L.tile_quant_bytes);
+  __m512 accf[NT][MR];
   for (int t = 0; t < NT; ++t)
     for (int m = 0; m < MR; ++m) accf[t][m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t b = 0, sb = 0, in_group = 0; b < nb; ++b) {
     __m512i acc[NT][MR], acc2[NT][MR];
     for (int m = 0; m < MR; ++m) {
-      const __m512i init = _mm512_set1_epi32(A.init[(m0 + m) * nb + b]);
-      for (int t = 0; t < NT; ++t) acc[t][m] = acc2[t][m] = init;
+      const __m512i start = _mm512_set1_epi32(init[(m0 + m) * nb + b]);
+      for (int t = 0; t < NT; ++t) acc[t][m] = acc2[t][m] = start;
     }
     const int8_t* xb[MR];
-    for (int m = 0; m < MR; ++m) xb[m] = A.q.data() + (m0 + m) * K + b * 32;
+    for (int m = 0; m < MR; ++m) xb[m] = q + (m0 + m) * K + b * 32;
     if constexpr (ENC == Q8) {
       for (int k = 0; k < 8; ++k) {
         __m512i w[NT];
@@ -232,20 +241,25 @@ inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Acti
       }
     }
     for (int t = 0; t < NT; ++t) {
-      for (int64_t a = 0; a < L.nsa; ++a) prefetch(L.scales(tiles[t] + ahead, a, b));
-      const __m512 d0 = L.nsa > 0 ? half16(L.scales(tiles[t], 0, b)) : _mm512_set1_ps(1.f);
-      const __m512 d1 = L.nsa > 1 ? half16(L.scales(tiles[t], 1, b)) : _mm512_setzero_ps();
+      const at::Half* s0 = sc[t] + sb * TILE;
+      prefetch(reinterpret_cast<const uint8_t*>(s0) + ahead);
+      if (nsa > 1) prefetch(reinterpret_cast<const uint8_t*>(s0 + second) + ahead);
+      const __m512 d0 = nsa > 0 ? half16(s0) : _mm512_set1_ps(1.f);
+      const __m512 d1 = nsa > 1 ? half16(s0 + second) : _mm512_setzero_ps();
       for (int m = 0; m < MR; ++m) {
-        const __m512 dx = _mm512_set1_ps(A.d[(m0 + m) * nb + b]);
+        const __m512 dx = _mm512_set1_ps(xd[(m0 + m) * nb + b]);
         accf[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][m]), _mm512_mul_ps(d0, dx), accf[t][m]);
         if constexpr (ENC == T2) {
           accf[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2[t][m]), _mm512_mul_ps(d1, dx), accf[t][m]);
         } else {
-          if (L.has_min) accf[t][m] = _mm512_fmadd_ps(d1, _mm512_set1_ps(A.ds[(m0 + m) * nb + b]), accf[t][m]);
+          if (has_min) accf[t][m] = _mm512_fmadd_ps(d1, _mm512_set1_ps(xds[(m0 + m) * nb + b]), accf[t][m]);
         }
       }
     }
+    if (++in_group == sg) in_group = 0, ++sb;
   }
+  for (int t = 0; t < NT; ++t)
+    for (int m = 0; m < MR; ++m) out[t][m] = accf[t][m];
 }
 #endif
 
