@@ -46,11 +46,11 @@ def paged_layout(lens, num_blocks=128, block_size=4, hkv=2, d=16, dtype=torch.fl
 @pytest.mark.parametrize("d", [16, 64, 24])  # the native kernel's vector path takes 16 * {1, 2, 4, 8}; 24 the scalar one
 def test_short_query_attention(dtype, int8, tol, impl, queries, d):
     """Against dense causal attention over the cache's (dequantized) contents; contexts span
-    several 16-token tiles and end inside one."""
-    lens = [1, 5, 16, 23, 50]
-    nq = [1, 1, 1, 1, 1] if queries == "one token each" else [1, 3, 16, 4, 9]
+    several 16-token tiles and end inside one, and several 128-token chunks (merged)."""
+    lens = [1, 5, 16, 23, 50, 300]
+    nq = [1] * 6 if queries == "one token each" else [1, 3, 16, 4, 9, 7]
     hq, hkv = 6, 2
-    kv, tables = paged_layout(lens, hkv=hkv, d=d, dtype=dtype, int8=int8)
+    kv, tables = paged_layout(lens, num_blocks=512, hkv=hkv, d=d, dtype=dtype, int8=int8)
     starts = torch.tensor([0, *torch.tensor(nq).cumsum(0).tolist()])
     q = torch.randn(int(starts[-1]), hq, d).to(dtype)
     ctx = torch.tensor(lens)
@@ -68,6 +68,30 @@ def test_short_query_attention(dtype, int8, tol, impl, queries, d):
         a, b = int(starts[i]), int(starts[i + 1])
         ref = dense_attention(q[a:b], k, v, 0.25)
         assert (out[a:b].double() - ref).abs().max() < tol
+
+
+@pytest.mark.skipif(load_cpu_extension("paged_attention") is None, reason="native kernels did not build")
+@pytest.mark.parametrize("dtype,int8", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
+def test_native_rows_do_not_depend_on_the_batch(dtype, int8):
+    """A query row's output is bitwise the same alone (a decode step), in a batch of other
+    sequences, and as one row of a multi-token verification query at the same position: what keeps
+    speculative decoding and batching exactly lossless under greedy decoding."""
+    ext = load_cpu_extension("paged_attention")
+    lens, hq, hkv, d = [290, 7, 140], 6, 2, 64
+    kv, tables = paged_layout(lens, num_blocks=512, hkv=hkv, d=d, dtype=dtype, int8=int8)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(5, hq, d, generator=g).to(dtype)  # 5 queries of sequence 0: positions 285..289
+    ctx = torch.tensor(lens)
+
+    def attend(rows, seqs, starts, lengths):
+        return ext.paged_attention(rows, kv.k, kv.v, kv.k_scale, kv.v_scale, tables[seqs], starts, lengths, 0.125)
+
+    verify = attend(q, [0], torch.tensor([0, 5]), ctx[:1])
+    batch = torch.cat([q[4:5], torch.randn(2, hq, d, generator=g).to(dtype)])
+    for i in range(5):  # row i alone: a decode step at position 285 + i
+        alone = attend(q[i:i + 1], [0], None, torch.tensor([286 + i]))
+        assert torch.equal(alone[0], verify[i])
+    assert torch.equal(attend(batch, [0, 1, 2], None, ctx)[0], verify[4])
 
 
 def test_int8_roundtrip_error():

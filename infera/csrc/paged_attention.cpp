@@ -84,10 +84,16 @@ void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, c
 #if defined(__AVX512F__)
 using namespace infera_vec;
 
-// AVX-512 path for head sizes of 16 * NC: a K/V row is NC vectors of floats. Positions go in
-// tiles of 16; a tile's K rows are widened to floats once, the dot products of each query row with
-// them are reduced 16 at a time (sum16), and V is accumulated in registers, a few query rows at a
-// time. An int8 row's scale multiplies its score (K) or its probability (V), not its elements.
+// AVX-512 path for head sizes of 16 * NC (a K/V row is NC vectors of floats), split along the
+// context: positions go in chunks of CHUNK (at absolute positions), each (sequence, KV head, chunk)
+// an independent work item, so one long sequence still keeps every thread busy (flash-decoding).
+// An item runs an online softmax over tiles of 16 positions (the chunk's K/V rows prefetched into
+// L2 at its start): each query row's 16 scores are reduced together (sum16), and the row's running
+// max, sum and V accumulator are updated. The chunks' partial results are merged in chunk order. A query
+// row's arithmetic depends only on its position and the cache, never on the batch or on other
+// query rows, so decoding and speculative verification give bitwise the same rows. An int8 row's
+// scale multiplies its score (K) or its probability (V), not its elements.
+constexpr int64_t CHUNK = 128;
 
 // The sums of v[0], ..., v[15] as one vector: interleave-and-add at 32 bits, 64 bits, then 128-bit lanes.
 inline __m512 sum16(const __m512* v) {
@@ -103,88 +109,144 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x88), _mm512_shuffle_f32x4(c, d, 0xDD));
 }
 
-// s[0, n) <- softmax(s[0, n)); s[n, width) <- 0.
-inline void softmax_row(float* s, int64_t n, int64_t width) {
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  for (int64_t t = 0; t < n; t += 16) m = _mm512_mask_max_ps(m, first_lanes(n - t), m, _mm512_loadu_ps(s + t));
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < width; t += 16) {
-    const __m512 e = _mm512_maskz_mov_ps(first_lanes(n - t), exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx)));
-    _mm512_storeu_ps(s + t, e);
-    sum = _mm512_add_ps(sum, e);
+// acc[j] = acc[j] * corr[j] + sum over i < most of p[j][i] * V row i, for NR query rows; p is 0 at
+// positions a row does not see (so adding them changes nothing), V rows are the float tile vt.
+template <int NR, int NC>
+inline void accumulate_v(float* acc, const float* corr, const float* p, const float* vt, int64_t most) {
+  constexpr int64_t D = 16 * NC;
+  __m512 a[NR][NC];
+  for (int j = 0; j < NR; ++j)
+    for (int k = 0; k < NC; ++k) a[j][k] = _mm512_mul_ps(_mm512_loadu_ps(acc + j * D + 16 * k), _mm512_set1_ps(corr[j]));
+  for (int64_t i = 0; i < most; ++i) {
+    __m512 v[NC];
+    for (int k = 0; k < NC; ++k) v[k] = _mm512_load_ps(vt + i * D + 16 * k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 pi = _mm512_set1_ps(p[j * 16 + i]);
+      for (int k = 0; k < NC; ++k) a[j][k] = _mm512_fmadd_ps(pi, v[k], a[j][k]);
+    }
   }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-  for (int64_t t = 0; t < n; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
+  for (int j = 0; j < NR; ++j)
+    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(acc + j * D + 16 * k, a[j][k]);
 }
 
+// Partial attention of `rows` query rows over cache positions [c0, c1); row r is query r / G (at
+// position first + r / G), head r % G, at q + (r / G) * Hq * D + (r % G) * D. Writes, per row,
+// the max score m, the sum l of e^(s - m) and acc = sum of e^(s - m) v, as
+// part = [m: rows][l: rows][acc: rows x D]. A bfloat16 cache's K rows are multiplied as they are
+// (AVX512-BF16 pair dot products: exact products, float sums); other caches' K rows are widened to
+// a float tile first. V rows are widened once per tile and accumulated into a few query rows at a
+// time, in registers (accumulate_v). `tmp` is scratch of at least rows * 18 floats.
 template <int NC, typename scalar_t, typename cache_t>
-void attend_avx512(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, const float* k_scale,
-                   const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, scalar_t* out,
-                   const Layout& L, float scale, std::vector<float>& qf, std::vector<float>& scores,
-                   std::vector<float>& tile) {
-  constexpr int64_t D = 16 * NC, RB = 24 / NC;  // RB query rows' V accumulators fill 24 registers
-  const int64_t G = L.G, rows = nq * G, first = ctx - nq, width = (ctx + 15) / 16 * 16;
-  auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
-  auto visible = [&](int64_t r) { return first + r / G + 1; };  // row r = query r / G, head r % G
-  qf.resize(rows * D);
-  scores.resize(rows * width);
-  tile.resize(16 * D);  // one tile of K rows as floats
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[(r / G) * L.Hq * D + (r % G) * D + d]) * scale;
-  for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, ctx - t0);
-    for (int64_t t = t0 + 16; t < std::min(t0 + 32, ctx); ++t) {  // the next tile's K and V rows, from DRAM
-      const int64_t st = slot(t);
-      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(cache_t)); b += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(k_cache + st * L.row_stride) + b, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(v_cache + st * L.row_stride) + b, _MM_HINT_T1);
-      }
-    }
-    __m512 ks = _mm512_set1_ps(1.f);
-    for (int64_t i = 0; i < 16; ++i) {
-      const cache_t* k = k_cache + (i < n ? slot(t0 + i) : 0) * L.row_stride;
-      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(tile.data() + i * D + 16 * c, i < n ? load16(k + 16 * c) : _mm512_setzero_ps());
-    }
-    if (k_scale) {
-      alignas(64) float s[16] = {};
-      for (int64_t i = 0; i < n; ++i) s[i] = k_scale[slot(t0 + i) * L.scale_stride];
-      ks = _mm512_load_ps(s);
-    }
-    for (int64_t r = std::max<int64_t>(0, t0 - first) * G; r < rows; ++r) {  // the rows that see position t0
-      __m512 dot[16];
-      for (int i = 0; i < 16; ++i) {
-        dot[i] = _mm512_mul_ps(_mm512_loadu_ps(qf.data() + r * D), _mm512_loadu_ps(tile.data() + i * D));
-        for (int c = 1; c < NC; ++c)
-          dot[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + r * D + 16 * c), _mm512_loadu_ps(tile.data() + i * D + 16 * c), dot[i]);
-      }
-      _mm512_storeu_ps(scores.data() + r * width + t0, _mm512_mul_ps(sum16(dot), ks));
+void attend_chunk(const scalar_t* q, int64_t Hq, int64_t rows, int64_t G, int64_t first, const cache_t* k_cache,
+                  const cache_t* v_cache, const float* k_scale, const float* v_scale, const int64_t* table,
+                  int64_t c0, int64_t c1, const Layout& L, float scale, float* part, float* tmp) {
+  constexpr int64_t D = 16 * NC, RB = NC <= 4 ? 4 : 2;  // RB rows' V accumulators fill 16 registers
+#if defined(__AVX512BF16__)
+  constexpr bool bf16_dots = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
+                             NC % 2 == 0;
+#else
+  constexpr bool bf16_dots = false;
+#endif
+  float *m = part, *l = part + rows, *acc = part + 2 * rows;
+  float *prob = tmp, *corr = tmp + rows * 16, *seen = tmp + rows * 17;  // per row: p * V scale [16], correction, positions seen
+  for (int64_t r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.f;
+  std::fill(acc, acc + rows * D, 0.f);
+  alignas(64) float kt[bf16_dots ? 1 : 16 * D], vt[16 * D];
+  int64_t slots[16];  // this tile's cache slots
+  auto fill_slots = [&](int64_t t0, int64_t* out) {
+    for (int64_t i = 0, t = t0; i < 16 && t < c1; ++i, ++t) out[i] = table[t / L.block_size] * L.block_size + t % L.block_size;
+  };
+  auto qrow = [&](int64_t r) { return q + (r / G) * Hq * D + (r % G) * D; };
+  for (int64_t t = c0; t < c1; ++t) {  // the chunk's K/V rows, into L2, all requests in flight at once
+    const int64_t st = table[t / L.block_size] * L.block_size + t % L.block_size;
+    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(cache_t)); b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(k_cache + st * L.row_stride) + b, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(v_cache + st * L.row_stride) + b, _MM_HINT_T1);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) softmax_row(scores.data() + r * width, visible(r), width);
-  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
-    const int64_t nr = std::min(RB, rows - r0);
-    __m512 a[RB][NC];
-    for (int j = 0; j < RB; ++j)
-      for (int c = 0; c < NC; ++c) a[j][c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < visible(r0 + nr - 1); ++t) {
-      const int64_t st = slot(t);
-      const cache_t* v = v_cache + st * L.row_stride;
-      const float vs = v_scale ? v_scale[st * L.scale_stride] : 1.f;
-      __m512 row[NC];
-      for (int c = 0; c < NC; ++c) row[c] = load16(v + 16 * c);
-      for (int j = 0; j < RB; ++j) {
-        if (j >= nr) break;
-        const __m512 p = _mm512_set1_ps(scores[(r0 + j) * width + t] * vs);
-        for (int c = 0; c < NC; ++c) a[j][c] = _mm512_fmadd_ps(p, row[c], a[j][c]);
+  for (int64_t t0 = c0; t0 < c1; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, c1 - t0);
+    fill_slots(t0, slots);
+    alignas(64) float ks[16], vs[16];
+    const cache_t* krow[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      krow[i] = k_cache + (i < n ? slots[i] : slots[0]) * L.row_stride;  // (lanes past n are masked out)
+      const cache_t* v = v_cache + slots[i < n ? i : 0] * L.row_stride;
+      for (int c = 0; c < NC; ++c) {
+        if constexpr (!bf16_dots) _mm512_store_ps(kt + i * D + 16 * c, load16(krow[i] + 16 * c));
+        if (i < n) _mm512_store_ps(vt + i * D + 16 * c, load16(v + 16 * c));
+      }
+      ks[i] = (i < n && k_scale ? k_scale[slots[i] * L.scale_stride] : 1.f) * scale;
+      vs[i] = i < n && v_scale ? v_scale[slots[i] * L.scale_stride] : 1.f;
+    }
+    const int64_t r_first = std::max<int64_t>(0, t0 - first) * G;  // the rows that see position t0
+    for (int64_t r = r_first; r < rows; ++r) {
+      const int64_t nv = std::min(n, first + r / G + 1 - t0);  // positions of the tile row r sees
+      const __mmask16 lanes = first_lanes(nv);
+      __m512 dot[16];
+      if constexpr (bf16_dots) {
+#if defined(__AVX512BF16__)
+        __m512bh qv[NC / 2];
+        for (int c = 0; c < NC / 2; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qrow(r) + 32 * c);
+        for (int i = 0; i < 16; ++i) {
+          dot[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(krow[i]));
+          for (int c = 1; c < NC / 2; ++c)
+            dot[i] = _mm512_dpbf16_ps(dot[i], qv[c], (__m512bh)_mm512_loadu_si512(krow[i] + 32 * c));
+        }
+#endif
+      } else {
+        __m512 qv[NC];
+        for (int c = 0; c < NC; ++c) qv[c] = load16(qrow(r) + 16 * c);
+        for (int i = 0; i < 16; ++i) {
+          dot[i] = _mm512_mul_ps(qv[0], _mm512_load_ps(kt + i * D));
+          for (int c = 1; c < NC; ++c) dot[i] = _mm512_fmadd_ps(qv[c], _mm512_load_ps(kt + i * D + 16 * c), dot[i]);
+        }
+      }
+      const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), lanes, sum16(dot), _mm512_load_ps(ks));
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(s));
+      corr[r] = std::exp(m[r] - m_new);  // 0 before the first tile
+      const __m512 e = _mm512_maskz_mov_ps(lanes, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
+      l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(e);
+      m[r] = m_new;
+      _mm512_storeu_ps(prob + r * 16, _mm512_mul_ps(e, _mm512_load_ps(vs)));
+      seen[r] = static_cast<float>(nv);
+    }
+    for (int64_t r0 = r_first; r0 < rows; r0 += RB) {
+      const int64_t nr = std::min(RB, rows - r0), most = static_cast<int64_t>(seen[r0 + nr - 1]);
+      float *a = acc + r0 * D, *c = corr + r0, *p = prob + r0 * 16;
+      switch (nr) {
+        case 1: accumulate_v<1, NC>(a, c, p, vt, most); break;
+        case 2: accumulate_v<2, NC>(a, c, p, vt, most); break;
+        case 3: accumulate_v<3, NC>(a, c, p, vt, most); break;
+        default: accumulate_v<4, NC>(a, c, p, vt, most); break;
       }
     }
-    for (int64_t j = 0; j < nr; ++j) {
-      alignas(64) float o[D];
-      for (int c = 0; c < NC; ++c) _mm512_store_ps(o + 16 * c, a[j][c]);
-      const int64_t r = r0 + j;
-      for (int64_t d = 0; d < D; ++d) out[(r / G) * L.Hq * D + (r % G) * D + d] = static_cast<scalar_t>(o[d]);
+  }
+}
+
+// out rows of one (sequence, KV head) from its chunks' partial results, merged in chunk order;
+// chunks a row does not reach (l = 0) are skipped.
+template <typename scalar_t>
+void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, int64_t D, int64_t G, int64_t Hq,
+                  scalar_t* out) {
+  const int64_t stride = rows * (D + 2);
+  std::vector<float> num(D);
+  for (int64_t r = 0; r < rows; ++r) {
+    float top = -INFINITY;
+    for (int64_t c = 0; c < nchunks; ++c)
+      if (parts[c * stride + rows + r] > 0.f) top = std::max(top, parts[c * stride + r]);
+    float den = 0.f;
+    std::fill(num.begin(), num.end(), 0.f);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const float* part = parts + c * stride;
+      if (part[rows + r] == 0.f) continue;
+      const float w = std::exp(part[r] - top);
+      den += w * part[rows + r];
+      const float* acc = part + 2 * rows + r * D;
+      for (int64_t d = 0; d < D; ++d) num[d] += w * acc[d];
     }
+    scalar_t* o = out + (r / G) * Hq * D + (r % G) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(num[d] / den);
   }
 }
 #endif
@@ -234,15 +296,47 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       using cache_t = std::remove_pointer_t<decltype(kp)>;
       const scalar_t* qp = q.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
-      auto fn = &attend<scalar_t, cache_t>;
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+        decltype(&attend_chunk<1, scalar_t, cache_t>) chunk_fn = nullptr;
         switch (D) {
-          case 16: fn = &attend_avx512<1, scalar_t, cache_t>; break;
-          case 32: fn = &attend_avx512<2, scalar_t, cache_t>; break;
-          case 64: fn = &attend_avx512<4, scalar_t, cache_t>; break;
-          case 128: fn = &attend_avx512<8, scalar_t, cache_t>; break;
+          case 16: chunk_fn = &attend_chunk<1, scalar_t, cache_t>; break;
+          case 32: chunk_fn = &attend_chunk<2, scalar_t, cache_t>; break;
+          case 64: chunk_fn = &attend_chunk<4, scalar_t, cache_t>; break;
+          case 128: chunk_fn = &attend_chunk<8, scalar_t, cache_t>; break;
           default: break;
+        }
+        if (chunk_fn) {
+          // items (s, h, c) in order; sequence s owns items [item0[s], item0[s + 1]) and partial
+          // results [part0[s], part0[s + 1]): per head, per chunk, rows x (D + 2) floats
+          std::vector<int64_t> item0(S + 1, 0), part0(S + 1, 0), chunks(S);
+          for (int64_t s = 0; s < S; ++s) {
+            chunks[s] = (lens[s] + CHUNK - 1) / CHUNK;
+            item0[s + 1] = item0[s] + Hkv * chunks[s];
+            part0[s + 1] = part0[s] + Hkv * chunks[s] * (starts[s + 1] - starts[s]) * L.G * (D + 2);
+          }
+          std::vector<float> parts(part0[S]);
+          at::parallel_for(0, item0[S], 1, [&](int64_t begin, int64_t end) {
+            std::vector<float> tmp;
+            for (int64_t item = begin; item < end; ++item) {
+              const int64_t s = std::upper_bound(item0.begin(), item0.end(), item) - item0.begin() - 1;
+              const int64_t h = (item - item0[s]) / chunks[s], c = (item - item0[s]) % chunks[s];
+              const int64_t nq = starts[s + 1] - starts[s], rows = nq * L.G;
+              tmp.resize(rows * 18);
+              chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, Hq, rows, L.G, lens[s] - nq, kp + h * D, vp + h * D,
+                       ks ? ks + h : nullptr, vs ? vs + h : nullptr, tables + s * max_blocks, c * CHUNK,
+                       std::min(lens[s], (c + 1) * CHUNK), L, static_cast<float>(scale),
+                       parts.data() + part0[s] + (h * chunks[s] + c) * rows * (D + 2), tmp.data());
+            }
+          });
+          at::parallel_for(0, S * Hkv, 8, [&](int64_t begin, int64_t end) {
+            for (int64_t item = begin; item < end; ++item) {
+              const int64_t s = item / Hkv, h = item % Hkv, rows = (starts[s + 1] - starts[s]) * L.G;
+              merge_chunks(parts.data() + part0[s] + h * chunks[s] * rows * (D + 2), chunks[s], rows, D, L.G, Hq,
+                           op + (starts[s] * Hq + h * L.G) * D);
+            }
+          });
+          return;
         }
       }
 #endif
@@ -250,9 +344,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
         std::vector<float> qf, scores, scratch;
         for (int64_t item = begin; item < end; ++item) {
           const int64_t s = item / Hkv, h = item % Hkv, row = starts[s] * Hq + h * L.G;
-          fn(qp + row * D, kp + h * D, vp + h * D, ks ? ks + h : nullptr, vs ? vs + h : nullptr,
-             tables + s * max_blocks, starts[s + 1] - starts[s], lens[s], op + row * D, L,
-             static_cast<float>(scale), qf, scores, scratch);
+          attend<scalar_t, cache_t>(qp + row * D, kp + h * D, vp + h * D, ks ? ks + h : nullptr,
+                                    vs ? vs + h : nullptr, tables + s * max_blocks, starts[s + 1] - starts[s], lens[s],
+                                    op + row * D, L, static_cast<float>(scale), qf, scores, scratch);
         }
       });
     };
