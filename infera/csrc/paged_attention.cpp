@@ -153,20 +153,17 @@ void attend_chunk(const scalar_t* q, int64_t Hq, int64_t rows, int64_t G, int64_
   std::fill(acc, acc + rows * D, 0.f);
   alignas(64) float kt[bf16_dots ? 1 : 16 * D], vt[16 * D];
   int64_t slots[16];  // this tile's cache slots
-  auto fill_slots = [&](int64_t t0, int64_t* out) {
-    for (int64_t i = 0, t = t0; i < 16 && t < c1; ++i, ++t) out[i] = table[t / L.block_size] * L.block_size + t % L.block_size;
-  };
+  auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
   auto qrow = [&](int64_t r) { return q + (r / G) * Hq * D + (r % G) * D; };
   for (int64_t t = c0; t < c1; ++t) {  // the chunk's K/V rows, into L2, all requests in flight at once
-    const int64_t st = table[t / L.block_size] * L.block_size + t % L.block_size;
     for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(cache_t)); b += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(k_cache + st * L.row_stride) + b, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(v_cache + st * L.row_stride) + b, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(k_cache + slot(t) * L.row_stride) + b, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(v_cache + slot(t) * L.row_stride) + b, _MM_HINT_T1);
     }
   }
   for (int64_t t0 = c0; t0 < c1; t0 += 16) {
     const int64_t n = std::min<int64_t>(16, c1 - t0);
-    fill_slots(t0, slots);
+    for (int64_t i = 0; i < n; ++i) slots[i] = slot(t0 + i);
     alignas(64) float ks[16], vs[16];
     const cache_t* krow[16];
     for (int64_t i = 0; i < 16; ++i) {
