@@ -135,9 +135,9 @@ inline void accumulate_v(float* acc, const float* corr, const float* p, const fl
 // part = [m: rows][l: rows][acc: rows x D]. A bfloat16 cache's K rows are multiplied as they are
 // (AVX512-BF16 pair dot products: exact products, float sums); other caches' K rows are widened to
 // a float tile first. V rows are widened once per tile and accumulated into a few query rows at a
-// time, in registers (accumulate_v). `tmp` is scratch of at least rows * 18 floats.
+// time, in registers (accumulate_v). `tmp` is scratch of at least rows * 17 floats.
 template <int NC, typename scalar_t, typename cache_t>
-void attend_chunk(const scalar_t* q, int64_t Hq, int64_t rows, int64_t G, int64_t first, const cache_t* k_cache,
+void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t* k_cache,
                   const cache_t* v_cache, const float* k_scale, const float* v_scale, const int64_t* table,
                   int64_t c0, int64_t c1, const Layout& L, float scale, float* part, float* tmp) {
   constexpr int64_t D = 16 * NC, RB = NC <= 4 ? 4 : 2;  // RB rows' V accumulators fill 16 registers
@@ -148,13 +148,16 @@ void attend_chunk(const scalar_t* q, int64_t Hq, int64_t rows, int64_t G, int64_
   constexpr bool bf16_dots = false;
 #endif
   float *m = part, *l = part + rows, *acc = part + 2 * rows;
-  float *prob = tmp, *corr = tmp + rows * 16, *seen = tmp + rows * 17;  // per row: p * V scale [16], correction, positions seen
+  const int64_t G = L.G, Hq = L.Hq;
+  float *prob = tmp, *corr = tmp + rows * 16;  // per row: p * V scale [16], correction
   for (int64_t r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.f;
   std::fill(acc, acc + rows * D, 0.f);
   alignas(64) float kt[bf16_dots ? 1 : 16 * D], vt[16 * D];
   int64_t slots[16];  // this tile's cache slots
   auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
   auto qrow = [&](int64_t r) { return q + (r / G) * Hq * D + (r % G) * D; };
+  // positions of the tile at t0 (n of them) that row r sees
+  auto seen = [&](int64_t r, int64_t t0, int64_t n) { return std::min(n, first + r / G + 1 - t0); };
   for (int64_t t = c0; t < c1; ++t) {  // the chunk's K/V rows, into L2, all requests in flight at once
     for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(cache_t)); b += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(k_cache + slot(t) * L.row_stride) + b, _MM_HINT_T1);
@@ -178,8 +181,7 @@ void attend_chunk(const scalar_t* q, int64_t Hq, int64_t rows, int64_t G, int64_
     }
     const int64_t r_first = std::max<int64_t>(0, t0 - first) * G;  // the rows that see position t0
     for (int64_t r = r_first; r < rows; ++r) {
-      const int64_t nv = std::min(n, first + r / G + 1 - t0);  // positions of the tile row r sees
-      const __mmask16 lanes = first_lanes(nv);
+      const __mmask16 lanes = first_lanes(seen(r, t0, n));
       __m512 dot[16];
       if constexpr (bf16_dots) {
 #if defined(__AVX512BF16__)
@@ -206,10 +208,9 @@ void attend_chunk(const scalar_t* q, int64_t Hq, int64_t rows, int64_t G, int64_
       l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(e);
       m[r] = m_new;
       _mm512_storeu_ps(prob + r * 16, _mm512_mul_ps(e, _mm512_load_ps(vs)));
-      seen[r] = static_cast<float>(nv);
     }
     for (int64_t r0 = r_first; r0 < rows; r0 += RB) {
-      const int64_t nr = std::min(RB, rows - r0), most = static_cast<int64_t>(seen[r0 + nr - 1]);
+      const int64_t nr = std::min(RB, rows - r0), most = seen(r0 + nr - 1, t0, n);
       float *a = acc + r0 * D, *c = corr + r0, *p = prob + r0 * 16;
       switch (nr) {
         case 1: accumulate_v<1, NC>(a, c, p, vt, most); break;
@@ -224,9 +225,8 @@ void attend_chunk(const scalar_t* q, int64_t Hq, int64_t rows, int64_t G, int64_
 // out rows of one (sequence, KV head) from its chunks' partial results, merged in chunk order;
 // chunks a row does not reach (l = 0) are skipped.
 template <typename scalar_t>
-void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, int64_t D, int64_t G, int64_t Hq,
-                  scalar_t* out) {
-  const int64_t stride = rows * (D + 2);
+void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, const Layout& L, scalar_t* out) {
+  const int64_t D = L.D, stride = rows * (D + 2);
   std::vector<float> num(D);
   for (int64_t r = 0; r < rows; ++r) {
     float top = -INFINITY;
@@ -242,7 +242,7 @@ void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, int64_t D, 
       const float* acc = part + 2 * rows + r * D;
       for (int64_t d = 0; d < D; ++d) num[d] += w * acc[d];
     }
-    scalar_t* o = out + (r / G) * Hq * D + (r % G) * D;
+    scalar_t* o = out + (r / L.G) * L.Hq * D + (r % L.G) * D;
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(num[d] / den);
   }
 }
@@ -319,8 +319,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
               const int64_t s = std::upper_bound(item0.begin(), item0.end(), item) - item0.begin() - 1;
               const int64_t h = (item - item0[s]) / chunks[s], c = (item - item0[s]) % chunks[s];
               const int64_t nq = starts[s + 1] - starts[s], rows = nq * L.G;
-              tmp.resize(rows * 18);
-              chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, Hq, rows, L.G, lens[s] - nq, kp + h * D, vp + h * D,
+              tmp.resize(rows * 17);
+              chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, rows, lens[s] - nq, kp + h * D, vp + h * D,
                        ks ? ks + h : nullptr, vs ? vs + h : nullptr, tables + s * max_blocks, c * CHUNK,
                        std::min(lens[s], (c + 1) * CHUNK), L, static_cast<float>(scale),
                        parts.data() + part0[s] + (h * chunks[s] + c) * rows * (D + 2), tmp.data());
@@ -329,7 +329,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
           at::parallel_for(0, S * Hkv, 8, [&](int64_t begin, int64_t end) {
             for (int64_t item = begin; item < end; ++item) {
               const int64_t s = item / Hkv, h = item % Hkv, rows = (starts[s + 1] - starts[s]) * L.G;
-              merge_chunks(parts.data() + part0[s] + h * chunks[s] * rows * (D + 2), chunks[s], rows, D, L.G, Hq,
+              merge_chunks(parts.data() + part0[s] + h * chunks[s] * rows * (D + 2), chunks[s], rows, L,
                            op + (starts[s] * Hq + h * L.G) * D);
             }
           });
