@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from infera.kernels import load_cpu_extension
 
-ext = load_cpu_extension("fused_ops")
+ext = load_cpu_extension()
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler for native kernels")
 
 

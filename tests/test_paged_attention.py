@@ -58,7 +58,7 @@ def test_short_query_attention(dtype, int8, tol, impl, queries, d):
     if impl == "native":
         if shutil.which("c++") is None:
             pytest.skip("no C++ compiler for native kernels")
-        ext = load_cpu_extension("paged_attention")
+        ext = load_cpu_extension()
         assert ext is not None, "infera/csrc/paged_attention.cpp failed to build (see the log)"
         out = ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, tables, starts, ctx, 0.25)
     else:
@@ -70,13 +70,13 @@ def test_short_query_attention(dtype, int8, tol, impl, queries, d):
         assert (out[a:b].double() - ref).abs().max() < tol
 
 
-@pytest.mark.skipif(load_cpu_extension("paged_attention") is None, reason="native kernels did not build")
+@pytest.mark.skipif(load_cpu_extension() is None, reason="native kernels did not build")
 @pytest.mark.parametrize("dtype,int8", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
 def test_native_rows_do_not_depend_on_the_batch(dtype, int8):
     """A query row's output is bitwise the same alone (a decode step), in a batch of other
     sequences, and as one row of a multi-token verification query at the same position: what keeps
     speculative decoding and batching exactly lossless under greedy decoding."""
-    ext = load_cpu_extension("paged_attention")
+    ext = load_cpu_extension()
     lens, hq, hkv, d = [290, 7, 140], 6, 2, 64
     kv, tables = paged_layout(lens, num_blocks=512, hkv=hkv, d=d, dtype=dtype, int8=int8)
     g = torch.Generator().manual_seed(1)
@@ -113,27 +113,39 @@ def test_store_and_gather_roundtrip():
     k, v = torch.randn(6, 2, 3), torch.randn(6, 2, 3)
     table = torch.tensor([5, 2])
     slots = torch.tensor([5 * 4 + i for i in range(4)] + [2 * 4, 2 * 4 + 1])
-    seen_k, seen_v = pa.store_kv(kv, k, v, slots)
+    pa.store_kv(kv, k, v, slots)
     gk, gv = pa.gather_kv(kv, table, 6, torch.float32)
-    assert torch.equal(gk, k) and torch.equal(gv, v) and torch.equal(seen_k, k)
+    assert torch.equal(gk, k) and torch.equal(gv, v) and pa.as_cached(kv, k, v)[0] is k
 
 
-@pytest.mark.skipif(load_cpu_extension("paged_attention") is None, reason="native kernels did not build")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_native_store_kv_matches_index_copy(dtype):
-    """The native writer against index_copy_, on strided K/V (views into a fused QKV output), with
-    int8 caches' per-token scale rows, and a skipped slot (-1)."""
-    ext = load_cpu_extension("paged_attention")
+@pytest.mark.skipif(load_cpu_extension() is None, reason="native kernels did not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("int8_cache", [False, True])
+def test_native_store_kv_matches_pytorch(dtype, int8_cache):
+    """The native writer against index_copy_ (and, for an int8 cache, quantize_int8: the same
+    quants and scales to the bit), on strided K/V (views into a fused QKV output) with a skipped
+    slot (-1); and what the cache's readers see equals as_cached."""
+    ext = load_cpu_extension()
     g = torch.Generator().manual_seed(0)
     qkv = (torch.randn(5, 3 * 2 * 4, generator=g) * 50).to(dtype)
+    qkv[1, 8:12] = 0  # an all-zero head row: the scale's floor
     k, v = qkv[:, 8:16].view(5, 2, 4), qkv[:, 16:24].view(5, 2, 4)  # token rows 24 apart
     slots = torch.tensor([9, 0, -1, 31, 4])
-    for rows in (k, qkv[:, 8:10]):  # K/V rows, and a scale-shaped [T, Hkv] row
-        cache = [torch.zeros(8, 4, *rows.shape[1:], dtype=dtype) for _ in range(2)]
-        ext.store_kv(*cache, rows, rows * 2 if dtype != torch.int8 else rows, slots)
-        keep = slots >= 0
-        expect = torch.zeros_like(cache[0]).view(-1, *rows.shape[1:]).index_copy_(0, slots[keep], rows[keep])
-        assert torch.equal(cache[0].view_as(expect), expect)
+    cache_dtype = torch.int8 if int8_cache else dtype
+    kv = LayerKVCache(*(torch.zeros(8, 4, 2, 4, dtype=cache_dtype) for _ in range(2)),
+                      *((torch.zeros(8, 4, 2), torch.zeros(8, 4, 2)) if int8_cache else (None, None)))
+    ext.store_kv(kv.k, kv.v, k, v, slots, kv.k_scale, kv.v_scale)
+    keep = slots >= 0
+    for cache, scales, x in ((kv.k, kv.k_scale, k), (kv.v, kv.v_scale, v)):
+        rows, row_scales = pa.quantize_int8(x[keep]) if int8_cache else (x[keep], None)
+        expect = torch.zeros_like(cache).view(-1, 2, 4).index_copy_(0, slots[keep], rows)
+        assert torch.equal(cache.view_as(expect), expect)
+        if int8_cache:
+            expect = torch.zeros_like(scales).view(-1, 2).index_copy_(0, slots[keep], row_scales)
+            assert torch.equal(scales.view_as(expect), expect)
+    table = torch.arange(8)
+    seen_k, _ = pa.gather_kv(kv, table, 32, dtype)
+    assert torch.equal(seen_k[slots[keep]], pa.as_cached(kv, k[keep], v[keep])[0])
     with pytest.raises(RuntimeError, match="out of the cache"):
-        ext.store_kv(*cache, rows, rows, torch.tensor([0, 1, 2, 3, 32]))
+        ext.store_kv(kv.k, kv.v, k, v, torch.tensor([0, 1, 2, 3, 32]), kv.k_scale, kv.v_scale)
 

@@ -30,6 +30,7 @@ from infera.layers import triton_attention as ta  # noqa: E402
 
 from infera.layers import paged_attention as pa  # noqa: E402
 from infera.layers.attention import LayerKVCache  # noqa: E402
+from infera.models import llama_native  # noqa: E402
 from conftest import engine_logits  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -163,7 +164,7 @@ def test_chunk_attention(dtype, tq, tk):
 @pytest.fixture
 def triton_dispatch(monkeypatch):
     """Route paged_attention's store, prefill and decode to the Triton kernels for any device, as
-    it does for CUDA tensors."""
+    it does for CUDA tensors (and keep the CPU's native kernels and decoder stack out)."""
     def write_slots(k_cache, v_cache, k, v, slot_mapping):
         ta.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
@@ -172,6 +173,8 @@ def triton_dispatch(monkeypatch):
         return ta.decode_attention(q, kv, block_tables, context_lens, scale, num_splits=2, block_n=16)
 
     monkeypatch.setattr(pa, "_write_slots", write_slots)
+    monkeypatch.setattr(pa, "load_cpu_extension", lambda: None)
+    monkeypatch.setattr(llama_native, "ENABLED", False)
     monkeypatch.setattr(pa, "prefill_attention", ta.chunk_attention)
     monkeypatch.setattr(pa, "decode_attention", decode)
 

@@ -1,8 +1,9 @@
 // Fused element-wise kernels for the CPU decoder layer: each replaces several small torch ops
 // (and their dispatch cost, which dominates a small model's decode step). Rounding follows
 // HF transformers' op order, so bfloat16 results match its unfused ops to the last bit or so.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -67,6 +68,8 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
 }
 
 }  // namespace
+
+namespace infera {
 
 // RMSNorm of each row of x: [T, H] -> new [T, H].
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -211,10 +214,4 @@ void apply_token_bitmask(torch::Tensor logits, torch::Tensor bitmask, const std:
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("apply_token_bitmask", &apply_token_bitmask, "mask disallowed tokens' logits to -inf, in place");
-  m.def("rms_norm", &rms_norm, "RMSNorm over rows");
-  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual), in place");
-  m.def("rotary", &rotary, "rotate-half RoPE on q and k, in place");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-}
+}  // namespace infera

@@ -3,8 +3,9 @@
 // Work is split over (sequence, KV head); the G query heads that share a KV head and all the
 // sequence's query positions are processed together, so each K/V row is read once. The cache
 // holds the query's dtype, or int8 with a float scale per token and head.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,7 +29,7 @@ inline void load_row(const cache_t* cache, const float* scales, int64_t slot, in
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d]) * s;
 }
 
-struct Layout {
+struct HeadLayout {
   int64_t Hq, G, D, block_size, row_stride, scale_stride;
 };
 
@@ -36,7 +37,7 @@ struct Layout {
 // causal. q and out point at the sequence's first query row, head h * G.
 template <typename scalar_t, typename cache_t>
 void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, const float* k_scale,
-            const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, scalar_t* out, const Layout& L,
+            const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, scalar_t* out, const HeadLayout& L,
             float scale, std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t G = L.G, D = L.D, rows = nq * G, first = ctx - nq;
   qf.resize(rows * D);
@@ -139,7 +140,7 @@ inline void accumulate_v(float* acc, const float* corr, const float* p, const fl
 template <int NC, typename scalar_t, typename cache_t>
 void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t* k_cache,
                   const cache_t* v_cache, const float* k_scale, const float* v_scale, const int64_t* table,
-                  int64_t c0, int64_t c1, const Layout& L, float scale, float* part, float* tmp) {
+                  int64_t c0, int64_t c1, const HeadLayout& L, float scale, float* part, float* tmp) {
   constexpr int64_t D = 16 * NC, RB = NC <= 4 ? 4 : 2;  // RB rows' V accumulators fill 16 registers
 #if defined(__AVX512BF16__)
   constexpr bool bf16_dots = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
@@ -225,7 +226,7 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
 // out rows of one (sequence, KV head) from its chunks' partial results, merged in chunk order;
 // chunks a row does not reach (l = 0) are skipped.
 template <typename scalar_t>
-void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, const Layout& L, scalar_t* out) {
+void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, const HeadLayout& L, scalar_t* out) {
   const int64_t D = L.D, stride = rows * (D + 2);
   std::vector<float> num(D);
   for (int64_t r = 0; r < rows; ++r) {
@@ -249,6 +250,8 @@ void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, const Layou
 #endif
 
 }  // namespace
+
+namespace infera {
 
 // q: [T, Hq, D], the queries of S sequences back to back (sequence s owns rows
 // query_start[s] .. query_start[s + 1], or row s alone without query_start: the last positions
@@ -278,7 +281,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int64_t S = context_lens.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
   TORCH_CHECK(query_start.size(0) == S + 1 && block_tables.size(0) == S, "one query range and table per sequence");
   TORCH_CHECK(D <= 256 && Hq % Hkv == 0 && k_cache.size(3) == D, "unsupported head layout");
-  const Layout L{Hq, Hq / Hkv, D, k_cache.size(1), Hkv * D, Hkv};
+  const HeadLayout L{Hq, Hq / Hkv, D, k_cache.size(1), Hkv * D, Hkv};
   const int64_t max_blocks = block_tables.size(1);
   const float* ks = quantized ? k_scale->data_ptr<float>() : nullptr;
   const float* vs = quantized ? v_scale->data_ptr<float>() : nullptr;
@@ -356,35 +359,68 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   return out;
 }
 
-// Token i's K/V rows (k, v: [T, ...], each token's row contiguous) into flat slot slot_mapping[i]
-// of k_cache / v_cache ([num_blocks, block_size, ...] with the same row shape and dtype: the K/V
-// themselves, or an int8 cache's scales); a negative slot is skipped.
+// Token i's K/V rows (k, v: [T, Hkv, D], each token's row contiguous) into flat slot
+// slot_mapping[i] of k_cache / v_cache ([num_blocks, block_size, Hkv, D]); a negative slot is
+// skipped. The caches hold k's dtype, or int8 with k_scale / v_scale [num_blocks, block_size, Hkv]:
+// each head's row stored as round(x / s), s = max|x| / 127 (as quantize_int8 in
+// infera/layers/paged_attention.py, to the bit).
 void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
-              torch::Tensor slot_mapping) {
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-              k_cache.dim() == k.dim() + 1 && k_cache.sizes().slice(2) == k.sizes().slice(1),
-              "the caches must be contiguous [blocks, block_size, ...] with the rows of k and v, got ",
+              torch::Tensor slot_mapping, c10::optional<torch::Tensor> k_scale,
+              c10::optional<torch::Tensor> v_scale) {
+  TORCH_CHECK(k.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes() && k_cache.dim() == 4 && k_cache.sizes().slice(2) == k.sizes().slice(1),
+              "the caches must be contiguous [blocks, block_size, Hkv, D] with the rows of k and v, got ",
               k_cache.sizes(), " for ", k.sizes());
-  TORCH_CHECK(k.sizes() == v.sizes() && k.scalar_type() == k_cache.scalar_type() &&
-              v.scalar_type() == k_cache.scalar_type(), "k, v and the caches must share a shape and dtype");
+  const bool quantized = k_scale.has_value();
+  TORCH_CHECK(quantized == v_scale.has_value() && quantized == (k_cache.scalar_type() == torch::kChar),
+              "an int8 cache takes both scale tensors, other caches none");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type() &&
+              (quantized || k.scalar_type() == k_cache.scalar_type()), "k, v and the caches must share a shape and dtype");
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong && slot_mapping.dim() == 1 &&
               slot_mapping.size(0) == k.size(0), "slot_mapping must be int64 [T]");
-  for (const auto& t : {k, v}) {
-    int64_t expected = 1;
-    for (int64_t d = t.dim() - 1; d >= 1; expected *= t.size(d--))
-      TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, "each token's K/V row must be contiguous");
-  }
-  const int64_t row = k.numel() / std::max<int64_t>(1, k.size(0)), slots = k_cache.numel() / std::max<int64_t>(1, row);
+  for (const auto& t : {k, v})
+    TORCH_CHECK((t.size(2) == 1 || t.stride(2) == 1) && (t.size(1) == 1 || t.stride(1) == t.size(2)),
+                "each token's K/V row must be contiguous");
+  const int64_t T = k.size(0), Hkv = k.size(1), D = k.size(2), row = Hkv * D;
+  const int64_t slots = k_cache.size(0) * k_cache.size(1);
   const torch::Tensor sm = slot_mapping.contiguous();
   const int64_t* sp = sm.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T; ++i) TORCH_CHECK(sp[i] < slots, "slot ", sp[i], " is out of the cache");
+  if (quantized) {
+    TORCH_CHECK(k_scale->is_contiguous() && v_scale->is_contiguous() && k_scale->scalar_type() == torch::kFloat &&
+                v_scale->scalar_type() == torch::kFloat && k_scale->numel() == slots * Hkv &&
+                v_scale->numel() == slots * Hkv, "scales must be contiguous float32 [blocks, block_size, Hkv]");
+    AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, k.scalar_type(), "store_kv_int8", [&] {
+      auto quantize = [&](const torch::Tensor& x, torch::Tensor& cache, torch::Tensor& scales, int64_t i) {
+        const scalar_t* src = x.data_ptr<scalar_t>() + i * x.stride(0);
+        int8_t* dst = cache.data_ptr<int8_t>() + sp[i] * row;
+        float* sc = scales.data_ptr<float>() + sp[i] * Hkv;
+        for (int64_t h = 0; h < Hkv; ++h, src += D, dst += D) {
+          float amax = 0.f;
+          for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(static_cast<float>(src[d])));
+          const float s = std::max(amax, 1e-8f) / 127.f;
+          sc[h] = s;
+          for (int64_t d = 0; d < D; ++d)
+            dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(static_cast<float>(src[d]) / s), -127.f, 127.f));
+        }
+      };
+      at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          if (sp[i] < 0) continue;
+          quantize(k, k_cache, *k_scale, i);
+          quantize(v, v_cache, *v_scale, i);
+        }
+      });
+    });
+    return;
+  }
   const int64_t bytes = row * k.element_size();
-  for (int64_t i = 0; i < k.size(0); ++i) TORCH_CHECK(sp[i] < slots, "slot ", sp[i], " is out of the cache");
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
   const auto* kp = static_cast<const char*>(k.data_ptr());
   const auto* vp = static_cast<const char*>(v.data_ptr());
   const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
-  at::parallel_for(0, k.size(0), 64, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       if (sp[i] < 0) continue;
       std::memcpy(kc + sp[i] * bytes, kp + i * ks, bytes);
@@ -393,7 +429,4 @@ void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged attention over short causal queries (CPU)");
-  m.def("store_kv", &store_kv, "write K/V rows into paged cache slots (CPU)");
-}
+}  // namespace infera

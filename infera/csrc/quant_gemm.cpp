@@ -15,8 +15,9 @@
 //
 // Activations are quantized to int8 per block of 32 (as llama.cpp's q8 path), so block b adds
 // d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -32,33 +33,8 @@
 
 namespace {
 
-enum Encoding : int64_t { Q8 = 0, Q4 = 1, T2 = 2 };
-constexpr int64_t TILE = 16;
-
-struct Layout {
-  int64_t enc, K, sg, nsa, offset;
-  bool has_min;
-  int64_t nb, nsb, bbytes, row_bytes, tile_quant_bytes, tile_bytes;
-
-  Layout(int64_t enc_, int64_t K_, int64_t sg_, int64_t nsa_, bool has_min_, int64_t offset_)
-      : enc(enc_), K(K_), sg(sg_), nsa(nsa_), offset(offset_), has_min(has_min_) {
-    TORCH_CHECK(enc >= Q8 && enc <= T2, "unknown encoding ", enc);
-    TORCH_CHECK(K > 0 && K % 32 == 0, "in_features must be a multiple of 32, got ", K);
-    nb = K / 32;
-    TORCH_CHECK(sg >= 1 && nb % sg == 0, "a scale group of ", sg, " blocks does not divide ", nb, " blocks");
-    TORCH_CHECK(nsa >= 0 && nsa <= 2 && (!has_min || nsa == 2) && (enc != T2 || nsa == 2),
-                "inconsistent scale arrays");
-    nsb = nb / sg;
-    bbytes = enc == Q8 ? 32 : 16;
-    row_bytes = nb * bbytes + nsa * nsb * 2;
-    tile_quant_bytes = TILE * nb * bbytes;
-    tile_bytes = TILE * row_bytes;
-  }
-  // scale `a` of block b for the 16 rows of a tile
-  const at::Half* scales(const uint8_t* tile, int64_t a, int64_t b) const {
-    return reinterpret_cast<const at::Half*>(tile + tile_quant_bytes) + (a * nsb + b / sg) * TILE;
-  }
-};
+using namespace infera;
+using Layout = BlockLayout;
 
 // Value of weight (n, k), in float: the reference the fast paths are tested against.
 float weight_value(const Layout& L, const uint8_t* w, int64_t n, int64_t k) {
@@ -392,12 +368,16 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
 #endif
 }
 
+}  // namespace
+
+namespace infera {
+
 // y = x @ W^T (+ bias) (+ sparse @ x) for x [M, K] (float32 or bfloat16) and packed W (N outputs).
 // `threshold` > 0 keeps inputs with |x| above it out of the int8 product and adds them in float
 // (LLM.int8()'s mixed decomposition); indptr/indices/values add an exact CSR term.
 // Per-IC groups (ic_scale/ic_min [G, K], ic_group rows each): W[n, k] = s[g, k] * q[n, k] + m[g, k] for
 // g = n / ic_group, computed as the unscaled quants times x * s[g], plus x . m[g].
-at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const Layout& L, int64_t N,
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const BlockLayout& L, int64_t N,
                 const c10::optional<at::Tensor>& bias, double threshold, const c10::optional<at::Tensor>& indptr,
                 const c10::optional<at::Tensor>& indices, const c10::optional<at::Tensor>& values,
                 const c10::optional<at::Tensor>& ic_scale, const c10::optional<at::Tensor>& ic_min, int64_t ic_group) {
@@ -456,7 +436,7 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const Layout& L, int64
 }
 
 // Rows `ids` of W (N outputs) dequantized to `dtype`: an embedding lookup, or all rows.
-at::Tensor dequantize(const at::Tensor& w, const Layout& L, int64_t N, const c10::optional<at::Tensor>& ids,
+at::Tensor dequantize(const at::Tensor& w, const BlockLayout& L, int64_t N, const c10::optional<at::Tensor>& ids,
                       at::ScalarType dtype) {
   check_packed(w, L, N);
   const at::Tensor idx = ids.has_value() ? ids->to(at::kLong).contiguous() : at::arange(N, at::kLong);
@@ -474,19 +454,4 @@ at::Tensor dequantize(const at::Tensor& w, const Layout& L, int64_t N, const c10
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "block-quantized weight kernels (int8 VNNI dot products over 16-row tiles)";
-  m.attr("vnni") = bool(INFERA_VNNI);
-  py::class_<Layout>(m, "Layout")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, int64_t>(), py::arg("encoding"), py::arg("in_features"),
-           py::arg("scale_group"), py::arg("num_scale_arrays"), py::arg("has_min"), py::arg("offset"))
-      .def_readonly("row_bytes", &Layout::row_bytes);
-  m.def("gemm", &gemm, py::arg("x"), py::arg("w"), py::arg("layout"), py::arg("out_features"),
-        py::arg("bias") = py::none(), py::arg("threshold") = 0.0, py::arg("indptr") = py::none(),
-        py::arg("indices") = py::none(), py::arg("values") = py::none(), py::arg("ic_scale") = py::none(),
-        py::arg("ic_min") = py::none(), py::arg("ic_group") = 0);
-  m.def("dequantize", &dequantize, py::arg("w"), py::arg("layout"), py::arg("out_features"),
-        py::arg("ids") = py::none(), py::arg("dtype") = at::kFloat);
-}
+}  // namespace infera

@@ -91,7 +91,7 @@ class Attention(nn.Module):
         """``q``: [T, Hq, D]; ``k``, ``v``: [T, Hkv, D]; returns [T, Hq * D]."""
         meta = get_attention_metadata()
         kv = self.kv_cache
-        k, v = paged_attention.store_kv(kv, k, v, meta.slot_mapping)
+        paged_attention.store_kv(kv, k, v, meta.slot_mapping)
         d = meta.num_decode_tokens
         if not meta.prefills:  # short queries only (every decode step): no output copy
             return paged_attention.decode_attention(q, kv, meta.decode_block_tables, meta.decode_context_lens,
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         for chunk in meta.prefills:
             s, n = chunk.query_start, chunk.query_len
             if n == chunk.context_len:  # nothing cached before this chunk: attend to the fresh K/V
-                ck, cv = k[s:s + n], v[s:s + n]
+                ck, cv = paged_attention.as_cached(kv, k[s:s + n], v[s:s + n])
             else:
                 ck, cv = paged_attention.gather_kv(kv, chunk.block_table, chunk.context_len, q.dtype)
             out[s:s + n] = paged_attention.prefill_attention(q[s:s + n], ck, cv, self.scale)

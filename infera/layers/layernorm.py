@@ -22,10 +22,10 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        ext = cpu_kernels("fused_ops", x) if x.dim() == 2 and x.dtype == self.weight.dtype else None
-        if residual is None:
-            return ext.rms_norm(x, self.weight, self.eps) if ext else self._norm(x)
-        if ext and x.is_contiguous() and residual.is_contiguous():
+        ext = cpu_kernels(x) if x.dtype == self.weight.dtype else None
+        if residual is None:  # (any leading dims: Qwen3 normalizes [tokens, heads, head_dim])
+            return ext.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape) if ext else self._norm(x)
+        if ext and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous():
             ext.fused_add_rms_norm(x, residual, self.weight, self.eps)
             return x, residual
         x = x + residual

@@ -37,19 +37,26 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
 
 
-def store_kv(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def store_kv(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write token ``i``'s K/V into flat slot ``slot_mapping[i]`` (block * block_size + offset).
 
-    Returns K/V as later readers of the cache will see them (dequantized for an int8 cache).
     Slot -1 skips a token (the padded rows of a CUDA-graph batch; not on the PyTorch fallback)."""
+    if not k.is_cuda and (kv.quantized or k.dtype == kv.k.dtype) and (ext := load_cpu_extension()):
+        ext.store_kv(kv.k, kv.v, k, v, slot_mapping, kv.k_scale, kv.v_scale)
+        return
     if not kv.quantized:
         _write_slots(kv.k, kv.v, k, v, slot_mapping)
-        return k, v
+        return
     (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
     _write_slots(kv.k, kv.v, qk, qv, slot_mapping)
     _write_slots(kv.k_scale, kv.v_scale, sk, sv, slot_mapping)
-    return dequantize_int8(qk, sk, k.dtype), dequantize_int8(qv, sv, v.dtype)
+
+
+def as_cached(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh K/V as later readers of the cache see them (dequantized for an int8 cache)."""
+    if not kv.quantized:
+        return k, v
+    return dequantize_int8(*quantize_int8(k), k.dtype), dequantize_int8(*quantize_int8(v), v.dtype)
 
 
 def _write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -58,9 +65,6 @@ def _write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
         from infera.layers import triton_attention
 
         triton_attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
-        return
-    if k.dtype == k_cache.dtype and (ext := load_cpu_extension("paged_attention")):
-        ext.store_kv(k_cache, v_cache, k, v, slot_mapping)
         return
     rows = k.shape[1:]
     k_cache.view(-1, *rows).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
@@ -110,7 +114,7 @@ def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tens
             raise ValueError("multi-token queries go through prefill attention on CUDA")
         return triton_attention.decode_attention(q, kv, block_tables, context_lens, scale)
     native = kv.quantized or q.dtype == kv.k.dtype
-    if native and (ext := load_cpu_extension("paged_attention")):
+    if native and (ext := load_cpu_extension()):
         return ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, query_start, context_lens,
                                    scale)
     return decode_attention_reference(q, kv, block_tables, context_lens, scale, query_start)

@@ -35,7 +35,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q``: [T, Hq, D], ``k``: [T, Hkv, D]; rotated in their own dtype (in place on the CPU)."""
-        if ext := cpu_kernels("fused_ops", q):
+        if ext := cpu_kernels(q):
             ext.rotary(q, k, self.cos, self.sin, positions)
             return q, k
         cos = self.cos[positions].unsqueeze(1)

@@ -10,11 +10,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from infera.layers.activation import SiluAndMul
-from infera.layers.attention import Attention
+from infera.layers.attention import Attention, get_attention_metadata
 from infera.layers.embed_head import LMHead, VocabEmbedding
 from infera.layers.layernorm import RMSNorm
 from infera.layers.linear import Linear, MergedLinear
 from infera.layers.rotary_embedding import RotaryEmbedding
+from infera.models.llama_native import NativeDecoder
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -88,11 +89,16 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_position, rope_freq_factors)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.native_decoder = NativeDecoder(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+        hidden = self.embed_tokens(input_ids)
+        if (out := self.native_decoder(hidden, positions, get_attention_metadata())) is not None:
+            hidden, residual = out
+        else:
+            residual = None
+            for layer in self.layers:
+                hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, record_function
 
 from infera.engine.llm_engine import LLMEngine
 from infera.engine.scheduler import ScheduledBatch
+from infera.models import llama_native
 from infera.profiler.hardware import HardwareSpec
 from infera.profiler.roofline import ModelShape, StepShape, WeightLayout, analyze
 from infera.sampling_params import SamplingParams
@@ -68,13 +69,17 @@ def operator_modules(model: nn.Module) -> dict[nn.Module, str]:
 
 
 class OperatorRanges:
-    """Wrap each operator module's forward in a profiler range named ``infera.op::TYPE``."""
+    """Wrap each operator module's forward in a profiler range named ``infera.op::TYPE``. The
+    modules run one by one meanwhile: the native decoder stack (which decode steps on the CPU take
+    otherwise) would bypass them."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.handles: list[Any] = []
+        self.native = llama_native.ENABLED
 
     def __enter__(self) -> OperatorRanges:
+        llama_native.ENABLED = False
         open_ranges: list[record_function] = []
         for module, op in operator_modules(self.model).items():
             def pre(_m, _args, label=OP_PREFIX + op):
@@ -90,6 +95,7 @@ class OperatorRanges:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        llama_native.ENABLED = self.native
 
 
 class EngineRecorder:

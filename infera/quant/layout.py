@@ -23,7 +23,7 @@ TILE = 16  # output rows the kernels take at once
 
 def kernels() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built."""
-    return load_cpu_extension("quant_gemm")
+    return load_cpu_extension()
 
 
 def require_kernels(method: str) -> ModuleType:

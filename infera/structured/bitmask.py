@@ -51,7 +51,7 @@ class BatchBitmask:
         stores. Without it, each bitmask byte looks up its 8 additive entries (0 or -inf), then
         one numpy add per masked row, without allocations."""
         n, vocab = len(self.rows), self.vocab_size
-        if ext := cpu_kernels("fused_ops", logits):
+        if ext := cpu_kernels(logits):
             ext.apply_token_bitmask(logits, self.bitmask, self.rows, vocab)
         elif logits.device.type == "cpu":
             packed = self.bitmask.numpy()[self.rows].view(np.uint8)

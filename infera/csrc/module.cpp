@@ -1,0 +1,60 @@
+// The Python bindings of infera's CPU kernels: one module built from every source in this folder.
+#include "decoder_layer.h"
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace infera;
+  m.doc() = "infera's CPU kernels";
+  py::class_<BlockLayout>(m, "Layout")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, int64_t>(), py::arg("encoding"), py::arg("in_features"),
+           py::arg("scale_group"), py::arg("num_scale_arrays"), py::arg("has_min"), py::arg("offset"))
+      .def_readonly("row_bytes", &BlockLayout::row_bytes);
+  m.def("gemm", &gemm, "x @ W^T for a packed block-quantized W", py::arg("x"), py::arg("w"), py::arg("layout"),
+        py::arg("out_features"), py::arg("bias") = py::none(), py::arg("threshold") = 0.0,
+        py::arg("indptr") = py::none(), py::arg("indices") = py::none(), py::arg("values") = py::none(),
+        py::arg("ic_scale") = py::none(), py::arg("ic_min") = py::none(), py::arg("ic_group") = 0);
+  m.def("dequantize", &dequantize, "rows of a packed weight in float", py::arg("w"), py::arg("layout"),
+        py::arg("out_features"), py::arg("ids") = py::none(), py::arg("dtype") = at::kFloat);
+  m.def("apply_token_bitmask", &apply_token_bitmask, "mask disallowed tokens' logits to -inf, in place");
+  m.def("rms_norm", &rms_norm, "RMSNorm over rows");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual), in place");
+  m.def("rotary", &rotary, "rotate-half RoPE on q and k, in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("paged_attention", &paged_attention, "paged attention over short causal queries");
+  m.def("store_kv", &store_kv, "write K/V rows into paged cache slots (int8 caches: quantized)", py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"), py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none());
+
+  using OptTensor = c10::optional<at::Tensor>;
+  py::class_<Linear>(m, "Linear")
+      .def(py::init([](at::Tensor weight, OptTensor bias, std::optional<BlockLayout> layout, int64_t out_features,
+                       double threshold, OptTensor indptr, OptTensor indices, OptTensor values, OptTensor ic_scale,
+                       OptTensor ic_min, int64_t ic_group) {
+             return Linear{weight, bias, layout, out_features, threshold, indptr, indices, values, ic_scale, ic_min,
+                           ic_group};
+           }),
+           py::arg("weight"), py::arg("bias") = py::none(), py::arg("layout") = py::none(),
+           py::arg("out_features") = 0, py::arg("threshold") = 0.0, py::arg("indptr") = py::none(),
+           py::arg("indices") = py::none(), py::arg("values") = py::none(), py::arg("ic_scale") = py::none(),
+           py::arg("ic_min") = py::none(), py::arg("ic_group") = 0)
+      .def("__call__", &Linear::operator());
+  py::class_<DecoderLayer>(m, "DecoderLayer")
+      .def(py::init([](at::Tensor input_norm, at::Tensor post_norm, OptTensor q_norm, OptTensor k_norm, Linear qkv,
+                       Linear o, Linear gate_up, Linear down, int64_t num_heads, int64_t num_kv_heads,
+                       int64_t head_dim, double scale, at::Tensor k_cache, at::Tensor v_cache, OptTensor k_scale,
+                       OptTensor v_scale) {
+             return DecoderLayer{input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down, num_heads,
+                                 num_kv_heads, head_dim, scale, k_cache, v_cache, k_scale, v_scale};
+           }),
+           py::arg("input_norm"), py::arg("post_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"),
+           py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("num_heads"), py::arg("num_kv_heads"),
+           py::arg("head_dim"), py::arg("scale"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"),
+           py::arg("v_scale"));
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init([](std::vector<DecoderLayer> layers, at::Tensor cos, at::Tensor sin, double eps) {
+             return DecoderStack{std::move(layers), cos, sin, eps};
+           }),
+           py::arg("layers"), py::arg("cos"), py::arg("sin"), py::arg("eps"))
+      .def("forward", &DecoderStack::forward, py::arg("hidden"), py::arg("positions"), py::arg("slot_mapping"),
+           py::arg("block_tables"), py::arg("context_lens"), py::arg("query_start") = py::none());
+}

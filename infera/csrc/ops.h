@@ -1,0 +1,66 @@
+// The CPU kernels' entry points, shared by the sources of the one native module (module.cpp binds
+// them for Python; decoder_layer.cpp chains them without returning to Python).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace infera {
+
+// ---- quant_gemm.cpp: products with block-quantized weights ----
+
+enum Encoding : int64_t { Q8 = 0, Q4 = 1, T2 = 2 };
+constexpr int64_t TILE = 16;  // output rows per packed tile
+
+// How a packed weight row reads (infera/quant/layout.py builds the packing).
+struct BlockLayout {
+  int64_t enc, K, sg, nsa, offset;
+  bool has_min;
+  int64_t nb, nsb, bbytes, row_bytes, tile_quant_bytes, tile_bytes;
+
+  BlockLayout(int64_t enc_, int64_t K_, int64_t sg_, int64_t nsa_, bool has_min_, int64_t offset_)
+      : enc(enc_), K(K_), sg(sg_), nsa(nsa_), offset(offset_), has_min(has_min_) {
+    TORCH_CHECK(enc >= Q8 && enc <= T2, "unknown encoding ", enc);
+    TORCH_CHECK(K > 0 && K % 32 == 0, "in_features must be a multiple of 32, got ", K);
+    nb = K / 32;
+    TORCH_CHECK(sg >= 1 && nb % sg == 0, "a scale group of ", sg, " blocks does not divide ", nb, " blocks");
+    TORCH_CHECK(nsa >= 0 && nsa <= 2 && (!has_min || nsa == 2) && (enc != T2 || nsa == 2),
+                "inconsistent scale arrays");
+    nsb = nb / sg;
+    bbytes = enc == Q8 ? 32 : 16;
+    row_bytes = nb * bbytes + nsa * nsb * 2;
+    tile_quant_bytes = TILE * nb * bbytes;
+    tile_bytes = TILE * row_bytes;
+  }
+  // scale `a` of block b for the 16 rows of a tile
+  const at::Half* scales(const uint8_t* tile, int64_t a, int64_t b) const {
+    return reinterpret_cast<const at::Half*>(tile + tile_quant_bytes) + (a * nsb + b / sg) * TILE;
+  }
+};
+
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const BlockLayout& L, int64_t N,
+                const c10::optional<at::Tensor>& bias, double threshold, const c10::optional<at::Tensor>& indptr,
+                const c10::optional<at::Tensor>& indices, const c10::optional<at::Tensor>& values,
+                const c10::optional<at::Tensor>& ic_scale, const c10::optional<at::Tensor>& ic_min, int64_t ic_group);
+at::Tensor dequantize(const at::Tensor& w, const BlockLayout& L, int64_t N, const c10::optional<at::Tensor>& ids,
+                      at::ScalarType dtype);
+
+// ---- fused_ops.cpp: element-wise kernels of the decoder layer ----
+
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+void fused_add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps);
+void rotary(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin, at::Tensor positions);
+at::Tensor silu_and_mul(at::Tensor x);
+void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, const std::vector<int64_t>& rows, int64_t vocab);
+
+// ---- paged_attention.cpp ----
+
+at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, c10::optional<at::Tensor> k_scale,
+                           c10::optional<at::Tensor> v_scale, at::Tensor block_tables,
+                           c10::optional<at::Tensor> query_starts, at::Tensor context_lens, double scale);
+void store_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping,
+              c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale);
+
+}  // namespace infera

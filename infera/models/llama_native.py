@@ -1,0 +1,89 @@
+"""A Llama-family decode step on the CPU in one native call (``csrc/decoder_layer.cpp``).
+
+The C++ stack runs the kernels the modules of :mod:`infera.models.llama` call one by one, in the
+same order, so it returns the same tensors bit for bit; it saves the Python between them (on the
+bundled 135M model, about a third of a decode step). It takes batches of short queries only
+(decode steps, speculative verification); prefill chunks, CUDA, and weights or dtypes the
+kernels do not take run the modules. ``INFERA_NATIVE_DECODER=0`` turns it off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from infera.kernels import load_cpu_extension
+from infera.layers.attention import AttentionMetadata
+from infera.layers.linear import Linear, UnquantizedLinearMethod
+from infera.quant.gguf_blocks import GGUFLinearMethod
+
+logger = logging.getLogger(__name__)
+ENABLED = os.environ.get("INFERA_NATIVE_DECODER", "1") != "0"
+FLOAT_LINEAR_METHODS = (UnquantizedLinearMethod, GGUFLinearMethod)  # float weights run as F.linear
+
+
+def native_linear(ext: ModuleType, layer: Linear, dtype: torch.dtype):
+    """``layer`` as the kernel's Linear, or None if its weights are not ones the kernels take."""
+    packed = getattr(layer.weight, "packed", None)
+    if packed is not None:
+        indptr, indices, values = packed.sparse or (None, None, None)
+        return ext.Linear(packed.data, layer.bias, packed.native, packed.out_features, packed.threshold,
+                          indptr, indices, values, packed.ic_scale, packed.ic_min, packed.ic_group)
+    if isinstance(layer.quant_method, FLOAT_LINEAR_METHODS) and layer.weight.dtype == dtype:
+        return ext.Linear(layer.weight, layer.bias)
+    return None
+
+
+def build_stack(ext: ModuleType, model: nn.Module, dtype: torch.dtype):
+    """The kernel's DecoderStack over ``model.layers`` (a LlamaModel), or None where a layer has
+    weights, norms or a KV cache it does not take."""
+    layers = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [attn.q_norm, attn.k_norm] if attn.qk_norm else []
+        linears = [native_linear(ext, m, dtype) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        kv = attn.attn.kv_cache
+        if (None in linears or kv is None or any(n.weight.dtype != dtype for n in norms)
+                or not (kv.quantized or kv.k.dtype == dtype)):
+            return None
+        q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
+        layers.append(ext.DecoderLayer(
+            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm, *linears,
+            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale, kv.k, kv.v, kv.k_scale, kv.v_scale))
+    return ext.DecoderStack(layers, model.rotary.cos, model.rotary.sin, model.norm.eps)
+
+
+class NativeDecoder:
+    """Decode steps of one LlamaModel through the native stack, built on first use for the layers
+    and KV cache in place then (rebuilt if either is replaced, as self-drafting swaps the layers)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.key: tuple[int, int] | None = None
+        self.stack = None
+
+    def _stack(self, hidden: torch.Tensor):
+        layers = self.model.layers
+        key = (id(layers), id(layers[0].self_attn.attn.kv_cache))
+        if key != self.key:
+            ext = load_cpu_extension()
+            self.key, self.stack = key, ext and build_stack(ext, self.model, hidden.dtype)
+            logger.info("decode steps: %s", "one native call for all layers" if self.stack else "layer by layer")
+        return self.stack
+
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(last layer's output, residual) of a batch of short queries, or None where the native
+        stack does not apply (the caller runs the layers)."""
+        if (not ENABLED or meta.prefills or hidden.device.type != "cpu" or hidden.dtype not in
+                (torch.float32, torch.bfloat16) or meta.num_decode_tokens != hidden.shape[0]):
+            return None
+        stack = self._stack(hidden)
+        if stack is None:
+            return None
+        return stack.forward(hidden, positions, meta.slot_mapping, meta.decode_block_tables,
+                             meta.decode_context_lens, meta.decode_query_start)

@@ -1,0 +1,62 @@
+"""The native decoder stack (csrc/decoder_layer.cpp) against the modules it replaces: the same
+hidden states and KV cache contents, bit for bit, on decode batches of single- and multi-token
+queries, for each model variant, dtype, int8 KV cache and quantized weight format."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infera.engine.llm_engine import LLMEngine
+from infera.engine.sequence import Sequence
+from infera.kernels import load_cpu_extension
+from infera.layers.attention import attention_metadata
+from infera.models import llama_native
+from infera.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(load_cpu_extension() is None, reason="native kernels could not be compiled")
+
+CASES = [  # kind, dtype, options
+    ("llama", "float32", {}),
+    ("qwen2", "float32", {}),  # QKV bias
+    ("qwen3", "bfloat16", {}),  # per-head q/k norms
+    ("llama3_rope", "bfloat16", {"kv_cache_dtype": "int8"}),
+    ("llama", "float32", {"quantization": "q4_0"}),
+    ("llama", "bfloat16", {"quantization": "llm_int8"}),  # outliers kept in float
+    ("llama", "float32", {"quantization": "dense_sparse"}),  # exact sparse term
+    ("llama", "float32", {"quantization": "int4_ic"}),  # per-IC groups
+]
+
+
+def decode_hidden(engine: LLMEngine, seqs: list[Sequence], counts: list[int], native: bool,
+                  monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Hidden states of one batch of short queries, and every layer's K/V cache afterwards."""
+    runner = engine.runner
+    monkeypatch.setattr(llama_native, "ENABLED", native)
+    ids, pos, meta = runner.prepare_inputs(seqs, counts)
+    with torch.inference_mode(), attention_metadata(meta):
+        hidden = runner.model(ids, pos)
+    pool = runner.kv_cache
+    return hidden, [pool.data.clone()] + ([pool.scales.clone()] if pool.scales is not None else [])
+
+
+@pytest.mark.parametrize("kind,dtype,options", CASES)
+def test_native_stack_equals_modules(tiny_model, kind, dtype, options, monkeypatch):
+    engine = LLMEngine(model=str(tiny_model(kind)), dtype=dtype, kv_cache_memory="16MiB", **options)
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 40, 19, 150]
+    seqs = [Sequence(torch.randint(3, 1000, (n + 10,), generator=g).tolist(), SamplingParams()) for n in lens]
+    bm = engine.block_manager
+    for seq, n in zip(seqs, lens):  # the prompts, through the modules
+        assert bm.allocate_slots(seq, n)
+        decode_hidden(engine, [seq], [n], False, monkeypatch)
+        bm.commit(seq, n)
+    for counts in ([1, 1, 1, 1], [1, 3, 1, 9]):  # a decode step, then speculative-verification-like queries
+        for seq, c in zip(seqs, counts):
+            assert bm.allocate_slots(seq, c)
+        ref, ref_cache = decode_hidden(engine, seqs, counts, False, monkeypatch)
+        ours, cache = decode_hidden(engine, seqs, counts, True, monkeypatch)
+        assert engine.runner.model.model.native_decoder.stack is not None, "the native stack did not run"
+        assert torch.equal(ours, ref)
+        assert all(torch.equal(a, b) for a, b in zip(cache, ref_cache))
+        for seq, c in zip(seqs, counts):
+            bm.commit(seq, c)
