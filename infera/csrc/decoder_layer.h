@@ -1,5 +1,5 @@
 // The decoder stack of decoder_layer.cpp: weights and caches gathered once from the PyTorch
-// modules (infera/layers/native_decoder.py), run per decode step without Python in between.
+// modules (infera/models/llama_native.py), run per decode step without Python in between.
 #pragma once
 
 #include "ops.h"

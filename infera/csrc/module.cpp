@@ -36,8 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("weight"), py::arg("bias") = py::none(), py::arg("layout") = py::none(),
            py::arg("out_features") = 0, py::arg("threshold") = 0.0, py::arg("indptr") = py::none(),
            py::arg("indices") = py::none(), py::arg("values") = py::none(), py::arg("ic_scale") = py::none(),
-           py::arg("ic_min") = py::none(), py::arg("ic_group") = 0)
-      .def("__call__", &Linear::operator());
+           py::arg("ic_min") = py::none(), py::arg("ic_group") = 0);
   py::class_<DecoderLayer>(m, "DecoderLayer")
       .def(py::init([](at::Tensor input_norm, at::Tensor post_norm, OptTensor q_norm, OptTensor k_norm, Linear qkv,
                        Linear o, Linear gate_up, Linear down, int64_t num_heads, int64_t num_kv_heads,
