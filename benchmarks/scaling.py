@@ -9,7 +9,12 @@
    ``/v1/completions`` request that re-sends the prompt and the partial answer as text to an
    ``infera serve`` subprocess (prefix cache on), one problem at a time, its particles
    concurrently.  The search code is the same; only the driver differs.  Reported: wall time and
-   prompt tokens the engine computed (prefill), in-engine vs over HTTP, and their ratios.
+   prompt tokens the engine computed (prefill), in-engine vs over HTTP, and their ratios.  A
+   second HTTP run sends the exact token ids instead of text (``return_token_ids``): text makes
+   the server re-tokenize each partial answer, and a step boundary re-tokenized differently
+   (".\n\n" generated as "." "\n" "\n", re-read as "." "\n\n") changes what the model writes next.
+
+The problems are prompted with ``--fewshot`` worked examples (default 3, one of each kind).
 
 Every run redraws ``--plot`` (default docs/scaling_arithmetic.png) from all the results under
 OUT, so a long benchmark can be split into several runs sharing one OUT (see the README).
@@ -39,18 +44,20 @@ from infera.scaling.api import build_search, run_searches
 from infera.scaling.controller import Expand, Search
 from infera.scaling.eval import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, read_rows
 from infera.scaling.result import ScalingResult
-from infera.scaling.tasks import Task, arithmetic_tasks
+from infera.scaling.tasks import Task, load_tasks
 
 REWARD_NAMES = {"arithmetic": "arithmetic checker", "self": "self-judging"}
 
 
 class HTTPDriver:
     """Fulfils a search's expand operations over ``/v1/completions``: one request per particle
-    and step, whose prompt is the problem's chat prompt plus the partial answer, as text."""
+    and step, whose prompt is the problem's chat prompt plus the partial answer, as text (as the
+    HTTP libraries send it) or, with ``tokens``, as the exact token ids (``return_token_ids``)."""
 
-    def __init__(self, client: openai.AsyncOpenAI, tokenizer):
+    def __init__(self, client: openai.AsyncOpenAI, tokenizer, tokens: bool = False):
         self.client = client
         self.tokenizer = tokenizer
+        self.tokens = tokens
         self.generated = 0
 
     async def run(self, search: Search) -> ScalingResult:
@@ -68,18 +75,20 @@ class HTTPDriver:
         if not isinstance(op, Expand):
             raise ValueError("only expand operations are driven over HTTP (use the arithmetic reward)")
         p = op.params
+        sent = op.branch.token_ids if self.tokens else prompt + op.branch.text
         outs = await asyncio.gather(*(self.client.completions.create(
-            model="bench", prompt=prompt + op.branch.text, max_tokens=p.max_tokens, temperature=p.temperature,
+            model="bench", prompt=sent, max_tokens=p.max_tokens, temperature=p.temperature,
             top_p=p.top_p, stop=p.stop, seed=(p.seed + i) % 2**62,
-            extra_body={"include_stop_str_in_output": True}) for i in range(op.n)))
+            extra_body={"include_stop_str_in_output": True, "return_token_ids": self.tokens}) for i in range(op.n)))
         children = []
         for out in outs:
             choice = out.choices[0]
             self.generated += out.usage.completion_tokens
-            # the token ids are the server's business: only their count matters to the search
-            ids = op.branch.token_ids + [0] * out.usage.completion_tokens
+            # as text, the token ids are the server's business: only their count matters to the search
+            new = choice.model_extra["token_ids"] if self.tokens else [0] * out.usage.completion_tokens
             stop_reason = (choice.model_extra or {}).get("stop_reason")
-            children.append(search.child(op.branch, ids, choice.text, choice.finish_reason, stop_reason))
+            children.append(search.child(op.branch, op.branch.token_ids + new, choice.text, choice.finish_reason,
+                                         stop_reason))
         return children
 
 
@@ -104,13 +113,14 @@ def particle_filtering_in_engine(llm: LLM, tasks: list[Task], budget: int, optio
 
 
 async def particle_filtering_over_http(llm: LLM, url: str, tasks: list[Task], budget: int, options: dict,
-                                       concurrency: int) -> dict:
+                                       concurrency: int, tokens: bool) -> dict:
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600,
                                 http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=1024)))
-    driver = HTTPDriver(client, llm.tokenizer)
+    driver = HTTPDriver(client, llm.tokenizer, tokens)
     searches = [build_search(llm.engine, t.question, "particle_filtering", budget, "arithmetic", options, t.answer)
                 for t in tasks]
-    bar = tqdm(total=len(tasks), desc=f"over HTTP particle_filtering @ {budget}", unit="problem")
+    bar = tqdm(total=len(tasks), desc=f"over HTTP ({'token ids' if tokens else 'text'}) particle_filtering @ {budget}",
+               unit="problem")
     gate = asyncio.Semaphore(concurrency)
 
     async def one(search: Search) -> ScalingResult:
@@ -178,6 +188,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: the bundled SmolLM2-135M)")
     p.add_argument("--problems", type=int, default=200, help="arithmetic problems (fixed seed)")
     p.add_argument("--problem-seed", type=int, default=0)
+    p.add_argument("--fewshot", type=int, default=3, help="worked examples before each question (one of each kind)")
     p.add_argument("--budgets", default="1,2,4,8,16,32")
     p.add_argument("--methods", default=",".join(EVAL_METHODS))
     p.add_argument("--rewards", default="arithmetic,self", help="comma list: arithmetic, self")
@@ -193,10 +204,12 @@ def main() -> None:
     p.add_argument("--plot", default="docs/scaling_arithmetic.png",
                    help="accuracy plot of every reward's results under --out")
     args = p.parse_args()
-    tasks = arithmetic_tasks(args.problems, args.problem_seed)
+    tasks, examples = load_tasks("arithmetic", args.problems, args.problem_seed, args.fewshot)
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
     rewards = args.rewards.split(",") if args.rewards else []
     options = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed}
+    if examples:
+        options["examples"] = examples
     out = Path(args.out)
     print(f"machine: {machine()}", flush=True)
     llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory)
@@ -216,20 +229,20 @@ def main() -> None:
         engine_run = particle_filtering_in_engine(llm, http_tasks, args.http_budget, options)
         server_args = ["--kv-cache-memory", args.kv_cache_memory, "--log-level", "WARNING"]
         with launch("infera", str(llm.engine.model_path), server_args, 0) as server:
-            http_run = asyncio.run(particle_filtering_over_http(llm, server.url, http_tasks, args.http_budget, options,
-                                                                args.http_concurrency))
-        speedup = http_run["wall_s"] / engine_run["wall_s"]
-        fewer = http_run["prefill_tokens"] / max(engine_run["prefill_tokens"], 1)
+            runs = {name: asyncio.run(particle_filtering_over_http(llm, server.url, http_tasks, args.http_budget,
+                                                                   options, args.http_concurrency, tokens))
+                    for name, tokens in (("over HTTP, text", False), ("over HTTP, token ids", True))}
         summary["http"] = {"budget": args.http_budget, "problems": len(http_tasks), "in_engine": engine_run,
-                           "over_http": http_run, "speedup": speedup, "prefill_ratio": fewer,
-                           "http_concurrency": args.http_concurrency}
+                           "over_http": runs, "http_concurrency": args.http_concurrency}
         print(f"\nparticle filtering @ {args.http_budget}, {len(http_tasks)} problems, arithmetic checker")
-        print(f"{'':>12} {'wall s':>9} {'prefill tok':>12} {'generated':>10} {'accuracy':>9}")
-        for name, r in (("in-engine", engine_run), ("over HTTP", http_run)):
-            print(f"{name:>12} {r['wall_s']:9.1f} {r['prefill_tokens']:12d} {r['generated_tokens']:10d} "
-                  f"{100 * r['accuracy']:8.1f}%")
-        print(f"in-engine is {speedup:.1f}x faster (target >= 3x) and computes {fewer:.1f}x fewer prefill tokens "
-              f"(target >= 5x)")
+        print(f"{'':>22} {'wall s':>9} {'prefill tok':>12} {'generated':>10} {'ms/token':>9} {'accuracy':>9}")
+        for name, r in (("in-engine", engine_run), *runs.items()):
+            print(f"{name:>22} {r['wall_s']:9.1f} {r['prefill_tokens']:12d} {r['generated_tokens']:10d} "
+                  f"{1e3 * r['wall_s'] / r['generated_tokens']:9.2f} {100 * r['accuracy']:8.1f}%")
+        for name, r in runs.items():
+            print(f"in-engine vs {name}: {r['wall_s'] / engine_run['wall_s']:.1f}x faster (target >= 3x), "
+                  f"{r['prefill_tokens'] / max(engine_run['prefill_tokens'], 1):.1f}x fewer prefill tokens "
+                  f"(target >= 5x)")
     plot_rewards(out, Path(args.plot))
     save_json(str(out / "summary.json"), summary)
     print(f"wrote {out}/summary.json")

@@ -1,9 +1,11 @@
 """Quantizers and the native block kernels.
 
-Kernel tolerances: against the same math with the activations quantized as the kernel does
-(int8 per block of 32, round-half-even), max |diff| <= 1e-4 * max |y| (float32 output) or
-1e-2 * max |y| (bfloat16 output rounding); against the dequantized float weights with float
-activations, max |diff| <= 2.5% of max |y| (the int8 activation rounding: measured 0.2-1.6%).
+Kernel tolerances: against the same math as the kernel's path, max |diff| <= 1e-4 * max |y|
+(float32 output) or 1e-2 * max |y| (bfloat16 output rounding). The int8 path quantizes the
+activations per block of 32 (round-half-even); the AMX path (batches of AMX_MIN_ROWS rows or more,
+where the CPU has AMX) multiplies bf16 activations by the weights dequantized to bf16. Against the
+dequantized float weights with float activations, max |diff| <= 2.5% of max |y| (the int8
+activation rounding: measured 0.2-1.6%).
 Reconstruction bounds (relative Frobenius error, 192 x 576 matrices) are in ERROR_BOUNDS.
 """
 from __future__ import annotations
@@ -93,8 +95,16 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * (amax / 127)).reshape(x.shape)
 
 
+def takes_amx(method: str, rows: int) -> bool:
+    """Whether the kernel multiplies ``rows`` activation rows with AMX tiles (see csrc/ops.h)."""
+    ext = kernels()
+    return rows >= ext.AMX_MIN_ROWS and ext.amx_available() and method not in ("int4_ic", "dense_sparse")
+
+
 def kernel_reference(method: str, t: dict, x: torch.Tensor, q) -> torch.Tensor:
     """The product the kernel computes, in float32 torch ops."""
+    if takes_amx(method, x.shape[0]):
+        return x.bfloat16().float() @ q.dequantize(t).bfloat16().float().T
     x = x.float()
     if method == "int4_ic":
         n, g = t["qweight"].shape[0], t["qweight"].shape[0] // t["scales"].shape[0]
@@ -116,13 +126,14 @@ def kernel_reference(method: str, t: dict, x: torch.Tensor, q) -> torch.Tensor:
 def test_kernel_matches_reference(method):
     q = quantizer(method)
     g = torch.Generator().manual_seed(1)
-    # ragged 16-row tiles; K = 8192 splits M = 64 into two L2 chunks of 32 rows
+    # ragged 16-row tiles; K = 8192 splits M = 64 into two L2 chunks of 32 rows (int8 path) and
+    # M = 100 into two chunks of 64 (AMX path, which pads it to 128 rows)
     shapes = [(192, 576), (64, 96), (64, 8192)] if method == "int4_ic" else [(200, 576), (37, 96), (24, 8192)]
     for n, k in shapes:
         w = torch.randn(n, k, generator=g) * 0.05
         t = q.quantize(w)
         packed = q.pack(t, n)
-        for m in (1, 2, 3, 7, 64):  # every tile shape: 4x1, 2x4, 2x2, 2x1, 1xN
+        for m in (1, 2, 3, 7, 64, 100):  # every int8 tile shape: 4x1, 2x4, 2x2, 2x1, 1xN; AMX batches
             x = torch.randn(m, k, generator=g)
             if method == "llm_int8":
                 x[:, 5] = 9.0  # an outlier feature

@@ -241,7 +241,22 @@ def test_bad_requests_raise_value_errors(tiny_llm):
         best_of_n(tiny_llm, "q", reward=outcome, max_tokens=0)
     with pytest.raises(ValueError, match="aggregate must be one of last, min, product"):
         best_of_n(tiny_llm, "q", reward=outcome, aggregate="mean")
+    with pytest.raises(ValueError, match="examples must be a list of"):
+        best_of_n(tiny_llm, "q", reward=outcome, examples=[("only a question",)])
     assert_idle(tiny_llm.engine)
+
+
+def test_worked_examples_come_before_the_question(tiny_llm):
+    tokenizer = tiny_llm.engine.tokenizer
+    problem = make_problem(tokenizer, "What is 5 + 4?", "Box it.", examples=[("What is 1 + 1?", "1 + 1 = 2. \\boxed{2}")])
+    assert problem.question == "What is 5 + 4?"
+    assert problem.messages == [{"role": "user", "content": "What is 1 + 1?\n\nBox it."},
+                                {"role": "assistant", "content": "1 + 1 = 2. \\boxed{2}"},
+                                {"role": "user", "content": "What is 5 + 4?\n\nBox it."}]
+    assert problem.prompt_ids == tokenizer.apply_chat_template(problem.messages)
+    options = dict(STEPS, instruction="Box it.", examples=[["What is 1 + 1?", "1 + 1 = 2. \\boxed{2}"]])  # as JSON
+    search = build_search(tiny_llm.engine, "What is 5 + 4?", "best_of_n", 2, outcome, options)
+    assert search.problem == problem
 
 
 def test_a_search_whose_requests_are_aborted_fails_and_frees_everything(tiny_llm):

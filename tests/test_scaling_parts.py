@@ -115,14 +115,26 @@ def test_arithmetic_tasks_are_seeded_and_right():
         else:
             expected = numbers[0] + numbers[1]
         assert t.answer == str(expected)
-    assert len(load_tasks("arithmetic", 5)) == 5
+        # the worked solution: steps a blank line apart, every claim true, the answer boxed
+        steps = t.solution.split("\n\n")
+        assert len(steps) == (3 if kind else 2) and all(step_score(s) == 1.0 for s in steps[:-1])
+        assert all(check_claims(s) for s in steps[:-1]) and last_boxed(t.solution) == t.answer
+    problems, examples = load_tasks("arithmetic", 5, num_examples=3)
+    assert len(problems) == 5 and len(examples) == 3
+    assert not {q for q, _ in examples} & {t.question for t in load_tasks("arithmetic", 200)[0]}
 
 
 def test_jsonl_tasks(tmp_path):
     path = tmp_path / "tasks.jsonl"
     lines = [json.dumps({"question": "1+1?", "answer": 2}), "", json.dumps({"question": "2+2?", "answer": "4"})]
     path.write_text("\n".join(lines))
-    assert [(t.question, t.answer) for t in load_tasks(f"jsonl:{path}")] == [("1+1?", "2"), ("2+2?", "4")]
+    assert [(t.question, t.answer) for t in load_tasks(f"jsonl:{path}")[0]] == [("1+1?", "2"), ("2+2?", "4")]
+    lines[0] = json.dumps({"question": "1+1?", "answer": 2, "solution": "1 + 1 = 2.\n\n\\boxed{2}"})
+    path.write_text("\n".join(lines))
+    problems, examples = load_tasks(f"jsonl:{path}", num_examples=1)  # an example is not also a problem
+    assert [t.question for t in problems] == ["2+2?"] and examples == [("1+1?", "1 + 1 = 2.\n\n\\boxed{2}")]
+    with pytest.raises(ValueError, match='2 examples asked for, but only 1 lines have a "solution"'):
+        load_tasks(f"jsonl:{path}", num_examples=2)
     path.write_text('{"question": "x"}\n')
     with pytest.raises(ValueError, match=r"tasks.jsonl:1: expected an object"):
         load_jsonl(path)

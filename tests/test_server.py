@@ -247,6 +247,26 @@ def test_greedy_equals_llm_generate(server, tiny_llm):
     assert served_chat.choices[0].message.content == offline_chat.text
 
 
+def test_return_token_ids(server, tiny_llm):
+    """vLLM's return_token_ids: a client can continue from the exact tokens, not re-tokenized text."""
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    offline = tiny_llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    client = server.client()
+    extra = {"return_token_ids": True}
+    done = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=extra)
+    choice = done.choices[0].model_extra
+    assert choice["prompt_token_ids"] == server.tokenize(prompt=PROMPT)
+    assert choice["token_ids"] == list(offline.token_ids)
+    chunks = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       extra_body=extra)
+    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == list(offline.token_ids)
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, extra_body=extra)
+    assert chat.model_extra["prompt_token_ids"] == server.tokenize(messages=CHAT)
+    assert len(chat.choices[0].model_extra["token_ids"]) == chat.usage.completion_tokens
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert plain.choices[0].model_extra.get("token_ids") is None
+
+
 def test_structured_output_request_mapping():
     from infera.server.protocol import ChatCompletionRequest
 

@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_features"), py::arg("bias") = py::none(), py::arg("threshold") = 0.0,
         py::arg("indptr") = py::none(), py::arg("indices") = py::none(), py::arg("values") = py::none(),
         py::arg("ic_scale") = py::none(), py::arg("ic_min") = py::none(), py::arg("ic_group") = 0);
+  m.def("amx_available", &amx_available, "whether batches of AMX_MIN_ROWS rows or more take AMX tiles");
+  m.attr("AMX_MIN_ROWS") = AMX_MIN_ROWS;
   m.def("dequantize", &dequantize, "rows of a packed weight in float", py::arg("w"), py::arg("layout"),
         py::arg("out_features"), py::arg("ids") = py::none(), py::arg("dtype") = at::kFloat);
   m.def("apply_token_bitmask", &apply_token_bitmask, "mask disallowed tokens' logits to -inf, in place");

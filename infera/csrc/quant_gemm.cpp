@@ -14,7 +14,8 @@
 // (t1 + 1) | (t2 + 1) << 2. A weight is d * (q - offset) [+ m] (Q8, Q4) or a1 * t1 + a2 * t2 (T2).
 //
 // Activations are quantized to int8 per block of 32 (as llama.cpp's q8 path), so block b adds
-// d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row.
+// d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row. Batches of
+// AMX_MIN_ROWS rows or more go to quant_gemm_amx.cpp where the CPU has AMX.
 #include <ATen/Parallel.h>
 
 #include "ops.h"
@@ -388,6 +389,7 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const BlockLayout& L, 
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = L.K;
   const bool sparse = indptr.has_value();
+  if (M >= AMX_MIN_ROWS && !ic_scale.has_value() && !sparse && amx_available()) return gemm_amx(xc, w, L, N, bias);
   static thread_local Activations buffers;  // reused between calls
   Activations& A = buffers;
   const bool ic = ic_scale.has_value();

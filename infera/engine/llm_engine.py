@@ -17,6 +17,7 @@ from infera.layers.sampler import TokenLogprobs
 from infera.loader.model_loader import build_model, open_model, resolve_quantization
 from infera.loader.tokenizer import Tokenizer
 from infera.outputs import RequestMetrics, RequestOutput
+from infera.quant.layout import kernel_paths
 from infera.quant.method import weight_bytes
 from infera.sampling_params import SamplingParams
 from infera.spec.spec_decoder import SpecDecoder, build_proposer
@@ -98,6 +99,8 @@ class LLMEngine:
                     (self.hf_config.architectures or ["?"])[0], self.weight_bytes / 2**20,
                     quantization.name if quantization else "unquantized", str(self.dtype).removeprefix("torch."),
                     self.device, time.monotonic() - started)
+        if quantization and self.device.type == "cpu":
+            logger.info(kernel_paths())
         logger.info("KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
                     "up to %d tokens and %d sequences per step; prefix caching %s",
                     str(self.runner.kv_cache.dtype).removeprefix("torch."), self.runner.num_blocks,

@@ -34,6 +34,16 @@ def require_kernels(method: str) -> ModuleType:
     return ext
 
 
+def kernel_paths() -> str:
+    """Which native products run here, for the engine's log."""
+    ext = kernels()
+    if ext is None:
+        return "native kernels unavailable"
+    batches = (f"AMX bf16 tiles from {ext.AMX_MIN_ROWS} rows" if ext.amx_available()
+               else "no AMX on this CPU or build")
+    return f"packed-weight products: int8 dot products, {batches}"
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """How one packed row reads: ``value = s0 * (q - offset) [+ s1]`` (Q8, Q4; s1 when ``has_min``)

@@ -14,7 +14,7 @@ from infera.scaling.beam_search import beam_search as _beam_search
 from infera.scaling.controller import Search, SearchConfig, SearchController, SearchGen
 from infera.scaling.particle_filtering import particle_filtering as _particle_filtering
 from infera.scaling.particle_filtering import particle_gibbs as _particle_gibbs
-from infera.scaling.problem import DEFAULT_INSTRUCTION, Prompt, make_problem
+from infera.scaling.problem import DEFAULT_INSTRUCTION, PROMPT_OPTIONS, Prompt, check_examples, make_problem
 from infera.scaling.result import ScalingResult
 from infera.scaling.rewards import Reward, make_reward
 from infera.scaling.sampling import best_of_n as _best_of_n
@@ -51,12 +51,13 @@ def build_search(engine: LLMEngine, prompt: Prompt, method: str, budget: int, re
     method_names = set(inspect.signature(algorithm).parameters) - {"s"}
     options = dict(options)
     instruction = options.pop("instruction", DEFAULT_INSTRUCTION)
+    examples = check_examples(options.pop("examples", []))
     unknown = sorted(set(options) - config_names - method_names)
     if unknown:
-        known = sorted(config_names | method_names | {"instruction"})
+        known = sorted(config_names | method_names | set(PROMPT_OPTIONS))
         raise ValueError(f"unknown option(s) for {method}: {', '.join(unknown)}; known: {', '.join(known)}")
     config = SearchConfig(**{k: v for k, v in options.items() if k in config_names})
-    problem = make_problem(engine.tokenizer, prompt, instruction, answer)
+    problem = make_problem(engine.tokenizer, prompt, instruction, answer, examples)
     engine.check_prompt_length(len(problem.prompt_ids))
     return Search(method, algorithm, problem, budget, reward, config,
                   {k: v for k, v in options.items() if k in method_names})

@@ -25,6 +25,7 @@ from infera.engine.llm_engine import LLMEngine
 from infera.scaling.answers import answers_equal
 from infera.scaling.api import METHODS, build_search, run_searches
 from infera.scaling.controller import SearchConfig
+from infera.scaling.problem import PROMPT_OPTIONS
 from infera.scaling.rewards import REWARD_SOURCES
 from infera.scaling.sampling import PICKS, shared_samples
 from infera.scaling.tasks import Task, load_tasks
@@ -42,6 +43,9 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--problems", type=int, default=None,
                    help="how many problems (arithmetic: generated, default 200; jsonl: the first N, default all)")
     g.add_argument("--problem-seed", type=int, default=0, help="seed of the generated arithmetic problems")
+    g.add_argument("--fewshot", type=int, default=0, metavar="K",
+                   help="K worked examples before each question (arithmetic: generated ones; jsonl: the first K "
+                        'lines with a "solution", left out of the problems)')
     g.add_argument("--out", default="eval-out", help="directory for results.csv, details.jsonl and accuracy.png")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the branches")
     g.add_argument("--max-tokens", type=int, default=384, help="most tokens in one solution")
@@ -85,7 +89,7 @@ def options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options that apply to ``method``: the shared ones and its own (beam_width is beam
     search's, select particle filtering's, ...)."""
     own = set(inspect.signature(METHODS[method]).parameters) - {"s"}
-    shared = {f.name for f in fields(SearchConfig)} | {"instruction"}
+    shared = {f.name for f in fields(SearchConfig)} | set(PROMPT_OPTIONS)
     return {k: v for k, v in options.items() if k in shared | own}
 
 
@@ -201,10 +205,12 @@ def evaluate_all(engine: LLMEngine | None, engine_kwargs: dict[str, Any], tasks:
 
 
 def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
-    tasks = load_tasks(args.task, args.problems, args.problem_seed)
+    tasks, examples = load_tasks(args.task, args.problems, args.problem_seed, args.fewshot)
     methods = parse_methods(args.methods)
     budgets = parse_budgets(args.budgets)
     options = {"temperature": args.temperature, "max_tokens": args.max_tokens, **parse_options(args.option)}
+    if examples:
+        options["examples"] = examples
     out = Path(args.out)
     evaluate_all(None, engine_kwargs, tasks, methods, budgets, args.reward, options, out,
                  f"{args.task}, {len(tasks)} problems, reward {args.reward}")

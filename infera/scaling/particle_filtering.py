@@ -7,8 +7,11 @@ The model is the transition of a state-space model and the reward an approximate
 particles are drawn from them with replacement (multinomial resampling).  A particle drawn ``c``
 times continues as ``c`` forks sharing its KV; one never drawn is released at once.  Finished
 particles keep their last weight and take part in resampling as they are.  The answer is the
-particle with the highest reward (``select="argmax"``) or the answer with the largest summed
-weight (``select="vote"``).
+one with the largest summed weight over the final particles (``select="vote"``, the default) or
+the particle with the highest reward (``select="argmax"``). With a reward that many particles
+satisfy equally (the arithmetic checker), argmax picks among ties arbitrarily while the vote
+weighs how many particles reached each answer: on 90 arithmetic problems at 8 particles, 38%
+against 28% (benchmarks/scaling.py).
 
 Particle Gibbs repeats the filter ``iterations`` times with ``budget // iterations`` particles;
 from the second iteration on, a reference particle drawn from the previous one stays fixed and
@@ -87,7 +90,7 @@ def pick(s: Search, particles: list[Branch], select: str, temperature: float) ->
     return s.finish(particles[max(winners, key=lambda i: (values[i], -i))], particles, totals)
 
 
-def particle_filtering(s: Search, resample_temperature: float = 1.0, select: str = "argmax") -> SearchGen:
+def particle_filtering(s: Search, resample_temperature: float = 1.0, select: str = "vote") -> SearchGen:
     """Particle filtering with ``budget`` particles."""
     _check(s, resample_temperature, select)
     particles = yield from run_filter(s, s.budget, resample_temperature)
@@ -95,7 +98,7 @@ def particle_filtering(s: Search, resample_temperature: float = 1.0, select: str
 
 
 def particle_gibbs(s: Search, iterations: int = 2, resample_temperature: float = 1.0,
-                   select: str = "argmax") -> SearchGen:
+                   select: str = "vote") -> SearchGen:
     """Particle Gibbs: ``iterations`` filters of ``budget // iterations`` particles each."""
     _check(s, resample_temperature, select)
     if not isinstance(iterations, int) or iterations < 1 or s.budget // iterations < 2:

@@ -8,6 +8,7 @@ from infera.loader.tokenizer import Tokenizer
 
 DEFAULT_INSTRUCTION = "Think step by step, leaving a blank line between steps. Put the final answer in \\boxed{}."
 JUDGE_QUESTION = "Is the solution above correct? Answer Yes or No."
+PROMPT_OPTIONS = ("instruction", "examples")  # options of every method that shape the prompt
 _MARK = "\x00ANSWER\x00"
 
 Prompt = str | list[dict[str, Any]] | list[int]
@@ -21,18 +22,31 @@ class Problem:
     answer: str | None = None  # the reference answer, when known (evaluation)
 
 
+def check_examples(examples: Any) -> list[tuple[str, str]]:
+    """Worked examples as (question, solution) string pairs; ValueError says what is wrong."""
+    if not isinstance(examples, (list, tuple)) or not all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and all(isinstance(x, str) and x.strip() for x in e)
+            for e in examples):
+        raise ValueError("examples must be a list of [question, solution] pairs of non-empty strings")
+    return [(q, a) for q, a in examples]
+
+
 def make_problem(tokenizer: Tokenizer, prompt: Prompt, instruction: str | None = DEFAULT_INSTRUCTION,
-                 answer: str | None = None) -> Problem:
+                 answer: str | None = None, examples: list[tuple[str, str]] = ()) -> Problem:
     """A question string becomes a user message (``instruction`` appended) under the model's chat
-    template; a list of messages is rendered as given; token ids are used as they are."""
+    template, after ``examples`` (worked (question, solution) pairs, each a user turn answered by
+    the assistant: few-shot prompting); a list of messages is rendered as given; token ids are
+    used as they are."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError("the prompt is empty")
+        ask = (lambda q: f"{q}\n\n{instruction}") if instruction else (lambda q: q)
         if not tokenizer.hf.chat_template:
-            text = f"{prompt}\n\n{instruction}\n\n" if instruction else f"{prompt}\n\n"
-            return Problem(prompt, tokenizer.encode(text), None, answer)
-        content = f"{prompt}\n\n{instruction}" if instruction else prompt
-        messages = [{"role": "user", "content": content}]
+            shots = "".join(f"{ask(q)}\n\n{a}\n\n" for q, a in examples)
+            return Problem(prompt, tokenizer.encode(f"{shots}{ask(prompt)}\n\n"), None, answer)
+        messages = [m for q, a in examples for m in ({"role": "user", "content": ask(q)},
+                                                     {"role": "assistant", "content": a})]
+        messages.append({"role": "user", "content": ask(prompt)})
         return Problem(prompt, tokenizer.apply_chat_template(messages), messages, answer)
     if prompt and all(isinstance(m, dict) for m in prompt):
         users = [m.get("content") for m in prompt if m.get("role") == "user"]

@@ -86,6 +86,7 @@ class SamplingRequest(OpenAIModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None
@@ -185,6 +186,8 @@ class CompletionChoice(OpenAIModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: Literal["stop", "length"] | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
+    token_ids: list[int] | None = None
 
 
 class UsageInfo(OpenAIModel):
@@ -290,6 +293,7 @@ class ChatChoice(OpenAIModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class ChatCompletionResponse(OpenAIModel):
@@ -299,6 +303,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 
 class ScalingChatCompletionResponse(ChatCompletionResponse):
@@ -322,6 +327,7 @@ class ChatStreamChoice(OpenAIModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the chunk's tokens
 
 
 class ChatCompletionChunk(OpenAIModel):

@@ -207,15 +207,20 @@ class OpenAIServing:
         finally:
             for stream in streams:
                 stream.close()
-        choices = [self._completion_choice(i * req.n + c.index, c, req.logprobs)
+        choices = [self._completion_choice(i * req.n + c.index, c, req.logprobs,
+                                           prompts[i] if req.return_token_ids else None)
                    for i in sorted(final) for c in final[i].outputs]
         return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                   usage=self._usage(prompts, sum(o.num_generated_tokens for o in final.values())))
 
-    def _completion_choice(self, index: int, c: CompletionOutput, logprobs: int | None) -> CompletionChoice:
+    def _completion_choice(self, index: int, c: CompletionOutput, logprobs: int | None,
+                           prompt_ids: list[int] | None) -> CompletionChoice:
+        """``prompt_ids``: given when the request asked for token ids."""
         lp = self._completion_logprobs(c.logprobs, logprobs, ChoiceState()) if logprobs is not None else None
+        ids = prompt_ids is not None
         return CompletionChoice(index=index, text=c.text, logprobs=lp, finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason)
+                                stop_reason=c.stop_reason, prompt_token_ids=prompt_ids,
+                                token_ids=list(c.token_ids) if ids else None)
 
     def _completion_logprobs(self, entries: list[TokenLogprobs] | None, k: int,
                              state: ChoiceState) -> CompletionLogProbs:
@@ -239,7 +244,8 @@ class OpenAIServing:
                 num_completion += len(d.token_ids)
                 lp = (self._completion_logprobs(d.logprobs, req.logprobs, states[index])
                       if req.logprobs is not None else None)
-                choice = CompletionChoice(index=index, text=d.text, logprobs=lp, finish_reason=d.finish_reason)
+                choice = CompletionChoice(index=index, text=d.text, logprobs=lp, finish_reason=d.finish_reason,
+                                          token_ids=list(d.token_ids) if req.return_token_ids else None)
                 yield CompletionResponse(id=request_id, created=created, model=self.model_name,
                                          choices=[choice]).model_dump_json()
         if req.include_usage:
@@ -269,11 +275,14 @@ class OpenAIServing:
                 pass
         finally:
             streams[0].close()
+        ids = req.return_token_ids
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
                               logprobs=self._chat_logprobs(c.logprobs, top) if top is not None else None,
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in final.outputs]
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                              token_ids=list(c.token_ids) if ids else None) for c in final.outputs]
         return ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
-                                      usage=self._usage([prompt], final.num_generated_tokens))
+                                      usage=self._usage([prompt], final.num_generated_tokens),
+                                      prompt_token_ids=prompt if ids else None)
 
     async def create_scaling_completion(self, req: ChatCompletionRequest, arrival: float
                                         ) -> ScalingChatCompletionResponse:
@@ -346,7 +355,8 @@ class OpenAIServing:
                 num_completion += len(d.token_ids)
                 lp = self._chat_logprobs(d.logprobs, top) if top is not None else None
                 yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=d.text), logprobs=lp,
-                                              finish_reason=d.finish_reason)])
+                                              finish_reason=d.finish_reason,
+                                              token_ids=list(d.token_ids) if req.return_token_ids else None)])
         if req.include_usage:
             yield chunk([], self._usage([prompt], num_completion))
 
