@@ -36,10 +36,10 @@ logger = logging.getLogger(__name__)
 ADMIT_WAIT_S = 0.05  # longest an idle engine step waits for a compilation
 # Jump-forward only in steps that sample at most this many sequences (0: never).  Forced tokens
 # turn the sequence's next step into a short multi-token query.  Measured with every run paying
-# its own prefill (benchmarks/structured.py): a clear win at batch 1 (1.9x / 1.5x of free
-# generation for a JSON schema / a regex), mixed at batch 32 (0.90x / 1.12x, against 0.97x /
-# 0.96x without it).
-JUMP_FORWARD_MAX_BATCH = 2
+# its own prefill (benchmarks/structured.py, medians of 3, 2026-12-04): at batch 1 1.61x / 1.26x
+# of free generation for a JSON schema / a regex (1.01x / 0.95x without it), at batch 32 1.25x /
+# 1.10x (0.99x / 0.96x without it); larger batches are not measured.
+JUMP_FORWARD_MAX_BATCH = 32
 
 
 class StructuredOutputManager:
