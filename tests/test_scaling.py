@@ -128,7 +128,8 @@ def test_beam_search_keeps_the_top_beams(tiny_llm):
         seen.append(list(steps))
         return process(question, steps)
 
-    result = beam_search(tiny_llm, "What is 2 + 2?", budget=8, reward=recording, beam_width=2, **STEPS)
+    result = beam_search(tiny_llm, "What is 2 + 2?", budget=8, reward=recording, beam_width=2, select="argmax",
+                         **STEPS)
     first = [s[0] for s in seen if len(s) == 1]
     assert len(first) == 8  # the first step of every beam was scored
     top2 = sorted(first, key=fraction, reverse=True)[:2]
@@ -139,6 +140,16 @@ def test_beam_search_keeps_the_top_beams(tiny_llm):
     top2_second = sorted(second, key=lambda s: fraction(s[1]), reverse=True)[:2]  # aggregate "last"
     assert len(third) == 8 and {tuple(s[:2]) for s in third} <= {tuple(t) for t in top2_second}
     assert result.text == max(result.candidates, key=lambda c: c.score).text
+    assert_idle(tiny_llm.engine)
+
+
+def test_beam_search_votes_by_summed_reward(tiny_llm):
+    result = beam_search(tiny_llm, "What is 2 + 2?", budget=8, reward=outcome, answer_pattern=r"^\s*(\S)", **STEPS)
+    answers = [c.answer for c in result.candidates]
+    totals = {answers[g[0]]: sum(result.candidates[i].score for i in g) for g in group_answers(answers)}
+    assert result.answer_scores == pytest.approx(totals) and result.answer == max(totals, key=totals.get)
+    with pytest.raises(ValueError, match="select must be one of argmax, vote"):
+        beam_search(tiny_llm, "q", reward=outcome, select="best")
     assert_idle(tiny_llm.engine)
 
 
@@ -243,6 +254,8 @@ def test_bad_requests_raise_value_errors(tiny_llm):
         best_of_n(tiny_llm, "q", reward=outcome, aggregate="mean")
     with pytest.raises(ValueError, match="examples must be a list of"):
         best_of_n(tiny_llm, "q", reward=outcome, examples=[("only a question",)])
+    with pytest.raises(ValueError, match="with chat messages, put them in the messages"):
+        best_of_n(tiny_llm, [{"role": "user", "content": "q"}], reward=outcome, examples=[("q", "a")])
     assert_idle(tiny_llm.engine)
 
 

@@ -25,9 +25,8 @@ from collections import Counter
 
 from infera.scaling.controller import Branch, Search, SearchGen
 from infera.scaling.result import ScalingResult
-from infera.scaling.selection import argmax, vote
+from infera.scaling.selection import argmax, check_select, vote
 
-SELECT = ("argmax", "vote")
 _EPS = 1e-4
 
 
@@ -49,8 +48,7 @@ def resample(w: list[float], n: int, rng: random.Random) -> list[int]:
 def _check(s: Search, resample_temperature: float, select: str) -> None:
     if not isinstance(resample_temperature, (int, float)) or resample_temperature <= 0:
         raise ValueError(f"resample_temperature must be > 0, got {resample_temperature!r}")
-    if select not in SELECT:
-        raise ValueError(f"select must be one of {', '.join(SELECT)}, got {select!r}")
+    check_select(select)
 
 
 def run_filter(s: Search, n: int, temperature: float, reference: Branch | None = None) -> SearchGen:

@@ -48,6 +48,8 @@ def make_problem(tokenizer: Tokenizer, prompt: Prompt, instruction: str | None =
                                                      {"role": "assistant", "content": a})]
         messages.append({"role": "user", "content": ask(prompt)})
         return Problem(prompt, tokenizer.apply_chat_template(messages), messages, answer)
+    if examples:
+        raise ValueError("examples go before a question string; with chat messages, put them in the messages")
     if prompt and all(isinstance(m, dict) for m in prompt):
         users = [m.get("content") for m in prompt if m.get("role") == "user"]
         question = users[-1] if users and isinstance(users[-1], str) else ""

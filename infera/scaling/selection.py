@@ -5,6 +5,13 @@ from collections.abc import Sequence
 
 from infera.scaling.answers import group_answers
 
+SELECT = ("argmax", "vote")  # a search's final choice: its best branch, or a vote weighted by reward
+
+
+def check_select(select: str) -> None:
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {', '.join(SELECT)}, got {select!r}")
+
 
 def argmax(scores: Sequence[float]) -> int:
     """Index of the highest score (the first one on ties)."""
