@@ -1,4 +1,4 @@
-"""Inference-time scaling benchmark on the bundled SmolLM2-135M-Instruct and the arithmetic task.
+r"""Inference-time scaling benchmark on the bundled SmolLM2-135M-Instruct and the arithmetic task.
 
 1. Accuracy against budget for every method (best-of-N, self-consistency, weighted best-of-N,
    beam search, particle filtering), with the built-in arithmetic checker and with the model

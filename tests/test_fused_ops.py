@@ -59,3 +59,27 @@ def test_silu_and_mul(dtype):
     x = torch.randn(11, 2 * 40).to(dtype)
     gate, up = x.chunk(2, dim=-1)
     assert torch.allclose(ext.silu_and_mul(x).float(), (F.silu(gate) * up).float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [5, 16, 49155])
+def test_top_tokens_match_argmax_and_softmax(dtype, vocab, monkeypatch):
+    """The native top token is torch.argmax's (the first of tied maxima, a row that is -inf up to its
+    end), its probability the softmax's to 1e-5; a row with nothing above -inf gives token 0 and
+    probability 0.  The PyTorch fallback (no native kernels) agrees."""
+    from infera.layers import sampler
+
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(6, vocab)).to(dtype)
+    logits[1] = logits[1].clamp(max=0.5)  # many tied maxima
+    logits[2, : vocab // 2] = float("-inf")
+    logits[3] = float("-inf")
+    ids, probs = sampler.top_tokens(logits, with_probs=True)
+    ref_probs, _ = logits.float().softmax(-1).max(-1)
+    assert torch.equal(ids, logits.argmax(-1)) and ids[3] == 0
+    finite = [0, 1, 2, 4, 5]
+    assert torch.allclose(probs[finite], ref_probs[finite], rtol=1e-5, atol=1e-8) and probs[3] == 0
+    assert torch.equal(sampler.top_tokens(logits)[0], ids) and sampler.top_tokens(logits)[1] is None
+    monkeypatch.setattr(sampler, "cpu_kernels", lambda x: None)
+    fallback_ids, fallback_probs = sampler.top_tokens(logits, with_probs=True)
+    assert torch.equal(fallback_ids, ids) and torch.allclose(fallback_probs[finite], probs[finite], rtol=1e-5)

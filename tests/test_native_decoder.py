@@ -55,7 +55,8 @@ def test_native_stack_equals_modules(tiny_model, kind, dtype, options, monkeypat
             assert bm.allocate_slots(seq, c)
         ref, ref_cache = decode_hidden(engine, seqs, counts, False, monkeypatch)
         ours, cache = decode_hidden(engine, seqs, counts, True, monkeypatch)
-        assert engine.runner.model.model.native_decoder.stack is not None, "the native stack did not run"
+        stacks = engine.runner.model.model.native_decoder.stacks
+        assert stacks and all(stack is not None for _, stack in stacks.values()), "the native stack did not run"
         assert torch.equal(ours, ref)
         assert all(torch.equal(a, b) for a, b in zip(cache, ref_cache))
         for seq, c in zip(seqs, counts):

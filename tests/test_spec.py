@@ -13,15 +13,19 @@ from collections import Counter
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from infera import LLM, SamplingParams
 from infera.engine.llm_engine import LLMEngine
+from infera.kernels import load_cpu_extension
+from infera.models import llama_native
 from infera.sampling_params import StructuredOutputParams as SO
 from infera.spec.controller import SpecController, StepCost
 from infera.spec.self_draft import parse_layers
+from infera.spec.spec_decoder import MAX_IDLE_STEPS
 
 METHODS = ["ngram", "recycle", "self", "draft"]
 Q_METHODS = {"self", "draft"}  # sampled requests get drafts sampled from a draft distribution q
@@ -328,32 +332,85 @@ def test_self_draft_layers():
         parse_layers("", 1)
 
 
+@pytest.mark.skipif(load_cpu_extension() is None, reason="native kernels could not be compiled")
+def test_self_drafting_builds_each_native_stack_once(tiny_model, draft_path, monkeypatch):
+    """Self-drafting swaps the layer list at every draft pass: the full and the draft layers each
+    get one native decode stack, not one per swap."""
+    built = []
+    build = llama_native.build_stack
+    monkeypatch.setattr(llama_native, "build_stack", lambda *args: built.append(1) or build(*args))
+    llm = make_spec_llm(tiny_model, draft_path, "self")
+    llm.generate([" ".join(WORDS)], greedy(24), use_tqdm=False)
+    assert llm.engine.spec.num_drafts > 2, "too few draft passes to tell"
+    assert len(built) == 2
+
+
 @pytest.mark.parametrize("bad", ["medusa", "draft:"])
 def test_bad_method_named(tiny_model, bad):
     with pytest.raises(ValueError, match="speculative"):
         LLM(str(tiny_model("llama")), speculative=bad)
 
 
-class FlatStepCost(StepCost):
-    """Steps that cost the same whatever their tokens (a GPU-like regime), whatever this machine measures."""
+class FixedStepCost(StepCost):
+    """Step times given by ``seconds(tokens)``, whatever this machine measures."""
+
+    def __init__(self, seconds=lambda tokens: 1.0):  # default: flat, a GPU-like regime
+        super().__init__(0.15)
+        self.seconds = seconds
 
     def add(self, tokens: int, seconds: float) -> None:
         pass
 
-    def __call__(self, tokens: int) -> float:
-        return 1.0
+    def curve(self, lo: int, hi: int) -> np.ndarray:
+        return np.array([self.seconds(t) for t in range(lo, hi + 1)], dtype=np.float64)
 
 
 def test_stats_and_controller_on(tiny_model):
     """With the adaptive controller (not forced) and steps whose cost does not grow with their
     tokens, n-gram drafts on repetitive output are verified and counted in the engine's stats."""
     llm = LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB", speculative="ngram")
-    llm.engine.spec.controller.step_cost = FlatStepCost(0.15)
+    llm.engine.spec.controller.step_cost = FixedStepCost()
     llm.generate([" ".join(WORDS * 2)], greedy(64), use_tqdm=False)
     stats = llm.engine.stats
     assert stats["spec_draft_tokens"] >= stats["spec_accepted_tokens"] > 0
     assert stats["spec_mean_acceptance_length"] > 1 and 0 < stats["spec_acceptance_rate"] <= 1
     assert_idle(llm.engine)
+
+
+def test_new_sequences_start_from_the_workloads_acceptance():
+    """A new sequence's prior is the acceptance of all sequences' recent drafts: where a draft token
+    costs 40% of a step (it pays above 40% acceptance), a new sequence drafts on a fresh engine (an
+    optimistic prior) and after others' drafts were accepted, not after they were all rejected."""
+    from infera.engine.sequence import Sequence
+
+    def new_sequence_drafts(outcome: int | None) -> int:
+        controller = SpecController(max_tokens=4)
+        controller.step_cost = FixedStepCost(lambda tokens: 0.010 + 0.004 * (tokens - 1))
+        if outcome is not None:
+            for _ in range(30):
+                controller.update(Sequence([1, 2], SamplingParams()), 4, outcome)
+        return controller.plan([Sequence([1, 2], SamplingParams())], [4], 1, 1, None)[0]
+
+    assert new_sequence_drafts(None) > 0 and new_sequence_drafts(4) > 0
+    assert new_sequence_drafts(0) == 0
+
+
+def test_planning_backs_off_while_drafting_does_not_pay(tiny_model):
+    """Where each draft token costs a full step, the controller chooses none and is asked again only
+    every few steps (backing off up to MAX_IDLE_STEPS); where drafts are free, it plans every step."""
+    plans = []
+    for seconds in (lambda t: 0.01 * t, lambda t: 1.0):
+        llm = LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB", speculative="ngram")
+        controller = llm.engine.spec.controller
+        controller.step_cost = FixedStepCost(seconds)
+        calls = []
+        plan = controller.plan
+        controller.plan = lambda *args: calls.append(plan(*args)) or calls[-1]
+        llm.generate([" ".join(WORDS * 2)], greedy(64), use_tqdm=False)
+        plans.append(calls)
+    costly, free = plans
+    assert not any(map(any, costly)) and 3 <= len(costly) <= 64 // MAX_IDLE_STEPS + 4
+    assert len(free) > 40 and sum(map(sum, free)) > 0
 
 
 def test_step_cost_follows_the_local_slope():
@@ -375,3 +432,24 @@ def test_step_cost_follows_the_local_slope():
         controller.update(seq, 8, 7)  # drafts mostly accepted
     assert sum(controller.plan(batch, [8] * 16, 16, 16, None)) == 0
     assert controller.plan(batch[:1], [8], 1, 1, None)[0] > 0
+
+
+def test_plan_takes_the_best_number_of_draft_tokens_not_the_first_stop():
+    """A step cost with a cheaper regime from 32 tokens on (as AMX takes over here): one more token
+    than 16 does not pay, sixteen more do, and the controller finds that; below the jump it drafts
+    nothing."""
+    from infera.engine.sequence import Sequence
+
+    def seconds(tokens: int) -> float:
+        return 0.016 + 0.0015 * (tokens - 16) if tokens < 32 else 0.020 + 0.0006 * (tokens - 32)
+
+    controller = SpecController(max_tokens=8)
+    controller.step_cost = FixedStepCost(seconds)
+    batch = [Sequence([1, 2], SamplingParams()) for _ in range(16)]
+    for seq in batch:
+        controller.update(seq, 4, 3)
+    ks = controller.plan(batch, [8] * 16, 16, 16, None)
+    assert sum(ks) >= 16 and max(ks) - min(ks) <= 1, ks  # the cheaper regime, drafts spread evenly
+    for seq in batch:  # rarely accepted: the jump no longer pays
+        controller.state(seq).accepted, controller.state(seq).rejected = 0.0, 20.0
+    assert sum(controller.plan(batch, [8] * 16, 16, 16, None)) == 0

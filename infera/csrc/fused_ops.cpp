@@ -215,3 +215,83 @@ void apply_token_bitmask(torch::Tensor logits, torch::Tensor bitmask, const std:
 }
 
 }  // namespace infera
+
+namespace {
+
+// The first index of the largest value of x[0..V) (NaN ignored; 0 if none is above -inf) and, with
+// `with_prob`, its softmax probability 1 / sum(exp(x - max)).
+template <typename scalar_t>
+void top_token_row(const scalar_t* x, int64_t V, bool with_prob, int64_t& id, float& prob) {
+  float best = -INFINITY;
+  int64_t arg = 0, i = 0;
+#if defined(__AVX512F__)
+  using namespace infera_vec;
+  constexpr bool vec = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+  if constexpr (vec) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    __m512i vidx = _mm512_setzero_si512(), cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    for (; i + 16 <= V; i += 16) {  // each lane keeps its first maximum
+      const __m512 v = load16(x + i);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+      vmax = _mm512_mask_mov_ps(vmax, gt, v);
+      vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+      cur = _mm512_add_epi32(cur, step);
+    }
+    best = _mm512_reduce_max_ps(vmax);
+    arg = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(best), _CMP_EQ_OQ), vidx);
+  }
+#endif
+  for (; i < V; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (v > best) best = v, arg = i;
+  }
+  id = arg;
+  if (!with_prob) return;
+  if (best == -INFINITY) {
+    prob = 0.f;
+    return;
+  }
+  float sum = 0.f;
+  i = 0;
+#if defined(__AVX512F__)
+  if constexpr (vec) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 vb = _mm512_set1_ps(best);
+    for (; i + 16 <= V; i += 16) acc = _mm512_add_ps(acc, exp512(_mm512_sub_ps(load16(x + i), vb)));
+    sum = _mm512_reduce_add_ps(acc);
+  }
+#endif
+  for (; i < V; ++i) sum += std::exp(static_cast<float>(x[i]) - best);
+  prob = 1.f / sum;
+}
+
+}  // namespace
+
+namespace infera {
+
+// Each row's most likely token of logits [R, V] (float32 or bfloat16, contiguous rows), as
+// torch.argmax picks it, and with `with_probs` its probability under the softmax (else zeros):
+// one read of the logits, nothing [R, V] allocated.
+std::tuple<torch::Tensor, torch::Tensor> top_tokens(torch::Tensor logits, bool with_probs) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [R, V] with contiguous rows");
+  TORCH_CHECK(logits.scalar_type() == torch::kFloat || logits.scalar_type() == torch::kBFloat16,
+              "logits must be float32 or bfloat16");
+  const int64_t R = logits.size(0), V = logits.size(1), ls = logits.stride(0);
+  auto ids = torch::empty({R}, torch::kLong);
+  auto probs = torch::zeros({R}, torch::kFloat);
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* pp = probs.data_ptr<float>();
+  auto run = [&](const auto* lp) {
+    at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) top_token_row(lp + r * ls, V, with_probs, ip[r], pp[r]);
+    });
+  };
+  if (logits.scalar_type() == torch::kBFloat16)
+    run(logits.data_ptr<c10::BFloat16>());
+  else
+    run(logits.data_ptr<float>());
+  return {ids, probs};
+}
+
+}  // namespace infera

@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "rows of a packed weight in float", py::arg("w"), py::arg("layout"),
         py::arg("out_features"), py::arg("ids") = py::none(), py::arg("dtype") = at::kFloat);
   m.def("apply_token_bitmask", &apply_token_bitmask, "mask disallowed tokens' logits to -inf, in place");
+  m.def("top_tokens", &top_tokens, "each row's argmax and (with_probs) its softmax probability",
+        py::arg("logits"), py::arg("with_probs"));
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual), in place");
   m.def("rotary", &rotary, "rotate-half RoPE on q and k, in place");

@@ -63,6 +63,7 @@ void fused_add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, do
 void rotary(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin, at::Tensor positions);
 at::Tensor silu_and_mul(at::Tensor x);
 void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, const std::vector<int64_t>& rows, int64_t vocab);
+std::tuple<at::Tensor, at::Tensor> top_tokens(at::Tensor logits, bool with_probs);
 
 // ---- paged_attention.cpp ----
 

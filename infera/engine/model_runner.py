@@ -14,7 +14,7 @@ from infera.engine.kv_cache import KVCachePool, available_kv_cache_memory
 from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence
 from infera.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
-from infera.layers.sampler import Sampler, TokenLogprobs, device_tensor, token_logprobs
+from infera.layers.sampler import Sampler, TokenLogprobs, device_tensor, token_logprobs, top_tokens
 from infera.spec.rejection_sampler import RejectionSampler
 from infera.structured.bitmask import TokenBitmask
 
@@ -123,7 +123,7 @@ class ModelRunner:
             rows = [r for i, d in zip(sample_rows, drafts) for r in range(ends[i] - 1 - len(d), ends[i])]
             logits = self.model.compute_logits(hidden[device_tensor(rows, self.device)])
             if self.return_top_tokens:
-                probs, ids = logits.float().softmax(dim=-1).max(dim=-1)
+                ids, probs = top_tokens(logits, with_probs=True)
                 top = list(zip(ids.tolist(), probs.tolist()))
                 start = 0
                 for i, d in zip(sample_rows, drafts):

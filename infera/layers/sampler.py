@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infera.engine.sequence import Sequence
+from infera.kernels import cpu_kernels
 
 if TYPE_CHECKING:
     from infera.structured.bitmask import BatchBitmask
@@ -28,6 +29,20 @@ def device_tensor(data: list, device: torch.device, dtype: torch.dtype | None = 
     if device.type == "cuda":
         return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
     return torch.tensor(data, dtype=dtype, device=device)
+
+
+def top_tokens(logits: torch.Tensor, with_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's most likely token (the first of equal maxima, as ``argmax``) and, ``with_probs``,
+    its probability under the softmax.  On a CPU one native pass over the logits: torch's argmax
+    and softmax take 0.4-0.8 ms for 16 rows of a 49k vocabulary, several percent of a decode step."""
+    ext = cpu_kernels(logits)
+    if ext is not None and logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(-1) == 1:
+        ids, probs = ext.top_tokens(logits, with_probs)
+        return ids, probs if with_probs else None
+    if with_probs:
+        probs, ids = logits.float().softmax(dim=-1).max(dim=-1)
+        return ids, probs
+    return logits.argmax(dim=-1), None
 
 
 class SamplerState:
@@ -143,7 +158,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], states: list[SamplerState]) -> list[int]:
         """Nothing here waits for the device until the tokens come back (``tolist``)."""
-        tokens = logits.argmax(dim=-1)
+        tokens = top_tokens(logits)[0]
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if random_rows:
             idx = device_tensor(random_rows, logits.device)

@@ -59,21 +59,27 @@ def build_stack(ext: ModuleType, model: nn.Module, dtype: torch.dtype):
 
 class NativeDecoder:
     """Decode steps of one LlamaModel through the native stack, built on first use for the layers
-    and KV cache in place then (rebuilt if either is replaced, as self-drafting swaps the layers)."""
+    and KV cache in place then.  Self-drafting swaps the layers for a subset at every draft pass:
+    each layer list keeps its own stack (held with the list, so its id stays its own) until the KV
+    cache is replaced."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.key: tuple[int, int] | None = None
-        self.stack = None
+        self.kv_id: int | None = None
+        self.stacks: dict[int, tuple[nn.ModuleList, object]] = {}
 
     def _stack(self, hidden: torch.Tensor):
         layers = self.model.layers
-        key = (id(layers), id(layers[0].self_attn.attn.kv_cache))
-        if key != self.key:
+        kv_id = id(layers[0].self_attn.attn.kv_cache)
+        if kv_id != self.kv_id:
+            self.kv_id, self.stacks = kv_id, {}
+        if id(layers) not in self.stacks:
             ext = load_cpu_extension()
-            self.key, self.stack = key, ext and build_stack(ext, self.model, hidden.dtype)
-            logger.info("decode steps: %s", "one native call for all layers" if self.stack else "layer by layer")
-        return self.stack
+            stack = ext and build_stack(ext, self.model, hidden.dtype)
+            self.stacks[id(layers)] = (layers, stack)
+            logger.info("decode steps%s: %s", " of the draft layers" if len(self.stacks) > 1 else "",
+                        "one native call for all layers" if stack else "layer by layer")
+        return self.stacks[id(layers)][1]
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -1,21 +1,26 @@
 """How many tokens each sequence drafts: adaptive per sequence, and zero when drafting does not pay.
 
 Each sequence keeps a decayed count of accepted and rejected drafts; its acceptance rate ``a``
-(with a prior) says the ``j``-th draft token yields ``a**j`` expected tokens (the chain holds up to
-it).  A step's target time is measured per number of tokens computed (:class:`StepCost`: the CPU
-kernels take activation rows in groups of four, so time rises in steps, not in a line), plus the
-proposer's draft passes, fitted online.  Draft tokens are handed out across the batch in order of
-expected yield while they raise the step's expected tokens per second, so speculation turns itself
-off when the batch is already large (each draft token costs nearly a full token of compute) or
-acceptance is low, and comes back when that changes.  Evidence decays every step, so a sequence
-that stopped drafting tries again later.
+says the ``j``-th draft token yields ``a**j`` expected tokens (the chain holds up to it).  Its
+prior is the rate of all sequences' recent drafts (itself starting from an optimistic prior), so a
+new sequence expects what the proposer achieves on the current workload, and a sequence whose own
+evidence has decayed retries only where the workload's drafts would pay.  A step's target time is
+measured per number of tokens computed (:class:`StepCost`: the CPU kernels take activation rows in
+groups of four, so time rises in steps, not in a line), plus the proposer's draft passes, fitted
+online.  Draft tokens are ranked across the batch by expected yield, and the step takes the number
+of them, in that order, that maximizes its expected tokens per second (not only while each one
+raises it: a group of four rows, or a wider kernel path such as AMX from 32 rows, can make a few
+more tokens cheaper than one more), so speculation turns itself off when the batch is already
+large (each draft token costs nearly a full token of compute) or acceptance is low, and comes back
+when that changes.  Evidence decays every step, so a sequence that stopped drafting tries again
+later.
 """
 from __future__ import annotations
 
-import heapq
-import math
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from infera.engine.sequence import Sequence
 
@@ -59,13 +64,15 @@ class StepCost:
     """Step time against the tokens it computes: a decayed mean per token count where measured,
     blended with a line.  Where several token counts near the one asked about were measured, the
     line is fitted to their means, each weighted by its nearness (in ratio of token counts): the
-    cost is convex on a CPU (flat while the weights stream for a few tokens, about a token's
-    compute per token once the batch is large), so a line over all counts would price the
-    marginal token of a 16-sequence step from steps of one token.  Elsewhere it is a linear fit
+    cost is far from a line on a CPU (flat while the weights stream for a few tokens, about a
+    token's compute per token once the batch is large, cheaper per token again where the AMX
+    kernels take over), so a line over all counts would price the marginal token of a
+    16-sequence step from steps of one token.  Elsewhere it is a linear fit
     over all counts."""
 
     BANDWIDTH = 0.5  # standard deviation of the nearness kernel, in log token-count ratio
     MIN_WEIGHT = 0.05  # a count's decayed weight below which it is forgotten (~60 steps unseen)
+    MIN_SECONDS = 1e-6  # a line extrapolated below zero still prices a step
 
     def __init__(self, prior_ratio: float, decay: float = 0.95):
         self.linear = LinearCost(prior_ratio)
@@ -85,35 +92,38 @@ class StepCost:
 
     def __call__(self, tokens: int) -> float:
         """Expected seconds of a step computing ``tokens`` tokens (a unit step before any measurement)."""
-        line = self._local_line(tokens)
-        if line is None:
-            fixed, per_token = self.linear.fit()
-            if fixed <= 0:
-                fixed, per_token = 1.0, self.linear.prior_ratio
-            line = fixed + per_token * tokens
-        w = self.weight.get(tokens, 0.0)
-        return (self.mean.get(tokens, 0.0) * w + line) / (w + 1)
+        return float(self.curve(tokens, tokens)[0])
 
-    def _local_line(self, tokens: int) -> float | None:
-        """The nearness-weighted line through the measured means at ``tokens``, or None while
-        fewer than two distinct counts nearby carry weight (the slope is not identified)."""
-        sw = sx = sy = sxx = sxy = 0.0
-        counts = 0
-        for n, w in self.weight.items():
-            k = w * math.exp(-0.5 * (math.log(n / tokens) / self.BANDWIDTH) ** 2)
-            if k < self.MIN_WEIGHT:
-                continue
-            counts += 1
-            y = self.mean[n]
-            sw, sx, sy, sxx, sxy = sw + k, sx + k * n, sy + k * y, sxx + k * n * n, sxy + k * n * y
-        if counts < 2:
-            return None
-        mx, my = sx / sw, sy / sw
-        var = sxx / sw - mx * mx
-        if var <= 1e-9:
-            return None
-        slope = max((sxy / sw - mx * my) / var, 0.0)
-        return max(my + slope * (tokens - mx), 0.0)
+    def curve(self, lo: int, hi: int) -> np.ndarray:
+        """Expected seconds of steps computing ``lo``, ``lo + 1``, ..., ``hi`` tokens: the measured
+        mean where there is one, blended with the nearness-weighted line through the means near each
+        count (where fewer than two counts nearby carry weight, the slope is not identified and the
+        linear fit over all counts stands in)."""
+        t = np.arange(max(lo, 1), max(hi, lo, 1) + 1, dtype=np.float64)
+        fixed, per_token = self.linear.fit()
+        if fixed <= 0:
+            fixed, per_token = 1.0, self.linear.prior_ratio
+        line = fixed + per_token * t
+        if not self.weight:
+            return line
+        n = np.fromiter(self.weight, np.float64, len(self.weight))
+        w = np.fromiter(self.weight.values(), np.float64, len(self.weight))
+        y = np.fromiter((self.mean[c] for c in self.weight), np.float64, len(self.weight))
+        k = w * np.exp(-0.5 * (np.log(n / t[:, None]) / self.BANDWIDTH) ** 2)  # [counts asked, counts measured]
+        k[k < self.MIN_WEIGHT] = 0.0
+        sw = k.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mx, my = (k @ n) / sw, (k @ y) / sw
+            var = (k @ (n * n)) / sw - mx * mx
+            slope = np.maximum(((k @ (n * y)) / sw - mx * my) / var, 0.0)
+            local = np.maximum(my + slope * (t - mx), 0.0)
+        identified = ((k > 0).sum(axis=1) >= 2) & (var > 1e-9)
+        line = np.where(identified, local, line)
+        w_t, mean_t = np.zeros_like(t), np.zeros_like(t)  # the measured means at the counts asked
+        here = (n >= t[0]) & (n <= t[-1])
+        at = (n[here] - t[0]).astype(np.int64)
+        w_t[at], mean_t[at] = w[here], y[here]
+        return np.maximum((mean_t * w_t + line) / (w_t + 1), self.MIN_SECONDS)
 
 
 @dataclass
@@ -126,9 +136,9 @@ class SpecState:
 
 
 class SpecController:
-    """``max_tokens``: most draft tokens per sequence and step.  ``prior``: the acceptance rate a
-    sequence is assumed to have before (or long after) its drafts were verified; optimistic, so that
-    new sequences try.  ``step_cost``: the target's step time against the tokens it computes."""
+    """``max_tokens``: most draft tokens per sequence and step.  ``prior``: the acceptance rate
+    assumed before any draft was verified; optimistic, so that drafting is tried.  ``step_cost``:
+    the target's step time against the tokens it computes."""
 
     def __init__(self, max_tokens: int, prior: float = 0.8, prior_weight: float = 1.0, decay: float = 0.98,
                  per_token_cost: float = 0.15):
@@ -137,6 +147,7 @@ class SpecController:
         self.prior_weight = prior_weight
         self.decay = decay
         self.step_cost = StepCost(per_token_cost)
+        self.overall = SpecState()  # all sequences' decayed evidence: each sequence's prior
 
     @staticmethod
     def state(seq: Sequence) -> SpecState:
@@ -145,48 +156,44 @@ class SpecController:
         return seq.spec_state
 
     def acceptance(self, seq: Sequence) -> float:
-        s = self.state(seq)
-        return (s.accepted + self.prior * self.prior_weight) / (s.accepted + s.rejected + self.prior_weight)
+        return self._rate(self.state(seq), self._rate(self.overall, self.prior))
+
+    def _rate(self, s: SpecState, prior: float) -> float:
+        return (s.accepted + prior * self.prior_weight) / (s.accepted + s.rejected + self.prior_weight)
 
     def update(self, seq: Sequence, num_drafted: int, num_accepted: int) -> None:
         """Evidence from one verification: ``num_accepted`` accepted in a row, then one rejection
         unless all ``num_drafted`` were accepted."""
-        s = self.state(seq)
-        s.accepted += num_accepted
-        s.rejected += num_accepted < num_drafted
+        for s in (self.state(seq), self.overall):
+            s.accepted += num_accepted
+            s.rejected += num_accepted < num_drafted
 
     def plan(self, seqs: list[Sequence], limits: list[int], base_tokens: int, base_yield: int,
              draft_cost: LinearCost | None) -> list[int]:
         """Draft tokens for each of ``seqs`` (at most ``limits[i]``) in a step that computes
         ``base_tokens`` tokens and yields ``base_yield`` tokens without drafts.  ``draft_cost``: the
         proposer's time per draft pass against the sequences in it (None: drafting is free)."""
-        for seq in seqs:
-            s = self.state(seq)
+        for s in (*map(self.state, seqs), self.overall):
             s.accepted *= self.decay
             s.rejected *= self.decay
         step_cost = self.step_cost
         d_fixed, d_token = draft_cost.fit() if draft_cost is not None else (0.0, 0.0)
         if draft_cost is not None and not draft_cost.measured:  # until measured: a draft pass as half a step
             d_fixed, d_token = 0.5 * step_cost(1), 0.5 * (step_cost(2) - step_cost(1))
-        rates = [self.acceptance(s) for s in seqs]
-        ks = [0] * len(seqs)
-        tokens = base_tokens
-        target = step_cost(tokens)
-        drafting = 0.0  # the draft passes' time
-        expected = float(base_yield)
-        depth = 0  # draft passes so far (each one's fixed cost is paid once for the batch)
-        heap = [(-a, i, 1) for i, a in enumerate(rates) if limits[i] > 0]
-        heapq.heapify(heap)
-        while heap:
-            neg_gain, i, j = heapq.heappop(heap)
-            gain = -neg_gain
-            longer = step_cost(tokens + 1)
-            extra = longer - target + d_token + (d_fixed if j > depth else 0.0)
-            if gain * (target + drafting) <= extra * expected:  # would lower expected tokens per second
-                break
-            expected, tokens, ks[i], depth = expected + gain, tokens + 1, j, max(depth, j)
-            drafting += extra - (longer - target)
-            target = longer
-            if j < limits[i]:
-                heapq.heappush(heap, (-gain * rates[i], i, j + 1))
-        return ks
+        rates = np.array([self.acceptance(s) for s in seqs])
+        counts = np.asarray(limits, dtype=np.int64)
+        total = int(counts.sum())
+        if total == 0:
+            return [0] * len(seqs)
+        # every draft token a step could verify: its sequence, its place in the chain, its expected yield
+        owner = np.repeat(np.arange(len(seqs)), counts)
+        depth = np.arange(1, total + 1) - np.repeat(np.cumsum(counts) - counts, counts)
+        gain = rates[owner] ** depth
+        order = np.lexsort((depth, owner, -gain))  # by expected yield (each chain stays in order)
+        expected = base_yield + np.cumsum(gain[order])
+        # each draft pass's fixed cost is paid once for the batch: once per chain depth reached
+        drafting = d_token * np.arange(1, total + 1) + d_fixed * np.maximum.accumulate(depth[order])
+        target = step_cost.curve(base_tokens, base_tokens + total)  # by draft tokens added
+        rate = np.concatenate(([base_yield / target[0]], expected / (target[1:] + drafting)))
+        best = int(np.argmax(rate))  # the first of equal rates: the fewest draft tokens
+        return np.bincount(owner[order[:best]], minlength=len(seqs)).tolist()
