@@ -16,7 +16,7 @@ from infera.engine.sequence import Sequence
 from infera.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from infera.layers.sampler import Sampler, TokenLogprobs, device_tensor, token_logprobs, top_tokens
 from infera.spec.rejection_sampler import RejectionSampler
-from infera.structured.bitmask import TokenBitmask
+from infera.structured.bitmask import BatchBitmask, TokenBitmask
 
 logger = logging.getLogger(__name__)
 
@@ -108,17 +108,21 @@ class ModelRunner:
         order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] > self.max_batched_query_len)
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
-        hidden = self.forward(seqs, counts)
         outputs = [StepOutput() for _ in seqs]
         ends = list(itertools.accumulate(counts))  # one past each sequence's last token
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts))
                        if s.num_computed_tokens + n == s.num_tokens + len(s.spec_token_ids)]
+        sampled = [seqs[i] for i in sample_rows]
+        drafts = [s.spec_token_ids for s in sampled]
+        speculative = any(drafts)
+        # Grammar masks: on a CPU before the forward pass, whose weight reads evict the grammar's
+        # data from the caches (the fill took 2-3x longer after it); on a GPU after launching the
+        # forward, overlapping its run.
+        on_cpu = self.device.type == "cpu"
+        mask = self._fill_mask(bitmask, sampled, drafts) if on_cpu else None
+        hidden = self.forward(seqs, counts)
+        mask = mask if on_cpu else self._fill_mask(bitmask, sampled, drafts)
         if sample_rows:
-            sampled = [seqs[i] for i in sample_rows]
-            drafts = [s.spec_token_ids for s in sampled]
-            speculative = any(drafts)
-            # CPU work that overlaps the forward pass where that runs asynchronously (GPU)
-            mask = bitmask.fill(sampled, drafts if speculative else None) if bitmask is not None else None
             # a sequence's rows: the next-token logits before each of its drafts and after the last
             rows = [r for i, d in zip(sample_rows, drafts) for r in range(ends[i] - 1 - len(d), ends[i])]
             logits = self.model.compute_logits(hidden[device_tensor(rows, self.device)])
@@ -146,6 +150,11 @@ class ModelRunner:
         for pos, i in enumerate(order):
             result[i] = outputs[pos]
         return result
+
+    @staticmethod
+    def _fill_mask(bitmask: TokenBitmask | None, seqs: list[Sequence], drafts: list[list[int]]) -> BatchBitmask | None:
+        """The grammar masks of the sampled ``seqs`` (None if none carries a grammar)."""
+        return bitmask.fill(seqs, drafts if any(drafts) else None) if bitmask is not None else None
 
     def forward(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True) -> torch.Tensor:
         """Hidden states of the next ``counts[i]`` tokens of each ``seqs[i]`` (short queries first),

@@ -3,11 +3,11 @@
 The engine owns one ``StructuredOutputManager``.  A constrained request is validated in
 ``add_request`` (``grammar_for`` raises ValueError), then its sequences wait here until their
 grammar has compiled in the background (``add`` / ``admit``); others keep running meanwhile.
-Each step the model runner fills the batch's token bitmask (``bitmask.fill``) while the
-forward pass runs and the sampler applies it; after sampling, ``advance`` moves each
-sequence's matcher past its new token, ends the sequence when the grammar has accepted its
-stop token, and, in small batches, appends the text the grammar forces next (jump-forward),
-whose KV the next step computes as one multi-token chunk.
+Each step the model runner fills the batch's token bitmask (``bitmask.fill``), before the
+forward pass on a CPU and while it runs on a GPU, and the sampler applies it; after sampling,
+``advance`` moves each sequence's matcher past its new token, ends the sequence when the
+grammar has accepted its stop token, and, in small batches, appends the text the grammar forces
+next (jump-forward), whose KV the next step computes as one multi-token chunk.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 ADMIT_WAIT_S = 0.05  # longest an idle engine step waits for a compilation
 # Jump-forward only in steps that sample at most this many sequences (0: never).  Forced tokens
 # turn the sequence's next step into a short multi-token query.  Measured with every run paying
-# its own prefill (benchmarks/structured.py, medians of 3, 2026-12-04): at batch 1 1.61x / 1.26x
-# of free generation for a JSON schema / a regex (1.01x / 0.95x without it), at batch 32 1.25x /
-# 1.10x (0.99x / 0.96x without it); larger batches are not measured.
+# its own prefill (benchmarks/structured.py, medians of 3, AMD EPYC, 2026-12-06): at batch 1
+# 1.87x / 1.34x of free generation for a JSON schema / a regex (0.95x / 1.02x without it), at
+# batch 32 1.10x / 1.02x (0.99x / 0.96x without it); larger batches are not measured.
 JUMP_FORWARD_MAX_BATCH = 32
 
 
