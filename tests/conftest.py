@@ -31,6 +31,20 @@ TINY_CONFIGS = {
                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     sliding_window=None, tie_word_embeddings=False,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen2_moe": dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], hidden_size=64,
+                      intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                      num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64,
+                      intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                      mlp_only_layers=[1], tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
 
 
@@ -69,7 +83,7 @@ def make_tiny_model(root: Path, kind: str, tokenizer_dir: Path, seed: int = 0) -
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
-    """``tiny_model(kind)`` -> path of a saved tiny HF model (llama, llama3_rope, qwen2, qwen3, mistral)."""
+    """``tiny_model(kind)`` -> path of a saved tiny HF model (a key of TINY_CONFIGS)."""
     root = tmp_path_factory.mktemp("tiny-models")
     return lambda kind="llama": make_tiny_model(root, kind, tokenizer_dir)
 

@@ -42,7 +42,7 @@ def chunkings(n: int) -> dict[str, list[int]]:
     return {"prefill": [n], "chunked": [7, 16, n - 23], "prefill+decode": [n - 6] + [1] * 6}
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mixtral"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("prefill", paged_attention.PREFILL_BACKENDS)
 def test_logits_match_hf(tiny_model, kind, dtype, prefill, monkeypatch):
@@ -90,6 +90,19 @@ def test_greedy_identical_across_batching_and_graphs(llms):
     for key, out in results.items():
         assert out[:6] == reference, key
     assert results["graphs", "batch"] == results["eager", "batch"]
+
+
+def test_mixture_of_experts_graphs_match_eager(tiny_model):
+    """Under a CUDA graph every expert runs on the batch (zero weights where not chosen); eager
+    steps run the chosen experts only: the same tokens."""
+    path = str(tiny_model("mixtral"))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = []
+    for eager in (True, False):
+        llm = LLM(path, dtype="float32", device="cuda", kv_cache_memory="64MiB", enforce_eager=eager)
+        assert (llm.engine.runner.graphs is None) == eager
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts(8, seed=2), params, use_tqdm=False)])
+    assert outs[0] == outs[1]
 
 
 def test_seeded_sampling_reproducible_with_graphs(llms):

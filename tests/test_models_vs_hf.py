@@ -33,7 +33,8 @@ def chunkings(n: int) -> dict[str, list[int]]:
     }
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3_rope", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama3_rope", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe",
+                                  "qwen3_moe"])
 def test_tiny_fp32_matches_hf(tiny_model, kind):
     path = tiny_model(kind)
     engine = LLMEngine(model=str(path), dtype="float32", kv_cache_memory="32MiB")
@@ -45,7 +46,7 @@ def test_tiny_fp32_matches_hf(tiny_model, kind):
         assert diff <= 1e-4, f"{kind} {name}: max |diff| {diff:.2e}"
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # mixtures of experts: test_moe.py
 def test_tiny_bf16_matches_hf(tiny_model, kind):
     path = tiny_model(kind)
     engine = LLMEngine(model=str(path), dtype="bfloat16", kv_cache_memory="32MiB")

@@ -16,12 +16,13 @@ from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
 from infera.loader.errors import ModelLoadError
 
-# GGUF architecture -> HF architecture and model_type
+# GGUF architecture -> HF architecture and model_type (a "llama" file with experts is a Mixtral)
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
 
 # GGUF tensor name (per block: blk.N.<name>) -> HF parameter name
@@ -42,6 +43,11 @@ BLOCK_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the MoE router
+    # [experts, rows, columns]: one HF tensor per expert
+    "ffn_gate_exps": "mlp.experts.{}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{}.up_proj",
+    "ffn_down_exps": "mlp.experts.{}.down_proj",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -86,11 +92,26 @@ class GGUFFile:
 
     def config(self) -> PretrainedConfig:
         architecture, model_type = ARCHITECTURES[self.arch]
+        experts = self._field(f"{self.arch}.expert_count")
+        if model_type == "llama" and experts:
+            architecture, model_type = "MixtralForCausalLM", "mixtral"
         values: dict = {}
-        for key, hf_key in GGUF_CONFIG_MAPPING[self.arch].items():
+        for key, hf_key in GGUF_CONFIG_MAPPING[model_type if model_type in GGUF_CONFIG_MAPPING else self.arch].items():
             value = self._field(f"{self.arch}.{key}")
             if hf_key is not None and value is not None:
                 values[hf_key] = value
+        if experts:
+            values["num_local_experts" if model_type == "mixtral" else "num_experts"] = experts
+            values["num_experts_per_tok"] = self._field(f"{self.arch}.expert_used_count")
+            size = self._field(f"{self.arch}.expert_feed_forward_length")
+            if size:
+                values["moe_intermediate_size"] = size
+                values.setdefault("intermediate_size", size)
+            values["norm_topk_prob"] = True  # llama.cpp renormalizes the top-k weights of both
+            dense = [i for i in range(values.get("num_hidden_layers", 0))
+                     if f"blk.{i}.ffn_gate_inp.weight" not in self.tensors]
+            if dense:  # blocks without a router
+                values["mlp_only_layers"] = dense
         if "num_key_value_heads" not in values:
             values["num_key_value_heads"] = values.get("num_attention_heads")
         values.setdefault("vocab_size", len(self._field("tokenizer.ggml.tokens", [])))
@@ -131,9 +152,12 @@ class GGUFFile:
             if target is None:
                 continue
             shape = [int(d) for d in reversed(t.shape)]
-            keep = native and len(shape) == 2 and t.tensor_type.name not in FLOAT_TYPES
-            if keep:  # raw rows: [rows, bytes per row]; row permutations apply to them as to values
-                w = np.array(t.data).reshape(shape[0], -1)
+            # quantized matrices stay raw (an expert stack [experts, rows, columns]: each expert's),
+            # except the MoE router: it stays in full precision
+            keep = (native and len(shape) > 1 and t.tensor_type.name not in FLOAT_TYPES
+                    and not target.endswith("mlp.gate.weight"))
+            if keep:  # raw rows: [..., rows, bytes per row]; row permutations apply to them as to values
+                w = np.array(t.data).reshape(*shape[:-1], -1)
             else:
                 try:
                     w = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -144,10 +168,12 @@ class GGUFFile:
             if self.arch in ("llama", "mistral") and target.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.num_attention_heads if "q_proj" in target else config.num_key_value_heads
                 w = _unpermute(w, heads)
-            if keep:
-                yield target, GGUFTensor(np.ascontiguousarray(w), t.tensor_type.name, (shape[0], shape[1]))
-            else:
-                yield target, torch.from_numpy(np.ascontiguousarray(w))
+            parts = [(target.format(e), w[e]) for e in range(shape[0])] if len(shape) == 3 else [(target, w)]
+            for part_name, part in parts:
+                if keep:
+                    yield part_name, GGUFTensor(np.ascontiguousarray(part), t.tensor_type.name, tuple(shape[-2:]))
+                else:
+                    yield part_name, torch.from_numpy(np.ascontiguousarray(part))
 
     def tokenizer_dir(self) -> Path:
         """A directory with the tokenizer converted by transformers (cached: conversion takes seconds)."""

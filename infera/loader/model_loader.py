@@ -48,11 +48,14 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     """Copy checkpoint tensors into ``model`` through each parameter's ``weight_loader``."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
+    renames = getattr(model, "checkpoint_renames", {})
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[str] = set()
     for name, tensor in weights:
         if tied and name == "lm_head.weight":
             continue
+        for fragment, ours in renames.items():
+            name = name.replace(f".{fragment}.", f".{ours}.")
         shard = None
         for fragment, (fused, index) in packed.items():
             if f".{fragment}." in name:

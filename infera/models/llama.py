@@ -1,7 +1,10 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3) over paged attention.
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3, and the mixtures of
+experts Mixtral, Qwen2-MoE, Qwen3-MoE) over paged attention.
 
 The variants differ by configuration only: Qwen2 adds a bias to the QKV projection, Qwen3
-normalizes each query and key head before RoPE.
+normalizes each query and key head before RoPE, the MoE models replace the MLP of their sparse
+layers with a :class:`~infera.layers.moe.SparseMoeBlock`.  Mixtral checkpoints name their
+tensors differently (``MixtralForCausalLM.checkpoint_renames``).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from infera.layers.attention import Attention, get_attention_metadata
 from infera.layers.embed_head import LMHead, VocabEmbedding
 from infera.layers.layernorm import RMSNorm
 from infera.layers.linear import Linear, MergedLinear
+from infera.layers.moe import SparseMoeBlock
 from infera.layers.rotary_embedding import RotaryEmbedding
 from infera.models.llama_native import NativeDecoder
 
@@ -29,10 +33,10 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+        bias = getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", config.model_type == "qwen2")
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -52,22 +56,37 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                         bias=getattr(config, "mlp_bias", False))
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+def mlp_of(config: PretrainedConfig, layer: int) -> nn.Module:
+    """Layer ``layer``'s MLP: dense, or a mixture of experts (Mixtral: every layer; Qwen-MoE: the
+    layers ``decoder_sparse_step`` and ``mlp_only_layers`` make sparse)."""
+    hidden = config.hidden_size
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    sparse = (num_experts > 0 and layer not in (getattr(config, "mlp_only_layers", None) or [])
+              and (layer + 1) % (getattr(config, "decoder_sparse_step", None) or 1) == 0)
+    if not sparse:
+        return LlamaMLP(hidden, config.intermediate_size, getattr(config, "mlp_bias", False))
+    size = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    shared = getattr(config, "shared_expert_intermediate_size", 0)
+    return SparseMoeBlock(hidden, num_experts, config.num_experts_per_tok, getattr(config, "norm_topk_prob", True),
+                          expert=lambda: LlamaMLP(hidden, size),
+                          shared_expert=LlamaMLP(hidden, shared) if shared else None)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, layer: int):
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
+        self.mlp = mlp_of(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -87,7 +106,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_position, rope_freq_factors)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.native_decoder = NativeDecoder(self)
 
@@ -124,3 +143,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    # checkpoint name fragment -> this model's (applied before packed_modules_mapping)
+    checkpoint_renames = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}

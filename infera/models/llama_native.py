@@ -18,6 +18,7 @@ from torch import nn
 from infera.kernels import load_cpu_extension
 from infera.layers.attention import AttentionMetadata
 from infera.layers.linear import Linear, UnquantizedLinearMethod
+from infera.layers.moe import SparseMoeBlock
 from infera.quant.gguf_blocks import GGUFLinearMethod
 
 logger = logging.getLogger(__name__)
@@ -39,10 +40,12 @@ def native_linear(ext: ModuleType, layer: Linear, dtype: torch.dtype):
 
 def build_stack(ext: ModuleType, model: nn.Module, dtype: torch.dtype):
     """The kernel's DecoderStack over ``model.layers`` (a LlamaModel), or None where a layer has
-    weights, norms or a KV cache it does not take."""
+    weights, norms, a KV cache or a mixture of experts it does not take."""
     layers = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
+        if isinstance(mlp, SparseMoeBlock):
+            return None
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         norms += [attn.q_norm, attn.k_norm] if attn.qk_norm else []
         linears = [native_linear(ext, m, dtype) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]

@@ -133,6 +133,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, name: str = "") -> ModelShape:
+        if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
+            raise ValueError(f"the roofline models dense decoders; {config.model_type} is a mixture of experts")
         return cls(name or config.model_type, config.hidden_size, config.intermediate_size,
                    config.num_hidden_layers, config.num_attention_heads,
                    config.num_key_value_heads or config.num_attention_heads, head_dim_of(config),
