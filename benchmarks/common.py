@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import random
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,3 +80,25 @@ def save_json(path: str | None, data: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=2))
+
+
+def run_engine(engine, workload: Workload) -> dict[str, float]:
+    """Greedy generation of ``workload`` through an infera ``LLMEngine`` (all requests at once):
+    total seconds, time to the first sampled tokens (prefill) and the rest (decode)."""
+    from infera import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for p in workload.prompts:
+        engine.add_request(p, params)
+    first = None
+    while engine.has_unfinished_requests():
+        if engine.step() and first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"seconds": end - start, "prefill_s": first - start, "decode_s": end - first}
+
+
+def median_decode_s(single_run: Callable[[], dict[str, float]], repeats: int = 3) -> float:
+    """The median decode time of a few single-stream runs (one run of 128 tokens drifts by 20%)."""
+    return statistics.median(single_run()["decode_s"] for _ in range(repeats))

@@ -120,10 +120,12 @@ def run_llama_cpp(path: Path, workload: Workload, n_threads: int = 2) -> dict[st
         engine.close()
 
 
-def run_hf(gguf_path: Path, workload: Workload, dtype: torch.dtype, pad_id: int) -> dict[str, float]:
+def run_hf(path: Path, workload: Workload, dtype: torch.dtype, pad_id: int) -> dict[str, float]:
+    """HF transformers ``generate`` (greedy, left-padded batch) on a GGUF file or an HF directory."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype).eval()
+    where = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+    model = AutoModelForCausalLM.from_pretrained(path.parent if where else path, dtype=dtype, **where).eval()
     width = max(len(p) for p in workload.prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in workload.prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in workload.prompts])

@@ -15,11 +15,9 @@ of 64-128-token prompts, 64 new tokens each, output tok/s over the whole run. Pe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,13 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import infera  # noqa: E402,F401  (before torch: it sets the OpenMP spin count)
 import torch  # noqa: E402
 
-from benchmarks.common import Workload, have, machine, make_workload, save_json  # noqa: E402
+from benchmarks.common import (Workload, have, machine, make_workload, median_decode_s,  # noqa: E402
+                               run_engine, save_json)
 from infera.engine.llm_engine import LLMEngine  # noqa: E402
 from infera.eval.perplexity import perplexity  # noqa: E402
 from infera.loader.model_loader import default_model_path  # noqa: E402
-from infera.sampling_params import SamplingParams  # noqa: E402
 
-SINGLE_REPEATS = 3
 ROWS = {  # label -> engine options
     "float32": dict(dtype="float32"),
     "bfloat16": dict(dtype="bfloat16"),
@@ -45,33 +42,15 @@ ROWS = {  # label -> engine options
 }
 
 
-def run(engine: LLMEngine, workload: Workload) -> dict[str, float]:
-    params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
-    start = time.perf_counter()
-    for p in workload.prompts:
-        engine.add_request(p, params)
-    first = None
-    while engine.has_unfinished_requests():
-        if engine.step() and first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return {"seconds": end - start, "prefill_s": first - start, "decode_s": end - first}
-
-
 def measure(label: str, options: dict, single: Workload, batch: Workload, windows: int) -> dict[str, float]:
     started = time.perf_counter()
     engine = LLMEngine(model=str(default_model_path()), kv_cache_memory="1GiB", enable_prefix_caching=False, **options)
     load_s = time.perf_counter() - started
-    run(engine, Workload("warm-up", [single.prompts[0][:32]], 4))
+    run_engine(engine, Workload("warm-up", [single.prompts[0][:32]], 4))
     ppl, _ = perplexity(engine, windows, 512)
-    decode_s, b = median_decode_s(lambda: run(engine, single)), run(engine, batch)
+    decode_s, b = median_decode_s(lambda: run_engine(engine, single)), run_engine(engine, batch)
     return {"weight_mib": engine.weight_bytes / 2**20, "perplexity": ppl, "load_s": load_s,
             "decode_tok_s": (single.output_len - 1) / decode_s, "batch_tok_s": batch.output_tokens / b["seconds"]}
-
-
-def median_decode_s(single_run: Callable[[], dict[str, float]], repeats: int = SINGLE_REPEATS) -> float:
-    """The median decode time of a few single-stream runs (one run of 128 tokens drifts by 20%)."""
-    return statistics.median(single_run()["decode_s"] for _ in range(repeats))
 
 
 def llama_cpp_row(gguf: Path, single: Workload, batch: Workload, threads: int) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -18,25 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import infera  # noqa: E402,F401  (before torch: it sets the OpenMP spin count)
 import torch  # noqa: E402
 
-from benchmarks.common import Workload, have, machine, make_workload, save_json  # noqa: E402
+from benchmarks.common import Workload, have, machine, make_workload, run_engine, save_json  # noqa: E402
 from infera import LLM, SamplingParams  # noqa: E402
 from infera.loader.model_loader import default_model_path  # noqa: E402
 
 ALL_PEERS = ["llama.cpp", "llama.cpp-q4_0", "hf-float32", "hf-bfloat16"]
-
-
-def run_infera(llm: LLM, workload: Workload) -> dict[str, float]:
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
-    start = time.perf_counter()
-    for p in workload.prompts:
-        engine.add_request(p, params)
-    first = None
-    while engine.has_unfinished_requests():
-        if engine.step() and first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return {"seconds": end - start, "prefill_s": first - start, "decode_s": end - first}
 
 
 def run_peer(name: str, gguf: Path, workload: Workload, pad_id: int, cache: Path) -> dict[str, float]:
@@ -100,7 +85,7 @@ def main() -> None:
     print(f"machine: {machine()}\nmodel: {gguf.name}; infera dtype {llm.engine.dtype}\n")
     everything: dict = {"machine": machine(), "model": gguf.name}
     for workload, single in workloads:
-        results = {"infera": run_infera(llm, workload)}
+        results = {"infera": run_engine(llm.engine, workload)}
         for peer in peers:
             print(f"  running {peer} on {workload.name} ...", flush=True)
             results[peer] = run_peer(peer, gguf, workload, pad_id, cache)

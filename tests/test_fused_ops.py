@@ -83,3 +83,25 @@ def test_top_tokens_match_argmax_and_softmax(dtype, vocab, monkeypatch):
     monkeypatch.setattr(sampler, "cpu_kernels", lambda x: None)
     fallback_ids, fallback_probs = sampler.top_tokens(logits, with_probs=True)
     assert torch.equal(fallback_ids, ids) and torch.allclose(fallback_probs[finite], probs[finite], rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_float_linear_bf16_rows_match_float32_products(rows, with_bias):
+    """Decode rows: fp32 accumulation, one bf16 rounding of the result (bias added before it);
+    each row's values do not depend on the other rows (the same alone as in a batch)."""
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 96).bfloat16(), (torch.randn(70, 96) * 0.1).bfloat16()  # 70 = 17 x 4 + 2 rows
+    bias = torch.randn(70).bfloat16() if with_bias else None
+    out = ext.float_linear(x, w, bias)
+    ref = x.float() @ w.float().t() + (bias.float() if with_bias else 0)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 70)
+    assert torch.allclose(out.float(), ref, rtol=2 ** -8, atol=1e-5)
+    if rows <= 8:  # the native kernel's range (BF16_GEMV_MAX_ROWS)
+        assert torch.equal(out[-1:], ext.float_linear(x[-1:].contiguous(), w, bias))
+
+
+def test_float_linear_takes_torch_where_the_kernel_does_not_apply():
+    x, w = torch.randn(2, 40), torch.randn(6, 40)  # float32; K not a multiple of 32 either
+    assert torch.equal(ext.float_linear(x, w), F.linear(x, w))
+    assert torch.equal(ext.float_linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))

@@ -88,6 +88,32 @@ def test_unsupported_hf_architecture(tiny_model, tmp_path):
         LLMEngine(model=str(path), dtype="float32", kv_cache_memory="8MiB")
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe"])
+def test_gguf_written_from_hf_matches_hf(tiny_model, bundled_model_path, tmp_path, kind):
+    """write_gguf lays a model out as llama.cpp does (permuted Q/K rows, expert stacks); loading it
+    back gives HF's logits on the original weights, whatever the architecture."""
+    import torch
+
+    from conftest import engine_logits
+    from infera.loader.gguf_writer import write_gguf
+    from test_models_vs_hf import PROMPT, hf_logits
+
+    path = write_gguf(tiny_model(kind), tmp_path / f"{kind}.gguf", bundled_model_path)
+    engine = LLMEngine(model=str(path), dtype="float32", kv_cache_memory="32MiB")
+    assert engine.hf_config.architectures == json.loads((tiny_model(kind) / "config.json").read_text())["architectures"]
+    ids = engine.tokenizer.encode(PROMPT)
+    ref = hf_logits(tiny_model(kind), ids, torch.float32)
+    diff = (engine_logits(engine, ids, [len(ids) - 4, 1, 1, 1, 1]) - ref).abs().max().item()
+    assert diff <= 1e-4, f"{kind} from GGUF: max |diff| {diff:.2e}"
+
+
+def test_writing_an_unsupported_model_type_as_gguf_is_refused(tiny_model, bundled_model_path, tmp_path):
+    from infera.loader.gguf_writer import write_gguf
+
+    with pytest.raises(ValueError, match="qwen2_moe"):
+        write_gguf(tiny_model("qwen2_moe"), tmp_path / "x.gguf", bundled_model_path)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "infera.cli", *args], capture_output=True, text=True, timeout=300)
 

@@ -1,95 +1,19 @@
-"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): routing, GGUF expert stacks, quantized
-experts, and lossless batching.  Logits against HF transformers are in test_models_vs_hf.py."""
+"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): routing, quantized experts, bf16, and
+lossless batching.  float32 logits against HF transformers are in test_models_vs_hf.py, GGUF
+expert stacks in test_loader.py."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import gguf
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoConfig
 
 from infera import LLM
 from infera.engine.llm_engine import LLMEngine
 from infera.layers.moe import SparseMoeBlock
+from infera.loader.gguf_writer import write_gguf
 from infera.models.llama import LlamaMLP
 from conftest import engine_logits
 from test_engine import assert_idle, greedy, prompts, texts
 from test_models_vs_hf import PROMPT, chunkings, hf_logits
-
-# HF tensor name fragment (after model.layers.N.) -> GGUF name (after blk.N.)
-GGUF_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "block_sparse_moe.gate": "ffn_gate_inp", "mlp.gate": "ffn_gate_inp",
-}
-EXPERT_NAMES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps",
-                "gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
-
-
-def write_gguf(hf_dir: Path, path: Path, bundled: Path, expert_type: str = "F32") -> Path:
-    """A GGUF file of a saved tiny Mixtral ("llama" with experts) or Qwen3-MoE, laid out as
-    llama.cpp converts them (expert stacks, permuted Q/K rows for llama), with the bundled
-    model's tokenizer; expert stacks in ``expert_type``."""
-    config = AutoConfig.from_pretrained(hf_dir)
-    arch = "llama" if config.model_type == "mixtral" else "qwen3moe"
-    writer = gguf.GGUFWriter(str(path), arch)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    for key, value in {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
-                       "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
-                       "attention.head_count": config.num_attention_heads, "attention.key_length": head_dim,
-                       "attention.head_count_kv": config.num_key_value_heads,
-                       "expert_count": getattr(config, "num_local_experts", None) or config.num_experts,
-                       "expert_used_count": config.num_experts_per_tok}.items():
-        writer.add_uint32(f"{arch}.{key}", value)
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
-    writer.add_float32(f"{arch}.rope.freq_base", config.rope_parameters["rope_theta"])
-    if arch == "qwen3moe":
-        writer.add_uint32(f"{arch}.expert_feed_forward_length", config.moe_intermediate_size)
-    for key, field in gguf.GGUFReader(bundled).fields.items():
-        if key.startswith("tokenizer."):
-            writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-    tensors = load_file(hf_dir / "model.safetensors")
-    stacks: dict[str, dict[int, np.ndarray]] = {}
-    for name, t in tensors.items():
-        w = t.numpy()
-        parts = name.split(".")
-        if parts[0] == "lm_head":
-            writer.add_tensor("output.weight", w)
-        elif parts[1] in ("embed_tokens", "norm"):
-            writer.add_tensor({"embed_tokens": "token_embd", "norm": "output_norm"}[parts[1]] + ".weight", w)
-        elif "experts" in parts:  # model.layers.N.<moe>.experts.E.<proj>.weight
-            stacks.setdefault(f"blk.{parts[2]}.{EXPERT_NAMES[parts[6]]}.weight", {})[int(parts[5])] = w
-        else:
-            if arch == "llama" and parts[-2] in ("q_proj", "k_proj"):  # llama.cpp's interleaved RoPE rows
-                heads = config.num_attention_heads if parts[-2] == "q_proj" else config.num_key_value_heads
-                w = w.reshape(heads, 2, w.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(w.shape)
-            writer.add_tensor(f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.weight", w)
-    qtype = gguf.GGMLQuantizationType[expert_type]
-    for name, experts in stacks.items():
-        stack = np.stack([experts[e] for e in sorted(experts)])
-        writer.add_tensor(name, gguf.quants.quantize(stack, qtype) if expert_type != "F32" else stack,
-                          raw_dtype=qtype if expert_type != "F32" else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_gguf_expert_stacks_match_hf(tiny_model, bundled_model_path, tmp_path, kind):
-    path = write_gguf(tiny_model(kind), tmp_path / f"{kind}.gguf", bundled_model_path)
-    engine = LLMEngine(model=str(path), dtype="float32", kv_cache_memory="32MiB")
-    assert engine.hf_config.architectures == [{"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]]
-    ids = engine.tokenizer.encode(PROMPT)
-    ref = hf_logits(tiny_model(kind), ids, torch.float32)
-    diff = (engine_logits(engine, ids, [len(ids) - 4, 1, 1, 1, 1]) - ref).abs().max().item()
-    assert diff <= 1e-4, f"{kind} from GGUF: max |diff| {diff:.2e}"
 
 
 def test_quantized_gguf_experts_run_natively(tiny_model, bundled_model_path, tmp_path):
@@ -134,13 +58,14 @@ def test_bf16_matches_hf_but_for_flipped_routing(tiny_model, kind):
         assert close.float().mean().item() >= 0.9, f"{kind} {name}: {close.float().mean().item():.0%} close"
 
 
+@pytest.mark.parametrize("tokens", [1, 11])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_sparse_experts_equal_every_expert_weighted_by_its_routing(normalize):
+def test_sparse_experts_equal_every_expert_weighted_by_its_routing(normalize, tokens):
     torch.manual_seed(0)
     moe = SparseMoeBlock(16, 6, 2, normalize, expert=lambda: LlamaMLP(16, 24), shared_expert=LlamaMLP(16, 8))
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0, 0.3)
-    x = torch.randn(11, 16)
+    x = torch.randn(tokens, 16)
     probs = moe.gate(x).softmax(dim=-1)
     top = probs.topk(2, dim=-1)
     weights = torch.zeros_like(probs).scatter_(1, top.indices, top.values)

@@ -7,7 +7,7 @@
 namespace infera {
 
 at::Tensor Linear::operator()(const at::Tensor& x) const {
-  if (!layout) return at::linear(x, weight, bias);
+  if (!layout) return float_linear(x, weight, bias);
   return gemm(x, weight, *layout, out_features, bias, threshold, indptr, indices, values, ic_scale, ic_min, ic_group);
 }
 

@@ -17,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("AMX_MIN_ROWS") = AMX_MIN_ROWS;
   m.def("dequantize", &dequantize, "rows of a packed weight in float", py::arg("w"), py::arg("layout"),
         py::arg("out_features"), py::arg("ids") = py::none(), py::arg("dtype") = at::kFloat);
+  m.def("float_linear", &float_linear, "x @ W^T (+ bias) for float W (bfloat16 decode rows: weight-streaming dots)",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("apply_token_bitmask", &apply_token_bitmask, "mask disallowed tokens' logits to -inf, in place");
   m.def("top_tokens", &top_tokens, "each row's argmax and (with_probs) its softmax probability",
         py::arg("logits"), py::arg("with_probs"));

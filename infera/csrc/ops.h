@@ -56,6 +56,13 @@ bool amx_available();  // built with AMX, on a CPU and kernel that grant it
 at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w, const BlockLayout& L, int64_t N,
                     const c10::optional<at::Tensor>& bias);
 
+// ---- float_gemm.cpp: products with float weights ----
+
+// Up to this many rows, bfloat16 products stream the weights through AVX512-BF16 dot products
+// (where the CPU has them); more rows, or other dtypes, take at::linear.
+constexpr int64_t BF16_GEMV_MAX_ROWS = 8;
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
+
 // ---- fused_ops.cpp: element-wise kernels of the decoder layer ----
 
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);

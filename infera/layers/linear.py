@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infera.kernels import cpu_kernels
 from infera.quant.base import QuantizeMethodBase, current_quant_config
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with float weights; on CPU, bfloat16 decode rows take the native weight-streaming
+    kernel (``float_linear`` in ``csrc/float_gemm.cpp``: 2-3x oneDNN's time-to-read at a few rows)."""
+    if weight.dtype == torch.bfloat16 and (ext := cpu_kernels(x)):
+        return ext.float_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -29,7 +38,7 @@ class UnquantizedLinearMethod(QuantizeMethodBase):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return float_linear(x, layer.weight, bias)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)

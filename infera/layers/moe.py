@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from infera.layers.linear import float_linear
+
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool,
@@ -26,7 +28,7 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, expert ids), both [tokens, top_k]."""
-        probs = self.gate(x).float().softmax(dim=-1)
+        probs = float_linear(x, self.gate.weight).float().softmax(dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -40,6 +42,9 @@ class SparseMoeBlock(nn.Module):
             # where not chosen (decode batches, where the graphs are, are small)
             for e, expert in enumerate(self.experts):
                 out += expert(x) * (weights * (ids == e)).sum(dim=-1, keepdim=True)
+        elif len(x) == 1:  # one token (single-stream decode): its experts in the order below, no gathering
+            for e, w in sorted(zip(ids[0].tolist(), weights[0])):
+                out += self.experts[e](x) * w
         else:  # tokens grouped by expert with one sort; only the chosen experts run
             flat = ids.flatten()
             order = flat.argsort(stable=True)

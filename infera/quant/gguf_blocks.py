@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infera.layers.linear import float_linear
 from infera.quant.base import QuantizationConfig, QuantizeMethodBase
 from infera.quant.layout import Q4, Q8, BlockLayout, pack_rows
 from infera.quant.method import PackedWeight, Quantizer, set_packed
@@ -199,7 +200,7 @@ class GGUFLinearMethod(QuantizeMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         packed = getattr(layer.weight, "packed", None)
-        return F.linear(x, layer.weight, bias) if packed is None else packed.matmul(x, bias)
+        return float_linear(x, layer.weight, bias) if packed is None else packed.matmul(x, bias)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         packed = getattr(layer.weight, "packed", None)
