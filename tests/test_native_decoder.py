@@ -24,6 +24,10 @@ CASES = [  # kind, dtype, options
     ("llama", "bfloat16", {"quantization": "llm_int8"}),  # outliers kept in float
     ("llama", "float32", {"quantization": "dense_sparse"}),  # exact sparse term
     ("llama", "float32", {"quantization": "int4_ic"}),  # per-IC groups
+    ("mixtral", "float32", {}),  # mixtures of experts
+    ("qwen2_moe", "bfloat16", {}),  # a shared expert
+    ("qwen3_moe", "bfloat16", {}),  # a dense layer among sparse ones
+    ("mixtral", "bfloat16", {"quantization": "int8"}),  # int8 experts
 ]
 
 
@@ -50,14 +54,15 @@ def test_native_stack_equals_modules(tiny_model, kind, dtype, options, monkeypat
         assert bm.allocate_slots(seq, n)
         decode_hidden(engine, [seq], [n], False, monkeypatch)
         bm.commit(seq, n)
-    for counts in ([1, 1, 1, 1], [1, 3, 1, 9]):  # a decode step, then speculative-verification-like queries
-        for seq, c in zip(seqs, counts):
+    # a decode step, speculative-verification-like queries, one sequence's decode step (one token)
+    for batch, counts in ((seqs, [1, 1, 1, 1]), (seqs, [1, 3, 1, 9]), (seqs[1:2], [1])):
+        for seq, c in zip(batch, counts):
             assert bm.allocate_slots(seq, c)
-        ref, ref_cache = decode_hidden(engine, seqs, counts, False, monkeypatch)
-        ours, cache = decode_hidden(engine, seqs, counts, True, monkeypatch)
+        ref, ref_cache = decode_hidden(engine, batch, counts, False, monkeypatch)
+        ours, cache = decode_hidden(engine, batch, counts, True, monkeypatch)
         stacks = engine.runner.model.model.native_decoder.stacks
         assert stacks and all(stack is not None for _, stack in stacks.values()), "the native stack did not run"
         assert torch.equal(ours, ref)
         assert all(torch.equal(a, b) for a, b in zip(cache, ref_cache))
-        for seq, c in zip(seqs, counts):
+        for seq, c in zip(batch, counts):
             bm.commit(seq, c)

@@ -1,14 +1,48 @@
-// A Llama-family decoder stack run for a decode step in one call: the same kernels the PyTorch
-// modules call one by one (so the same results, bit for bit), chained here without returning to
-// Python between them. On a small model a decode step is ~10 kernel calls per layer of a few
-// microseconds each: the Python between them cost as much as the kernels.
+// A Llama-family decoder stack (dense or mixture-of-experts MLPs) run for a decode step in one call:
+// the same kernels the PyTorch modules call one by one (so the same results, bit for bit), chained
+// here without returning to Python between them. On a small model a decode step is ~10 kernel calls
+// per layer of a few microseconds each: the Python between them cost as much as the kernels.
 #include "decoder_layer.h"
+
+#include <algorithm>
+#include <utility>
 
 namespace infera {
 
 at::Tensor Linear::operator()(const at::Tensor& x) const {
   if (!layout) return float_linear(x, weight, bias);
   return gemm(x, weight, *layout, out_features, bias, threshold, indptr, indices, values, ic_scale, ic_min, ic_group);
+}
+
+at::Tensor MoE::operator()(const at::Tensor& x) const {
+  const int64_t T = x.size(0), E = static_cast<int64_t>(gate_up.size());
+  auto expert = [&](int64_t e, const at::Tensor& rows) { return down[e](silu_and_mul(gate_up[e](rows))); };
+  auto [weights, ids] = at::topk(float_linear(x, router, c10::nullopt).to(at::kFloat).softmax(-1), top_k, -1);
+  if (normalize) weights = weights / weights.sum(-1, true);
+  weights = weights.to(x.scalar_type());
+  at::Tensor out = at::zeros_like(x);
+  if (T == 1) {  // one token: its experts in ascending order, no gathering
+    std::vector<std::pair<int64_t, int64_t>> chosen;  // (expert, slot)
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t j = 0; j < top_k; ++j) chosen.emplace_back(id[j], j);
+    std::sort(chosen.begin(), chosen.end());
+    for (const auto& [e, j] : chosen) out += expert(e, x) * weights[0][j];
+  } else {  // tokens grouped by expert with one sort
+    const at::Tensor flat = ids.flatten();
+    const at::Tensor order = at::argsort(flat, /*stable=*/true, 0, false);
+    const at::Tensor tokens = at::div(order, top_k, "floor");
+    const at::Tensor token_weights = weights.flatten().index_select(0, order);
+    const at::Tensor counts = at::bincount(flat, {}, E);
+    const int64_t* count = counts.data_ptr<int64_t>();
+    for (int64_t e = 0, start = 0; e < E; start += count[e], ++e) {
+      if (count[e] == 0) continue;
+      const at::Tensor rows = tokens.narrow(0, start, count[e]);
+      out.index_add_(0, rows, expert(e, x.index({rows})) * token_weights.narrow(0, start, count[e]).unsqueeze(1));
+    }
+  }
+  if (shared_gate_up)
+    out += at::sigmoid(float_linear(x, *shared_gate, c10::nullopt)) * (*shared_down)(silu_and_mul((*shared_gate_up)(x)));
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(at::Tensor hidden, const at::Tensor& positions,
@@ -41,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(at::Tensor hidden, cons
                                             block_tables, query_start, context_lens, layer.scale);
     hidden = layer.o(attn.view({T, H * D}));
     fused_add_rms_norm(hidden, residual, layer.post_norm, eps);
-    hidden = layer.down(silu_and_mul(layer.gate_up(hidden)));
+    hidden = layer.moe ? (*layer.moe)(hidden) : (*layer.down)(silu_and_mul((*layer.gate_up)(hidden)));
   }
   return {hidden, residual};
 }

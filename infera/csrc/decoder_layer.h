@@ -23,10 +23,24 @@ struct Linear {
   at::Tensor operator()(const at::Tensor& x) const;
 };
 
+// A sparse mixture-of-experts MLP, computed as infera.layers.moe.SparseMoeBlock computes it.
+struct MoE {
+  at::Tensor router;                  // [experts, hidden]
+  std::vector<Linear> gate_up, down;  // one of each per expert
+  int64_t top_k;
+  bool normalize;                     // renormalize the top-k probabilities (Mixtral, Qwen3-MoE)
+  std::optional<Linear> shared_gate_up, shared_down;  // Qwen2-MoE's shared expert
+  c10::optional<at::Tensor> shared_gate;              // [1, hidden]: its per-token sigmoid gate
+
+  at::Tensor operator()(const at::Tensor& x) const;
+};
+
 struct DecoderLayer {
   at::Tensor input_norm, post_norm;
   c10::optional<at::Tensor> q_norm, k_norm;  // per-head RMSNorm of queries and keys (Qwen3)
-  Linear qkv, o, gate_up, down;
+  Linear qkv, o;
+  std::optional<Linear> gate_up, down;  // the dense MLP, or
+  std::optional<MoE> moe;               // a mixture of experts
   int64_t num_heads, num_kv_heads, head_dim;
   double scale;
   at::Tensor k_cache, v_cache;

@@ -43,18 +43,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("out_features") = 0, py::arg("threshold") = 0.0, py::arg("indptr") = py::none(),
            py::arg("indices") = py::none(), py::arg("values") = py::none(), py::arg("ic_scale") = py::none(),
            py::arg("ic_min") = py::none(), py::arg("ic_group") = 0);
+  py::class_<MoE>(m, "MoE")
+      .def(py::init([](at::Tensor router, std::vector<Linear> gate_up, std::vector<Linear> down, int64_t top_k,
+                       bool normalize, std::optional<Linear> shared_gate_up, std::optional<Linear> shared_down,
+                       OptTensor shared_gate) {
+             TORCH_CHECK(gate_up.size() == down.size() && static_cast<int64_t>(gate_up.size()) == router.size(0),
+                         "one gate_up and one down Linear per expert");
+             return MoE{router, std::move(gate_up), std::move(down), top_k, normalize, shared_gate_up, shared_down,
+                        shared_gate};
+           }),
+           py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("top_k"), py::arg("normalize"),
+           py::arg("shared_gate_up") = py::none(), py::arg("shared_down") = py::none(),
+           py::arg("shared_gate") = py::none());
   py::class_<DecoderLayer>(m, "DecoderLayer")
       .def(py::init([](at::Tensor input_norm, at::Tensor post_norm, OptTensor q_norm, OptTensor k_norm, Linear qkv,
-                       Linear o, Linear gate_up, Linear down, int64_t num_heads, int64_t num_kv_heads,
-                       int64_t head_dim, double scale, at::Tensor k_cache, at::Tensor v_cache, OptTensor k_scale,
-                       OptTensor v_scale) {
-             return DecoderLayer{input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down, num_heads,
+                       Linear o, std::optional<Linear> gate_up, std::optional<Linear> down, int64_t num_heads,
+                       int64_t num_kv_heads, int64_t head_dim, double scale, at::Tensor k_cache, at::Tensor v_cache,
+                       OptTensor k_scale, OptTensor v_scale, std::optional<MoE> moe) {
+             TORCH_CHECK(moe.has_value() != (gate_up.has_value() && down.has_value()),
+                         "a layer has a dense MLP (gate_up and down) or a mixture of experts");
+             return DecoderLayer{input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down, moe, num_heads,
                                  num_kv_heads, head_dim, scale, k_cache, v_cache, k_scale, v_scale};
            }),
            py::arg("input_norm"), py::arg("post_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"),
            py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("num_heads"), py::arg("num_kv_heads"),
            py::arg("head_dim"), py::arg("scale"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"),
-           py::arg("v_scale"));
+           py::arg("v_scale"), py::arg("moe") = py::none());
   py::class_<DecoderStack>(m, "DecoderStack")
       .def(py::init([](std::vector<DecoderLayer> layers, at::Tensor cos, at::Tensor sin, double eps) {
              return DecoderStack{std::move(layers), cos, sin, eps};

@@ -4,6 +4,8 @@ A router scores the experts of each token; the token goes through its ``top_k`` 
 MLPs, quantized like any other linear layer) and their outputs are summed with the router's
 probabilities, renormalized over the chosen experts where the model does so (Mixtral, Qwen3-MoE).
 Qwen2-MoE adds a shared expert that every token goes through, scaled by a per-token sigmoid gate.
+CPU decode steps run the same computation in the native decoder stack (``MoE`` in
+``csrc/decoder_layer.cpp``), op for op.
 """
 from __future__ import annotations
 
@@ -56,5 +58,5 @@ class SparseMoeBlock(nn.Module):
                     out.index_add_(0, rows, self.experts[e](x[rows]) * token_weights[start:start + n, None])
                 start += n
         if self.shared_expert is not None:
-            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out += torch.sigmoid(float_linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return out

@@ -38,25 +38,42 @@ def native_linear(ext: ModuleType, layer: Linear, dtype: torch.dtype):
     return None
 
 
+def native_moe(ext: ModuleType, moe: SparseMoeBlock, dtype: torch.dtype):
+    """``moe`` as the kernel's MoE, or None if some weights are not ones the kernels take."""
+    mlps = list(moe.experts) + ([moe.shared_expert] if moe.shared_expert is not None else [])
+    linears = [[native_linear(ext, m.gate_up_proj, dtype), native_linear(ext, m.down_proj, dtype)] for m in mlps]
+    gates = [moe.gate.weight] + ([moe.shared_expert_gate.weight] if moe.shared_expert is not None else [])
+    if any(None in pair for pair in linears) or any(g.dtype != dtype for g in gates):
+        return None
+    shared = linears.pop() + gates[1:] if moe.shared_expert is not None else []
+    return ext.MoE(moe.gate.weight, [g for g, _ in linears], [d for _, d in linears], moe.top_k, moe.normalize,
+                   *shared)
+
+
 def build_stack(ext: ModuleType, model: nn.Module, dtype: torch.dtype):
     """The kernel's DecoderStack over ``model.layers`` (a LlamaModel), or None where a layer has
-    weights, norms, a KV cache or a mixture of experts it does not take."""
+    weights, norms or a KV cache it does not take."""
     layers = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if isinstance(mlp, SparseMoeBlock):
-            return None
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         norms += [attn.q_norm, attn.k_norm] if attn.qk_norm else []
-        linears = [native_linear(ext, m, dtype) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        attention = [native_linear(ext, m, dtype) for m in (attn.qkv_proj, attn.o_proj)]
+        if isinstance(mlp, SparseMoeBlock):
+            moe, dense = native_moe(ext, mlp, dtype), [None, None]
+            mlp_taken = moe is not None
+        else:
+            moe, dense = None, [native_linear(ext, m, dtype) for m in (mlp.gate_up_proj, mlp.down_proj)]
+            mlp_taken = None not in dense
         kv = attn.attn.kv_cache
-        if (None in linears or kv is None or any(n.weight.dtype != dtype for n in norms)
+        if (None in attention or not mlp_taken or kv is None or any(n.weight.dtype != dtype for n in norms)
                 or not (kv.quantized or kv.k.dtype == dtype)):
             return None
         q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
         layers.append(ext.DecoderLayer(
-            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm, *linears,
-            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale, kv.k, kv.v, kv.k_scale, kv.v_scale))
+            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm, *attention, *dense,
+            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale, kv.k, kv.v, kv.k_scale, kv.v_scale,
+            moe))
     return ext.DecoderStack(layers, model.rotary.cos, model.rotary.sin, model.norm.eps)
 
 
