@@ -2,7 +2,7 @@
 random-weight Mixtral-shaped model, in one run.
 
 No MoE model ships here and none can be downloaded, so the model is built from a config (default:
-12 layers, hidden 768, 8 experts of 1024 with top-2 routing: 0.31B parameters, 0.13B of them used
+12 layers, hidden 768, 8 experts of 1024 with top-2 routing: 0.32B parameters, 0.15B of them used
 per token), saved with the bundled tokenizer as an HF directory in bfloat16, and written as GGUF by
 ``infera.loader.gguf_writer`` (BF16 and Q8_0) for llama.cpp and for infera's native GGUF path.
 

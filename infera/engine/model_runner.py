@@ -119,9 +119,9 @@ class ModelRunner:
         # data from the caches (the fill took 2-3x longer after it); on a GPU after launching the
         # forward, overlapping its run.
         on_cpu = self.device.type == "cpu"
-        mask = self._fill_mask(bitmask, sampled, drafts) if on_cpu else None
+        mask = self._fill_mask(bitmask, sampled, drafts if speculative else None) if on_cpu else None
         hidden = self.forward(seqs, counts)
-        mask = mask if on_cpu else self._fill_mask(bitmask, sampled, drafts)
+        mask = mask if on_cpu else self._fill_mask(bitmask, sampled, drafts if speculative else None)
         if sample_rows:
             # a sequence's rows: the next-token logits before each of its drafts and after the last
             rows = [r for i, d in zip(sample_rows, drafts) for r in range(ends[i] - 1 - len(d), ends[i])]
@@ -152,9 +152,10 @@ class ModelRunner:
         return result
 
     @staticmethod
-    def _fill_mask(bitmask: TokenBitmask | None, seqs: list[Sequence], drafts: list[list[int]]) -> BatchBitmask | None:
+    def _fill_mask(bitmask: TokenBitmask | None, seqs: list[Sequence],
+                   drafts: list[list[int]] | None) -> BatchBitmask | None:
         """The grammar masks of the sampled ``seqs`` (None if none carries a grammar)."""
-        return bitmask.fill(seqs, drafts if any(drafts) else None) if bitmask is not None else None
+        return bitmask.fill(seqs, drafts) if bitmask is not None else None
 
     def forward(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True) -> torch.Tensor:
         """Hidden states of the next ``counts[i]`` tokens of each ``seqs[i]`` (short queries first),

