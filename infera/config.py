@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from infera.kernels import has_bf16_arithmetic
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_KV_CACHE_MEMORY = 2 * 2**30  # on CPU, when kv_cache_memory is not given
 
@@ -22,18 +24,10 @@ def parse_size(value: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** power)
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 @dataclass
 class EngineConfig:
     """Everything the engine decides from. ``dtype='auto'`` picks bfloat16 where the hardware
-    computes it fast (CUDA, or a CPU with AVX512-BF16/AMX) and float32 elsewhere.
+    computes it fast (CUDA, or a CPU whose ISA level (``INFERA_CPU_ISA``) has AVX512-BF16 or AMX) and float32 elsewhere.
     ``quantization`` (a method of :mod:`infera.quant`) quantizes the weights at load; with None, a
     GGUF model runs on its own quantized tensors when ``dtype`` is auto (on CPU) and is dequantized
     to an explicit ``dtype``. ``kv_cache_memory`` None means 2 GiB on CPU and, on CUDA, what
@@ -106,6 +100,6 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
             return DTYPES[self.dtype]
-        if self.torch_device.type == "cuda" or cpu_has_bf16():
+        if self.torch_device.type == "cuda" or has_bf16_arithmetic():
             return torch.bfloat16
         return torch.float32

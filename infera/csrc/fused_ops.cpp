@@ -62,7 +62,7 @@ void silu_mul_row(const scalar_t* g, const scalar_t* u, scalar_t* o, int64_t I) 
   }
 }
 
-void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
+void check_rows(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "expected [tokens, hidden] with contiguous rows");
   TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "weight must be [hidden]");
 }
@@ -72,9 +72,9 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
 namespace infera {
 
 // RMSNorm of each row of x: [T, H] -> new [T, H].
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   check_rows(x, weight);
-  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
   const int64_t T = x.size(0), H = x.size(1), xs = x.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "rms_norm", [&] {
     using x_t = scalar_t;
@@ -91,7 +91,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 }
 
 // residual += x (rounded to the dtype, as a torch add); x = rms_norm(residual). In place.
-void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+void fused_add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
   check_rows(x, weight);
   TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes() &&
               x.scalar_type() == residual.scalar_type(), "x and residual must match and be contiguous");
@@ -117,11 +117,11 @@ _Pragma("omp simd")
 
 // Rotate-half RoPE applied in place to q [T, Hq, D] and k [T, Hkv, D] (rows may be strided, as
 // views into a fused QKV output), with cos/sin [max_position, D/2] float32 looked up by positions.
-void rotary(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions) {
+void rotary(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin, at::Tensor positions) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1, "bad q/k layout");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && cos.scalar_type() == torch::kFloat &&
-              sin.scalar_type() == torch::kFloat && cos.is_contiguous() && sin.is_contiguous(), "bad dtypes");
-  TORCH_CHECK(positions.scalar_type() == torch::kLong && positions.is_contiguous(), "positions must be int64");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && cos.scalar_type() == at::kFloat &&
+              sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous(), "bad dtypes");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions must be int64");
   const int64_t T = q.size(0), D = q.size(2), half = D / 2;
   TORCH_CHECK(cos.size(1) == half && k.size(2) == D, "cos/sin must be [positions, head_dim / 2]");
   const int64_t* pos = positions.data_ptr<int64_t>();
@@ -159,10 +159,10 @@ _Pragma("omp simd")
 }
 
 // silu(gate) * up for x = [gate | up]: [T, 2I] -> [T, I].
-torch::Tensor silu_and_mul(torch::Tensor x) {
+at::Tensor silu_and_mul(at::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "expected [tokens, 2 * intermediate]");
   const int64_t T = x.size(0), I = x.size(1) / 2, xs = x.stride(0);
-  auto out = torch::empty({T, I}, x.options());
+  auto out = at::empty({T, I}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "silu_and_mul", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -180,11 +180,11 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 
 // logits[r, t] = -inf for each row r in `rows` and token t < vocab whose bit (bit t % 32 of word
 // t / 32) is clear in bitmask[r] (xgrammar's int32 bitsets); in place, float32 logits.
-void apply_token_bitmask(torch::Tensor logits, torch::Tensor bitmask, const std::vector<int64_t>& rows,
+void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, const std::vector<int64_t>& rows,
                          int64_t vocab) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat && logits.stride(1) == 1,
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
               "logits must be float32 [R, V] with contiguous rows");
-  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == torch::kInt && bitmask.is_contiguous() &&
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kInt && bitmask.is_contiguous() &&
               bitmask.size(1) * 32 >= vocab && vocab <= logits.size(1), "bitmask must be int32 [R, ceil(V / 32)]");
   for (int64_t r : rows)
     TORCH_CHECK(r >= 0 && r < logits.size(0) && r < bitmask.size(0), "row ", r, " is out of range");
@@ -273,13 +273,13 @@ namespace infera {
 // Each row's most likely token of logits [R, V] (float32 or bfloat16, contiguous rows), as
 // torch.argmax picks it, and with `with_probs` its probability under the softmax (else zeros):
 // one read of the logits, nothing [R, V] allocated.
-std::tuple<torch::Tensor, torch::Tensor> top_tokens(torch::Tensor logits, bool with_probs) {
+std::tuple<at::Tensor, at::Tensor> top_tokens(at::Tensor logits, bool with_probs) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [R, V] with contiguous rows");
-  TORCH_CHECK(logits.scalar_type() == torch::kFloat || logits.scalar_type() == torch::kBFloat16,
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
               "logits must be float32 or bfloat16");
   const int64_t R = logits.size(0), V = logits.size(1), ls = logits.stride(0);
-  auto ids = torch::empty({R}, torch::kLong);
-  auto probs = torch::zeros({R}, torch::kFloat);
+  auto ids = at::empty({R}, at::kLong);
+  auto probs = at::zeros({R}, at::kFloat);
   int64_t* ip = ids.data_ptr<int64_t>();
   float* pp = probs.data_ptr<float>();
   auto run = [&](const auto* lp) {
@@ -287,7 +287,7 @@ std::tuple<torch::Tensor, torch::Tensor> top_tokens(torch::Tensor logits, bool w
       for (int64_t r = b; r < e; ++r) top_token_row(lp + r * ls, V, with_probs, ip[r], pp[r]);
     });
   };
-  if (logits.scalar_type() == torch::kBFloat16)
+  if (logits.scalar_type() == at::kBFloat16)
     run(logits.data_ptr<c10::BFloat16>());
   else
     run(logits.data_ptr<float>());

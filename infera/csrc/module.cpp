@@ -1,10 +1,38 @@
 // The Python bindings of infera's CPU kernels: one module built from every source in this folder.
+#include <torch/extension.h>
+
 #include "decoder_layer.h"
 #include "ops.h"
+
+namespace {
+
+// The instruction sets this build's vector paths were compiled for (infera/kernels picks the build).
+std::string compiled_isa() {
+  std::string isa = "scalar";
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  isa = "AVX2+FMA+F16C";
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  isa = "AVX-512";
+#endif
+#if defined(__AVX512VNNI__)
+  isa += " VNNI";
+#endif
+#if defined(__AVX512BF16__)
+  isa += " BF16";
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  isa += " AMX";
+#endif
+  return isa;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace infera;
   m.doc() = "infera's CPU kernels";
+  m.attr("ISA") = compiled_isa();
   py::class_<BlockLayout>(m, "Layout")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, int64_t>(), py::arg("encoding"), py::arg("in_features"),
            py::arg("scale_group"), py::arg("num_scale_arrays"), py::arg("has_min"), py::arg("offset"))

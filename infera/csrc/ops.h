@@ -2,7 +2,7 @@
 // them for Python; decoder_layer.cpp chains them without returning to Python).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <vector>

@@ -259,21 +259,21 @@ namespace infera {
 // k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, or int8 with
 // k_scale, v_scale: [num_blocks, block_size, Hkv] float32; block_tables: [S, max_blocks] int64.
 // Returns [T, Hq, D].
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                              torch::Tensor block_tables, c10::optional<torch::Tensor> query_starts,
-                              torch::Tensor context_lens, double scale) {
+at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                              c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
+                              at::Tensor block_tables, c10::optional<at::Tensor> query_starts,
+                              at::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   // no query_starts: one query row per sequence (a decode step)
-  torch::Tensor query_start = query_starts.has_value() ? *query_starts : torch::arange(context_lens.size(0) + 1);
+  at::Tensor query_start = query_starts.has_value() ? *query_starts : at::arange(context_lens.size(0) + 1);
   for (const auto& t : {block_tables, query_start, context_lens})
-    TORCH_CHECK(t.scalar_type() == torch::kLong, "block tables, query starts and context lengths must be int64");
-  const bool quantized = k_cache.scalar_type() == torch::kChar;
+    TORCH_CHECK(t.scalar_type() == at::kLong, "block tables, query starts and context lengths must be int64");
+  const bool quantized = k_cache.scalar_type() == at::kChar;
   TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs its scales");
   TORCH_CHECK(quantized || q.scalar_type() == k_cache.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(!quantized || (k_scale->is_contiguous() && v_scale->is_contiguous() &&
-                             k_scale->scalar_type() == torch::kFloat), "scales must be contiguous float32");
+                             k_scale->scalar_type() == at::kFloat), "scales must be contiguous float32");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   query_start = query_start.contiguous();
@@ -290,7 +290,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(starts[s + 1] - starts[s] <= lens[s] && lens[s] <= max_blocks * L.block_size, "bad query range");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "paged_attention", [&] {
     auto run = [&](auto* kp, auto* vp) {
       using cache_t = std::remove_pointer_t<decltype(kp)>;
@@ -364,34 +364,34 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 // skipped. The caches hold k's dtype, or int8 with k_scale / v_scale [num_blocks, block_size, Hkv]:
 // each head's row stored as round(x / s), s = max|x| / 127 (as quantize_int8 in
 // infera/layers/paged_attention.py, to the bit).
-void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
-              torch::Tensor slot_mapping, c10::optional<torch::Tensor> k_scale,
-              c10::optional<torch::Tensor> v_scale) {
+void store_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v,
+              at::Tensor slot_mapping, c10::optional<at::Tensor> k_scale,
+              c10::optional<at::Tensor> v_scale) {
   TORCH_CHECK(k.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
               v_cache.sizes() == k_cache.sizes() && k_cache.dim() == 4 && k_cache.sizes().slice(2) == k.sizes().slice(1),
               "the caches must be contiguous [blocks, block_size, Hkv, D] with the rows of k and v, got ",
               k_cache.sizes(), " for ", k.sizes());
   const bool quantized = k_scale.has_value();
-  TORCH_CHECK(quantized == v_scale.has_value() && quantized == (k_cache.scalar_type() == torch::kChar),
+  TORCH_CHECK(quantized == v_scale.has_value() && quantized == (k_cache.scalar_type() == at::kChar),
               "an int8 cache takes both scale tensors, other caches none");
   TORCH_CHECK(k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type() &&
               (quantized || k.scalar_type() == k_cache.scalar_type()), "k, v and the caches must share a shape and dtype");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong && slot_mapping.dim() == 1 &&
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
               slot_mapping.size(0) == k.size(0), "slot_mapping must be int64 [T]");
   for (const auto& t : {k, v})
     TORCH_CHECK((t.size(2) == 1 || t.stride(2) == 1) && (t.size(1) == 1 || t.stride(1) == t.size(2)),
                 "each token's K/V row must be contiguous");
   const int64_t T = k.size(0), Hkv = k.size(1), D = k.size(2), row = Hkv * D;
   const int64_t slots = k_cache.size(0) * k_cache.size(1);
-  const torch::Tensor sm = slot_mapping.contiguous();
+  const at::Tensor sm = slot_mapping.contiguous();
   const int64_t* sp = sm.data_ptr<int64_t>();
   for (int64_t i = 0; i < T; ++i) TORCH_CHECK(sp[i] < slots, "slot ", sp[i], " is out of the cache");
   if (quantized) {
-    TORCH_CHECK(k_scale->is_contiguous() && v_scale->is_contiguous() && k_scale->scalar_type() == torch::kFloat &&
-                v_scale->scalar_type() == torch::kFloat && k_scale->numel() == slots * Hkv &&
+    TORCH_CHECK(k_scale->is_contiguous() && v_scale->is_contiguous() && k_scale->scalar_type() == at::kFloat &&
+                v_scale->scalar_type() == at::kFloat && k_scale->numel() == slots * Hkv &&
                 v_scale->numel() == slots * Hkv, "scales must be contiguous float32 [blocks, block_size, Hkv]");
     AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, k.scalar_type(), "store_kv_int8", [&] {
-      auto quantize = [&](const torch::Tensor& x, torch::Tensor& cache, torch::Tensor& scales, int64_t i) {
+      auto quantize = [&](const at::Tensor& x, at::Tensor& cache, at::Tensor& scales, int64_t i) {
         const scalar_t* src = x.data_ptr<scalar_t>() + i * x.stride(0);
         int8_t* dst = cache.data_ptr<int8_t>() + sp[i] * row;
         float* sc = scales.data_ptr<float>() + sp[i] * Hkv;

@@ -3,7 +3,7 @@
 #pragma once
 
 #include <immintrin.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <initializer_list>

@@ -1,9 +1,24 @@
-"""Native kernels: C++ sources in ``infera/csrc`` compiled for this machine on first use.
+"""Native kernels: the C++ sources in ``infera/csrc``, built per instruction-set level.
 
-``load_cpu_extension()`` builds every ``csrc/*.cpp`` into one module with ``-O3 -march=native
--fopenmp`` through ``torch.utils.cpp_extension`` (cached under ``~/.cache/torch_extensions``; the
-first build takes about a minute) and returns it, or None where no compiler works, in which case
-callers fall back to their PyTorch path. ``INFERA_NO_EXTENSIONS=1`` forces that.
+One source tree, one module per ISA level, each compiled with that level's flags (never
+``-march=native``), so a build is valid on every CPU of its level and a cache shared between
+machines cannot hand AVX-512 code to an AVX2 CPU. The sources pick their vector paths with
+``#if`` on the compiler's feature macros; each level has its own paths and a scalar tail.
+
+========  ===================================================================  ==========================
+level     compiler flags                                                       CPUs
+========  ===================================================================  ==========================
+none      none beyond the architecture's baseline (the scalar paths)          any
+avx2      x86-64-v3: AVX2, FMA, F16C, BMI2                                     Haswell+, AMD Zen 1-3
+avx512    x86-64-v4 + AVX512-VNNI + AVX512-BF16                                AMD Zen 4+, Intel Cooper Lake+
+amx       avx512 + AMX-TILE/BF16/INT8                                          Intel Sapphire Rapids+
+========  ===================================================================  ==========================
+
+The level is chosen at run time: the highest one this CPU (and kernel, for AMX) supports, or
+``INFERA_CPU_ISA=none|avx2|avx512|amx`` to force a lower one (a level the CPU lacks is an
+error). ``load_cpu_extension(level)`` builds (about a minute, cached under
+``~/.cache/torch_extensions``) and returns a level's module, or None where no compiler works, in
+which case callers fall back to their PyTorch path; ``INFERA_NO_EXTENSIONS=1`` forces that.
 """
 from __future__ import annotations
 
@@ -11,30 +26,99 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
+ISA_LEVELS = ("none", "avx2", "avx512", "amx")  # lowest first
+_AVX2 = ("avx2", "fma", "f16c", "bmi2")
+_AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "avx512_bf16")
+CPU_FLAGS = {"none": (), "avx2": _AVX2, "avx512": _AVX512, "amx": (*_AVX512, "amx_tile", "amx_bf16", "amx_int8")}
+COMPILER_FLAGS = {
+    "none": [],
+    "avx2": ["-march=x86-64-v3"],
+    "avx512": ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16"],
+    "amx": ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
+}
+
 
 @functools.cache
-def load_cpu_extension() -> ModuleType | None:
-    if os.environ.get("INFERA_NO_EXTENSIONS") == "1":
-        return None
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def supported_levels() -> list[str]:
+    """The ISA levels this machine runs, lowest first (only ``none`` off x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["none"]
+    flags = cpu_flags()
+    return [level for level in ISA_LEVELS if all(f in flags for f in CPU_FLAGS[level])]
+
+
+def cpu_isa() -> str:
+    """The ISA level the kernels run at: ``INFERA_CPU_ISA`` if set, else the highest supported."""
+    levels = supported_levels()
+    forced = os.environ.get("INFERA_CPU_ISA", "").strip().lower()
+    if not forced:
+        return levels[-1]
+    if forced not in ISA_LEVELS:
+        raise ValueError(f"INFERA_CPU_ISA={forced!r}: expected one of {', '.join(ISA_LEVELS)}")
+    if forced not in levels:
+        raise ValueError(f"INFERA_CPU_ISA={forced}: this CPU supports only {', '.join(levels)}")
+    return forced
+
+
+def has_bf16_arithmetic() -> bool:
+    """Whether the running level computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    return cpu_isa() in ("avx512", "amx")
+
+
+@functools.cache
+def _build(level: str) -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     sources = [str(p) for p in sorted(CSRC.glob("*.cpp"))]
     # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
     headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))).hexdigest()[:16]
     try:
-        logger.info("loading native kernels (compiled on first use)")
-        return load("infera_cpu", sources,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DINFERA_HEADERS_{headers}"],
+        logger.info("loading native kernels for ISA level %s (compiled on first use)", level)
+        return load(f"infera_cpu_{level}", sources,
+                    extra_cflags=["-O3", *COMPILER_FLAGS[level], "-fopenmp", f"-DINFERA_HEADERS_{headers}"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: stay on the PyTorch path
-        logger.warning("native kernels unavailable, using PyTorch fallbacks: %s", str(e).splitlines()[0])
+        logger.warning("native kernels (%s) unavailable, using PyTorch fallbacks: %s", level,
+                       str(e).splitlines()[0])
         return None
+
+
+def load_cpu_extension(level: str | None = None) -> ModuleType | None:
+    """The native module of ``level`` (default: :func:`cpu_isa`), or None where it cannot be built."""
+    return _load(level, os.environ.get("INFERA_CPU_ISA"), os.environ.get("INFERA_NO_EXTENSIONS") == "1")
+
+
+@functools.cache  # (called for every kernel: the environment is read, the choice remembered)
+def _load(level: str | None, forced: str | None, disabled: bool) -> ModuleType | None:
+    if disabled:
+        return None
+    level = level or cpu_isa()
+    if level not in supported_levels():
+        raise ValueError(f"ISA level {level} is not supported by this CPU ({', '.join(supported_levels())})")
+    module = _build(level)
+    if module is not None and level == cpu_isa():
+        logger.info("native kernels: ISA level %s (%s; this CPU supports %s)", level, module.ISA,
+                    ", ".join(supported_levels()))
+    return module
 
 
 def cpu_kernels(x) -> ModuleType | None:
