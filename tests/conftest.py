@@ -8,6 +8,7 @@ import pytest
 
 import infera  # noqa: F401  (before torch: sets the OpenMP spin count)
 import torch
+from infera.kernels import load_cpu_extension, supported_levels
 from infera.loader.gguf_file import GGUFFile
 from infera.loader.model_loader import default_model_path
 
@@ -46,6 +47,22 @@ TINY_CONFIGS = {
                       mlp_only_layers=[1], tie_word_embeddings=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
+
+
+@pytest.fixture(params=supported_levels())
+def isa(request, monkeypatch) -> str:
+    """Each ISA level this CPU runs (infera.kernels), in turn: ``INFERA_CPU_ISA`` is set to it, so
+    the native kernels (``load_cpu_extension()``) are that level's. Build what the test runs inside it."""
+    monkeypatch.setenv("INFERA_CPU_ISA", request.param)
+    if shutil.which("c++") is None or load_cpu_extension() is None:
+        pytest.skip(f"the native kernels did not build at ISA level {request.param}")
+    return request.param
+
+
+@pytest.fixture
+def ext(isa):
+    """The native kernel module of each ISA level in turn."""
+    return load_cpu_extension()
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,12 @@
 #include <cstring>
 #include <vector>
 
+#include "quant_gemm.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
+#include "quant_tile_avx512.h"
 #define INFERA_VNNI 1
+#define INFERA_TILE_KERNEL 1
 #else
 #define INFERA_VNNI 0
 #endif
@@ -35,6 +38,7 @@
 namespace {
 
 using namespace infera;
+using namespace infera_quant;
 using Layout = BlockLayout;
 
 // Value of weight (n, k), in float: the reference the fast paths are tested against.
@@ -49,29 +53,6 @@ float weight_value(const Layout& L, const uint8_t* w, int64_t n, int64_t k) {
   if (L.enc == T2) return d * float((q & 3) - 1) + s1 * float((q >> 2) - 1);
   return d * float(q - L.offset) + (L.has_min ? s1 : 0.f);
 }
-
-// Activation rows quantized per block of 32: quants in natural order, and per block the scale,
-// -offset * sum (the integer accumulator's start) and scale * sum (for the min term).
-struct Activations {
-  int64_t K = 0, nb = 0;
-  std::vector<int8_t> q;
-  std::vector<float> d, ds;
-  std::vector<int32_t> init;
-  std::vector<float> xf;                       // the rows in float (outliers and sparse terms)
-  std::vector<std::vector<int32_t>> outliers;  // per row: inputs kept out of the int8 product
-
-  void resize(int64_t M, int64_t K_, bool need_float) {
-    K = K_;
-    nb = K / 32;
-    q.resize(M * K);
-    d.resize(M * nb);
-    ds.resize(M * nb);
-    init.resize(M * nb);
-    xf.resize(need_float ? M * K : 0);
-    if (int64_t(outliers.size()) < M) outliers.resize(M);
-    for (int64_t m = 0; m < M; ++m) outliers[m].clear();
-  }
-};
 
 inline void load_block(const float* x, float* out) { std::memcpy(out, x, 32 * sizeof(float)); }
 inline void load_block(const at::BFloat16* x, float* out) {
@@ -139,106 +120,6 @@ void quantize_row(const T* x, const float* mul, int64_t m, float threshold, int6
     A.init[m * nb + b] = int32_t(-offset * sum);
   }
 }
-
-#if INFERA_VNNI
-inline __m512 half16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-inline __m512i bcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
-
-// acc[t][m] (16 rows of tile t x activation row m0 + m) over all blocks, in floats. Each tile's
-// bytes `ahead` further on (the thread's next tiles) are prefetched as its blocks go by.
-// (Layout fields are read into locals once: per-block divisions and reloads cost more than the
-// dot products on small matrices.)
-template <int ENC, int NT, int MR>
-inline void tile_kernel(const Layout& L, const uint8_t* const* tiles, const Activations& A, int64_t m0,
-                        int64_t ahead, __m512 (&out)[NT][MR]) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
-  const int64_t nb = L.nb, K = L.K, sg = L.sg, nsa = L.nsa, second = L.nsb * TILE;
-  const bool has_min = L.has_min;
-  const int8_t* q = A.q.data();
-  const float *xd = A.d.data(), *xds = A.ds.data();
-  const int32_t* init = A.init.data();
-  const at::Half* sc[NT];  // scale array 0 of each tile; array 1 is `second` further
-  for (int t = 0; t < NT; ++t) sc[t] = reinterpret_cast<const at::Half*>(tiles[t] + L.tile_quant_bytes);
-  __m512 accf[NT][MR];
-  for (int t = 0; t < NT; ++t)
-    for (int m = 0; m < MR; ++m) accf[t][m] = _mm512_setzero_ps();
-  for (int64_t b = 0, sb = 0, in_group = 0; b < nb; ++b) {
-    __m512i acc[NT][MR], acc2[NT][MR];
-    for (int m = 0; m < MR; ++m) {
-      const __m512i start = _mm512_set1_epi32(init[(m0 + m) * nb + b]);
-      for (int t = 0; t < NT; ++t) acc[t][m] = acc2[t][m] = start;
-    }
-    const int8_t* xb[MR];
-    for (int m = 0; m < MR; ++m) xb[m] = q + (m0 + m) * K + b * 32;
-    if constexpr (ENC == Q8) {
-      for (int k = 0; k < 8; ++k) {
-        __m512i w[NT];
-        for (int t = 0; t < NT; ++t) {
-          w[t] = _mm512_loadu_si512(tiles[t] + b * 512 + k * 64);
-          prefetch(tiles[t] + ahead + b * 512 + k * 64);
-        }
-        for (int m = 0; m < MR; ++m) {
-          const __m512i x = bcast4(xb[m] + 4 * k);
-          for (int t = 0; t < NT; ++t) acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], w[t], x);
-        }
-      }
-    } else {
-      for (int p = 0; p < 4; ++p) {
-        __m512i lo[NT], hi[NT];
-        for (int t = 0; t < NT; ++t) {
-          const __m512i v = _mm512_loadu_si512(tiles[t] + b * 256 + p * 64);
-          prefetch(tiles[t] + ahead + b * 256 + p * 64);
-          lo[t] = _mm512_and_si512(v, low4);
-          hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        }
-        for (int m = 0; m < MR; ++m) {
-          const __m512i xa = bcast4(xb[m] + 4 * p), xc = bcast4(xb[m] + 16 + 4 * p);
-          for (int t = 0; t < NT; ++t) {
-            if constexpr (ENC == Q4) {
-              acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], lo[t], xa);
-              acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], hi[t], xc);
-            } else {
-              acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], _mm512_and_si512(lo[t], low2), xa);
-              acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], _mm512_and_si512(hi[t], low2), xc);
-              // (16-bit shifts carry the next byte's low bits in: mask again)
-              acc2[t][m] = _mm512_dpbusd_epi32(acc2[t][m], _mm512_and_si512(_mm512_srli_epi16(lo[t], 2), low2), xa);
-              acc2[t][m] = _mm512_dpbusd_epi32(acc2[t][m], _mm512_and_si512(_mm512_srli_epi16(hi[t], 2), low2), xc);
-            }
-          }
-        }
-      }
-    }
-    for (int t = 0; t < NT; ++t) {
-      const at::Half* s0 = sc[t] + sb * TILE;
-      prefetch(reinterpret_cast<const uint8_t*>(s0) + ahead);
-      if (nsa > 1) prefetch(reinterpret_cast<const uint8_t*>(s0 + second) + ahead);
-      const __m512 d0 = nsa > 0 ? half16(s0) : _mm512_set1_ps(1.f);
-      const __m512 d1 = nsa > 1 ? half16(s0 + second) : _mm512_setzero_ps();
-      for (int m = 0; m < MR; ++m) {
-        const __m512 dx = _mm512_set1_ps(xd[(m0 + m) * nb + b]);
-        accf[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][m]), _mm512_mul_ps(d0, dx), accf[t][m]);
-        if constexpr (ENC == T2) {
-          accf[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2[t][m]), _mm512_mul_ps(d1, dx), accf[t][m]);
-        } else {
-          if (has_min) accf[t][m] = _mm512_fmadd_ps(d1, _mm512_set1_ps(xds[(m0 + m) * nb + b]), accf[t][m]);
-        }
-      }
-    }
-    if (++in_group == sg) in_group = 0, ++sb;
-  }
-  for (int t = 0; t < NT; ++t)
-    for (int m = 0; m < MR; ++m) out[t][m] = accf[t][m];
-}
-#endif
 
 // The same sums for CPUs without AVX512-VNNI, one row at a time.
 float row_dot_generic(const Layout& L, const uint8_t* w, int64_t n, const Activations& A, int64_t m) {
@@ -311,14 +192,13 @@ template <typename OutT>
 void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
                OutT* y) {
   const int64_t ntiles = (N + TILE - 1) / TILE;
-#if INFERA_VNNI
+#ifdef INFERA_TILE_KERNEL
   // 4 tiles x 1 row when decoding one sequence, 2 tiles x 4 rows (2 x 2 for trits) for batches
   const int nt_max = M == 1 ? 4 : 2, mr_max = M == 1 ? 1 : (L.enc == T2 ? 2 : 4);
   const int64_t units = (ntiles + nt_max - 1) / nt_max;
   // activation rows in chunks of about 256 KiB, so a chunk stays in L2 while the thread's tiles pass
   const int64_t m_chunk = std::max<int64_t>(4, (256 * 1024 / L.K) / 4 * 4);
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-    alignas(64) float sums[TILE];
     for (int64_t mc = 0; mc < M; mc += m_chunk) {
       const int64_t m_end = std::min(M, mc + m_chunk);
       for (int64_t t = u0 * nt_max; t < std::min(ntiles, u1 * nt_max);) {
@@ -331,15 +211,12 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
           const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;  // this group's activations
           auto emit = [&](auto& accf, int tn, int mn) {
             for (int i = 0; i < tn; ++i) {
-              for (int m = 0; m < mn; ++m) {
-                _mm512_store_ps(sums, accf[i][m]);
-                store_tile(sums, L, w, A, ex, (t + i) * TILE, m0 + m, M, N, y);
-              }
+              for (int m = 0; m < mn; ++m) store_tile(accf[i][m], L, w, A, ex, (t + i) * TILE, m0 + m, M, N, y);
             }
           };
 #define INFERA_TILE(NT, MR)                                          \
   if (nt == NT && mr == MR) {                                        \
-    __m512 accf[NT][MR];                                             \
+    alignas(64) float accf[NT][MR][TILE];                            \
     if (L.enc == Q8) tile_kernel<Q8, NT, MR>(L, tiles, A, base + m0, ahead, accf); \
     else if (L.enc == Q4) tile_kernel<Q4, NT, MR>(L, tiles, A, base + m0, ahead, accf); \
     else tile_kernel<T2, NT, MR>(L, tiles, A, base + m0, ahead, accf);             \

@@ -97,8 +97,8 @@ def _build(level: str) -> ModuleType | None:
                     extra_cflags=["-O3", *COMPILER_FLAGS[level], "-fopenmp", f"-DINFERA_HEADERS_{headers}"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: stay on the PyTorch path
-        logger.warning("native kernels (%s) unavailable, using PyTorch fallbacks: %s", level,
-                       str(e).splitlines()[0])
+        errors = [line for line in str(e).splitlines() if "error" in line] or str(e).splitlines()[:1]
+        logger.warning("native kernels (%s) unavailable, using PyTorch fallbacks: %s", level, errors[0])
         return None
 
 
