@@ -1,6 +1,6 @@
 """The native decoder stack (csrc/decoder_layer.cpp) against the modules it replaces: the same
 hidden states and KV cache contents, bit for bit, on decode batches of single- and multi-token
-queries, for each model variant, dtype, int8 KV cache and quantized weight format."""
+queries, for each model variant, dtype, int8 KV cache and quantized weight format, at every ISA level."""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +8,9 @@ import torch
 
 from infera.engine.llm_engine import LLMEngine
 from infera.engine.sequence import Sequence
-from infera.kernels import load_cpu_extension
 from infera.layers.attention import attention_metadata
 from infera.models import llama_native
 from infera.sampling_params import SamplingParams
-
-pytestmark = pytest.mark.skipif(load_cpu_extension() is None, reason="native kernels could not be compiled")
 
 CASES = [  # kind, dtype, options
     ("llama", "float32", {}),
@@ -44,7 +41,7 @@ def decode_hidden(engine: LLMEngine, seqs: list[Sequence], counts: list[int], na
 
 
 @pytest.mark.parametrize("kind,dtype,options", CASES)
-def test_native_stack_equals_modules(tiny_model, kind, dtype, options, monkeypatch):
+def test_native_stack_equals_modules(tiny_model, kind, dtype, options, monkeypatch, isa):
     engine = LLMEngine(model=str(tiny_model(kind)), dtype=dtype, kv_cache_memory="16MiB", **options)
     g = torch.Generator().manual_seed(0)
     lens = [5, 40, 19, 150]

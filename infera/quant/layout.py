@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from infera.kernels import load_cpu_extension
+from infera.kernels import cpu_isa, load_cpu_extension
 
 Q8, Q4, T2 = 0, 1, 2  # encodings: a byte, a nibble, or two trits per weight
 BLOCK = 32
@@ -41,7 +41,7 @@ def kernel_paths() -> str:
         return "native kernels unavailable"
     batches = (f"AMX bf16 tiles from {ext.AMX_MIN_ROWS} rows" if ext.amx_available()
                else "no AMX on this CPU or build")
-    return f"packed-weight products: int8 dot products, {batches}"
+    return f"native kernels at ISA level {cpu_isa()} ({ext.ISA}): packed-weight products by int8 dot products, {batches}"
 
 
 @dataclass(frozen=True)
