@@ -7,14 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infera.kernels import load_cpu_extension
+from infera.kernels import load_cpu_extension, supported_levels
 
-ext = load_cpu_extension()
+# Every test runs at each ISA level this CPU supports (the `ext` and `isa` fixtures of conftest.py).
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler for native kernels")
 
 
-def test_extension_builds():
-    assert ext is not None, "infera/csrc/fused_ops.cpp failed to build (see the log)"
+@pytest.mark.parametrize("level", supported_levels())
+def test_extension_builds(level):
+    assert load_cpu_extension(level) is not None, f"the native kernels failed to build at ISA level {level} (see the log)"
+
+
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 
@@ -24,7 +27,7 @@ def rms_ref(x, w, eps):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_and_fused_add(dtype):
+def test_rms_norm_and_fused_add(ext, dtype):
     x, r, w = torch.randn(37, 96).to(dtype), torch.randn(37, 96).to(dtype), torch.rand(96).to(dtype) + 0.5
     assert torch.allclose(ext.rms_norm(x, w, 1e-5).float(), rms_ref(x, w, 1e-5).float(), atol=TOL[dtype], rtol=TOL[dtype])
     x2, r2 = x.clone(), r.clone()
@@ -34,7 +37,7 @@ def test_rms_norm_and_fused_add(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_in_place_on_strided_views(dtype):
+def test_rotary_in_place_on_strided_views(ext, dtype):
     hq, hkv, d, t = 4, 2, 16, 9
     qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
@@ -55,7 +58,7 @@ def test_rotary_in_place_on_strided_views(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_and_mul(dtype):
+def test_silu_and_mul(ext, dtype):
     x = torch.randn(11, 2 * 40).to(dtype)
     gate, up = x.chunk(2, dim=-1)
     assert torch.allclose(ext.silu_and_mul(x).float(), (F.silu(gate) * up).float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -63,7 +66,7 @@ def test_silu_and_mul(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [5, 16, 49155])
-def test_top_tokens_match_argmax_and_softmax(dtype, vocab, monkeypatch):
+def test_top_tokens_match_argmax_and_softmax(isa, dtype, vocab, monkeypatch):
     """The native top token is torch.argmax's (the first of tied maxima, a row that is -inf up to its
     end), its probability the softmax's to 1e-5; a row with nothing above -inf gives token 0 and
     probability 0.  The PyTorch fallback (no native kernels) agrees."""
@@ -87,7 +90,7 @@ def test_top_tokens_match_argmax_and_softmax(dtype, vocab, monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_float_linear_bf16_rows_match_float32_products(rows, with_bias):
+def test_float_linear_bf16_rows_match_float32_products(ext, rows, with_bias):
     """Decode rows: fp32 accumulation, one bf16 rounding of the result (bias added before it);
     each row's values do not depend on the other rows (the same alone as in a batch)."""
     torch.manual_seed(rows)
@@ -101,7 +104,7 @@ def test_float_linear_bf16_rows_match_float32_products(rows, with_bias):
         assert torch.equal(out[-1:], ext.float_linear(x[-1:].contiguous(), w, bias))
 
 
-def test_float_linear_takes_torch_where_the_kernel_does_not_apply():
+def test_float_linear_takes_torch_where_the_kernel_does_not_apply(ext):
     x, w = torch.randn(2, 40), torch.randn(6, 40)  # float32; K not a multiple of 32 either
     assert torch.equal(ext.float_linear(x, w), F.linear(x, w))
     assert torch.equal(ext.float_linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))

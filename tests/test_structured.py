@@ -15,6 +15,7 @@ import xgrammar as xgr
 from infera import LLM, SamplingParams
 from infera.cli import build_parser, sampling_params
 from infera.engine.sequence import Sequence
+from infera.kernels import supported_levels
 from infera.sampling_params import StructuredOutputParams as SO
 from infera.structured import JUMP_FORWARD_MAX_BATCH, GrammarState
 from infera.structured import bitmask as bitmask_module
@@ -312,10 +313,12 @@ def test_bitmask_matches_token_by_token_reference(tiny: LLM, monkeypatch: pytest
         # the end of the sequence is allowed exactly where the grammar is complete
         assert bool(got[eos].any()) == (prefix == prefixes[-1])
         logits = torch.randn(2, vocab)
-        for native in (True, False):  # the native kernel, and the numpy path used without it
+        for level in (*supported_levels(), None):  # the native kernel at each ISA level, the numpy path without it
             with monkeypatch.context() as m:
-                if not native:
+                if level is None:
                     m.setattr(bitmask_module, "cpu_kernels", lambda x: None)
+                else:
+                    m.setenv("INFERA_CPU_ISA", level)
                 masked = logits.clone()
                 batch.apply(masked)
             assert torch.equal(masked[0], logits[0])  # the unconstrained row is untouched

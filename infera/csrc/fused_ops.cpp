@@ -13,9 +13,41 @@
 
 #if defined(__AVX512F__)
 #include "vec512.h"
+#elif defined(__AVX2__)
+#include "vec256.h"
 #endif
 
 namespace {
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define INFERA_LANES 1
+// The level's float vector under one set of names, for the kernels whose AVX-512 and AVX2 paths
+// differ only in width; arithmetic is the compilers' vector operators (+ - * /, with scalars).
+namespace lanes {
+using namespace infera_vec;
+#if defined(__AVX512F__)
+using vec = __m512;
+constexpr int64_t W = 16;
+template <typename T> inline vec load(const T* p) { return load16(p); }
+template <typename T> inline void store(T* p, vec x) { store16(p, x); }
+template <typename T> inline vec round(vec x) { return round16<T>(x); }
+inline vec exp(vec x) { return exp512(x); }
+inline vec zero() { return _mm512_setzero_ps(); }
+inline float sum(vec x) { return _mm512_reduce_add_ps(x); }  // pairwise
+#else
+using vec = __m256;
+constexpr int64_t W = 8;
+template <typename T> inline vec load(const T* p) { return load8(p); }
+template <typename T> inline void store(T* p, vec x) { store8(p, x); }
+template <typename T> inline vec round(vec x) { return round8<T>(x); }
+inline vec exp(vec x) { return exp256(x); }
+inline vec zero() { return _mm256_setzero_ps(); }
+inline float sum(vec x) { return hsum8(x); }
+#endif
+// the stored dtypes load() reads
+template <typename T> constexpr bool loads = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+}  // namespace lanes
+#endif
 
 template <typename T>
 inline T round_to(float x) {
@@ -43,15 +75,12 @@ _Pragma("omp simd")
 template <typename scalar_t>
 void silu_mul_row(const scalar_t* g, const scalar_t* u, scalar_t* o, int64_t I) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    using namespace infera_vec;
-    const __m512 one = _mm512_set1_ps(1.f);
-    for (; i + 16 <= I; i += 16) {
-      const __m512 gv = load16(g + i);
-      const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-      const __m512 act = round16<scalar_t>(_mm512_mul_ps(gv, sig));
-      store16(o + i, round16<scalar_t>(_mm512_mul_ps(act, load16(u + i))));
+#ifdef INFERA_LANES
+  if constexpr (lanes::loads<scalar_t>) {
+    for (; i + lanes::W <= I; i += lanes::W) {
+      const lanes::vec gv = lanes::load(g + i);
+      const lanes::vec act = lanes::round<scalar_t>(gv / (1.f + lanes::exp(-gv)));  // torch's silu
+      lanes::store(o + i, lanes::round<scalar_t>(act * lanes::load(u + i)));
     }
   }
 #endif
@@ -206,6 +235,16 @@ void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, const std::vecto
           _mm512_mask_storeu_ps(l + base + 16, static_cast<__mmask16>(~bits >> 16), ninf);
           continue;
         }
+#elif defined(__AVX2__)
+        if (n == 32) {  // 8 tokens at a time: lane k's bit to its sign, the blend's mask (the row is this thread's)
+          const __m256 ninf = _mm256_set1_ps(-INFINITY);
+          const __m256i to_sign = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+          for (int64_t k = 0; k < 32; k += 8) {
+            const __m256 clear = _mm256_castsi256_ps(_mm256_sllv_epi32(_mm256_set1_epi32(~bits >> k), to_sign));
+            _mm256_storeu_ps(l + base + k, _mm256_blendv_ps(_mm256_loadu_ps(l + base + k), ninf, clear));
+          }
+          continue;
+        }
 #endif
         for (int64_t k = 0; k < n; ++k)
           if (!((bits >> k) & 1u)) l[base + k] = -INFINITY;
@@ -218,21 +257,45 @@ void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, const std::vecto
 
 namespace {
 
+// sum(e^(x[i] - best)) over i < n, accurate to a few ulp at any n: blocks of up to 256 values are
+// summed in the vector's lanes (in 8 partial sums without a vector path), lanes and blocks then
+// combined pairwise. (One running float sum was 4e-5 off over 49155 logits: the many small terms
+// vanish against the large sum.)
+template <typename scalar_t>
+float sum_exp(const scalar_t* x, int64_t n, float best) {
+  constexpr int64_t BLOCK = 256;
+  if (n > BLOCK) {
+    const int64_t half = (n / 2 + 15) / 16 * 16;  // whole vectors on the left
+    return sum_exp(x, half, best) + sum_exp(x + half, n - half, best);
+  }
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef INFERA_LANES
+  if constexpr (lanes::loads<scalar_t>) {
+    lanes::vec acc = lanes::zero();
+    for (; i + lanes::W <= n; i += lanes::W) acc += lanes::exp(lanes::load(x + i) - best);
+    sum = lanes::sum(acc);
+  }
+#endif
+  float part[8] = {};  // the tail, or the whole block without a vector path
+  for (; i < n; ++i) part[i % 8] += std::exp(static_cast<float>(x[i]) - best);
+  return sum + (((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7])));
+}
+
 // The first index of the largest value of x[0..V) (NaN ignored; 0 if none is above -inf) and, with
 // `with_prob`, its softmax probability 1 / sum(exp(x - max)).
 template <typename scalar_t>
 void top_token_row(const scalar_t* x, int64_t V, bool with_prob, int64_t& id, float& prob) {
   float best = -INFINITY;
   int64_t arg = 0, i = 0;
+  // the vector paths: each lane keeps its first maximum, then the first index of the largest
 #if defined(__AVX512F__)
-  using namespace infera_vec;
-  constexpr bool vec = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-  if constexpr (vec) {
+  if constexpr (lanes::loads<scalar_t>) {
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     __m512i vidx = _mm512_setzero_si512(), cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i step = _mm512_set1_epi32(16);
-    for (; i + 16 <= V; i += 16) {  // each lane keeps its first maximum
-      const __m512 v = load16(x + i);
+    for (; i + 16 <= V; i += 16) {
+      const __m512 v = infera_vec::load16(x + i);
       const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
       vmax = _mm512_mask_mov_ps(vmax, gt, v);
       vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
@@ -241,29 +304,32 @@ void top_token_row(const scalar_t* x, int64_t V, bool with_prob, int64_t& id, fl
     best = _mm512_reduce_max_ps(vmax);
     arg = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(best), _CMP_EQ_OQ), vidx);
   }
+#elif defined(__AVX2__)
+  if constexpr (lanes::loads<scalar_t>) {
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    __m256i vidx = _mm256_setzero_si256(), cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i step = _mm256_set1_epi32(8);
+    for (; i + 8 <= V; i += 8) {
+      const __m256 v = infera_vec::load8(x + i);
+      const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);
+      vmax = _mm256_blendv_ps(vmax, v, gt);
+      vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx), _mm256_castsi256_ps(cur), gt));
+      cur = _mm256_add_epi32(cur, step);
+    }
+    alignas(32) float m[8];
+    alignas(32) int32_t idx[8];
+    _mm256_store_ps(m, vmax);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(idx), vidx);
+    for (int l = 0; l < 8; ++l)
+      if (m[l] > best || (m[l] == best && idx[l] < arg)) best = m[l], arg = idx[l];
+  }
 #endif
   for (; i < V; ++i) {
     const float v = static_cast<float>(x[i]);
     if (v > best) best = v, arg = i;
   }
   id = arg;
-  if (!with_prob) return;
-  if (best == -INFINITY) {
-    prob = 0.f;
-    return;
-  }
-  float sum = 0.f;
-  i = 0;
-#if defined(__AVX512F__)
-  if constexpr (vec) {
-    __m512 acc = _mm512_setzero_ps();
-    const __m512 vb = _mm512_set1_ps(best);
-    for (; i + 16 <= V; i += 16) acc = _mm512_add_ps(acc, exp512(_mm512_sub_ps(load16(x + i), vb)));
-    sum = _mm512_reduce_add_ps(acc);
-  }
-#endif
-  for (; i < V; ++i) sum += std::exp(static_cast<float>(x[i]) - best);
-  prob = 1.f / sum;
+  if (with_prob) prob = best == -INFINITY ? 0.f : 1.f / sum_exp(x, V, best);
 }
 
 }  // namespace
