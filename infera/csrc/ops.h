@@ -59,7 +59,7 @@ at::Tensor gemm_amx(const at::Tensor& x, const at::Tensor& w, const BlockLayout&
 // ---- float_gemm.cpp: products with float weights ----
 
 // Up to this many rows, bfloat16 products stream the weights through AVX512-BF16 dot products
-// (where the CPU has them); more rows, or other dtypes, take at::linear.
+// (AVX2: widened to fp32 and FMAs); more rows, other dtypes or the scalar level take at::linear.
 constexpr int64_t BF16_GEMV_MAX_ROWS = 8;
 at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 
