@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infera.kernels import supported_levels
 from infera.quant import QUANTIZERS, quantization_config
 from infera.quant.gguf_blocks import GGUFBlockQuantizer, GGUFTensor, to_native
 from infera.quant.layout import kernels
@@ -123,7 +124,7 @@ def kernel_reference(method: str, t: dict, x: torch.Tensor, q) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_kernel_matches_reference(method):
+def test_kernel_matches_reference(method, isa):
     q = quantizer(method)
     g = torch.Generator().manual_seed(1)
     # ragged 16-row tiles; K = 8192 splits M = 64 into two L2 chunks of 32 rows (int8 path) and
@@ -150,8 +151,41 @@ def test_kernel_matches_reference(method):
             assert (y - dense).abs().max().item() <= 0.025 * dense.abs().max().item(), f"{method} vs float"
 
 
+@pytest.mark.parametrize("method", ["q8_0", "q4_0", "q4_1", "trit_planes", "int8", "int4"])
+def test_avx2_matches_the_highest_level_bitwise(method, monkeypatch):
+    """The integer dot products are exact and the float epilogues run op for op alike, so the AVX2
+    kernel (maddubs) gives the bits of the AVX-512 one (VNNI); batches that take AMX at the amx level
+    (rounded to bf16) compare with the avx512 level. Against the scalar level: the kernel tolerance."""
+    levels = supported_levels()
+    if "avx2" not in levels or levels[-1] == "avx2":
+        pytest.skip("no ISA level above avx2 on this CPU")
+    g = torch.Generator().manual_seed(5)
+    n, k = 200, 576  # ragged tiles
+    w = torch.randn(n, k, generator=g) * 0.05
+    bias = torch.randn(n, generator=g)
+    xs = {m: torch.randn(m, k, generator=g) for m in (1, 3, 4, 7, 33, 64)}
+
+    def outputs(level: str) -> dict[int, list[torch.Tensor]]:
+        monkeypatch.setenv("INFERA_CPU_ISA", level)  # (a packed weight holds its level's module)
+        if kernels() is None:
+            pytest.skip(f"the native kernels did not build at ISA level {level}")
+        q = quantizer(method)
+        packed = q.pack(q.quantize(w), n)
+        return {m: [packed.matmul(x, b) for x in (x, x.bfloat16()) for b in (None, bias)] for m, x in xs.items()}
+
+    top = levels[-1]
+    ys = {level: outputs(level) for level in {"avx2", "none", top, "avx512" if top == "amx" else top}}
+    amx_rows = kernels().AMX_MIN_ROWS
+    for m, y in ys["avx2"].items():
+        ref = "avx512" if top == "amx" and m >= amx_rows else top
+        for i, (a, b) in enumerate(zip(y, ys[ref][m])):
+            assert torch.equal(a, b), f"{method} M={m} output {i}: avx2 != {ref}"
+        exact = ys["none"][m][0]
+        assert (y[0] - exact).abs().max().item() <= 1e-4 * exact.abs().max().item(), f"{method} M={m} vs scalar"
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in ("int4_ic", "dense_sparse")])
-def test_packed_rows_dequantize_exactly(method):
+def test_packed_rows_dequantize_exactly(method, isa):
     q = quantizer(method)
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
     t = q.quantize(w)
@@ -160,7 +194,7 @@ def test_packed_rows_dequantize_exactly(method):
     assert torch.equal(packed.rows(ids, torch.float32), q.dequantize(t)[ids])
 
 
-def test_llm_int8_outlier_features_beat_plain_int8():
+def test_llm_int8_outlier_features_beat_plain_int8(isa):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(128, 256, generator=g) * 0.05
     x = torch.randn(4, 256, generator=g) * 0.5
@@ -206,7 +240,7 @@ def test_unknown_method_and_bad_options_name_themselves():
         quantizer("int4_ic").check(100, 64)
 
 
-def test_gguf_fused_layer_with_mixed_part_types_becomes_q8_0():
+def test_gguf_fused_layer_with_mixed_part_types_becomes_q8_0(isa):
     import gguf
 
     from infera.layers.linear import MergedLinear

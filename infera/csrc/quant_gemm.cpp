@@ -15,7 +15,9 @@
 //
 // Activations are quantized to int8 per block of 32 (as llama.cpp's q8 path), so block b adds
 // d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row. Batches of
-// AMX_MIN_ROWS rows or more go to quant_gemm_amx.cpp where the CPU has AMX.
+// AMX_MIN_ROWS rows or more go to quant_gemm_amx.cpp where the CPU has AMX. The tile kernels:
+// quant_tile_avx512.h (VNNI) and quant_tile_avx2.h (maddubs, a tile as two halves of 8 rows); the
+// scalar build sums row by row.
 #include <ATen/Parallel.h>
 
 #include "ops.h"
@@ -31,8 +33,10 @@
 #include "quant_tile_avx512.h"
 #define INFERA_VNNI 1
 #define INFERA_TILE_KERNEL 1
-#else
-#define INFERA_VNNI 0
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "quant_tile_avx2.h"
+#define INFERA_AVX2 1
+#define INFERA_TILE_KERNEL 1
 #endif
 
 namespace {
@@ -56,19 +60,24 @@ float weight_value(const Layout& L, const uint8_t* w, int64_t n, int64_t k) {
 
 inline void load_block(const float* x, float* out) { std::memcpy(out, x, 32 * sizeof(float)); }
 inline void load_block(const at::BFloat16* x, float* out) {
-#if INFERA_VNNI
+#if defined(INFERA_VNNI)
   for (int h = 0; h < 2; ++h) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * h));
     _mm512_storeu_ps(out + 16 * h, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+  }
+#elif defined(INFERA_AVX2)
+  for (int h = 0; h < 4; ++h) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8 * h));
+    _mm256_storeu_ps(out + 8 * h, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
   }
 #else
   for (int e = 0; e < 32; ++e) out[e] = float(x[e]);
 #endif
 }
 
-// int8 quants of 32 floats (round to nearest); returns the scale, the quant sum in *sum.
+// int8 quants of 32 floats (round to nearest even); returns the scale, the quant sum in *sum.
 inline float quantize_block(const float* v, int8_t* out, int32_t* sum) {
-#if INFERA_VNNI
+#if defined(INFERA_VNNI)
   const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
   const __m512 id = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
@@ -76,6 +85,30 @@ inline float quantize_block(const float* v, int8_t* out, int32_t* sum) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(qa));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(qb));
   *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  return amax / 127.f;
+#elif defined(INFERA_AVX2)
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 x[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    x[i] = _mm256_loadu_ps(v + 8 * i);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, x[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  const __m256 id = _mm256_set1_ps(amax > 0 ? 127.f / amax : 0.f);
+  __m256i q[4], total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], id));  // (rounds to nearest even, as nearbyint)
+    total = _mm256_add_epi32(total, q[i]);
+  }
+  // packs interleave 4-value groups across the 128-bit lanes: put them back in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t4 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(t4, _mm_shuffle_epi32(t4, 1)));
   return amax / 127.f;
 #else
   float amax = 0.f;
@@ -118,10 +151,11 @@ void quantize_row(const T* x, const float* mul, int64_t m, float threshold, int6
     A.d[m * nb + b] = d;
     A.ds[m * nb + b] = d * float(sum);
     A.init[m * nb + b] = int32_t(-offset * sum);
+    A.sum[m * nb + b] = sum;
   }
 }
 
-// The same sums for CPUs without AVX512-VNNI, one row at a time.
+// The same sums for CPUs without AVX2 or AVX512-VNNI, one row at a time.
 float row_dot_generic(const Layout& L, const uint8_t* w, int64_t n, const Activations& A, int64_t m) {
   const uint8_t* tile = w + (n / TILE) * L.tile_bytes;
   const int64_t r = n % TILE;
@@ -193,8 +227,13 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
                OutT* y) {
   const int64_t ntiles = (N + TILE - 1) / TILE;
 #ifdef INFERA_TILE_KERNEL
+#if defined(INFERA_VNNI)
   // 4 tiles x 1 row when decoding one sequence, 2 tiles x 4 rows (2 x 2 for trits) for batches
-  const int nt_max = M == 1 ? 4 : 2, mr_max = M == 1 ? 1 : (L.enc == T2 ? 2 : 4);
+  const int nt_max = M == 1 ? 4 : 2;
+#else  // AVX2 (8 rows a register): 2 tiles x 1 row in one pass, 1 tile x 4 rows a pass per half (measured)
+  const int nt_max = M == 1 ? 2 : 1;
+#endif
+  const int mr_max = M == 1 ? 1 : (L.enc == T2 ? 2 : 4);
   const int64_t units = (ntiles + nt_max - 1) / nt_max;
   // activation rows in chunks of about 256 KiB, so a chunk stays in L2 while the thread's tiles pass
   const int64_t m_chunk = std::max<int64_t>(4, (256 * 1024 / L.K) / 4 * 4);

@@ -15,12 +15,12 @@
 namespace infera_quant {
 
 // Activation rows quantized per block of 32: quants in natural order, and per block the scale,
-// -offset * sum (the integer accumulator's start) and scale * sum (for the min term).
+// -offset * sum (the integer accumulator's start), scale * sum (for the min term) and the sum.
 struct Activations {
   int64_t K = 0, nb = 0;
   std::vector<int8_t> q;
   std::vector<float> d, ds;
-  std::vector<int32_t> init;
+  std::vector<int32_t> init, sum;
   std::vector<float> xf;                       // the rows in float (outliers and sparse terms)
   std::vector<std::vector<int32_t>> outliers;  // per row: inputs kept out of the int8 product
 
@@ -31,6 +31,7 @@ struct Activations {
     d.resize(M * nb);
     ds.resize(M * nb);
     init.resize(M * nb);
+    sum.resize(M * nb);
     xf.resize(need_float ? M * K : 0);
     if (int64_t(outliers.size()) < M) outliers.resize(M);
     for (int64_t m = 0; m < M; ++m) outliers[m].clear();
