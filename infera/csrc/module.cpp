@@ -29,13 +29,15 @@ std::string compiled_isa() {
 
 }  // namespace
 
+// (Classes are module-local: the modules of several ISA levels can be loaded in one process.)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace infera;
   m.doc() = "infera's CPU kernels";
   m.attr("ISA") = compiled_isa();
-  py::class_<BlockLayout>(m, "Layout")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, int64_t>(), py::arg("encoding"), py::arg("in_features"),
-           py::arg("scale_group"), py::arg("num_scale_arrays"), py::arg("has_min"), py::arg("offset"))
+  py::class_<BlockLayout>(m, "Layout", py::module_local())
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t>(), py::arg("encoding"),
+           py::arg("in_features"), py::arg("scale_group"), py::arg("num_scale_arrays"), py::arg("has_min"),
+           py::arg("offset"), py::arg("sub_scales") = int64_t(SUB_NONE))
       .def_readonly("row_bytes", &BlockLayout::row_bytes);
   m.def("gemm", &gemm, "x @ W^T for a packed block-quantized W", py::arg("x"), py::arg("w"), py::arg("layout"),
         py::arg("out_features"), py::arg("bias") = py::none(), py::arg("threshold") = 0.0,
@@ -60,7 +62,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_scale") = py::none());
 
   using OptTensor = c10::optional<at::Tensor>;
-  py::class_<Linear>(m, "Linear")
+  py::class_<Linear>(m, "Linear", py::module_local())
       .def(py::init([](at::Tensor weight, OptTensor bias, std::optional<BlockLayout> layout, int64_t out_features,
                        double threshold, OptTensor indptr, OptTensor indices, OptTensor values, OptTensor ic_scale,
                        OptTensor ic_min, int64_t ic_group) {
@@ -71,7 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("out_features") = 0, py::arg("threshold") = 0.0, py::arg("indptr") = py::none(),
            py::arg("indices") = py::none(), py::arg("values") = py::none(), py::arg("ic_scale") = py::none(),
            py::arg("ic_min") = py::none(), py::arg("ic_group") = 0);
-  py::class_<MoE>(m, "MoE")
+  py::class_<MoE>(m, "MoE", py::module_local())
       .def(py::init([](at::Tensor router, std::vector<Linear> gate_up, std::vector<Linear> down, int64_t top_k,
                        bool normalize, std::optional<Linear> shared_gate_up, std::optional<Linear> shared_down,
                        OptTensor shared_gate) {
@@ -83,7 +85,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("top_k"), py::arg("normalize"),
            py::arg("shared_gate_up") = py::none(), py::arg("shared_down") = py::none(),
            py::arg("shared_gate") = py::none());
-  py::class_<DecoderLayer>(m, "DecoderLayer")
+  py::class_<DecoderLayer>(m, "DecoderLayer", py::module_local())
       .def(py::init([](at::Tensor input_norm, at::Tensor post_norm, OptTensor q_norm, OptTensor k_norm, Linear qkv,
                        Linear o, std::optional<Linear> gate_up, std::optional<Linear> down, int64_t num_heads,
                        int64_t num_kv_heads, int64_t head_dim, double scale, at::Tensor k_cache, at::Tensor v_cache,
@@ -97,7 +99,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("num_heads"), py::arg("num_kv_heads"),
            py::arg("head_dim"), py::arg("scale"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"),
            py::arg("v_scale"), py::arg("moe") = py::none());
-  py::class_<DecoderStack>(m, "DecoderStack")
+  py::class_<DecoderStack>(m, "DecoderStack", py::module_local())
       .def(py::init([](std::vector<DecoderLayer> layers, at::Tensor cos, at::Tensor sin, double eps) {
              return DecoderStack{std::move(layers), cos, sin, eps};
            }),
