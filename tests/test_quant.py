@@ -15,7 +15,7 @@ import torch
 
 from infera.kernels import supported_levels
 from infera.quant import QUANTIZERS, quantization_config
-from infera.quant.gguf_blocks import GGUFBlockQuantizer, GGUFTensor, to_native
+from infera.quant.gguf_blocks import GGUFBlockQuantizer, GGUFTensor
 from infera.quant.layout import kernels
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="native kernels could not be compiled")
@@ -207,28 +207,6 @@ def test_llm_int8_outlier_features_beat_plain_int8(isa):
         errors[method] = rel_error(q.pack(t, 128).matmul(x), x @ q.dequantize(t).T)
     assert errors["llm_int8"] < 0.2 * errors["int8"], errors
     assert rel_error(quantizer("llm_int8").pack(quantizer("llm_int8").quantize(w), 128).matmul(x), exact) < 0.01
-
-
-def test_q4_k_converts_to_q4_1_blocks():
-    rng = torch.Generator().manual_seed(4)
-    q4k = torch.randint(0, 256, (4, 2 * 144), dtype=torch.uint8, generator=rng).numpy()
-    q4k.reshape(4, 2, 144)[..., 0:4] = [0x00, 0x2C, 0x00, 0x28]  # fp16 d = 1/16, dmin = 1/32
-    ref = GGUFTensor(q4k, "Q4_K", (4, 512)).dequantize()
-    converted = to_native(GGUFTensor(q4k, "Q4_K", (4, 512)))
-    assert converted.type_name == "Q4_1"
-    assert torch.allclose(converted.dequantize(), ref, rtol=5e-4, atol=1e-6)
-
-
-def test_other_gguf_types_requantize_to_q8_0_and_unsupported_ones_name_themselves():
-    import gguf
-
-    w = torch.randn(8, 256)
-    q6 = GGUFTensor(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0), "Q5_0", (8, 256))
-    q8 = to_native(q6)
-    assert q8.type_name == "Q8_0"
-    assert rel_error(q8.dequantize(), q6.dequantize()) < 0.01
-    with pytest.raises(ValueError, match="Q8_K"):
-        to_native(GGUFTensor(q6.raw, "Q8_K", (8, 256)))
 
 
 def test_unknown_method_and_bad_options_name_themselves():

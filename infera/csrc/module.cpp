@@ -36,8 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "infera's CPU kernels";
   m.attr("ISA") = compiled_isa();
   py::class_<BlockLayout>(m, "Layout", py::module_local())
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, int64_t>(), py::arg("encoding"), py::arg("in_features"),
-           py::arg("scale_group"), py::arg("num_scale_arrays"), py::arg("has_min"), py::arg("offset"))
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t>(), py::arg("encoding"),
+           py::arg("in_features"), py::arg("scale_group"), py::arg("num_scale_arrays"), py::arg("has_min"),
+           py::arg("offset"), py::arg("sub_scales") = int64_t(SUB_NONE))
       .def_readonly("row_bytes", &BlockLayout::row_bytes);
   m.def("gemm", &gemm, "x @ W^T for a packed block-quantized W", py::arg("x"), py::arg("w"), py::arg("layout"),
         py::arg("out_features"), py::arg("bias") = py::none(), py::arg("threshold") = 0.0,

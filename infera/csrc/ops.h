@@ -11,32 +11,56 @@ namespace infera {
 
 // ---- quant_gemm.cpp: products with block-quantized weights ----
 
-enum Encoding : int64_t { Q8 = 0, Q4 = 1, T2 = 2 };
+enum Encoding : int64_t { Q8 = 0, Q4 = 1, T2 = 2, Q5 = 3, Q6 = 4 };
+// int8 sub-scales multiplying the fp16 scales: none, one per block of 32 for each scale array
+// (GGUF Q4_K/Q5_K's 6-bit scale and min), or two of scale array 0 per block, for values 0-15 and
+// 16-31 (Q6_K's scales of 16 values)
+enum SubScales : int64_t { SUB_NONE = 0, SUB_BLOCK = 1, SUB_HALF = 2 };
 constexpr int64_t TILE = 16;  // output rows per packed tile
+
+// Quant bytes per row and block of 32: a byte each (Q8), nibbles (Q4, T2), nibbles and a plane of
+// 1 (Q5) or 2 (Q6) high bits
+constexpr int64_t block_quant_bytes(int64_t enc) { return enc == Q8 ? 32 : enc == Q5 ? 20 : enc == Q6 ? 24 : 16; }
+
+// The (encoding, sub-scales) pairs of infera's formats: the vector kernels are instantiated for these
+#define INFERA_BLOCK_KINDS(X) \
+  X(Q8, SUB_NONE) X(Q4, SUB_NONE) X(T2, SUB_NONE) X(Q4, SUB_BLOCK) X(Q5, SUB_NONE) X(Q5, SUB_BLOCK) X(Q6, SUB_HALF)
 
 // How a packed weight row reads (infera/quant/layout.py builds the packing).
 struct BlockLayout {
   int64_t enc, K, sg, nsa, offset;
   bool has_min;
-  int64_t nb, nsb, bbytes, row_bytes, tile_quant_bytes, tile_bytes;
+  int64_t sub;
+  int64_t nb, nsb, nsub, bbytes, row_bytes, tile_quant_bytes, tile_scale_bytes, tile_bytes;
 
-  BlockLayout(int64_t enc_, int64_t K_, int64_t sg_, int64_t nsa_, bool has_min_, int64_t offset_)
-      : enc(enc_), K(K_), sg(sg_), nsa(nsa_), offset(offset_), has_min(has_min_) {
-    TORCH_CHECK(enc >= Q8 && enc <= T2, "unknown encoding ", enc);
+  BlockLayout(int64_t enc_, int64_t K_, int64_t sg_, int64_t nsa_, bool has_min_, int64_t offset_,
+              int64_t sub_ = SUB_NONE)
+      : enc(enc_), K(K_), sg(sg_), nsa(nsa_), offset(offset_), has_min(has_min_), sub(sub_) {
+    TORCH_CHECK(enc >= Q8 && enc <= Q6, "unknown encoding ", enc);
     TORCH_CHECK(K > 0 && K % 32 == 0, "in_features must be a multiple of 32, got ", K);
     nb = K / 32;
     TORCH_CHECK(sg >= 1 && nb % sg == 0, "a scale group of ", sg, " blocks does not divide ", nb, " blocks");
     TORCH_CHECK(nsa >= 0 && nsa <= 2 && (!has_min || nsa == 2) && (enc != T2 || nsa == 2),
                 "inconsistent scale arrays");
+#define INFERA_KIND(ENC, SUB) || (enc == ENC && sub == SUB)
+    TORCH_CHECK(false INFERA_BLOCK_KINDS(INFERA_KIND), "no kernel for encoding ", enc, " with sub-scales ", sub);
+#undef INFERA_KIND
+    TORCH_CHECK(sub == SUB_NONE || nsa > 0, "sub-scales multiply scales: none here");
     nsb = nb / sg;
-    bbytes = enc == Q8 ? 32 : 16;
-    row_bytes = nb * bbytes + nsa * nsb * 2;
+    nsub = sub == SUB_BLOCK ? nsa : sub == SUB_HALF ? 2 : 0;
+    bbytes = block_quant_bytes(enc);
+    row_bytes = nb * bbytes + nsa * nsb * 2 + nsub * nb;
     tile_quant_bytes = TILE * nb * bbytes;
+    tile_scale_bytes = TILE * nsa * nsb * 2;
     tile_bytes = TILE * row_bytes;
   }
   // scale `a` of block b for the 16 rows of a tile
   const at::Half* scales(const uint8_t* tile, int64_t a, int64_t b) const {
     return reinterpret_cast<const at::Half*>(tile + tile_quant_bytes) + (a * nsb + b / sg) * TILE;
+  }
+  // sub-scale j of block b for the 16 rows of a tile (after the scales: [j][block][16 rows])
+  const int8_t* sub_scales(const uint8_t* tile, int64_t j, int64_t b) const {
+    return reinterpret_cast<const int8_t*>(tile + tile_quant_bytes + tile_scale_bytes) + (j * nb + b) * TILE;
   }
 };
 

@@ -1,4 +1,5 @@
-// Matrix products with block-quantized weights on CPU (GGUF Q8_0/Q4_0/Q4_1 and infera's formats).
+// Matrix products with block-quantized weights on CPU (GGUF Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K
+// and infera's formats).
 //
 // Layout (built by infera/quant/layout.py): output rows are taken 16 at a time ("tiles") and the
 // inputs in blocks of 32. For each block of a tile, 64-byte vectors hold 4 consecutive quants of
@@ -6,12 +7,18 @@
 // (vpdpbusd) with 4 activation bytes broadcast to all lanes advances 16 rows at once and a block
 // ends with the 16 rows' integer dots in the 16 lanes: no horizontal sums, no padding along K.
 // After the quants of a tile come its fp16 scale arrays, [array][scale index][16 rows], one scale
-// per `sg` blocks.
+// per `sg` blocks, then its int8 sub-scales, [j][block][16 rows], if any.
 //
 // Encodings: Q8 = one u8 per weight (int8 + 128), vector k of a block holding values 4k..4k+3;
 // Q4 = a nibble per weight, vector p holding bytes 4p..4p+3 of the row's 16-byte block in GGUF
 // order (low nibbles: values 4p.., high: 16+4p..); T2 = the same nibbles, each holding two trits
-// (t1 + 1) | (t2 + 1) << 2. A weight is d * (q - offset) [+ m] (Q8, Q4) or a1 * t1 + a2 * t2 (T2).
+// (t1 + 1) | (t2 + 1) << 2; Q5, Q6 = the nibbles, then the quants' bit 4 (and 5) in one (Q5) or two
+// (Q6) more vectors: byte i of lane r holds the high bits of the row's values 4p + i, p = 0..3 --
+// Q5: of the low nibbles' value in bit p, of the high nibbles' (16 + 4p + i) in bit 4 + p; Q6: of
+// the low nibbles' in bits 2p, 2p + 1 of the first vector, of the high nibbles' in the second.
+// A weight is d * (q - offset) [+ m] (Q8, Q4, Q5, Q6) or a1 * t1 + a2 * t2 (T2), where d and m are
+// the fp16 scales times the block's int8 sub-scales (SUB_BLOCK: d * s0, m * s1; SUB_HALF: d * s0
+// for values 0-15, d * s1 for 16-31), products exact in float for GGUF's 6- and 8-bit sub-scales.
 //
 // Activations are quantized to int8 per block of 32 (as llama.cpp's q8 path), so block b adds
 // d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row. Batches of
@@ -45,15 +52,33 @@ using namespace infera;
 using namespace infera_quant;
 using Layout = BlockLayout;
 
+// Quant e (0-31) of block b of row r of a tile, as stored (unsigned, high bits included).
+inline int quant(const Layout& L, const uint8_t* tile, int64_t r, int64_t b, int e) {
+  const uint8_t* block = tile + b * TILE * L.bbytes;
+  const int i = L.enc == Q8 ? e : e % 16, h = e / 16, p = i / 4;
+  const uint8_t byte = block[p * 64 + 4 * r + i % 4];
+  if (L.enc == Q8) return byte;
+  const int q = h ? byte >> 4 : byte & 15;
+  if (L.enc == Q5) return q | ((block[256 + 4 * r + i % 4] >> (4 * h + p)) & 1) << 4;
+  if (L.enc == Q6) return q | ((block[256 + 64 * h + 4 * r + i % 4] >> (2 * p)) & 3) << 4;
+  return q;
+}
+
+// Scale array a of block b for row r of a tile, times its sub-scale for value e of the block.
+inline float scale(const Layout& L, const uint8_t* tile, int64_t a, int64_t r, int64_t b, int e) {
+  const float s = float(L.scales(tile, a, b)[r]);
+  if (L.sub == SUB_BLOCK) return s * float(L.sub_scales(tile, a, b)[r]);
+  if (L.sub == SUB_HALF && a == 0) return s * float(L.sub_scales(tile, e / 16, b)[r]);
+  return s;
+}
+
 // Value of weight (n, k), in float: the reference the fast paths are tested against.
 float weight_value(const Layout& L, const uint8_t* w, int64_t n, int64_t k) {
   const uint8_t* tile = w + (n / TILE) * L.tile_bytes;
-  const int64_t r = n % TILE, b = k / 32, e = k % 32, i = L.enc == Q8 ? e : e % 16;
-  const uint8_t byte = tile[b * TILE * L.bbytes + (i / 4) * 64 + 4 * r + i % 4];
-  const float d = L.nsa > 0 ? float(L.scales(tile, 0, b)[r]) : 1.f;
-  const float s1 = L.nsa > 1 ? float(L.scales(tile, 1, b)[r]) : 0.f;
-  if (L.enc == Q8) return d * float(int(byte) - L.offset) + (L.has_min ? s1 : 0.f);
-  const int q = e < 16 ? (byte & 15) : (byte >> 4);
+  const int64_t r = n % TILE, b = k / 32;
+  const int e = k % 32, q = quant(L, tile, r, b, e);
+  const float d = L.nsa > 0 ? scale(L, tile, 0, r, b, e) : 1.f;
+  const float s1 = L.nsa > 1 ? scale(L, tile, 1, r, b, e) : 0.f;
   if (L.enc == T2) return d * float((q & 3) - 1) + s1 * float((q >> 2) - 1);
   return d * float(q - L.offset) + (L.has_min ? s1 : 0.f);
 }
@@ -152,6 +177,12 @@ void quantize_row(const T* x, const float* mul, int64_t m, float threshold, int6
     A.ds[m * nb + b] = d * float(sum);
     A.init[m * nb + b] = int32_t(-offset * sum);
     A.sum[m * nb + b] = sum;
+    if (!A.init_half.empty()) {
+      int32_t low = 0;
+      for (int e = 0; e < 16; ++e) low += q[b * 32 + e];
+      A.init_half[2 * (m * nb + b)] = int32_t(-offset * low);
+      A.init_half[2 * (m * nb + b) + 1] = int32_t(-offset * (sum - low));
+    }
   }
 }
 
@@ -159,26 +190,28 @@ void quantize_row(const T* x, const float* mul, int64_t m, float threshold, int6
 float row_dot_generic(const Layout& L, const uint8_t* w, int64_t n, const Activations& A, int64_t m) {
   const uint8_t* tile = w + (n / TILE) * L.tile_bytes;
   const int64_t r = n % TILE;
+  const bool halves = L.sub == SUB_HALF;  // dot1 over values 0-15, dot2 over 16-31
   float total = 0.f;
   for (int64_t b = 0; b < L.nb; ++b) {
-    int32_t dot1 = A.init[m * L.nb + b], dot2 = dot1;
+    const int64_t i = m * L.nb + b;
+    int32_t dot1 = halves ? A.init_half[2 * i] : A.init[i], dot2 = halves ? A.init_half[2 * i + 1] : dot1;
     for (int e = 0; e < 32; ++e) {
-      const int x = A.q[m * L.K + b * 32 + e];
-      const int64_t i = L.enc == Q8 ? e : e % 16;
-      const uint8_t byte = tile[b * TILE * L.bbytes + (i / 4) * 64 + 4 * r + i % 4];
-      const int q = L.enc == Q8 ? byte : (e < 16 ? (byte & 15) : (byte >> 4));
+      const int x = A.q[m * L.K + b * 32 + e], q = quant(L, tile, r, b, e);
       if (L.enc == T2) {
         dot1 += (q & 3) * x;
         dot2 += (q >> 2) * x;
+      } else if (halves && e >= 16) {
+        dot2 += q * x;
       } else {
         dot1 += q * x;
       }
     }
-    const float dx = A.d[m * L.nb + b];
-    const float d0 = L.nsa > 0 ? float(L.scales(tile, 0, b)[r]) : 1.f;
+    const float dx = A.d[i];
+    const float d0 = L.nsa > 0 ? scale(L, tile, 0, r, b, 0) : 1.f;
     total += d0 * dx * float(dot1);
-    if (L.enc == T2) total += float(L.scales(tile, 1, b)[r]) * dx * float(dot2);
-    else if (L.has_min) total += float(L.scales(tile, 1, b)[r]) * A.ds[m * L.nb + b];
+    if (L.enc == T2) total += scale(L, tile, 1, r, b, 0) * dx * float(dot2);
+    else if (halves) total += scale(L, tile, 0, r, b, 16) * dx * float(dot2);
+    if (L.has_min) total += scale(L, tile, 1, r, b, 0) * A.ds[i];
   }
   return total;
 }
@@ -222,18 +255,53 @@ inline void store_tile(float* sums, const Layout& L, const uint8_t* w, const Act
   for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = OutT(sums[r] + (ex.bias ? ex.bias[n0 + r] : 0.f));
 }
 
+// The scalar path: row by row (where no tile kernel is built for L's encoding and sub-scales).
+template <typename OutT>
+void run_rows_generic(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M,
+                      int64_t N, OutT* y) {
+  const int64_t ntiles = (N + TILE - 1) / TILE;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    float sums[TILE];
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;
+        for (int64_t r = 0; r < TILE; ++r)
+          sums[r] = t * TILE + r < N ? row_dot_generic(L, w, t * TILE + r, A, base + m) : 0.f;
+        store_tile(sums, L, w, A, ex, t * TILE, m, M, N, y);
+      }
+    }
+  });
+}
+
+#ifdef INFERA_TILE_KERNEL
+// The tile kernel of L's encoding and sub-scales (tile_kernel_has(L.enc, L.sub) holds).
+template <int NT, int MR>
+inline void call_tile_kernel(const Layout& L, const uint8_t* const* tiles, const Activations& A, int64_t m0,
+                             int64_t ahead, float (&out)[NT][MR][TILE]) {
+#define INFERA_KIND(ENC, SUB)                                                          \
+  if constexpr (tile_kernel_has(ENC, SUB)) {                                           \
+    if (L.enc == ENC && L.sub == SUB) return tile_kernel<ENC, SUB, NT, MR>(L, tiles, A, m0, ahead, out); \
+  }
+  INFERA_BLOCK_KINDS(INFERA_KIND)
+#undef INFERA_KIND
+}
+#endif
+
 template <typename OutT>
 void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
                OutT* y) {
-  const int64_t ntiles = (N + TILE - 1) / TILE;
 #ifdef INFERA_TILE_KERNEL
+  if (!tile_kernel_has(L.enc, L.sub)) return run_rows_generic(L, w, A, ex, M, N, y);
+  const int64_t ntiles = (N + TILE - 1) / TILE;
+  // two accumulators: trits, sub-scales per 16
+  const bool two_acc = L.enc == T2 || L.sub == SUB_HALF;
 #if defined(INFERA_VNNI)
-  // 4 tiles x 1 row when decoding one sequence, 2 tiles x 4 rows (2 x 2 for trits) for batches
+  // 4 tiles x 1 row when decoding one sequence, 2 tiles x 4 rows (2 x 2 with two accumulators) for batches
   const int nt_max = M == 1 ? 4 : 2;
 #else  // AVX2 (8 rows a register): 2 tiles x 1 row in one pass, 1 tile x 4 rows a pass per half (measured)
   const int nt_max = M == 1 ? 2 : 1;
 #endif
-  const int mr_max = M == 1 ? 1 : (L.enc == T2 ? 2 : 4);
+  const int mr_max = M == 1 ? 1 : (two_acc ? 2 : 4);
   const int64_t units = (ntiles + nt_max - 1) / nt_max;
   // activation rows in chunks of about 256 KiB, so a chunk stays in L2 while the thread's tiles pass
   const int64_t m_chunk = std::max<int64_t>(4, (256 * 1024 / L.K) / 4 * 4);
@@ -256,9 +324,7 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
 #define INFERA_TILE(NT, MR)                                          \
   if (nt == NT && mr == MR) {                                        \
     alignas(64) float accf[NT][MR][TILE];                            \
-    if (L.enc == Q8) tile_kernel<Q8, NT, MR>(L, tiles, A, base + m0, ahead, accf); \
-    else if (L.enc == Q4) tile_kernel<Q4, NT, MR>(L, tiles, A, base + m0, ahead, accf); \
-    else tile_kernel<T2, NT, MR>(L, tiles, A, base + m0, ahead, accf);             \
+    call_tile_kernel<NT, MR>(L, tiles, A, base + m0, ahead, accf);   \
     emit(accf, NT, MR);                                              \
   }
           INFERA_TILE(4, 1) else INFERA_TILE(2, 4) else INFERA_TILE(2, 2) else INFERA_TILE(2, 1)
@@ -271,17 +337,7 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
     }
   });
 #else
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    float sums[TILE];
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;
-        for (int64_t r = 0; r < TILE; ++r)
-          sums[r] = t * TILE + r < N ? row_dot_generic(L, w, t * TILE + r, A, base + m) : 0.f;
-        store_tile(sums, L, w, A, ex, t * TILE, m, M, N, y);
-      }
-    }
-  });
+  run_rows_generic(L, w, A, ex, M, N, y);
 #endif
 }
 
@@ -321,7 +377,7 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const BlockLayout& L, 
     TORCH_CHECK(threshold == 0 && !sparse, "per-IC groups take no outliers or sparse terms");
     shift = at::matmul(icm, xc.to(at::kFloat).t()).contiguous();  // [G, M]
   }
-  A.resize(groups * M, K, threshold > 0 || sparse);
+  A.resize(groups * M, K, threshold > 0 || sparse, L.sub == SUB_HALF);
   at::parallel_for(0, groups * M, 4, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t g = i / M, m = i % M;

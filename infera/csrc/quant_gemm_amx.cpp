@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "quant_tile_avx512.h"
 #include "vec512.h"
 
 namespace {
@@ -36,9 +37,8 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-inline __m512 half16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using infera_quant::half16;
+using infera_quant::int8x16;
 
 void configure_tiles() {
   TileConfig c;
@@ -60,9 +60,10 @@ struct ByteOfLanes {
 };
 
 // Packed tile -> one bf16 B tile per block (row r: inputs 2r and 2r + 1 of the 16 weight rows).
-// A weight is d0 * q + c for Q8/Q4 (c = min - d0 * offset), d0 * t1 + d1 * t2 + c for T2
-// (c = -d0 - d1); the 16 rows of the tile are the lanes.
-template <int64_t ENC>
+// A weight is d0 * q + c for Q8/Q4/Q5/Q6 (c = min - d0 * offset; with sub-scales per 16, d0 and c
+// of values 16-31 are d0_hi and c_hi), d0 * t1 + d1 * t2 + c for T2 (c = -d0 - d1); the 16 rows
+// of the tile are the lanes.
+template <int64_t ENC, int64_t SUB>
 void dequantize_tile(const BlockLayout& L, const uint8_t* tile, uint16_t* out) {
   const __m512i pairs = [] {  // 16-bit element 2n <- n, 2n + 1 <- 16 + n
     alignas(64) int16_t idx[32];
@@ -71,15 +72,24 @@ void dequantize_tile(const BlockLayout& L, const uint8_t* tile, uint16_t* out) {
   }();
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const ByteOfLanes byte_of_lanes;
+  const infera_quant::HighBits<ENC> high_bits;
   const at::Half* scales = reinterpret_cast<const at::Half*>(tile + L.tile_quant_bytes);
-  const int64_t second = L.nsb * TILE;
+  const int8_t* subs = reinterpret_cast<const int8_t*>(tile + L.tile_quant_bytes + L.tile_scale_bytes);
+  const int64_t second = L.nsb * TILE, sub1 = L.nb * TILE;
   for (int64_t b = 0; b < L.nb; ++b) {
     const at::Half* s0 = scales + (b / L.sg) * TILE;
-    const __m512 d0 = L.nsa > 0 ? half16(s0) : _mm512_set1_ps(1.f);
-    const __m512 d1 = L.nsa > 1 ? half16(s0 + second) : _mm512_setzero_ps();
+    __m512 d0 = L.nsa > 0 ? half16(s0) : _mm512_set1_ps(1.f);
+    __m512 d1 = L.nsa > 1 ? half16(s0 + second) : _mm512_setzero_ps();
+    __m512 d0_hi = d0;
+    if constexpr (SUB == SUB_HALF) d0_hi = _mm512_mul_ps(d0, int8x16(subs + b * TILE + sub1));
+    if constexpr (SUB == SUB_BLOCK) {
+      if (L.nsa > 1) d1 = _mm512_mul_ps(d1, int8x16(subs + b * TILE + sub1));
+    }
+    if constexpr (SUB != SUB_NONE) d0 = _mm512_mul_ps(d0, int8x16(subs + b * TILE));
+    const __m512 min = L.has_min ? d1 : _mm512_setzero_ps(), offset = _mm512_set1_ps(float(L.offset));
     const __m512 c = ENC == T2 ? _mm512_sub_ps(_mm512_setzero_ps(), _mm512_add_ps(d0, d1))
-                               : _mm512_fnmadd_ps(d0, _mm512_set1_ps(float(L.offset)),
-                                                  L.has_min ? d1 : _mm512_setzero_ps());
+                               : _mm512_fnmadd_ps(d0, offset, min);
+    const __m512 c_hi = _mm512_fnmadd_ps(d0_hi, offset, min);
     const uint8_t* block = tile + b * TILE * L.bbytes;
     uint16_t* img = out + b * 512;
     // quants of input k, the 16 rows in the lanes (as int32)
@@ -90,9 +100,12 @@ void dequantize_tile(const BlockLayout& L, const uint8_t* tile, uint16_t* out) {
         for (int j = 0; j < 4; ++j) q[4 * v + j] = byte_of_lanes(x, j);
       }
     } else {
+      __m512i high[infera_quant::HighBits<ENC>::PLANES];
+      for (int j = 0; j < infera_quant::HighBits<ENC>::PLANES; ++j) high[j] = _mm512_loadu_si512(block + 256 + 64 * j);
       for (int v = 0; v < 4; ++v) {
         const __m512i x = _mm512_loadu_si512(block + v * 64);
-        const __m512i lo = _mm512_and_si512(x, low4), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+        __m512i lo = _mm512_and_si512(x, low4), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+        if constexpr (ENC == Q5 || ENC == Q6) high_bits.add(high, v, lo, hi);
         for (int j = 0; j < 4; ++j) q[4 * v + j] = byte_of_lanes(lo, j), q[16 + 4 * v + j] = byte_of_lanes(hi, j);
       }
     }
@@ -101,6 +114,8 @@ void dequantize_tile(const BlockLayout& L, const uint8_t* tile, uint16_t* out) {
         const __m512 t1 = _mm512_cvtepi32_ps(_mm512_and_si512(q[k], _mm512_set1_epi32(3)));
         const __m512 t2 = _mm512_cvtepi32_ps(_mm512_srli_epi32(q[k], 2));
         return _mm512_fmadd_ps(t2, d1, _mm512_fmadd_ps(t1, d0, c));
+      } else if (SUB == SUB_HALF && k >= 16) {
+        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q[k]), d0_hi, c_hi);
       } else {
         return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q[k]), d0, c);
       }
@@ -114,9 +129,11 @@ void dequantize_tile(const BlockLayout& L, const uint8_t* tile, uint16_t* out) {
 }
 
 void dequantize_tile(const BlockLayout& L, const uint8_t* tile, uint16_t* out) {
-  if (L.enc == Q8) dequantize_tile<Q8>(L, tile, out);
-  else if (L.enc == Q4) dequantize_tile<Q4>(L, tile, out);
-  else dequantize_tile<T2>(L, tile, out);
+#define INFERA_KIND(ENC, SUB) \
+  if (L.enc == ENC && L.sub == SUB) return dequantize_tile<ENC, SUB>(L, tile, out);
+  INFERA_BLOCK_KINDS(INFERA_KIND)
+#undef INFERA_KIND
+  TORCH_CHECK(false, "no AMX path for encoding ", L.enc, " with sub-scales ", L.sub);
 }
 
 // y rows [m0, m0 + 16) x outputs [n0, n0 + 16) from a C tile's sums (+ bias), clipped to M x N.

@@ -149,7 +149,10 @@ inline void half_pass(const BlockLayout& L, const uint8_t* const* tiles, const A
 // out[t][m][r]: row r of tile t times activation row m0 + m, over all blocks. Both halves of the
 // tiles in one pass when their accumulators fit the 16 registers, else one pass per half (the
 // second reads the tiles from cache; rows are independent, so the sums are the same).
-template <int ENC, int NT, int MR>
+// The kinds this kernel runs (the others take quant_gemm.cpp's rows path).
+constexpr bool tile_kernel_has(int64_t enc, int64_t sub) { return sub == SUB_NONE && enc <= T2; }
+
+template <int ENC, int SUB, int NT, int MR>
 inline void tile_kernel(const BlockLayout& L, const uint8_t* const* tiles, const Activations& A, int64_t m0,
                         int64_t ahead, float (&out)[NT][MR][TILE]) {
   if constexpr (2 * NT * MR * (ENC == T2 ? 2 : 1) <= 4) {

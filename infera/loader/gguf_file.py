@@ -171,7 +171,7 @@ class GGUFFile:
             parts = [(target.format(e), w[e]) for e in range(shape[0])] if len(shape) == 3 else [(target, w)]
             for part_name, part in parts:
                 if keep:
-                    yield part_name, GGUFTensor(np.ascontiguousarray(part), t.tensor_type.name, tuple(shape[-2:]))
+                    yield part_name, GGUFTensor(np.ascontiguousarray(part), t.tensor_type.name, tuple(shape[-2:]), name)
                 else:
                     yield part_name, torch.from_numpy(np.ascontiguousarray(part))
 

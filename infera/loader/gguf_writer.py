@@ -63,10 +63,14 @@ def gguf_name(name: str) -> tuple[str, int | None]:
     return f"blk.{block}.{_BLOCK_NAMES[inner]}.{suffix}", index
 
 
-def write_gguf(model_dir: str | Path, path: str | Path, tokenizer_from: str | Path, tensor_type: str = "F32") -> Path:
+def write_gguf(model_dir: str | Path, path: str | Path, tokenizer_from: str | Path, tensor_type: str = "F32",
+               tensor_types: dict[str, str] | None = None) -> Path:
     """Write the model in ``model_dir`` to ``path``; matrices in ``tensor_type`` (F32, F16, BF16 or a
-    block quant such as Q8_0 or Q4_0), norms and MoE routers in F32."""
+    block quant such as Q8_0, Q4_0 or Q4_K), or in ``tensor_types[fragment]`` for those whose GGUF
+    name contains ``fragment`` (as llama.cpp's Q4_K_M mixes Q4_K and Q6_K); norms and MoE routers in F32."""
     import gguf
+
+    from infera.quant.gguf_blocks import quantize_blocks
 
     source = SafetensorsDir(model_dir)
     config = source.config()
@@ -80,7 +84,6 @@ def write_gguf(model_dir: str | Path, path: str | Path, tokenizer_from: str | Pa
     for key, field in gguf.GGUFReader(tokenizer_from).fields.items():
         if key.startswith("tokenizer."):
             writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-    qtype = gguf.GGMLQuantizationType[tensor_type]
     tensors: dict[str, np.ndarray] = {}
     stacks: dict[str, dict[int, np.ndarray]] = {}
     for name, tensor in source.weights():
@@ -97,10 +100,12 @@ def write_gguf(model_dir: str | Path, path: str | Path, tokenizer_from: str | Pa
             stacks.setdefault(target, {})[expert] = w
     tensors |= {name: np.stack([experts[e] for e in sorted(experts)]) for name, experts in stacks.items()}
     for name, w in tensors.items():
-        if w.ndim == 1 or name.endswith("ffn_gate_inp.weight") or qtype == gguf.GGMLQuantizationType.F32:
+        type_name = next((t for fragment, t in (tensor_types or {}).items() if fragment in name), tensor_type)
+        if w.ndim == 1 or name.endswith("ffn_gate_inp.weight") or type_name == "F32":
             writer.add_tensor(name, w)
         else:
-            writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+            writer.add_tensor(name, quantize_blocks(torch.from_numpy(w), type_name),
+                              raw_dtype=gguf.GGMLQuantizationType[type_name])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
