@@ -97,7 +97,7 @@ struct Vec {
   using reg = __m512;
   using mask = __mmask16;
   static constexpr int64_t W = 16;
-  static constexpr int64_t KB = 4;  // V accumulation: 4 query rows x KB column vectors in registers
+  static constexpr int64_t RB = 4, KB = 4;  // V accumulation: RB query rows x KB column vectors in registers
   template <typename T> static reg load(const T* p) { return load16(p); }
   template <typename T> static void store(T* p, reg x) { store16(p, round16<T>(x)); }
   static void store(int8_t* p, reg x) {  // x already integral
@@ -138,7 +138,7 @@ struct Vec {
   using reg = __m256;
   using mask = __m256;
   static constexpr int64_t W = 8;
-  static constexpr int64_t KB = 2;  // V accumulation: 4 query rows x KB column vectors in registers
+  static constexpr int64_t RB = 2, KB = 4;  // V accumulation: RB query rows x KB column vectors in registers
   template <typename T> static reg load(const T* p) { return load8(p); }
   template <typename T> static void store(T* p, reg x) { store8(p, round8<T>(x)); }
   static reg set1(float x) { return _mm256_set1_ps(x); }
@@ -217,7 +217,7 @@ template <int64_t D, typename scalar_t, typename cache_t>
 void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t* k_cache,
                   const cache_t* v_cache, const float* k_scale, const float* v_scale, const int64_t* table,
                   int64_t c0, int64_t c1, const HeadLayout& L, float scale, float* part, float* tmp) {
-  constexpr int64_t W = Vec::W, NC = D / W, RB = 4, KB = std::min(NC, Vec::KB);
+  constexpr int64_t W = Vec::W, NC = D / W, RB = Vec::RB, KB = std::min(NC, Vec::KB);
 #if defined(__AVX512BF16__)
   constexpr bool bf16_dots = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
                              D % 32 == 0;
@@ -291,7 +291,7 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
       for (int64_t k0 = 0; k0 < D; k0 += KB * W) {
         float *a = acc + r0 * D + k0, *c = corr + r0, *p = prob + r0 * W;
         const float* v = vt + k0;
-        switch (nr) {
+        switch (nr) {  // (nr <= RB <= 4)
           case 1: accumulate_v<1, KB, D>(a, c, p, v, most); break;
           case 2: accumulate_v<2, KB, D>(a, c, p, v, most); break;
           case 3: accumulate_v<3, KB, D>(a, c, p, v, most); break;
