@@ -12,14 +12,20 @@ from test_models_vs_hf import PROMPT
 PROMPTS = ["The capital of France is", "def add(a, b):", "Water boils at", "List three colors:"]
 
 
-@pytest.fixture(scope="module")
-def pair(bundled_model_path):
+def make_pair(path):
+    """A float-cache and an int8-cache LLM of the model at ``path``."""
     kw = dict(dtype="float32", kv_cache_memory="64MiB")
-    return LLM(str(bundled_model_path), **kw), LLM(str(bundled_model_path), kv_cache_dtype="int8", **kw)
+    return LLM(str(path), **kw), LLM(str(path), kv_cache_dtype="int8", **kw)
 
 
-def test_int8_cache_halves_memory(pair):
-    flt, q8 = pair
+@pytest.fixture
+def pair(isa, bundled_model_path):
+    """The pair at each ISA level in turn (built per test: the LLMs hold that level's native objects)."""
+    return make_pair(bundled_model_path)
+
+
+def test_int8_cache_halves_memory(bundled_model_path):
+    flt, q8 = make_pair(bundled_model_path)
     ratio = flt.engine.runner.kv_cache.bytes_per_block / q8.engine.runner.kv_cache.bytes_per_block
     assert ratio >= 1.8 * 2  # fp32 model: 4 bytes -> 1 byte + a 4-byte scale per 64 values
     assert q8.engine.runner.num_blocks > 3 * flt.engine.runner.num_blocks

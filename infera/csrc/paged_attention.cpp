@@ -15,6 +15,10 @@
 
 #if defined(__AVX512F__)
 #include "vec512.h"
+#define PA_VECTOR
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "vec256.h"
+#define PA_VECTOR
 #endif
 
 namespace {
@@ -82,79 +86,151 @@ void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, c
       for (int64_t d = 0; d < D; ++d) out[i * L.Hq * D + g * D + d] = static_cast<scalar_t>(acc[(i * G + g) * D + d]);
 }
 
-#if defined(__AVX512F__)
+#if defined(PA_VECTOR)
 using namespace infera_vec;
 
-// AVX-512 path for head sizes of 16 * NC (a K/V row is NC vectors of floats), split along the
-// context: positions go in chunks of CHUNK (at absolute positions), each (sequence, KV head, chunk)
-// an independent work item, so one long sequence still keeps every thread busy (flash-decoding).
-// An item runs an online softmax over tiles of 16 positions (the chunk's K/V rows prefetched into
-// L2 at its start): each query row's 16 scores are reduced together (sum16), and the row's running
-// max, sum and V accumulator are updated. The chunks' partial results are merged in chunk order. A query
-// row's arithmetic depends only on its position and the cache, never on the batch or on other
-// query rows, so decoding and speculative verification give bitwise the same rows. An int8 row's
-// scale multiplies its score (K) or its probability (V), not its elements.
+// This level's vector operations, W floats to a register. The vector paths below are written
+// once over them; AVX-512 and AVX2 results differ only where the lane count orders the
+// arithmetic (tiles of W positions, dot-product and lane sums), each deterministic.
+#if defined(__AVX512F__)
+struct Vec {
+  using reg = __m512;
+  using mask = __mmask16;
+  static constexpr int64_t W = 16;
+  static constexpr int64_t RB = 4, KB = 4;  // V accumulation: RB query rows x KB column vectors in registers
+  template <typename T> static reg load(const T* p) { return load16(p); }
+  template <typename T> static void store(T* p, reg x) { store16(p, round16<T>(x)); }
+  static void store(int8_t* p, reg x) {  // x already integral
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(x)));
+  }
+  static reg set1(float x) { return _mm512_set1_ps(x); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg abs(reg x) { return _mm512_abs_ps(x); }
+  static reg round(reg x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static reg exp(reg x) { return exp512(x); }
+  static float hsum(reg x) { return _mm512_reduce_add_ps(x); }
+  static float hmax(reg x) { return _mm512_reduce_max_ps(x); }
+  static mask first(int64_t n) { return first_lanes(n); }  // lanes [0, n)
+  static reg select(mask m, reg a, reg b) { return _mm512_mask_blend_ps(m, b, a); }  // a where m, else b
+
+  // The sums of v[0], ..., v[15] as one vector: interleave-and-add at 32 bits, 64 bits, then 128-bit lanes.
+  static reg sum(const reg* v) {
+    __m512 a[8], b[4];
+    for (int j = 0; j < 8; ++j)
+      a[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 4; ++j) {
+      const __m512d x = _mm512_castps_pd(a[2 * j]), y = _mm512_castps_pd(a[2 * j + 1]);
+      b[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }  // b[j] holds, in lane l, the lane-l partial sums of v[4j], ..., v[4j + 3]
+    const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x88), _mm512_shuffle_f32x4(c, d, 0xDD));
+  }
+};
+#else
+struct Vec {
+  using reg = __m256;
+  using mask = __m256;
+  static constexpr int64_t W = 8;
+  static constexpr int64_t RB = 2, KB = 4;  // V accumulation: RB query rows x KB column vectors in registers
+  template <typename T> static reg load(const T* p) { return load8(p); }
+  template <typename T> static void store(T* p, reg x) { store8(p, round8<T>(x)); }
+  static reg set1(float x) { return _mm256_set1_ps(x); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static reg abs(reg x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+  static reg round(reg x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static reg exp(reg x) { return exp256(x); }
+  static float hsum(reg x) { return hsum8(x); }
+  static float hmax(reg x) { return hmax8(x); }
+  static mask first(int64_t n) {  // lanes [0, n)
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  }
+  static reg select(mask m, reg a, reg b) { return _mm256_blendv_ps(b, a, m); }  // a where m, else b
+
+  // The sums of v[0], ..., v[7] as one vector: pairwise horizontal adds, then the 128-bit halves.
+  static reg sum(const reg* v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    // a: sums of v[0..3] over lanes 0-3, then over lanes 4-7; b: the same for v[4..7]
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+};
+#endif
+
+// The dtypes the vector paths load and store (not double).
+template <typename T>
+constexpr bool vector_dtype = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// Vector path for head sizes 16, 32, 64 and 128 (a K/V row is D / W vectors of floats), split along
+// the context: positions go in chunks of CHUNK (at absolute positions), each (sequence, KV head,
+// chunk) an independent work item, so one long sequence still keeps every thread busy
+// (flash-decoding). An item runs an online softmax over tiles of W positions (the chunk's K/V rows
+// prefetched into L2 at its start): each query row's W scores are reduced together (Vec::sum), and
+// the row's running max, sum and V accumulator are updated. The chunks' partial results are merged
+// in chunk order. A query row's arithmetic depends only on its position and the cache, never on
+// the batch or on other query rows, so decoding and speculative verification give bitwise the
+// same rows. An int8 row's scale multiplies its score (K) or its probability (V), not its elements.
 constexpr int64_t CHUNK = 128;
 
-// The sums of v[0], ..., v[15] as one vector: interleave-and-add at 32 bits, 64 bits, then 128-bit lanes.
-inline __m512 sum16(const __m512* v) {
-  __m512 a[8], b[4];
-  for (int j = 0; j < 8; ++j)
-    a[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
-  for (int j = 0; j < 4; ++j) {
-    const __m512d x = _mm512_castps_pd(a[2 * j]), y = _mm512_castps_pd(a[2 * j + 1]);
-    b[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }  // b[j] holds, in lane l, the lane-l partial sums of v[4j], ..., v[4j + 3]
-  const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
-  const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x88), _mm512_shuffle_f32x4(c, d, 0xDD));
-}
-
-// acc[j] = acc[j] * corr[j] + sum over i < most of p[j][i] * V row i, for NR query rows; p is 0 at
-// positions a row does not see (so adding them changes nothing), V rows are the float tile vt.
-template <int NR, int NC>
+// acc[j] = acc[j] * corr[j] + sum over i < most of p[j][i] * V row i, for NR query rows and the KB
+// column vectors acc and vt point at; p is 0 at positions a row does not see (so adding them
+// changes nothing), V rows are the float tile vt (D floats apart).
+template <int NR, int64_t KB, int64_t D>
 inline void accumulate_v(float* acc, const float* corr, const float* p, const float* vt, int64_t most) {
-  constexpr int64_t D = 16 * NC;
-  __m512 a[NR][NC];
+  constexpr int64_t W = Vec::W;
+  Vec::reg a[NR][KB];
   for (int j = 0; j < NR; ++j)
-    for (int k = 0; k < NC; ++k) a[j][k] = _mm512_mul_ps(_mm512_loadu_ps(acc + j * D + 16 * k), _mm512_set1_ps(corr[j]));
+    for (int k = 0; k < KB; ++k) a[j][k] = Vec::mul(Vec::load(acc + j * D + W * k), Vec::set1(corr[j]));
   for (int64_t i = 0; i < most; ++i) {
-    __m512 v[NC];
-    for (int k = 0; k < NC; ++k) v[k] = _mm512_load_ps(vt + i * D + 16 * k);
+    Vec::reg v[KB];
+    for (int k = 0; k < KB; ++k) v[k] = Vec::load(vt + i * D + W * k);
     for (int j = 0; j < NR; ++j) {
-      const __m512 pi = _mm512_set1_ps(p[j * 16 + i]);
-      for (int k = 0; k < NC; ++k) a[j][k] = _mm512_fmadd_ps(pi, v[k], a[j][k]);
+      const Vec::reg pi = Vec::set1(p[j * W + i]);
+      for (int k = 0; k < KB; ++k) a[j][k] = Vec::fmadd(pi, v[k], a[j][k]);
     }
   }
   for (int j = 0; j < NR; ++j)
-    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(acc + j * D + 16 * k, a[j][k]);
+    for (int k = 0; k < KB; ++k) Vec::store(acc + j * D + W * k, a[j][k]);
 }
 
 // Partial attention of `rows` query rows over cache positions [c0, c1); row r is query r / G (at
 // position first + r / G), head r % G, at q + (r / G) * Hq * D + (r % G) * D. Writes, per row,
 // the max score m, the sum l of e^(s - m) and acc = sum of e^(s - m) v, as
-// part = [m: rows][l: rows][acc: rows x D]. A bfloat16 cache's K rows are multiplied as they are
-// (AVX512-BF16 pair dot products: exact products, float sums); other caches' K rows are widened to
-// a float tile first. V rows are widened once per tile and accumulated into a few query rows at a
-// time, in registers (accumulate_v). `tmp` is scratch of at least rows * 17 floats.
-template <int NC, typename scalar_t, typename cache_t>
+// part = [m: rows][l: rows][acc: rows x D]. With AVX512-BF16, a bfloat16 cache's K rows are
+// multiplied as they are (pair dot products: exact products, float sums); otherwise K rows are
+// widened to a float tile first. V rows are widened once per tile and accumulated into a few query
+// rows at a time, in registers (accumulate_v). `tmp` is scratch of at least rows * (W + 1) floats.
+template <int64_t D, typename scalar_t, typename cache_t>
 void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t* k_cache,
                   const cache_t* v_cache, const float* k_scale, const float* v_scale, const int64_t* table,
                   int64_t c0, int64_t c1, const HeadLayout& L, float scale, float* part, float* tmp) {
-  constexpr int64_t D = 16 * NC, RB = NC <= 4 ? 4 : 2;  // RB rows' V accumulators fill 16 registers
+  constexpr int64_t W = Vec::W, NC = D / W, RB = Vec::RB, KB = std::min(NC, Vec::KB);
 #if defined(__AVX512BF16__)
   constexpr bool bf16_dots = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
-                             NC % 2 == 0;
+                             D % 32 == 0;
 #else
   constexpr bool bf16_dots = false;
 #endif
   float *m = part, *l = part + rows, *acc = part + 2 * rows;
   const int64_t G = L.G, Hq = L.Hq;
-  float *prob = tmp, *corr = tmp + rows * 16;  // per row: p * V scale [16], correction
+  float *prob = tmp, *corr = tmp + rows * W;  // per row: p * V scale [W], correction
   for (int64_t r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.f;
   std::fill(acc, acc + rows * D, 0.f);
-  alignas(64) float kt[bf16_dots ? 1 : 16 * D], vt[16 * D];
-  int64_t slots[16];  // this tile's cache slots
+  alignas(64) float kt[bf16_dots ? 1 : W * D], vt[W * D];
+  int64_t slots[W];  // this tile's cache slots
   auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
   auto qrow = [&](int64_t r) { return q + (r / G) * Hq * D + (r % G) * D; };
   // positions of the tile at t0 (n of them) that row r sees
@@ -165,25 +241,25 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
       _mm_prefetch(reinterpret_cast<const char*>(v_cache + slot(t) * L.row_stride) + b, _MM_HINT_T1);
     }
   }
-  for (int64_t t0 = c0; t0 < c1; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, c1 - t0);
+  for (int64_t t0 = c0; t0 < c1; t0 += W) {
+    const int64_t n = std::min(W, c1 - t0);
     for (int64_t i = 0; i < n; ++i) slots[i] = slot(t0 + i);
-    alignas(64) float ks[16], vs[16];
-    const cache_t* krow[16];
-    for (int64_t i = 0; i < 16; ++i) {
+    alignas(64) float ks[W], vs[W];
+    const cache_t* krow[W];
+    for (int64_t i = 0; i < W; ++i) {
       krow[i] = k_cache + (i < n ? slots[i] : slots[0]) * L.row_stride;  // (lanes past n are masked out)
       const cache_t* v = v_cache + slots[i < n ? i : 0] * L.row_stride;
-      for (int c = 0; c < NC; ++c) {
-        if constexpr (!bf16_dots) _mm512_store_ps(kt + i * D + 16 * c, load16(krow[i] + 16 * c));
-        if (i < n) _mm512_store_ps(vt + i * D + 16 * c, load16(v + 16 * c));
+      for (int64_t c = 0; c < NC; ++c) {
+        if constexpr (!bf16_dots) Vec::store(kt + i * D + W * c, Vec::load(krow[i] + W * c));
+        if (i < n) Vec::store(vt + i * D + W * c, Vec::load(v + W * c));
       }
       ks[i] = (i < n && k_scale ? k_scale[slots[i] * L.scale_stride] : 1.f) * scale;
       vs[i] = i < n && v_scale ? v_scale[slots[i] * L.scale_stride] : 1.f;
     }
     const int64_t r_first = std::max<int64_t>(0, t0 - first) * G;  // the rows that see position t0
     for (int64_t r = r_first; r < rows; ++r) {
-      const __mmask16 lanes = first_lanes(seen(r, t0, n));
-      __m512 dot[16];
+      const Vec::mask lanes = Vec::first(seen(r, t0, n));
+      Vec::reg dot[W];
       if constexpr (bf16_dots) {
 #if defined(__AVX512BF16__)
         __m512bh qv[NC / 2];
@@ -195,29 +271,32 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
         }
 #endif
       } else {
-        __m512 qv[NC];
-        for (int c = 0; c < NC; ++c) qv[c] = load16(qrow(r) + 16 * c);
-        for (int i = 0; i < 16; ++i) {
-          dot[i] = _mm512_mul_ps(qv[0], _mm512_load_ps(kt + i * D));
-          for (int c = 1; c < NC; ++c) dot[i] = _mm512_fmadd_ps(qv[c], _mm512_load_ps(kt + i * D + 16 * c), dot[i]);
+        Vec::reg qv[NC];
+        for (int c = 0; c < NC; ++c) qv[c] = Vec::load(qrow(r) + W * c);
+        for (int i = 0; i < W; ++i) {
+          dot[i] = Vec::mul(qv[0], Vec::load(kt + i * D));
+          for (int c = 1; c < NC; ++c) dot[i] = Vec::fmadd(qv[c], Vec::load(kt + i * D + W * c), dot[i]);
         }
       }
-      const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), lanes, sum16(dot), _mm512_load_ps(ks));
-      const float m_new = std::max(m[r], _mm512_reduce_max_ps(s));
-      corr[r] = std::exp(m[r] - m_new);  // 0 before the first tile
-      const __m512 e = _mm512_maskz_mov_ps(lanes, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
-      l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(e);
+      const Vec::reg s = Vec::select(lanes, Vec::mul(Vec::sum(dot), Vec::load(ks)), Vec::set1(-INFINITY));
+      const float m_new = std::max(m[r], Vec::hmax(s));
+      corr[r] = m_new == m[r] ? 1.f : std::exp(m[r] - m_new);  // 0 before the first tile
+      const Vec::reg e = Vec::select(lanes, Vec::exp(Vec::sub(s, Vec::set1(m_new))), Vec::set1(0.f));
+      l[r] = l[r] * corr[r] + Vec::hsum(e);
       m[r] = m_new;
-      _mm512_storeu_ps(prob + r * 16, _mm512_mul_ps(e, _mm512_load_ps(vs)));
+      Vec::store(prob + r * W, Vec::mul(e, Vec::load(vs)));
     }
     for (int64_t r0 = r_first; r0 < rows; r0 += RB) {
       const int64_t nr = std::min(RB, rows - r0), most = seen(r0 + nr - 1, t0, n);
-      float *a = acc + r0 * D, *c = corr + r0, *p = prob + r0 * 16;
-      switch (nr) {
-        case 1: accumulate_v<1, NC>(a, c, p, vt, most); break;
-        case 2: accumulate_v<2, NC>(a, c, p, vt, most); break;
-        case 3: accumulate_v<3, NC>(a, c, p, vt, most); break;
-        default: accumulate_v<4, NC>(a, c, p, vt, most); break;
+      for (int64_t k0 = 0; k0 < D; k0 += KB * W) {
+        float *a = acc + r0 * D + k0, *c = corr + r0, *p = prob + r0 * W;
+        const float* v = vt + k0;
+        switch (nr) {  // (nr <= RB <= 4)
+          case 1: accumulate_v<1, KB, D>(a, c, p, v, most); break;
+          case 2: accumulate_v<2, KB, D>(a, c, p, v, most); break;
+          case 3: accumulate_v<3, KB, D>(a, c, p, v, most); break;
+          default: accumulate_v<4, KB, D>(a, c, p, v, most); break;
+        }
       }
     }
   }
@@ -228,26 +307,55 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
 template <typename scalar_t>
 void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, const HeadLayout& L, scalar_t* out) {
   const int64_t D = L.D, stride = rows * (D + 2);
-  std::vector<float> num(D);
+  std::vector<float> w(nchunks);  // a row's chunk weights e^(m - top)
   for (int64_t r = 0; r < rows; ++r) {
     float top = -INFINITY;
     for (int64_t c = 0; c < nchunks; ++c)
       if (parts[c * stride + rows + r] > 0.f) top = std::max(top, parts[c * stride + r]);
     float den = 0.f;
-    std::fill(num.begin(), num.end(), 0.f);
     for (int64_t c = 0; c < nchunks; ++c) {
       const float* part = parts + c * stride;
-      if (part[rows + r] == 0.f) continue;
-      const float w = std::exp(part[r] - top);
-      den += w * part[rows + r];
-      const float* acc = part + 2 * rows + r * D;
-      for (int64_t d = 0; d < D; ++d) num[d] += w * acc[d];
+      w[c] = part[rows + r] > 0.f ? std::exp(part[r] - top) : 0.f;
+      den += w[c] * part[rows + r];
     }
     scalar_t* o = out + (r / L.G) * L.Hq * D + (r % L.G) * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(num[d] / den);
+    for (int64_t d = 0; d < D; d += Vec::W) {
+      Vec::reg num = Vec::set1(0.f);
+      for (int64_t c = 0; c < nchunks; ++c)
+        if (w[c] > 0.f) num = Vec::add(num, Vec::mul(Vec::set1(w[c]), Vec::load(parts + c * stride + 2 * rows + r * D + d)));
+      Vec::store(o + d, Vec::div(num, Vec::set1(den)));
+    }
   }
 }
 #endif
+
+// One head's K or V row as int8, dst = round(x / s) with s = max|x| / 127 (as quantize_int8, to the
+// bit: the same division and rounding, vectors and scalar tail alike); returns s.
+template <typename T>
+float quantize_row(const T* src, int64_t D, int8_t* dst) {
+  float amax = 0.f;
+  int64_t d = 0, whole = 0;  // [0, whole): vectors
+#if defined(PA_VECTOR)
+  if constexpr (vector_dtype<T>) {
+    whole = D - D % Vec::W;
+    Vec::reg m = Vec::set1(0.f);
+    for (; d < whole; d += Vec::W) m = Vec::max(m, Vec::abs(Vec::load(src + d)));
+    amax = Vec::hmax(m);
+  }
+#endif
+  for (; d < D; ++d) amax = std::max(amax, std::abs(static_cast<float>(src[d])));
+  const float s = std::max(amax, 1e-8f) / 127.f;
+#if defined(PA_VECTOR)
+  if constexpr (vector_dtype<T>) {
+    const Vec::reg vs = Vec::set1(s), lo = Vec::set1(-127.f), hi = Vec::set1(127.f);
+    for (d = 0; d < whole; d += Vec::W)
+      Vec::store(dst + d, Vec::min(Vec::max(Vec::round(Vec::div(Vec::load(src + d), vs)), lo), hi));
+  }
+#endif
+  for (d = whole; d < D; ++d)
+    dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(static_cast<float>(src[d]) / s), -127.f, 127.f));
+  return s;
+}
 
 }  // namespace
 
@@ -296,14 +404,14 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
       using cache_t = std::remove_pointer_t<decltype(kp)>;
       const scalar_t* qp = q.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-        decltype(&attend_chunk<1, scalar_t, cache_t>) chunk_fn = nullptr;
+#if defined(PA_VECTOR)
+      if constexpr (vector_dtype<scalar_t>) {
+        decltype(&attend_chunk<16, scalar_t, cache_t>) chunk_fn = nullptr;
         switch (D) {
-          case 16: chunk_fn = &attend_chunk<1, scalar_t, cache_t>; break;
-          case 32: chunk_fn = &attend_chunk<2, scalar_t, cache_t>; break;
-          case 64: chunk_fn = &attend_chunk<4, scalar_t, cache_t>; break;
-          case 128: chunk_fn = &attend_chunk<8, scalar_t, cache_t>; break;
+          case 16: chunk_fn = &attend_chunk<16, scalar_t, cache_t>; break;
+          case 32: chunk_fn = &attend_chunk<32, scalar_t, cache_t>; break;
+          case 64: chunk_fn = &attend_chunk<64, scalar_t, cache_t>; break;
+          case 128: chunk_fn = &attend_chunk<128, scalar_t, cache_t>; break;
           default: break;
         }
         if (chunk_fn) {
@@ -322,7 +430,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
               const int64_t s = std::upper_bound(item0.begin(), item0.end(), item) - item0.begin() - 1;
               const int64_t h = (item - item0[s]) / chunks[s], c = (item - item0[s]) % chunks[s];
               const int64_t nq = starts[s + 1] - starts[s], rows = nq * L.G;
-              tmp.resize(rows * 17);
+              tmp.resize(rows * (Vec::W + 1));
               chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, rows, lens[s] - nq, kp + h * D, vp + h * D,
                        ks ? ks + h : nullptr, vs ? vs + h : nullptr, tables + s * max_blocks, c * CHUNK,
                        std::min(lens[s], (c + 1) * CHUNK), L, static_cast<float>(scale),
@@ -395,14 +503,7 @@ void store_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v
         const scalar_t* src = x.data_ptr<scalar_t>() + i * x.stride(0);
         int8_t* dst = cache.data_ptr<int8_t>() + sp[i] * row;
         float* sc = scales.data_ptr<float>() + sp[i] * Hkv;
-        for (int64_t h = 0; h < Hkv; ++h, src += D, dst += D) {
-          float amax = 0.f;
-          for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(static_cast<float>(src[d])));
-          const float s = std::max(amax, 1e-8f) / 127.f;
-          sc[h] = s;
-          for (int64_t d = 0; d < D; ++d)
-            dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(static_cast<float>(src[d]) / s), -127.f, 127.f));
-        }
+        for (int64_t h = 0; h < Hkv; ++h) sc[h] = quantize_row(src + h * D, D, dst + h * D);
       };
       at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {

@@ -1,5 +1,5 @@
 // AVX2 helpers shared by the CPU kernels (x86-64-v3: AVX2, FMA, F16C): 8 values of any stored
-// dtype as floats, a vectorized e^x, bf16 rounding, a horizontal sum. The same names and numerics
+// dtype as floats, a vectorized e^x, bf16 rounding, horizontal sum and max. The same names and numerics
 // as vec512.h at half the width (exp256 gives exp512's values lane for lane). Included only where
 // __AVX2__ is defined.
 #pragma once
@@ -62,6 +62,19 @@ inline float hsum8(__m256 x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline void store8(int8_t* p, __m256 x) {  // x already integral, in [-128, 127]
+  const __m256i i = _mm256_cvtps_epi32(x);
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+}
+
+// The largest of the 8 lanes.
+inline float hmax8(__m256 x) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
 }  // namespace infera_vec
