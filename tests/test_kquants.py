@@ -16,6 +16,7 @@ import torch
 from infera.engine.llm_engine import LLMEngine
 from infera.loader.gguf_writer import write_gguf
 from infera.quant.gguf_blocks import GGUFTensor, block_layout, pack_blocks, quantize_blocks, to_native
+from infera.kernels import supported_levels
 from infera.quant.layout import kernels
 from conftest import engine_logits
 from test_models_vs_hf import PROMPT
@@ -79,6 +80,33 @@ def test_products_match_the_dequantized_weights(ext, isa, type_name):
         yb = packed.matmul(x.bfloat16(), bias)
         assert yb.dtype == torch.bfloat16
         assert (yb.float() - dense).abs().max().item() <= 0.03 * scale, f"{type_name} {isa} M={m} bf16"
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_avx2_matches_the_avx512_level_bitwise(type_name, monkeypatch):
+    """The AVX2 tile kernel (maddubs, the high bits shifted in, sub-scales in the AVX-512 kernel's
+    float op order) gives the bits of the avx512 level's (VNNI) at every batch size (the avx512
+    level: at the amx level, batches from AMX_MIN_ROWS take AMX in bf16)."""
+    levels = supported_levels()
+    if "avx2" not in levels or "avx512" not in levels:
+        pytest.skip("no avx512 level to compare the avx2 level with on this CPU")
+    g = torch.Generator().manual_seed(3)
+    n, k = 72, 768  # a ragged last tile (5 tiles: 2 + 2 + 1 at M = 1); 3 super-blocks
+    raw = torch.from_numpy(random_blocks(type_name, n, k, g))
+    bias = torch.randn(n, generator=g)
+    xs = {m: torch.randn(m, k, generator=g) for m in (1, 3, 5, 40)}
+
+    def outputs(level: str) -> dict[int, list[torch.Tensor]]:
+        monkeypatch.setenv("INFERA_CPU_ISA", level)  # (a packed weight holds its level's module)
+        if kernels() is None:
+            pytest.skip(f"the native kernels did not build at ISA level {level}")
+        packed = pack_blocks(raw, type_name, k, n)
+        return {m: [packed.matmul(x, b) for x in (x, x.bfloat16()) for b in (None, bias)] for m, x in xs.items()}
+
+    avx2, avx512 = outputs("avx2"), outputs("avx512")
+    for m, ys in avx2.items():
+        for i, (a, b) in enumerate(zip(ys, avx512[m])):
+            assert torch.equal(a, b), f"{type_name} M={m} output {i}: avx2 != avx512"
 
 
 def test_k_quant_gguf_model_runs_on_its_own_blocks(tiny_model, bundled_model_path, tmp_path):

@@ -2,16 +2,20 @@
 // A 64-byte vector of the layout is two 32-byte halves, rows 0-7 and rows 8-15 of the tile, and
 // vpdpbusd becomes maddubs (u8 x s8 products, pairs summed in int16) then madd with ones (pairs of
 // int16 summed in int32), which leaves the same integer in each lane:
-// - Q4 and T2 quants (<= 15) never saturate: a block adds its 16 products per int16 lane there
-//   (16 * 15 * 127 < 2^15) and widens them once;
+// - nibble quants never saturate maddubs (at most 63 * 127 * 2 < 2^15 a lane, with the high bits
+//   of Q5 and Q6, put above the nibbles by 16-bit shifts and a mask); the int16 lanes sum a group
+//   of nibble vectors before they widen: a whole block for Q4 and T2 (16 * 15 * 127 < 2^15), two
+//   vectors for Q5 (8 * 31 * 127) and Q6 (4 * 63 * 127 per accumulator of a half block);
 // - Q8 quants (u8 up to 255) would: they run as signed weights w = q - 128 (q xor 0x80),
 //   maddubs(|w|, x * sign(w)) (|w| <= 128, |x| <= 127), widened at every vector, the accumulator
 //   starting 128 * sum(x) higher.
-// The float epilogue is the AVX-512 kernel's op for op, so the two give bitwise identical results.
+// The float epilogue (fp16 scales times int8 sub-scales, one or two accumulators) is the AVX-512
+// kernel's op for op, so the two give bitwise identical results for every kind.
 #pragma once
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "quant_gemm.h"
@@ -32,26 +36,75 @@ inline __m256i bcast4(const int8_t* p) {
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
+// 8 int8 sub-scales (one per row of a half tile), in float
+inline __m256 int8x8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Bit `from` of each byte moved to bit `to` (16-bit shifts: the caller's mask drops the bits that
+// cross from the neighbouring byte)
+inline __m256i move_bits(__m256i v, int from, int to) {
+  return from <= to ? _mm256_slli_epi16(v, to - from) : _mm256_srli_epi16(v, from - to);
+}
+
+// The high bits of a Q5 or Q6 block (one or two vectors after its nibbles, see quant_gemm.cpp) put
+// above the nibbles of nibble vector p, as the AVX-512 kernel's rotations: Q5's bit p (low nibbles)
+// and 4 + p (high nibbles) to bit 4, Q6's bits 2p, 2p + 1 of each plane to bits 4, 5.
+template <int ENC>
+struct HighBits {
+  static constexpr int PLANES = ENC == Q6 ? 2 : 1;
+  const __m256i mask = _mm256_set1_epi8(ENC == Q6 ? 0x30 : 0x10);
+  // h: the half tile's block (its high-bit vectors at 256 and 320)
+  void add(const uint8_t* h, int p, __m256i& lo, __m256i& hi) const {
+    const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + 256));
+    const __m256i h1 = PLANES == 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + 320)) : h0;
+    lo = _mm256_or_si256(lo, _mm256_and_si256(move_bits(h0, ENC == Q6 ? 2 * p : p, 4), mask));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(move_bits(h1, ENC == Q6 ? 2 * p : 4 + p, 4), mask));
+  }
+};
+
+// How the integer sums of a block run: quants up to QMAX (unsigned), one or two int32 accumulators
+// (T2: the trits; SUB_HALF: values 0-15, 16-31), and maddubs results summed in int16 over GROUP
+// nibble vectors before they widen (QMAX * 127 * 2 per maddubs lane, int16 up to 32767: Q4 and T2 a
+// whole block, 5- and 6-bit quants two vectors).
+template <int ENC, int SUB>
+struct BlockSums {
+  static constexpr int QMAX = ENC == Q5 ? 31 : ENC == Q6 ? 63 : 15;
+  static constexpr bool TWO = ENC == T2 || SUB == SUB_HALF;
+  static constexpr int PER_VECTOR = SUB == SUB_HALF ? 1 : 2;  // maddubs into an accumulator per vector
+  static constexpr int GROUP = std::min(4, 32767 / (2 * QMAX * 127 * PER_VECTOR));
+  static_assert(GROUP > 0 && 4 % GROUP == 0, "int16 sums of a block");
+  // int32 accumulators (and int16 partial sums, if they outlive a block's end) per row of a half tile
+  static constexpr int REGS = ENC == Q8 ? 1 : (TWO ? 2 : 1) * (GROUP < 4 ? 2 : 1);
+};
+
 // One pass over all blocks for half H (0 or 1) of each of the NT tiles, or for both halves when
 // H == 2 (NH "half tiles" of 8 rows, each with MR accumulators in registers). The first halves
-// prefetch the tiles' next bytes, `ahead` further on.
-template <int ENC, int NT, int MR, int H>
+// prefetch the tiles' next bytes, `ahead` further on. The float epilogue is quant_tile_avx512.h's,
+// lane for lane.
+template <int ENC, int SUB, int NT, int MR, int H>
 inline void half_pass(const BlockLayout& L, const uint8_t* const* tiles, const Activations& A, int64_t m0,
                       int64_t ahead, float (&out)[NT][MR][TILE]) {
+  using S = BlockSums<ENC, SUB>;
   constexpr int NH = H == 2 ? 2 * NT : NT;
+  constexpr int64_t BLOCK = TILE * block_quant_bytes(ENC);  // a block's quants in a tile
+  constexpr bool HIGH = ENC == Q5 || ENC == Q6, HALVES = SUB == SUB_HALF;
   const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), ones = _mm256_set1_epi16(1);
-  const int64_t nb = L.nb, K = L.K, sg = L.sg, nsa = L.nsa, second = L.nsb * TILE;
+  const HighBits<ENC> high_bits;
+  const int64_t nb = L.nb, K = L.K, sg = L.sg, nsa = L.nsa, second = L.nsb * TILE, sub1 = nb * TILE;
   const bool has_min = L.has_min;
   const int8_t* q = A.q.data();
   const float *xd = A.d.data(), *xds = A.ds.data();
-  const int32_t *init = A.init.data(), *xsum = A.sum.data();
+  const int32_t *init = HALVES ? A.init_half.data() : A.init.data(), *xsum = A.sum.data();
   const uint8_t* wq[NH];   // half i's quants: the 32 bytes at 32 * h in each 64-byte vector
   const at::Half* sc[NH];  // its scale array 0 (8 rows at 8 * h); array 1 is `second` further
+  const int8_t* sub[NH];   // its sub-scales 0 (8 rows at 8 * h); sub-scales 1 are `sub1` further
   bool lead[NH];           // whether it is a first half (which prefetches)
   for (int i = 0; i < NH; ++i) {
     const int t = H == 2 ? i / 2 : i, h = H == 2 ? i % 2 : H;
     wq[i] = tiles[t] + 32 * h;
     sc[i] = reinterpret_cast<const at::Half*>(tiles[t] + L.tile_quant_bytes) + 8 * h;
+    sub[i] = reinterpret_cast<const int8_t*>(tiles[t] + L.tile_quant_bytes + L.tile_scale_bytes) + 8 * h;
     lead[i] = h == 0;
   }
   __m256 accf[NH][MR];
@@ -59,22 +112,21 @@ inline void half_pass(const BlockLayout& L, const uint8_t* const* tiles, const A
     for (int m = 0; m < MR; ++m) accf[i][m] = _mm256_setzero_ps();
   for (int64_t b = 0, sb = 0, in_group = 0; b < nb; ++b) {
     __m256i acc[NH][MR], acc2[NH][MR];
-    __m256i start[MR];
     const int8_t* xb[MR];
     for (int m = 0; m < MR; ++m) {
       const int64_t j = (m0 + m) * nb + b;
-      start[m] = _mm256_set1_epi32(ENC == Q8 ? init[j] + 128 * xsum[j] : init[j]);
+      const __m256i start = _mm256_set1_epi32(ENC == Q8 ? init[j] + 128 * xsum[j] : HALVES ? init[2 * j] : init[j]);
+      const __m256i start2 = HALVES ? _mm256_set1_epi32(init[2 * j + 1]) : start;
+      for (int i = 0; i < NH; ++i) acc[i][m] = start, acc2[i][m] = start2;
       xb[m] = q + (m0 + m) * K + b * 32;
     }
     if constexpr (ENC == Q8) {
-      for (int i = 0; i < NH; ++i)
-        for (int m = 0; m < MR; ++m) acc[i][m] = start[m];
       for (int k = 0; k < 8; ++k) {
         __m256i w[NH], aw[NH];
         for (int i = 0; i < NH; ++i) {
-          w[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[i] + b * 512 + k * 64)),
+          w[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[i] + b * BLOCK + k * 64)),
                                   _mm256_set1_epi8(char(0x80)));
-          if (lead[i]) prefetch(wq[i] + ahead + b * 512 + k * 64);
+          if (lead[i]) prefetch(wq[i] + ahead + b * BLOCK + k * 64);
           aw[i] = _mm256_abs_epi8(w[i]);
         }
         for (int m = 0; m < MR; ++m) {
@@ -86,37 +138,52 @@ inline void half_pass(const BlockLayout& L, const uint8_t* const* tiles, const A
         }
       }
     } else {
-      for (int i = 0; i < NH; ++i)
-        for (int m = 0; m < MR; ++m) acc[i][m] = acc2[i][m] = _mm256_setzero_si256();  // int16 sums
-      for (int p = 0; p < 4; ++p) {
-        __m256i lo[NH], hi[NH];
+      if constexpr (HIGH) {
         for (int i = 0; i < NH; ++i) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[i] + b * 256 + p * 64));
-          if (lead[i]) prefetch(wq[i] + ahead + b * 256 + p * 64);
-          lo[i] = _mm256_and_si256(v, low4);
-          hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        }
-        for (int m = 0; m < MR; ++m) {
-          const __m256i xa = bcast4(xb[m] + 4 * p), xc = bcast4(xb[m] + 16 + 4 * p);
-          for (int i = 0; i < NH; ++i) {
-            if constexpr (ENC == Q4) {
-              acc[i][m] = _mm256_add_epi16(acc[i][m], _mm256_add_epi16(_mm256_maddubs_epi16(lo[i], xa),
-                                                                       _mm256_maddubs_epi16(hi[i], xc)));
-            } else {
-              auto trits = [&](__m256i a, __m256i c) {  // (16-bit shifts carry the next byte's bits in: mask)
-                return _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(a, low2), xa),
-                                        _mm256_maddubs_epi16(_mm256_and_si256(c, low2), xc));
-              };
-              acc[i][m] = _mm256_add_epi16(acc[i][m], trits(lo[i], hi[i]));
-              acc2[i][m] = _mm256_add_epi16(acc2[i][m], trits(_mm256_srli_epi16(lo[i], 2), _mm256_srli_epi16(hi[i], 2)));
-            }
+          if (lead[i]) {
+            for (int j = 0; j < HighBits<ENC>::PLANES; ++j) prefetch(wq[i] + ahead + b * BLOCK + 256 + j * 64);
           }
         }
       }
-      for (int i = 0; i < NH; ++i) {
-        for (int m = 0; m < MR; ++m) {
-          acc[i][m] = _mm256_add_epi32(start[m], _mm256_madd_epi16(acc[i][m], ones));
-          if constexpr (ENC == T2) acc2[i][m] = _mm256_add_epi32(start[m], _mm256_madd_epi16(acc2[i][m], ones));
+      for (int p0 = 0; p0 < 4; p0 += S::GROUP) {
+        __m256i part[NH][MR], part2[NH][MR];  // int16 sums of the group's vectors
+        for (int i = 0; i < NH; ++i)
+          for (int m = 0; m < MR; ++m) part[i][m] = part2[i][m] = _mm256_setzero_si256();
+        for (int p = p0; p < p0 + S::GROUP; ++p) {
+          __m256i lo[NH], hi[NH];
+          for (int i = 0; i < NH; ++i) {
+            const uint8_t* block = wq[i] + b * BLOCK;
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + p * 64));
+            if (lead[i]) prefetch(block + ahead + p * 64);
+            lo[i] = _mm256_and_si256(v, low4);
+            hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            if constexpr (HIGH) high_bits.add(block, p, lo[i], hi[i]);
+          }
+          for (int m = 0; m < MR; ++m) {
+            const __m256i xa = bcast4(xb[m] + 4 * p), xc = bcast4(xb[m] + 16 + 4 * p);
+            for (int i = 0; i < NH; ++i) {
+              if constexpr (ENC == T2) {
+                auto trits = [&](__m256i a, __m256i c) {  // (16-bit shifts carry the next byte's bits in: mask)
+                  return _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(a, low2), xa),
+                                          _mm256_maddubs_epi16(_mm256_and_si256(c, low2), xc));
+                };
+                part[i][m] = _mm256_add_epi16(part[i][m], trits(lo[i], hi[i]));
+                part2[i][m] = _mm256_add_epi16(part2[i][m], trits(_mm256_srli_epi16(lo[i], 2), _mm256_srli_epi16(hi[i], 2)));
+              } else if constexpr (HALVES) {
+                part[i][m] = _mm256_add_epi16(part[i][m], _mm256_maddubs_epi16(lo[i], xa));
+                part2[i][m] = _mm256_add_epi16(part2[i][m], _mm256_maddubs_epi16(hi[i], xc));
+              } else {
+                part[i][m] = _mm256_add_epi16(part[i][m], _mm256_add_epi16(_mm256_maddubs_epi16(lo[i], xa),
+                                                                           _mm256_maddubs_epi16(hi[i], xc)));
+              }
+            }
+          }
+        }
+        for (int i = 0; i < NH; ++i) {
+          for (int m = 0; m < MR; ++m) {
+            acc[i][m] = _mm256_add_epi32(acc[i][m], _mm256_madd_epi16(part[i][m], ones));
+            if constexpr (S::TWO) acc2[i][m] = _mm256_add_epi32(acc2[i][m], _mm256_madd_epi16(part2[i][m], ones));
+          }
         }
       }
     }
@@ -126,14 +193,25 @@ inline void half_pass(const BlockLayout& L, const uint8_t* const* tiles, const A
         prefetch(reinterpret_cast<const uint8_t*>(s0) + ahead);
         if (nsa > 1) prefetch(reinterpret_cast<const uint8_t*>(s0 + second) + ahead);
       }
-      const __m256 d0 = nsa > 0 ? half8(s0) : _mm256_set1_ps(1.f);
-      const __m256 d1 = nsa > 1 ? half8(s0 + second) : _mm256_setzero_ps();
+      __m256 d0 = nsa > 0 ? half8(s0) : _mm256_set1_ps(1.f);
+      __m256 d1 = nsa > 1 ? half8(s0 + second) : _mm256_setzero_ps();
+      __m256 d0_hi = d0;  // the scale of values 16-31 (HALVES)
+      if constexpr (SUB != SUB_NONE) {
+        const int8_t* s = sub[i] + b * TILE;
+        if (lead[i] && b % 4 == 0) prefetch(s + ahead), prefetch(s + sub1 + ahead);
+        if constexpr (HALVES) d0_hi = _mm256_mul_ps(d0, int8x8(s + sub1));
+        else if (nsa > 1) d1 = _mm256_mul_ps(d1, int8x8(s + sub1));
+        d0 = _mm256_mul_ps(d0, int8x8(s));
+      }
       for (int m = 0; m < MR; ++m) {
         const __m256 dx = _mm256_set1_ps(xd[(m0 + m) * nb + b]);
         accf[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][m]), _mm256_mul_ps(d0, dx), accf[i][m]);
         if constexpr (ENC == T2) {
           accf[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc2[i][m]), _mm256_mul_ps(d1, dx), accf[i][m]);
         } else {
+          if constexpr (HALVES) {
+            accf[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc2[i][m]), _mm256_mul_ps(d0_hi, dx), accf[i][m]);
+          }
           if (has_min) accf[i][m] = _mm256_fmadd_ps(d1, _mm256_set1_ps(xds[(m0 + m) * nb + b]), accf[i][m]);
         }
       }
@@ -149,17 +227,16 @@ inline void half_pass(const BlockLayout& L, const uint8_t* const* tiles, const A
 // out[t][m][r]: row r of tile t times activation row m0 + m, over all blocks. Both halves of the
 // tiles in one pass when their accumulators fit the 16 registers, else one pass per half (the
 // second reads the tiles from cache; rows are independent, so the sums are the same).
-// The kinds this kernel runs (the others take quant_gemm.cpp's rows path).
-constexpr bool tile_kernel_has(int64_t enc, int64_t sub) { return sub == SUB_NONE && enc <= T2; }
+constexpr bool tile_kernel_has(int64_t, int64_t) { return true; }  // every kind of INFERA_BLOCK_KINDS
 
 template <int ENC, int SUB, int NT, int MR>
 inline void tile_kernel(const BlockLayout& L, const uint8_t* const* tiles, const Activations& A, int64_t m0,
                         int64_t ahead, float (&out)[NT][MR][TILE]) {
-  if constexpr (2 * NT * MR * (ENC == T2 ? 2 : 1) <= 4) {
-    half_pass<ENC, NT, MR, 2>(L, tiles, A, m0, ahead, out);
+  if constexpr (2 * NT * MR * BlockSums<ENC, SUB>::REGS <= 4) {
+    half_pass<ENC, SUB, NT, MR, 2>(L, tiles, A, m0, ahead, out);
   } else {
-    half_pass<ENC, NT, MR, 0>(L, tiles, A, m0, ahead, out);
-    half_pass<ENC, NT, MR, 1>(L, tiles, A, m0, ahead, out);
+    half_pass<ENC, SUB, NT, MR, 0>(L, tiles, A, m0, ahead, out);
+    half_pass<ENC, SUB, NT, MR, 1>(L, tiles, A, m0, ahead, out);
   }
 }
 
