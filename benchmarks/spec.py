@@ -1,7 +1,8 @@
 """Speculative decoding: decode tok/s with each proposer against plain decoding, in one run.
 
 Tasks: (a) input-grounded (rewrite or summarize a given passage, edit a given code file: passages
-from the pydoc topics, code from the standard library) and (b) open chat.  Each task set runs
+from the pydoc topics, code from the standard library), (b) code editing (rewrite a given function
+with a small change) and (c) open chat.  Each task set runs
 single-stream (one request at a time) and as a batch of 16, greedy, stopping at EOS (the outputs
 of every configuration must be the same tokens: speculation is lossless).  Decode tok/s counts the
 tokens generated after each request's first token.  Peer: llama.cpp (llama-cpp-python) single
@@ -25,6 +26,7 @@ import infera  # noqa: E402,F401  (before torch: it sets the OpenMP spin count)
 from benchmarks.common import have, machine, save_json  # noqa: E402
 from infera import LLM, SamplingParams  # noqa: E402
 from infera.loader.model_loader import default_model_path  # noqa: E402
+from infera.loader.model_store import resolve  # noqa: E402
 
 TOPICS = ["assert", "break", "del", "pass", "return", "while", "global", "import", "raise", "with",
           "for", "if", "try", "lambda", "continue", "yield"]
@@ -78,6 +80,16 @@ def grounded_messages(n: int) -> list[str]:
             out.append(f"Add a docstring and comments to this Python function and return the whole function:\n\n"
                        f"```python\n{code_file(i)}```")
     return out
+
+
+EDITS = ["rename its first parameter to `value`", "add type hints to its signature",
+         "replace its docstring with a one-line summary", "rename the function with a `_v2` suffix"]
+
+
+def code_edit_messages(n: int) -> list[str]:
+    """Code editing: rewrite a given function with a small change (the output mostly copies the input)."""
+    return [f"Rewrite this Python function so that you {EDITS[i % len(EDITS)]}; return the whole function:\n\n"
+            f"```python\n{code_file(i)}```" for i in range(n)]
 
 
 def run(llm: LLM, prompts: list[list[int]], max_tokens: int, batch: int) -> dict:
@@ -156,22 +168,26 @@ def table(title: str, results: dict[str, dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="GGUF file or model dir (default: the bundled SmolLM2-135M Q4_1)")
+    parser.add_argument("--model", default=None, help="GGUF file, model dir or `infera models` name (default: the bundled SmolLM2-135M Q4_1)")
     parser.add_argument("--methods", default="ngram,recycle,self", help="comma-separated proposers")
     parser.add_argument("--draft", default=None, help="also run draft:PATH with this draft model")
+    parser.add_argument("--tasks", default="input-grounded,code editing,open chat",
+                        help="comma-separated task sets: input-grounded, code editing, open chat")
     parser.add_argument("--quick", action="store_true", help="a short run: fewer prompts and tokens")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement, interleaved; best kept")
     parser.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = parser.parse_args()
 
-    gguf = Path(args.model) if args.model else default_model_path()
+    gguf = resolve(args.model) if args.model else default_model_path()
     methods = [m for m in args.methods.split(",") if m] + ([f"draft:{args.draft}"] if args.draft else [])
     single_n, batch_n, max_tokens = (3, 16, 64) if args.quick else (6, 16, 160)
     engines = {"plain": LLM(str(gguf), kv_cache_memory="512MiB")}
     for m in methods:
         engines[m] = LLM(str(gguf), kv_cache_memory="512MiB", speculative=m)
     tok = engines["plain"].tokenizer
-    tasks = {"input-grounded": grounded_messages(batch_n), "open chat": OPEN_CHAT[:batch_n]}
+    tasks = {"input-grounded": grounded_messages(batch_n), "code editing": code_edit_messages(batch_n),
+             "open chat": OPEN_CHAT[:batch_n]}
+    tasks = {k: v for k, v in tasks.items() if k in args.tasks.split(",")}
     print(f"machine: {machine()}\nmodel: {gguf.name}; up to {max_tokens} tokens per request, greedy, EOS stops\n")
     for llm in engines.values():  # warm-up
         llm.generate("Hello", SamplingParams(max_tokens=4), use_tqdm=False)
