@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--draft", default=None, help="also run draft:PATH with this draft model")
     parser.add_argument("--tasks", default="input-grounded,code editing,open chat",
                         help="comma-separated task sets: input-grounded, code editing, open chat")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None, help="draft length (default: the engine's)")
     parser.add_argument("--quick", action="store_true", help="a short run: fewer prompts and tokens")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement, interleaved; best kept")
     parser.add_argument("--json", default=None, help="write all figures to this JSON file")
@@ -183,7 +184,8 @@ def main() -> None:
     single_n, batch_n, max_tokens = (3, 16, 64) if args.quick else (6, 16, 160)
     engines = {"plain": LLM(str(gguf), kv_cache_memory="512MiB")}
     for m in methods:
-        engines[m] = LLM(str(gguf), kv_cache_memory="512MiB", speculative=m)
+        engines[m] = LLM(str(gguf), kv_cache_memory="512MiB", speculative=m,
+                         **({"num_speculative_tokens": args.num_speculative_tokens} if args.num_speculative_tokens else {}))
     tok = engines["plain"].tokenizer
     tasks = {"input-grounded": grounded_messages(batch_n), "code editing": code_edit_messages(batch_n),
              "open chat": OPEN_CHAT[:batch_n]}
