@@ -242,6 +242,10 @@ class AsyncLLMEngine:
             self.engine.add_request(op.prompt, op.params, op.request_id)
         except (ValueError, QueueFullError) as e:
             error = e
+        except Exception as e:  # noqa: BLE001 - whatever one request causes ends that request, not the thread
+            logger.exception("request %s could not be queued", op.request_id)
+            self.engine.abort_request(op.request_id)
+            error = ValueError(f"the request could not be accepted ({type(e).__name__}: {e})")
         self._loop.call_soon_threadsafe(_settle, op.accepted, error)
         return True
 

@@ -33,6 +33,8 @@ def constraint_key(params: StructuredOutputParams) -> tuple[str, str]:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise ValueError(f"structured output json: the schema is not valid JSON ({e})") from None
+            except RecursionError:
+                raise ValueError("structured output json: the schema is nested too deeply") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"structured output json: the schema must be a JSON object, got {type(schema).__name__}")
         return "json", json.dumps(schema, separators=(",", ":"))  # key order matters: it is the output order
