@@ -27,7 +27,8 @@ def parse_size(value: str | int) -> int:
 @dataclass
 class EngineConfig:
     """Everything the engine decides from. ``dtype='auto'`` picks bfloat16 where the hardware
-    computes it fast (CUDA, or a CPU whose ISA level (``INFERA_CPU_ISA``) has AVX512-BF16 or AMX) and float32 elsewhere.
+    computes it fast (CUDA, or a CPU ISA level with AVX512-BF16 or AMX, see :mod:`infera.kernels`)
+    and float32 elsewhere.
     ``quantization`` (a method of :mod:`infera.quant`) quantizes the weights at load; with None, a
     GGUF model runs on its own quantized tensors when ``dtype`` is auto (on CPU) and is dequantized
     to an explicit ``dtype``. ``kv_cache_memory`` None means 2 GiB on CPU and, on CUDA, what
