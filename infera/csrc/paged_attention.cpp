@@ -13,11 +13,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include "vec512.h"
-#define PA_VECTOR
-#elif defined(__AVX2__) && defined(__FMA__)
-#include "vec256.h"
+#include "vec.h"
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define PA_VECTOR
 #endif
 
@@ -169,10 +167,6 @@ struct Vec {
   }
 };
 #endif
-
-// The dtypes the vector paths load and store (not double).
-template <typename T>
-constexpr bool vector_dtype = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
 // Vector path for head sizes 16, 32, 64 and 128 (a K/V row is D / W vectors of floats), split along
 // the context: positions go in chunks of CHUNK (at absolute positions), each (sequence, KV head,
@@ -336,7 +330,7 @@ float quantize_row(const T* src, int64_t D, int8_t* dst) {
   float amax = 0.f;
   int64_t d = 0, whole = 0;  // [0, whole): vectors
 #if defined(PA_VECTOR)
-  if constexpr (vector_dtype<T>) {
+  if constexpr (lanes::loads<T>) {
     whole = D - D % Vec::W;
     Vec::reg m = Vec::set1(0.f);
     for (; d < whole; d += Vec::W) m = Vec::max(m, Vec::abs(Vec::load(src + d)));
@@ -346,7 +340,7 @@ float quantize_row(const T* src, int64_t D, int8_t* dst) {
   for (; d < D; ++d) amax = std::max(amax, std::abs(static_cast<float>(src[d])));
   const float s = std::max(amax, 1e-8f) / 127.f;
 #if defined(PA_VECTOR)
-  if constexpr (vector_dtype<T>) {
+  if constexpr (lanes::loads<T>) {
     const Vec::reg vs = Vec::set1(s), lo = Vec::set1(-127.f), hi = Vec::set1(127.f);
     for (d = 0; d < whole; d += Vec::W)
       Vec::store(dst + d, Vec::min(Vec::max(Vec::round(Vec::div(Vec::load(src + d), vs)), lo), hi));
@@ -405,7 +399,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
       const scalar_t* qp = q.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
 #if defined(PA_VECTOR)
-      if constexpr (vector_dtype<scalar_t>) {
+      if constexpr (lanes::loads<scalar_t>) {
         decltype(&attend_chunk<16, scalar_t, cache_t>) chunk_fn = nullptr;
         switch (D) {
           case 16: chunk_fn = &attend_chunk<16, scalar_t, cache_t>; break;
