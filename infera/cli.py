@@ -301,7 +301,29 @@ def _serve(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on the API; None: $INFERA_API_KEY if set, else no key")
     g.add_argument("--served-model-name", default=None, help="the model's name in the API; None: the model file's stem")
     g.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="answer 503 to new requests while this many wait for the engine")
+                   help="answer 503 to new requests while this many sequences (and scaling searches) wait for "
+                        "the engine")
+    g = p.add_argument_group("request limits and trust")
+    g.add_argument("--max-tokens-default", type=int, default=None,
+                   help="max_tokens of a request that gives none (default: the rest of the context, as vLLM)")
+    g.add_argument("--max-tokens-limit", type=int, default=None, help="refuse requests asking for more tokens (400)")
+    g.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may run from arrival; then it ends with a 408 (0: no limit; default 600)")
+    g.add_argument("--max-request-body-bytes", type=int, default=16 * 2**20,
+                   help="refuse larger request bodies with a 413 (default 16 MiB)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, seconds running requests get to finish before they end with an error "
+                        "(default 30)")
+    g.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header names to answer (* = any); default: loopback names when serving on loopback "
+                        "without an API key (a defence against DNS rebinding), else any")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own `chat_template` (rendered sandboxed, time-limited)")
+    g.add_argument("--chat-template-timeout", type=float, default=5.0,
+                   help="seconds a chat template may take to render (default 5)")
+    g.add_argument("--reward-model", action="append", default=None, metavar="NAME=PATH",
+                   help="a PRM/ORM directory that scaling requests may use as reward `model:NAME` (repeatable); "
+                        "requests never name paths")
     add_engine_args(p)
     p.set_defaults(run=run_serve)
 

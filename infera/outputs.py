@@ -1,7 +1,7 @@
 """What the engine returns for a request (shapes follow vLLM's RequestOutput)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from infera.layers.sampler import TokenLogprobs
 
@@ -39,7 +39,7 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     metrics: RequestMetrics | None = None
-    extra: dict = field(default_factory=dict)
+    error: str | None = None  # set when handling this request failed; it was aborted
 
     @property
     def num_generated_tokens(self) -> int:

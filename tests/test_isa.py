@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
 from infera import kernels
+from infera.kernels import build_lock, cpu_isa
 from infera.config import EngineConfig
 
 AVX2_ONLY = frozenset("fpu sse2 avx avx2 fma f16c bmi2".split())  # a Zen 3's flags, in short
@@ -45,3 +50,43 @@ def test_bf16_levels_default_to_bfloat16(monkeypatch):
 def test_each_module_reports_its_level(ext, isa):
     assert ext.ISA == {"none": "scalar", "avx2": "AVX2+FMA+F16C", "avx512": "AVX-512 VNNI BF16",
                        "amx": "AVX-512 VNNI BF16 AMX"}[isa]
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_start():
+    """torch waits forever on the lock file a killed build leaves; loading clears it instead."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = Path(_get_build_directory(f"infera_cpu_{cpu_isa()}", verbose=False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    (build_dir / "lock").touch()
+    code = "from infera.kernels import load_cpu_extension; assert load_cpu_extension() is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+    assert not (build_dir / "lock").exists()
+
+
+def test_builders_take_turns(tmp_path):
+    events: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with build_lock(tmp_path):
+            events.append("first in")
+            holding.set()
+            release.wait(30)
+            events.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert holding.wait(30)
+    def enter_second() -> None:
+        with build_lock(tmp_path):
+            events.append("second in")
+
+    second = threading.Thread(target=enter_second)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and events == ["first in"]  # the second builder waits for the first
+    release.set()
+    thread.join(30)
+    second.join(30)
+    assert events == ["first in", "first out", "second in"]

@@ -21,7 +21,7 @@ OPTIONS = {"step_max_tokens": 3, "max_tokens": 9}
 @pytest.fixture(scope="module")
 def server(tiny_model) -> Iterator[Server]:
     engine = LLMEngine(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="64MiB")
-    app = build_app(AsyncLLMEngine(engine), MODEL, model_path=engine.model_path)
+    app = build_app(AsyncLLMEngine(engine), MODEL)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -73,7 +73,7 @@ def test_scaling_beside_plain_requests(server):
     ({"method": "mcts", "budget": 4}, "unknown scaling method 'mcts'"),
     ({"method": "best_of_n", "budget": 0}, "scaling.budget"),
     ({"method": "best_of_n", "budget": 4, "reward": "oracle"}, "unknown reward source 'oracle'"),
-    ({"method": "best_of_n", "budget": 4, "reward": "model:/nonexistent/prm"}, "cannot load the reward model"),
+    ({"method": "best_of_n", "budget": 4, "reward": "model:/etc"}, "is not served here"),
     ({"method": "best_of_n", "budget": 4}, "best_of_n needs a reward"),
     ({"method": "beam_search", "budget": 4, "reward": "arithmetic", "beam_width": 9, **OPTIONS}, "beam_width"),
     ({"method": "beam_search", "budget": 4, "reward": "arithmetic", "beam_widht": 2}, "unknown option"),

@@ -61,7 +61,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tiny_model) -> Iterator[Server]:
     engine = LLMEngine(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="64MiB")
-    app = build_app(AsyncLLMEngine(engine), MODEL, model_path=engine.model_path)
+    app = build_app(AsyncLLMEngine(engine), MODEL)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

@@ -60,7 +60,16 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestFailedError(RuntimeError):
-    """An engine step failed while this request was in it; the request was aborted."""
+    """Handling this request failed and it was aborted: ``status`` 400 when the failure was its
+    own (the engine attributed it), 500 when the whole step failed."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+# Engine steps that may fail in a row before the engine calls itself unhealthy (/health: 503).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass
@@ -134,6 +143,8 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._stats = self._read_stats()
         self.error: BaseException | None = None
+        self.step_failures = 0  # in a row
+        self.draining = False  # shutting down: no new requests
 
     # -- event-loop side ------------------------------------------------------------------
     def start(self) -> None:
@@ -155,6 +166,11 @@ class AsyncLLMEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     @property
+    def num_requests(self) -> int:
+        """Requests with an open stream."""
+        return len(self._streams)
+
+    @property
     def stats(self) -> dict[str, float]:
         """The engine's stats as of its last step, plus prompt/generation token counters."""
         return self._stats
@@ -165,6 +181,8 @@ class AsyncLLMEngine:
         EngineDeadError before any output, so the caller can answer with an error status."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running ({self.error or 'not started'})")
+        if self.draining:
+            raise EngineDeadError("the server is shutting down; retry on another replica or after the restart")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, self)
@@ -180,6 +198,12 @@ class AsyncLLMEngine:
             raise
         return stream
 
+    def fail_all(self, error: BaseException) -> None:
+        """End every request now with ``error`` (their streams raise it) and abort them (event loop only)."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        self._fail(None, error)
+
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, reentrant: callable from ``__del__``)."""
         self._ops.put(_Abort(request_id))
@@ -188,7 +212,9 @@ class AsyncLLMEngine:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream.queue.put_nowait(out)
+                failed = out.error is not None
+                stream.queue.put_nowait(RequestFailedError(f"the request failed ({out.error})", 400) if failed
+                                        else out)
 
     def _fail(self, request_ids: list[str] | None, error: BaseException) -> None:
         for rid in list(self._streams) if request_ids is None else request_ids:
@@ -252,13 +278,23 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving the rest
-            logger.exception("engine step failed; aborting the running requests")
-            failed = list(self.engine.requests)
+        except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving the others
+            self.step_failures += 1
+            unhealthy = self.step_failures >= MAX_CONSECUTIVE_STEP_FAILURES
+            # the step's requests; all of them once the engine gives up (so that nothing waits forever)
+            failed = sorted(self.engine.requests if unhealthy
+                            else {seq.request_id for seq in self.engine.scheduler.running})
+            logger.exception("engine step failed (%d in a row); aborting %d requests", self.step_failures,
+                             len(failed))
             for rid in failed:
                 self.engine.abort_request(rid)
             self._loop.call_soon_threadsafe(self._fail, failed, RequestFailedError(f"engine step failed: {e}"))
+            if unhealthy:
+                self.error = RuntimeError(f"{self.step_failures} engine steps failed in a row; last: "
+                                          f"{type(e).__name__}: {e}")
+                logger.error("the engine is unhealthy: %s", self.error)
             return
+        self.step_failures = 0
         for out in outputs:  # the engine keeps appending to these lists: hand over copies
             for c in out.outputs:
                 if c.logprobs is not None:

@@ -242,36 +242,25 @@ class LLMEngine:
             self.spec.step_done(batch, time.perf_counter() - started)
         now = time.monotonic()
         touched: dict[str, Request] = {}
+        failed: dict[str, Exception] = {}
         for seq, n, out in zip(batch.seqs, batch.num_new_tokens, results):
-            req = self.requests[seq.request_id]
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-                req.metrics.num_cached_tokens = seq.num_cached_tokens
-            draft = seq.spec_token_ids
-            seq.clear_drafts()
-            self.block_manager.commit(seq, n - len(draft))  # the drafts' KV counts once they are accepted
-            computed_prompt = max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens + n))
-            self.num_prompt_tokens += computed_prompt
-            req.num_computed_prompt_tokens += computed_prompt
-            if out.prompt_logprobs:
-                req.prompt_logprobs.extend(out.prompt_logprobs)
-            if out.token_id is not None:
-                last = seq.token_ids[-1]
-                self.num_generated_tokens += self._append_tokens(seq, draft, out)
-                if self.spec is not None:
-                    self.spec.verified(seq, [last, *draft[:out.num_accepted]], draft, out)
-                if seq.finish_reason is not None and req.retain:
-                    self.scheduler.running.remove(seq)  # finished, but its blocks stay (see release)
-                    seq.status = SequenceStatus.FINISHED
-                elif seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                req.metrics.first_token_time = req.metrics.first_token_time or now
-                req.metrics.last_token_time = now
-                touched[req.request_id] = req
-            if seq.hold_last_token and seq.num_computed_tokens == seq.compute_target:
-                seq.hold_last_token = False
-                req.seqs += [self.fork(seq, i) for i in range(1, req.params.n)]
+            req = self.requests.get(seq.request_id)
+            if req is None or req.request_id in failed:
+                continue
+            try:
+                if self._update(req, seq, n, out, now):
+                    touched[req.request_id] = req
+            except Exception as e:  # noqa: BLE001 - one request's failure ends that request only
+                logger.exception("request %s failed in a step; aborting it", req.request_id)
+                failed[req.request_id] = e
         outputs = []
+        for rid, error in failed.items():
+            req = self.requests[rid]
+            self.abort_request(rid)
+            touched.pop(rid, None)
+            out = self.make_output(req)
+            out.error = f"{type(error).__name__}: {error}"
+            outputs.append(out)
         for req in touched.values():
             if req.finished:
                 req.metrics.finished_time = now
@@ -282,6 +271,36 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
         return outputs
+
+    def _update(self, req: Request, seq: Sequence, n: int, out: StepOutput, now: float) -> bool:
+        """Account one scheduled sequence's step; True if it generated tokens."""
+        if req.metrics.first_scheduled_time is None:
+            req.metrics.first_scheduled_time = now
+            req.metrics.num_cached_tokens = seq.num_cached_tokens
+        draft = seq.spec_token_ids
+        seq.clear_drafts()
+        self.block_manager.commit(seq, n - len(draft))  # the drafts' KV counts once they are accepted
+        computed_prompt = max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens + n))
+        self.num_prompt_tokens += computed_prompt
+        req.num_computed_prompt_tokens += computed_prompt
+        if out.prompt_logprobs:
+            req.prompt_logprobs.extend(out.prompt_logprobs)
+        if out.token_id is not None:
+            last = seq.token_ids[-1]
+            self.num_generated_tokens += self._append_tokens(seq, draft, out)
+            if self.spec is not None:
+                self.spec.verified(seq, [last, *draft[:out.num_accepted]], draft, out)
+            if seq.finish_reason is not None and req.retain:
+                self.scheduler.running.remove(seq)  # finished, but its blocks stay (see release)
+                seq.status = SequenceStatus.FINISHED
+            elif seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            req.metrics.first_token_time = req.metrics.first_token_time or now
+            req.metrics.last_token_time = now
+        if seq.hold_last_token and seq.num_computed_tokens == seq.compute_target:
+            seq.hold_last_token = False
+            req.seqs += [self.fork(seq, i) for i in range(1, req.params.n)]
+        return out.token_id is not None
 
     def _append_tokens(self, seq: Sequence, draft: list[int], out: StepOutput) -> int:
         """Append the step's tokens to ``seq`` one at a time until it stops: the accepted drafts,
@@ -310,7 +329,8 @@ class LLMEngine:
     @property
     def stats(self) -> dict[str, float]:
         s, bm = self.scheduler, self.block_manager
-        stats = {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": bm.usage,
+        waiting = len(s.waiting) + len(self.structured.waiting)  # the latter wait for their grammar
+        stats = {"running": len(s.running), "waiting": waiting, "kv_cache_usage": bm.usage,
                  "preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits}
         if self.spec is not None:
             stats.update(self.spec.stats)

@@ -19,14 +19,19 @@ The level is chosen at run time: the highest one this CPU (and kernel, for AMX) 
 error). ``load_cpu_extension(level)`` builds (about a minute, cached under
 ``~/.cache/torch_extensions``) and returns a level's module, or None where no compiler works, in
 which case callers fall back to their PyTorch path; ``INFERA_NO_EXTENSIONS=1`` forces that.
+Builders of one level take turns through a lock the OS releases when its holder dies, so a build
+killed midway (which leaves torch's lock file behind) does not hang the next start.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -84,18 +89,37 @@ def has_bf16_arithmetic() -> bool:
     return cpu_isa() in ("avx512", "amx")
 
 
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold the build directory for one builder at a time, with a lock the OS drops when its holder
+    dies, and clear torch's own lock file if a killed build left it (torch would wait on it forever)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "infera.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():  # every infera builder holds the flock while torch's lock exists
+            logger.warning("removing %s, left by a build that was interrupted", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @functools.cache
 def _build(level: str) -> ModuleType | None:
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
+    name = f"infera_cpu_{level}"
     sources = [str(p) for p in sorted(CSRC.glob("*.cpp"))]
     # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
     headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))).hexdigest()[:16]
     try:
         logger.info("loading native kernels for ISA level %s (compiled on first use)", level)
-        return load(f"infera_cpu_{level}", sources,
-                    extra_cflags=["-O3", *COMPILER_FLAGS[level], "-fopenmp", f"-DINFERA_HEADERS_{headers}"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        with build_lock(Path(_get_build_directory(name, verbose=False))):
+            return load(name, sources,
+                        extra_cflags=["-O3", *COMPILER_FLAGS[level], "-fopenmp", f"-DINFERA_HEADERS_{headers}"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: stay on the PyTorch path
         errors = [line for line in str(e).splitlines() if "error" in line] or str(e).splitlines()[:1]
         logger.warning("native kernels (%s) unavailable, using PyTorch fallbacks: %s", level, errors[0])

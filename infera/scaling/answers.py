@@ -11,8 +11,14 @@ import re
 import threading
 from dataclasses import dataclass
 
+import re2
+
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 _BOXED = "\\boxed{"
+MAX_PATTERN_CHARS = 1024
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.dot_nl = True  # as re.DOTALL
+_RE2_OPTIONS.log_errors = False  # the ValueError says it
 
 
 def last_boxed(text: str) -> str | None:
@@ -53,17 +59,24 @@ def _as_float(answer: str) -> float | None:
 @dataclass
 class AnswerExtractor:
     """``pattern``: a regex whose first group (or whole match) is the answer, last match wins;
-    None means ``\\boxed{...}``.  ``fallback_last_number``: with no match, take the last number."""
+    None means ``\\boxed{...}``.  ``fallback_last_number``: with no match, take the last number.
+
+    Patterns run on RE2 (linear time in the text: a pattern from a client cannot backtrack
+    catastrophically), so backreferences and lookaround are refused."""
 
     pattern: str | None = None
     fallback_last_number: bool = True
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
+            if len(self.pattern) > MAX_PATTERN_CHARS:
+                raise ValueError(f"answer_pattern has {len(self.pattern)} characters; the limit is {MAX_PATTERN_CHARS}")
             try:
-                self._regex = re.compile(self.pattern, re.DOTALL)
-            except re.error as e:
-                raise ValueError(f"answer_pattern is not a valid regular expression: {e}") from None
+                self._regex = re2.compile(self.pattern, _RE2_OPTIONS)
+            except re2.error as e:
+                detail = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+                raise ValueError(f"answer_pattern is not a regular expression RE2 accepts (no backreferences or "
+                                 f"lookaround): {detail}") from None
 
     def marked(self, text: str) -> str | None:
         """The answer the pattern marks (no fallback): a solution that has one is complete."""

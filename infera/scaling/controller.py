@@ -290,6 +290,11 @@ class SearchController:
     def cancel(self, search_id: str) -> None:
         self.inbox.put(("cancel", search_id))
 
+    @property
+    def num_waiting(self) -> int:
+        """Searches submitted and not started yet (the inbox may also hold cancels: an upper bound)."""
+        return len(self.waiting) + self.inbox.qsize()
+
     # -- engine thread ------------------------------------------------------------------------
     def run(self, searches: list[Search], progress: Callable[[Search], None] | None = None) -> list[Search]:
         """Run ``searches`` to the end on this thread (the offline path); ``progress`` is called

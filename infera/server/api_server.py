@@ -7,7 +7,7 @@ import json
 import logging
 import secrets
 import shlex
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                         run_on_fresh_thread)
 from infera.server.metrics import ServerMetrics
+from infera.server.options import ServerOptions, default_allowed_hosts, host_name
+from infera.scaling.rewards import Reward
 from infera.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                                     ModelCard, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse)
@@ -34,7 +36,7 @@ logger = logging.getLogger("infera.server")
 # Reachable without the API key.
 OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 500, 503)}
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -64,8 +66,70 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class HostCheckMiddleware:
+    """400 unless the Host header names an allowed host (DNS-rebinding defence for keyless loopback servers)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...]):
+        self.app = app
+        self.allowed = {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = host_name(Headers(scope=scope).get("host", "")).lower()
+            if host not in self.allowed:
+                response = error_response(400, f"Host {host!r} is not served here; allowed: "
+                                               f"{', '.join(sorted(self.allowed))} (see --allowed-hosts)")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over ``limit`` bytes, whether it declares its length or streams it.
+    The body is read here (the app reads it whole anyway) and replayed to the app."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
+        chunks: list[bytes] = []
+        size = 0
+        while not too_large:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            too_large = size > self.limit
+            if not message.get("more_body", False):
+                break
+        if too_large:
+            response = error_response(413, f"The request body is over {self.limit} bytes "
+                                           f"(--max-request-body-bytes).", code="request_too_large")
+            await response(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # in a union, the members the value is not of the type of say least: prefer what is wrong with the value
+    err = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
     # pydantic names the union member it tried ("str", "list[str]", ...): not part of the parameter
     loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_type_tag(x)]
     param = ".".join(loc) or None
@@ -107,7 +171,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestFailedError)
     async def _failed(_: Request, e: RequestFailedError) -> JSONResponse:
-        return error_response(500, str(e), type="server_error")
+        return error_response(e.status, str(e), type="invalid_request_error" if e.status < 500 else "server_error")
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException) -> JSONResponse:
@@ -141,11 +205,13 @@ async def _wait_for_disconnect(raw: Request) -> None:
         pass
 
 
-def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None,
-              model_path: str | None = None) -> FastAPI:
-    """The FastAPI app over a not-yet-started async engine (the app's lifespan starts and stops it)."""
+def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | None = None,
+              reward_models: dict[str, Reward] | None = None) -> FastAPI:
+    """The FastAPI app over a not-yet-started async engine (the app's lifespan starts and stops it).
+    ``reward_models``: the operator's reward models by name (scaling requests' ``model:NAME``)."""
+    options = options or ServerOptions()
     metrics = ServerMetrics(lambda: engine.stats, model_name)
-    serving = OpenAIServing(engine, model_name, metrics)
+    serving = OpenAIServing(engine, model_name, metrics, options, reward_models)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -154,9 +220,14 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         engine.shutdown()
 
     app = FastAPI(title="infera", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    app.state.engine = engine
     install_error_handlers(app)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # the last added runs first: the Host check, then the key, then the body limit
+    app.add_middleware(BodyLimitMiddleware, limit=options.max_request_body_bytes)
+    if options.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
+    if options.allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=options.allowed_hosts)
 
     def respond(result: Any) -> Response:
         if isinstance(result, Response):
@@ -178,7 +249,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, root=model_path, max_model_len=engine.max_model_len)])
+        return ModelList(data=[ModelCard(id=model_name, root=model_name, max_model_len=engine.max_model_len)])
 
     @app.get("/health")
     async def health() -> Response:
@@ -211,32 +282,76 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, plus a banner once the socket is bound (so the address shown is the real one)."""
+class InferaServer(uvicorn.Server):
+    """uvicorn with a graceful drain: on SIGTERM/SIGINT no new connection or request is taken, running
+    requests get ``shutdown_timeout`` seconds to finish, then the rest end with a 503 (streams: an error
+    event and ``[DONE]``).  ``banner(port)`` runs once the socket is bound (so the port shown is real)."""
 
-    def __init__(self, config: uvicorn.Config, banner: Any):
-        super().__init__(config)
+    def __init__(self, app: FastAPI, host: str, port: int, shutdown_timeout: float, log_level: str = "info",
+                 banner: Callable[[int], None] | None = None):
+        # uvicorn's own grace is a backstop, after ours has ended every request
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                        timeout_graceful_shutdown=shutdown_timeout + 5))
+        self.engine: AsyncLLMEngine = app.state.engine
+        self.shutdown_timeout = shutdown_timeout
         self.banner = banner
+
+    @property
+    def port(self) -> int:
+        return self.servers[0].sockets[0].getsockname()[1]
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
-        if self.started:
-            self.banner(self.servers[0].sockets[0].getsockname()[1])
+        if self.started and self.banner is not None:
+            self.banner(self.port)
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        self.engine.draining = True
+        running = self.engine.num_requests
+        if running:
+            logger.info("shutting down: %d requests running get %gs to finish (--shutdown-timeout)", running,
+                        self.shutdown_timeout)
+        error = EngineDeadError(f"the server is shutting down (the request did not finish within "
+                                f"--shutdown-timeout {self.shutdown_timeout:g}s)")
+        timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self.engine.fail_all, error)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    """``infera serve``'s server flags as ServerOptions."""
+    rewards = {}
+    for item in args.reward_model or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--reward-model takes NAME=PATH, got {item!r}")
+        rewards[name] = path
+    return ServerOptions(
+        api_key=args.api_key, max_tokens_default=args.max_tokens_default, max_tokens_limit=args.max_tokens_limit,
+        request_timeout=args.request_timeout or None, max_request_body_bytes=args.max_request_body_bytes,
+        trust_request_chat_template=args.trust_request_chat_template,
+        chat_template_timeout=args.chat_template_timeout, reward_models=rewards,
+        allowed_hosts=default_allowed_hosts(args.host, args.api_key, args.allowed_hosts),
+        shutdown_timeout=args.shutdown_timeout)
 
 
 def run_server(args: argparse.Namespace) -> None:
-    """``infera serve``: load the model, then serve it until Ctrl-C."""
+    """``infera serve``: load the model, then serve it until Ctrl-C or SIGTERM."""
     from infera.cli import engine_kwargs
     from infera.engine.llm_engine import LLMEngine
+    from infera.scaling.reward_model import load_reward_model
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_waiting_requests < 1:
         raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
+    options = server_options(args)
     engine = run_on_fresh_thread(LLMEngine, **engine_kwargs(args))  # the engine thread alone runs torch
+    rewards = {name: run_on_fresh_thread(load_reward_model, path) for name, path in options.reward_models.items()}
     name = args.served_model_name or Path(engine.model_path).stem
-    async_engine = AsyncLLMEngine(engine, args.max_waiting_requests)
-    app = build_app(async_engine, name, args.api_key, engine.model_path)
+    app = build_app(AsyncLLMEngine(engine, args.max_waiting_requests), name, options, rewards)
 
     def banner(port: int) -> None:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
@@ -247,11 +362,16 @@ def run_server(args: argparse.Namespace) -> None:
                     engine.model_path, name, str(engine.dtype).removeprefix("torch."), engine.device,
                     engine.runner.num_blocks * engine.config.block_size, engine.max_model_len,
                     engine.config.max_num_seqs)
+        if rewards:
+            logger.info("reward models for scaling requests: %s", ", ".join(f"model:{n}" for n in rewards))
+        logger.info("limits: max_tokens default %s, limit %s; request timeout %s; body %d bytes; hosts %s",
+                    options.max_tokens_default or "rest of the context", options.max_tokens_limit or "none",
+                    f"{options.request_timeout:g}s" if options.request_timeout else "none",
+                    options.max_request_body_bytes,
+                    ", ".join(options.allowed_hosts) if options.allowed_hosts is not None else "any")
         logger.info("listening on http://%s:%d (OpenAI API at %s/v1, metrics at %s/metrics)", args.host, port,
                     url, url)
         logger.info("try it:\n  curl %s/v1/chat/completions -H 'Content-Type: application/json'%s -d %s",
                     url, auth, shlex.quote(json.dumps(body)))
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=5)
-    _Server(config, banner).run()
+    InferaServer(app, args.host, args.port, options.shutdown_timeout, args.log_level.lower(), banner).run()

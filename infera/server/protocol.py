@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
 
 from infera.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 
 MAX_N = 128
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds (each sample adds its index)
+# Bounds on lists and strings a request may send (the body as a whole: ServerOptions.max_request_body_bytes)
+MAX_PROMPTS = 256  # prompts in one completion request
+MAX_CHOICES = 1024  # n x prompts
+MAX_STOP = 64  # stop strings
+MAX_STOP_CHARS = 1024  # characters in one stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_MESSAGES = 4096
+MAX_USER_CHARS = 256
+
+StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 
 def random_id(prefix: str) -> str:
@@ -68,14 +78,14 @@ class SamplingRequest(OpenAIModel):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS)
     response_format: ResponseFormat | None = None
     # vLLM's extras, accepted at top level
     top_k: int | None = Field(None, ge=-1)
@@ -83,7 +93,7 @@ class SamplingRequest(OpenAIModel):
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
@@ -162,6 +172,12 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (set n instead)")
+        num_prompts = len(self.prompts)
+        if num_prompts > MAX_PROMPTS:
+            raise ValueError(f"prompt holds {num_prompts} prompts; at most {MAX_PROMPTS} per request")
+        if num_prompts * self.n > MAX_CHOICES:
+            raise ValueError(f"{num_prompts} prompts x n={self.n} is {num_prompts * self.n} choices; at most "
+                             f"{MAX_CHOICES} per request")
         return self
 
     @property
@@ -243,7 +259,7 @@ class ScalingRequest(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -251,6 +267,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's: a template of the request's own (--trust-request-chat-template)
     scaling: ScalingRequest | None = None
 
     @model_validator(mode="after")
@@ -357,7 +374,7 @@ class ModelList(OpenAIModel):
 class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

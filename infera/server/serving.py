@@ -7,17 +7,20 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import jinja2
 
-from infera.engine.async_engine import AsyncLLMEngine, RequestStream, run_on_fresh_thread
+from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
+                                        RequestStream)
 from infera.layers.sampler import TokenLogprobs
 from infera.outputs import CompletionOutput, RequestOutput
 from infera.sampling_params import SamplingParams
 from infera.server.metrics import ServerMetrics
 from infera.scaling.api import build_search
-from infera.scaling.controller import Search, SearchController
-from infera.scaling.rewards import make_reward
+from infera.scaling.controller import Search, SearchConfig, SearchController
+from infera.scaling.rewards import Reward
+from infera.server.options import ServerOptions
 from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatMessage,
                                     ChatStreamChoice, CompletionChoice, CompletionLogProbs, CompletionRequest,
@@ -27,6 +30,8 @@ from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletion
 logger = logging.getLogger("infera.server")
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
+T = TypeVar("T")
+MAX_SCALING_TOKENS = 2**20  # budget x max_tokens: the most tokens one scaling request may generate
 
 
 def sse(payload: str) -> str:
@@ -52,11 +57,16 @@ class Delta:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics):
+    """``reward_models``: the operator's reward models by name (a scaling request's ``model:NAME``)."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics, options: ServerOptions,
+                 reward_models: dict[str, Reward] | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.metrics = metrics
+        self.options = options
+        self.reward_models = reward_models or {}
         self._token_text: dict[int, str] = {}
         # scaling searches run on the engine thread, inside engine.step() (see infera.scaling.controller)
         self.scaling = SearchController(engine.engine)
@@ -78,19 +88,33 @@ class OpenAIServing:
             raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
 
     def _max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
+        """The request's max_tokens, or the server's default, within the context and the server's limit."""
         try:
             self.engine.check_prompt_length(num_prompt)
         except ValueError as e:
             raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from None
         room = self.engine.max_model_len - num_prompt
+        default, limit = self.options.max_tokens_default, self.options.max_tokens_limit
         if requested is None:
-            return room
+            return min(room, default or room, limit or room)
+        if limit is not None and requested > limit:
+            raise OpenAIError(400, f"max_tokens is {requested}; this server generates at most {limit} tokens per "
+                                   f"request (--max-tokens-limit)", param="max_tokens")
         if requested > room:
             raise OpenAIError(400, f"This model's maximum context length is {self.engine.max_model_len} tokens. "
                                    f"However, you requested {num_prompt + requested} tokens ({num_prompt} in the "
                                    f"prompt, {requested} for the completion). Please reduce the length of the "
                                    f"prompt or the completion.", param="max_tokens", code="context_length_exceeded")
         return requested
+
+    def _deadline(self, arrival: float) -> float | None:
+        """When the request must end (``--request-timeout`` after arrival), on the monotonic clock."""
+        limit = self.options.request_timeout
+        return None if limit is None else arrival + limit
+
+    def _timed_out(self) -> OpenAIError:
+        return OpenAIError(408, f"the request ran past the server's time limit of {self.options.request_timeout:g} s "
+                                f"(--request-timeout); ask for fewer tokens", code="request_timeout")
 
     @staticmethod
     def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -126,11 +150,21 @@ class OpenAIServing:
         last: list[RequestOutput | None] = [None] * len(streams)
         status = "aborted"
         try:
-            async for i, out in _merge(streams):
+            async for i, out in _until(_merge(streams), self._deadline(arrival)):
                 trackers[i].update(out)
                 last[i] = out
                 yield i, out
             status = "finished"
+        except TimeoutError:
+            status = "timed out"
+            raise self._timed_out() from None
+        except RequestFailedError as e:
+            status = f"failed ({e})"
+            raise OpenAIError(e.status, str(e), type="invalid_request_error" if e.status < 500 else "server_error"
+                              ) from None
+        except EngineDeadError as e:
+            status = f"ended ({e})"
+            raise OpenAIError(503, str(e), type="server_error", code="engine_dead") from None
         except Exception as e:
             status = f"failed ({e})"
             raise
@@ -180,8 +214,10 @@ class OpenAIServing:
             async for event in events:
                 yield sse(event)
         except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band
-            logger.exception("stream failed")
-            yield sse(OpenAIError(500, f"generation failed: {e}", type="server_error").body.model_dump_json())
+            if not isinstance(e, OpenAIError):
+                logger.exception("stream failed")
+                e = OpenAIError(500, f"generation failed: {e}", type="server_error")
+            yield sse(e.body.model_dump_json())
         finally:
             for stream in streams:
                 stream.close()
@@ -294,24 +330,43 @@ class OpenAIServing:
                             ("max_tokens", req.requested_max_tokens)):
             if value is not None:
                 options.setdefault(name, value)
+        limit = self.engine.max_waiting_requests
+        waiting = self.engine.stats["waiting"] + self.scaling.num_waiting
+        if limit is not None and waiting >= limit:
+            raise QueueFullError(f"the server is busy: {waiting} requests are waiting (--max-waiting-requests "
+                                 f"{limit}); retry later")
         try:
-            # a reward model loads for a while: off the event loop, on a thread that ends (run_on_fresh_thread)
-            reward = await asyncio.to_thread(run_on_fresh_thread, make_reward, spec.reward)
+            check_scaling_work(spec.budget, options, self.engine.max_model_len)
             search = build_search(self.engine.engine, [m.template_dict() for m in req.messages], spec.method,
-                                  spec.budget, reward, options)
+                                  spec.budget, self._reward(spec.reward), options)
         except ValueError as e:
             raise OpenAIError(400, f"scaling: {e}", param="scaling") from None
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         self.scaling.submit(search, lambda _: loop.call_soon_threadsafe(_settle_search, done))
         self.engine.abort(search.id)  # no such request: the no-op wakes an idle engine thread to run the search
+        deadline = self._deadline(arrival)
         try:
-            await done
-        except asyncio.CancelledError:
+            await asyncio.wait_for(asyncio.shield(done), None if deadline is None else deadline - time.monotonic())
+        except (asyncio.CancelledError, TimeoutError) as e:
             self.scaling.cancel(search.id)
             self.engine.abort(search.id)
+            if isinstance(e, TimeoutError):
+                raise self._timed_out() from None
             raise
         return self._scaling_response(search, arrival, req.user)
+
+    def _reward(self, name: str | None) -> Reward | str | None:
+        """A request's reward: built in (``arithmetic``, ``self``) or one of the operator's reward models
+        (``model:NAME``, see ``--reward-model``); a client never names a path."""
+        if name is None or not name.startswith("model:"):
+            return name
+        model = self.reward_models.get(name.removeprefix("model:"))
+        if model is None:
+            served = ", ".join(f"model:{n}" for n in self.reward_models) or "none"
+            raise ValueError(f"reward {name!r} is not served here; reward models: {served} (the operator adds them "
+                             f"with --reward-model NAME=PATH)")
+        return model
 
     def _scaling_response(self, search: Search, arrival: float, user: str | None) -> ScalingChatCompletionResponse:
         if isinstance(search.error, ValueError):
@@ -359,6 +414,33 @@ class OpenAIServing:
                                               token_ids=list(d.token_ids) if req.return_token_ids else None)])
         if req.include_usage:
             yield chunk([], self._usage([prompt], num_completion))
+
+
+def check_scaling_work(budget: int, options: dict, max_model_len: int) -> None:
+    """Bound a scaling request's work: lengths within the context, budget x max_tokens within MAX_SCALING_TOKENS."""
+    for name in ("max_tokens", "step_max_tokens", "max_steps"):
+        value = options.get(name)
+        if isinstance(value, int) and value > max_model_len:
+            raise ValueError(f"{name} is {value}; at most the context length, {max_model_len}")
+    max_tokens = options.get("max_tokens", SearchConfig.max_tokens)
+    if isinstance(max_tokens, int) and budget * max_tokens > MAX_SCALING_TOKENS:
+        raise ValueError(f"budget x max_tokens is {budget * max_tokens} tokens; at most {MAX_SCALING_TOKENS} per "
+                         f"request")
+
+
+async def _until(items: AsyncIterator[T], deadline: float | None) -> AsyncIterator[T]:
+    """``items`` until ``deadline`` (time.monotonic()); then TimeoutError (and ``items`` is closed)."""
+    iterator = aiter(items)
+    try:
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = await asyncio.wait_for(anext(iterator), timeout)
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await iterator.aclose()
 
 
 def _settle_search(future: asyncio.Future) -> None:
