@@ -349,7 +349,7 @@ BAD_REQUESTS = [
     (CC, {"messages": MSG, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400,
      "response_format"),
     (CC, {"messages": MSG, "guided_choice": []}, 400, "guided_choice"),
-    (CC, {"messages": MSG, "chat_template_kwargs": {"tokenize": False}}, 400, "messages"),
+    (CC, {"messages": MSG, "chat_template_kwargs": {"tokenize": False}}, 400, "chat_template_kwargs"),
     (CC, {"messages": MSG, "model": "gpt-9"}, 404, "model"),
     ("/tokenize", {}, 400, None),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),

@@ -218,6 +218,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
         engine.start()
         yield
         engine.shutdown()
+        serving.renderer.close()
 
     app = FastAPI(title="infera", summary="OpenAI-compatible LLM server", lifespan=lifespan)
     app.state.engine = engine
@@ -265,7 +266,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         serving.check_model(request.model)
         if request.messages is not None:
-            tokens = serving.chat_prompt(request.messages, request.add_generation_prompt)
+            tokens = await serving.chat_prompt(request.messages, request.add_generation_prompt)
         else:
             tokens = engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)

@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-import jinja2
-
 from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                         RequestStream)
 from infera.layers.sampler import TokenLogprobs
 from infera.outputs import CompletionOutput, RequestOutput
 from infera.sampling_params import SamplingParams
+from infera.server.chat_template import ChatTemplateRenderer, check_template_kwargs
 from infera.server.metrics import ServerMetrics
 from infera.scaling.api import build_search
 from infera.scaling.controller import Search, SearchConfig, SearchController
@@ -67,6 +66,9 @@ class OpenAIServing:
         self.metrics = metrics
         self.options = options
         self.reward_models = reward_models or {}
+        longest_token = max(map(len, self.tokenizer.hf.get_vocab()))  # a prompt that fits has fewer characters
+        self.renderer = ChatTemplateRenderer(self.tokenizer, options.chat_template_timeout,
+                                             max_chars=engine.max_model_len * longest_token)
         self._token_text: dict[int, str] = {}
         # scaling searches run on the engine thread, inside engine.step() (see infera.scaling.controller)
         self.scaling = SearchController(engine.engine)
@@ -78,14 +80,23 @@ class OpenAIServing:
             raise OpenAIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                               param="model", code="model_not_found")
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    template_kwargs: dict | None = None) -> list[int]:
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                          template_kwargs: dict | None = None, chat_template: str | None = None) -> list[int]:
+        """The prompt's token ids: the chat template rendered in its sandboxed worker (see
+        :mod:`infera.server.chat_template`); a request's own template only with --trust-request-chat-template."""
+        if chat_template is not None and not self.options.trust_request_chat_template:
+            raise OpenAIError(400, "chat_template: this server renders only the model's own chat template "
+                                   "(the operator may allow others with --trust-request-chat-template)",
+                              param="chat_template")
         try:
-            return self.tokenizer.apply_chat_template([m.template_dict() for m in messages],
-                                                      add_generation_prompt=add_generation_prompt,
-                                                      **(template_kwargs or {}))
-        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
-            raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+            template_kwargs = check_template_kwargs(template_kwargs)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="chat_template_kwargs") from None
+        try:
+            return await self.renderer.render_ids([m.template_dict() for m in messages], add_generation_prompt,
+                                                  template_kwargs, chat_template)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="messages") from None
 
     def _max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
         """The request's max_tokens, or the server's default, within the context and the server's limit."""
@@ -295,7 +306,8 @@ class OpenAIServing:
         self.check_model(req.model)
         if req.scaling is not None:
             return await self.create_scaling_completion(req, arrival)
-        prompt = self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
+                                        req.chat_template)
         max_tokens = self._max_tokens(len(prompt), req.requested_max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, max_tokens, top)
