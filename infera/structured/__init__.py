@@ -8,10 +8,16 @@ forward pass on a CPU and while it runs on a GPU, and the sampler applies it; af
 ``advance`` moves each sequence's matcher past its new token, ends the sequence when the
 grammar has accepted its stop token, and, in small batches, appends the text the grammar forces
 next (jump-forward), whose KV the next step computes as one multi-token chunk.
+
+A server awaits ``compile_async`` before it adds a constrained request: it refuses (ValueError)
+a constraint that is invalid, over a bound, or that does not compile within
+GRAMMAR_COMPILE_TIMEOUT_S, and leaves the compiled grammar in the cache for ``add_request``.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING
@@ -28,11 +34,12 @@ from infera.structured.matcher import GrammarState
 if TYPE_CHECKING:
     from infera.engine.output_processor import OutputProcessor
 
-__all__ = ["JUMP_FORWARD_MAX_BATCH", "BatchBitmask", "GrammarCompiler", "GrammarState", "StructuredOutputManager",
-           "TokenBitmask"]
+__all__ = ["GRAMMAR_COMPILE_TIMEOUT_S", "JUMP_FORWARD_MAX_BATCH", "BatchBitmask", "GrammarCompiler", "GrammarState",
+           "StructuredOutputManager", "TokenBitmask"]
 
 logger = logging.getLogger(__name__)
 
+GRAMMAR_COMPILE_TIMEOUT_S = 5.0  # compile_async's default, as vLLM's
 ADMIT_WAIT_S = 0.05  # longest an idle engine step waits for a compilation
 # Jump-forward only in steps that sample at most this many sequences (0: never).  Forced tokens
 # turn the sequence's next step into a short multi-token query.  Measured with every run paying
@@ -52,17 +59,39 @@ class StructuredOutputManager:
         self.waiting: list[Sequence] = []
         self.num_forced_tokens = 0  # tokens appended by jump-forward, without a sampling step each
         self._compiler: GrammarCompiler | None = None
+        self._compiler_lock = threading.Lock()
 
     @property
     def compiler(self) -> GrammarCompiler:
-        """Built on the first constrained request (reading the vocabulary takes ~0.15 s)."""
+        """Built on the first constrained request (reading the vocabulary takes ~0.15 s), once
+        whichever threads ask for it."""
         if self._compiler is None:
-            self._compiler = GrammarCompiler(self.tokenizer.hf, self.vocab_size, self.stop_token_ids)
+            with self._compiler_lock:
+                if self._compiler is None:
+                    self._compiler = GrammarCompiler(self.tokenizer.hf, self.vocab_size, self.stop_token_ids)
         return self._compiler
 
     def grammar_for(self, params: SamplingParams) -> Future[xgr.CompiledGrammar] | None:
         """The compiled grammar (a future) of a request; ValueError if its constraint is invalid."""
         return None if params.structured is None else self.compiler.submit(params.structured)
+
+    async def compile_async(self, params: SamplingParams, timeout_s: float = GRAMMAR_COMPILE_TIMEOUT_S) -> None:
+        """Validate and compile a request's grammar without blocking the event loop, so that
+        ``grammar_for`` then finds it compiled; ValueError if the constraint is invalid, fails
+        to compile, or is not compiled within ``timeout_s`` (time queued behind other compiles
+        included).  A compile that times out goes on in the background and is cached when it
+        ends: the timeout abandons the wait, not the work, which xgrammar cannot interrupt."""
+        future = await asyncio.to_thread(self.grammar_for, params)
+        if future is None:
+            return
+        try:
+            # shield: the timeout must not cancel the future, which other requests may share
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
+        except TimeoutError:
+            raise ValueError(f"structured output: the grammar did not compile within {timeout_s:g} s; "
+                             f"simplify the schema") from None
+        except Exception as e:  # xgrammar raises RuntimeError
+            raise ValueError(f"structured output: the grammar did not compile ({e})") from None
 
     # -- sequences waiting for their grammar ------------------------------------------------
     def add(self, seq: Sequence, grammar: Future[xgr.CompiledGrammar]) -> None:

@@ -1,18 +1,24 @@
 """Structured-output constraints -> xgrammar compiled grammars, validated up front and
 compiled off the engine loop.
 
-``validate`` parses the constraint (JSON schema, regex, EBNF, choice) into an
-``xgrammar.Grammar`` synchronously: parsing takes well under a millisecond, and it is where
-every user error shows up, so a bad request fails in ``add_request`` before any token is
-generated.  ``submit`` then compiles the grammar against the vocabulary (token-mask
-precomputation, the expensive part) in a worker thread and returns a future; xgrammar
-releases the GIL while it compiles, so running sequences keep decoding meanwhile.
-Compiled grammars are cached by content (an LRU of ``cache_size`` entries).
+``submit`` checks the constraint against the bounds (``bounds``) and parses it (JSON schema,
+regex, EBNF, choice) into an ``xgrammar.Grammar`` synchronously: that is where every user error
+shows up (a ValueError), so a bad request fails before any token is generated, and it takes
+milliseconds at most.  It then compiles the grammar against the vocabulary (token-mask
+precomputation, the expensive part) in a worker thread and returns a future; xgrammar releases
+the GIL while it compiles, so running sequences keep decoding meanwhile.
+
+Compiled grammars are cached by content, least recently used first out, within ``cache_size``
+entries and ``cache_bytes`` bytes (each finished entry's compiled size plus its key text).  The
+cache takes calls from several threads (the server pre-compiles while the engine thread adds
+requests): one lock guards it, and one constraint is compiled once however many threads submit
+it.  A compile that fails is dropped from the cache, so the next request for it compiles again.
 """
 from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -20,30 +26,44 @@ from typing import Any
 import xgrammar as xgr
 
 from infera.sampling_params import StructuredOutputParams
+from infera.structured.bounds import (check_choices, check_grammar_text, check_schema_size, check_schema_text,
+                                      check_schema_value)
+
+CACHE_BYTES = 256 * 1024 * 1024
 
 _XGR_PREFIX = re.compile(r"^\s*(\[[\d:]+\]\s*)?(\S+\.(cc|h):\d+:\s*)?(Check failed: .*? is false: )?")
 
 
 def constraint_key(params: StructuredOutputParams) -> tuple[str, str]:
-    """The cache key of a constraint: its kind and its canonical text."""
+    """The cache key of a constraint: its kind and its canonical text.  ValueError if it is over
+    a bound (checked before it is parsed) or is not valid JSON."""
     if params.json is not None:
         schema = params.json
         if isinstance(schema, str):
+            check_schema_text(schema)  # json.loads recurses: the nesting is bounded first
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise ValueError(f"structured output json: the schema is not valid JSON ({e})") from None
-            except RecursionError:
-                raise ValueError("structured output json: the schema is nested too deeply") from None
+        else:
+            check_schema_value(schema)
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"structured output json: the schema must be a JSON object, got {type(schema).__name__}")
-        return "json", json.dumps(schema, separators=(",", ":"))  # key order matters: it is the output order
+        try:
+            text = json.dumps(schema, separators=(",", ":"))  # key order matters: it is the output order
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"structured output json: the schema is not JSON ({e})") from None
+        check_schema_size(text)  # escapes can make the compact form longer than the text given
+        return "json", text
     if params.json_object:
         return "json", '{"type":"object"}'
     if params.regex is not None:
+        check_grammar_text("regex", params.regex)
         return "regex", params.regex
     if params.grammar is not None:
+        check_grammar_text("grammar", params.grammar)
         return "grammar", params.grammar
+    check_choices(params.choice)
     return "choice", json.dumps(params.choice)
 
 
@@ -72,10 +92,10 @@ def _clean(message: str) -> str:
 
 
 class GrammarCompiler:
-    """One per engine: the tokenizer's xgrammar view, a compile thread and the cache."""
+    """One per engine: the tokenizer's xgrammar view, the compile threads and the cache."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int], cache_size: int = 256,
-                 max_threads: int = 2):
+                 cache_bytes: int = CACHE_BYTES, max_threads: int = 2):
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size,
@@ -85,17 +105,69 @@ class GrammarCompiler:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="infera-grammar")
         self.cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.entry_bytes: dict[tuple[str, str], int] = {}  # the size of each compiled entry in the cache
+        self.cached_bytes = 0  # their total
+        self._lock = threading.Lock()
 
     def submit(self, params: StructuredOutputParams) -> Future[xgr.CompiledGrammar]:
         """Validate ``params`` now (ValueError if bad) and return its compiled grammar's future."""
         key = constraint_key(params)
+        with self._lock:
+            future = self._lookup(key)
+        if future is not None:
+            return future
+        grammar = parse_grammar(*key)  # outside the lock: other threads' cache hits need not wait
+        with self._lock:
+            future = self._lookup(key)  # another thread may have submitted it meanwhile
+            if future is None:
+                future = Future()
+                self.cache[key] = future
+                self._evict()
+                self.executor.submit(self._compile, key, grammar, future)
+        return future
+
+    def _lookup(self, key: tuple[str, str]) -> Future[xgr.CompiledGrammar] | None:
         future = self.cache.get(key)
         if future is not None:
             self.cache.move_to_end(key)
-            return future
-        grammar = parse_grammar(*key)
-        future = self.executor.submit(self.compiler.compile_grammar, grammar)
-        self.cache[key] = future
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
         return future
+
+    def _compile(self, key: tuple[str, str], grammar: xgr.Grammar, future: Future[xgr.CompiledGrammar]) -> None:
+        """In a compile thread: compile, account for the result in the cache (or drop a failure
+        from it), then resolve ``future``, so whoever sees the result sees the cache updated."""
+        if not future.set_running_or_notify_cancel():
+            with self._lock:
+                self._drop_if(key, future)
+            return
+        try:
+            compiled = self.compiler.compile_grammar(grammar)
+        except Exception as e:  # parsed fine but would not compile (resources, internal error)
+            with self._lock:
+                self._drop_if(key, future)
+            future.set_exception(e)
+            return
+        with self._lock:
+            if self.cache.get(key) is future:  # not evicted while it compiled
+                size = compiled.memory_size_bytes + len(key[1])
+                self.entry_bytes[key] = size
+                self.cached_bytes += size
+                self._evict()
+        future.set_result(compiled)
+
+    def _drop_if(self, key: tuple[str, str], future: Future[xgr.CompiledGrammar]) -> None:
+        if self.cache.get(key) is future:
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        del self.cache[key]
+        self.cached_bytes -= self.entry_bytes.pop(key, 0)
+
+    def _evict(self) -> None:
+        """Least recently used first: any entry while over ``cache_size``, compiled ones while
+        over ``cache_bytes`` (one still compiling has no size yet).  Evicting a future only
+        uncaches it: the requests that hold it keep it."""
+        while len(self.cache) > self.cache_size:
+            self._drop(next(iter(self.cache)))
+        while self.cached_bytes > self.cache_bytes:
+            self._drop(next(key for key in self.cache if key in self.entry_bytes))
