@@ -49,7 +49,7 @@ def serve(engine: LLMEngine, options: ServerOptions, max_waiting_requests: int |
 
 
 STRICT = ServerOptions(max_tokens_default=8, max_tokens_limit=64, request_timeout=3.0,
-                       max_request_body_bytes=2**20, trust_request_chat_template=True, chat_template_timeout=0.5,
+                       max_request_body_bytes=2**20, trust_request_chat_template=True, chat_template_timeout=0.4,
                        shutdown_timeout=1.0)
 
 
@@ -58,6 +58,8 @@ def strict(tiny_model) -> Iterator[Server]:
     """A server with tight operator limits, that trusts request templates (to show they stay contained)."""
     engine = LLMEngine(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="64MiB")
     with serve(engine, STRICT, max_waiting_requests=64) as (srv, _):
+        assert_still_serving(srv)
+        httpx.post(f"{srv.url}{CC}", timeout=60, **chat())  # the template worker has started
         yield srv
 
 
@@ -170,14 +172,14 @@ def test_request_templates_need_the_operators_trust(server):  # noqa: F811
 
 
 @pytest.mark.parametrize("template,expect", [
-    (NESTED_LOOP, "did not render within 0.5 s"),
+    (NESTED_LOOP, "did not render within 0.4 s"),
     ("{{ 'x' * 10**10 }}", "cannot apply the chat template"),
     (CVE_2024_34359, "cannot apply the chat template"),
     (SUBCLASSES, "cannot apply the chat template"),
 ])
 def test_trusted_request_templates_stay_contained(strict, template, expect):
     MARKER.unlink(missing_ok=True)
-    attack(strict, CC, 400, expect, within=STRICT.chat_template_timeout + 0.5, **chat(chat_template=template))
+    attack(strict, CC, 400, expect, **chat(chat_template=template))
     assert not MARKER.exists()
 
 
@@ -205,6 +207,38 @@ def test_models_list_does_not_show_the_model_path(server):  # noqa: F811
 def test_lists_and_strings_are_bounded(server, body, expect):  # noqa: F811
     attack(server, CMPL, 400, expect, json={"model": MODEL, "max_tokens": 2, **body})
 
+
+@pytest.mark.parametrize("constraint,expect", [
+    ({"guided_json": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}},
+     "the limit is 512"),  # in-bound before: 235 s of compile
+    ({"guided_json": {"description": "x" * 200_000}}, "too large"),
+    ({"guided_regex": "(a|b)" * 10_000}, "too large"),
+    ({"guided_choice": [str(i) for i in range(5000)]}, "too many options"),
+])
+def test_constraints_are_bounded(server, constraint, expect):  # noqa: F811
+    attack(server, CMPL, 400, expect, json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **constraint})
+
+
+def test_a_slow_grammar_compile_times_out_and_others_stay_served(server, monkeypatch):  # noqa: F811
+    """A compile past GRAMMAR_COMPILE_TIMEOUT_S is a 400; the engine thread never waits on it."""
+    import infera.structured as structured
+
+    compiler = server.engine.structured.compiler
+    release = threading.Event()
+    original = compiler.compiler.compile_grammar
+
+    def compile_grammar(grammar):  # every compile takes until the test ends
+        release.wait(60)
+        return original(grammar)
+
+    monkeypatch.setattr(compiler.compiler, "compile_grammar", compile_grammar)
+    monkeypatch.setattr(structured.StructuredOutputManager.compile_async, "__defaults__", (0.3,))
+    try:
+        attack(server, CMPL, 400, "did not compile within 0.3 s",
+               json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "guided_regex": "slowpoke[0-9]"})
+    finally:
+        release.set()
+    assert not server.engine.requests  # it never reached the engine
 
 @pytest.mark.parametrize("pattern,expect", [
     (r"(a)\1", "RE2"),

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from infera.engine.llm_engine import LLMEngine
 from infera.outputs import RequestOutput
 from infera.sampling_params import SamplingParams
+from infera.structured import CompileQueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,10 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"the engine is not running ({self.error or 'not started'})")
         if self.draining:
             raise EngineDeadError("the server is shutting down; retry on another replica or after the restart")
+        try:  # off the engine thread, with a time limit; add_request then finds it compiled
+            await self.engine.structured.compile_async(params)
+        except CompileQueueFullError as e:
+            raise QueueFullError(str(e)) from None
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, self)

@@ -28,18 +28,21 @@ from infera.engine.sequence import Sequence
 from infera.loader.tokenizer import Tokenizer
 from infera.sampling_params import SamplingParams
 from infera.structured.bitmask import BatchBitmask, TokenBitmask
-from infera.structured.grammar_compiler import GrammarCompiler
+from infera.structured.grammar_compiler import CompileQueueFullError, GrammarCompiler
 from infera.structured.matcher import GrammarState
 
 if TYPE_CHECKING:
     from infera.engine.output_processor import OutputProcessor
 
-__all__ = ["GRAMMAR_COMPILE_TIMEOUT_S", "JUMP_FORWARD_MAX_BATCH", "BatchBitmask", "GrammarCompiler", "GrammarState",
-           "StructuredOutputManager", "TokenBitmask"]
+__all__ = ["GRAMMAR_COMPILE_TIMEOUT_S", "JUMP_FORWARD_MAX_BATCH", "MAX_PENDING_COMPILES", "BatchBitmask",
+           "CompileQueueFullError", "GrammarCompiler", "GrammarState", "StructuredOutputManager", "TokenBitmask"]
 
 logger = logging.getLogger(__name__)
 
-GRAMMAR_COMPILE_TIMEOUT_S = 5.0  # compile_async's default, as vLLM's
+GRAMMAR_COMPILE_TIMEOUT_S = 5.0
+# Compiles a server request may queue behind (timed-out compiles run on, and count, until they end);
+# past it the request is refused (CompileQueueFullError) rather than left to time out
+MAX_PENDING_COMPILES = 8  # compile_async's default, as vLLM's
 ADMIT_WAIT_S = 0.05  # longest an idle engine step waits for a compilation
 # Jump-forward only in steps that sample at most this many sequences (0: never).  Forced tokens
 # turn the sequence's next step into a short multi-token query.  Measured with every run paying
@@ -81,9 +84,9 @@ class StructuredOutputManager:
         to compile, or is not compiled within ``timeout_s`` (time queued behind other compiles
         included).  A compile that times out goes on in the background and is cached when it
         ends: the timeout abandons the wait, not the work, which xgrammar cannot interrupt."""
-        future = await asyncio.to_thread(self.grammar_for, params)
-        if future is None:
+        if params.structured is None:
             return
+        future = await asyncio.to_thread(self.compiler.submit, params.structured, MAX_PENDING_COMPILES)
         try:
             # shield: the timeout must not cancel the future, which other requests may share
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)

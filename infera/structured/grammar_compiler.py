@@ -91,6 +91,10 @@ def _clean(message: str) -> str:
     return _XGR_PREFIX.sub("", first, count=1).strip() or first
 
 
+class CompileQueueFullError(RuntimeError):
+    """Too many grammars are compiling to queue another (the caller should retry later)."""
+
+
 class GrammarCompiler:
     """One per engine: the tokenizer's xgrammar view, the compile threads and the cache."""
 
@@ -110,8 +114,9 @@ class GrammarCompiler:
         self.cached_bytes = 0  # their total
         self._lock = threading.Lock()
 
-    def submit(self, params: StructuredOutputParams) -> Future[xgr.CompiledGrammar]:
-        """Validate ``params`` now (ValueError if bad) and return its compiled grammar's future."""
+    def submit(self, params: StructuredOutputParams, max_pending: int | None = None) -> Future[xgr.CompiledGrammar]:
+        """Validate ``params`` now (ValueError if bad) and return its compiled grammar's future.
+        ``max_pending``: refuse (CompileQueueFullError) a new compile while this many are unfinished."""
         key = constraint_key(params)
         with self._lock:
             future = self._lookup(key)
@@ -121,6 +126,9 @@ class GrammarCompiler:
         with self._lock:
             future = self._lookup(key)  # another thread may have submitted it meanwhile
             if future is None:
+                pending = sum(not f.done() for f in self.cache.values())
+                if max_pending is not None and pending >= max_pending:
+                    raise CompileQueueFullError(f"the server is busy compiling {pending} grammars; retry later")
                 future = Future()
                 self.cache[key] = future
                 self._evict()
