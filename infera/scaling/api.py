@@ -38,8 +38,9 @@ def engine_of(llm: Any) -> LLMEngine:
 
 def build_search(engine: LLMEngine, prompt: Prompt, method: str, budget: int, reward: RewardSpec,
                  options: dict[str, Any], answer: str | None = None,
-                 algorithm: Callable[..., SearchGen] | None = None) -> Search:
-    """A search, its options checked: ValueError names an unknown method, option or reward."""
+                 algorithm: Callable[..., SearchGen] | None = None, rendered: list[int] | None = None) -> Search:
+    """A search, its options checked: ValueError names an unknown method, option or reward.
+    ``rendered``: the token ids of ``prompt`` (chat messages) when the caller rendered them."""
     if algorithm is None:
         if method not in METHODS:
             raise ValueError(f"unknown scaling method {method!r}; choose from {', '.join(METHODS)}")
@@ -57,7 +58,7 @@ def build_search(engine: LLMEngine, prompt: Prompt, method: str, budget: int, re
         known = sorted(config_names | method_names | set(PROMPT_OPTIONS))
         raise ValueError(f"unknown option(s) for {method}: {', '.join(unknown)}; known: {', '.join(known)}")
     config = SearchConfig(**{k: v for k, v in options.items() if k in config_names})
-    problem = make_problem(engine.tokenizer, prompt, instruction, answer, examples)
+    problem = make_problem(engine.tokenizer, prompt, instruction, answer, examples, rendered)
     engine.check_prompt_length(len(problem.prompt_ids))
     return Search(method, algorithm, problem, budget, reward, config,
                   {k: v for k, v in options.items() if k in method_names})

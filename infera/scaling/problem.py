@@ -32,11 +32,12 @@ def check_examples(examples: Any) -> list[tuple[str, str]]:
 
 
 def make_problem(tokenizer: Tokenizer, prompt: Prompt, instruction: str | None = DEFAULT_INSTRUCTION,
-                 answer: str | None = None, examples: list[tuple[str, str]] = ()) -> Problem:
+                 answer: str | None = None, examples: list[tuple[str, str]] = (),
+                 rendered: list[int] | None = None) -> Problem:
     """A question string becomes a user message (``instruction`` appended) under the model's chat
     template, after ``examples`` (worked (question, solution) pairs, each a user turn answered by
-    the assistant: few-shot prompting); a list of messages is rendered as given; token ids are
-    used as they are."""
+    the assistant: few-shot prompting); a list of messages is rendered as given (or is ``rendered``
+    already: the server renders templates in a sandboxed worker); token ids are used as they are."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError("the prompt is empty")
@@ -53,7 +54,8 @@ def make_problem(tokenizer: Tokenizer, prompt: Prompt, instruction: str | None =
     if prompt and all(isinstance(m, dict) for m in prompt):
         users = [m.get("content") for m in prompt if m.get("role") == "user"]
         question = users[-1] if users and isinstance(users[-1], str) else ""
-        return Problem(question, tokenizer.apply_chat_template(list(prompt)), list(prompt), answer)
+        ids = rendered if rendered is not None else tokenizer.apply_chat_template(list(prompt))
+        return Problem(question, ids, list(prompt), answer)
     if prompt and all(isinstance(t, int) for t in prompt):
         return Problem(tokenizer.decode(list(prompt)), list(prompt), None, answer)
     raise ValueError("prompt must be a question string, a list of chat messages or a list of token ids")

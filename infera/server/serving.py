@@ -347,10 +347,12 @@ class OpenAIServing:
         if limit is not None and waiting >= limit:
             raise QueueFullError(f"the server is busy: {waiting} requests are waiting (--max-waiting-requests "
                                  f"{limit}); retry later")
+        prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
+                                        req.chat_template)
         try:
             check_scaling_work(spec.budget, options, self.engine.max_model_len)
             search = build_search(self.engine.engine, [m.template_dict() for m in req.messages], spec.method,
-                                  spec.budget, self._reward(spec.reward), options)
+                                  spec.budget, self._reward(spec.reward), options, rendered=prompt)
         except ValueError as e:
             raise OpenAIError(400, f"scaling: {e}", param="scaling") from None
         loop = asyncio.get_running_loop()
