@@ -22,7 +22,8 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 # engine stat -> (metric name, help, kind)
 ENGINE_STATS = {
     "running": ("infera:num_requests_running", "Sequences running in the engine.", "gauge"),
-    "waiting": ("infera:num_requests_waiting", "Sequences waiting to be scheduled (or for their grammar to compile).", "gauge"),
+    "waiting": ("infera:num_requests_waiting", "Sequences waiting to be scheduled (or for their grammar).",
+                "gauge"),
     "kv_cache_usage": ("infera:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", "gauge"),
     "preemptions": ("infera:num_preemptions", "Sequences preempted for lack of KV blocks.", "counter"),
     "prefix_queries": ("infera:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "counter"),
