@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from infera import LLM
 from infera.scaling.answers import answers_equal
 from infera.scaling.api import build_search, run_searches
-from infera.scaling.controller import Expand, Search
+from infera.scaling.search import Expand, Search
 from infera.scaling.eval import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, read_rows
 from infera.scaling.result import ScalingResult
 from infera.scaling.tasks import Task, load_tasks

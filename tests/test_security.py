@@ -171,11 +171,11 @@ def test_request_templates_need_the_operators_trust(server):  # noqa: F811
     attack(server, CC, 400, "--trust-request-chat-template", **chat(chat_template=NESTED_LOOP))
 
 
-@pytest.mark.parametrize("template,expect", [
-    (NESTED_LOOP, "did not render within 0.4 s"),
+@pytest.mark.parametrize("template,expect", [  # the loop last: the worker it kills takes ~0.7 s to replace
     ("{{ 'x' * 10**10 }}", "cannot apply the chat template"),
     (CVE_2024_34359, "cannot apply the chat template"),
     (SUBCLASSES, "cannot apply the chat template"),
+    (NESTED_LOOP, "did not render within 0.4 s"),
 ])
 def test_trusted_request_templates_stay_contained(strict, template, expect):
     MARKER.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from infera.engine.llm_engine import LLMEngine
 from infera.outputs import RequestOutput
@@ -86,6 +86,22 @@ class _Abort:
     request_id: str
 
 
+class EngineJob(Protocol):
+    """Work that runs inside the engine loop (through an engine driver, e.g. a scaling search):
+    started and cancelled on the engine thread, which calls ``done()`` when it has ended."""
+
+    def start(self, engine: LLMEngine, done: Callable[[], None]) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Job:
+    job: EngineJob
+    finished: asyncio.Future
+    cancel: bool = False  # the op that cancels it
+
+
 _STOP = object()
 
 
@@ -140,6 +156,7 @@ class AsyncLLMEngine:
         self.max_waiting_requests = max_waiting_requests
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # touched on the event loop only
+        self._jobs: set[_Job] = set()  # likewise: jobs not ended yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stats = self._read_stats()
@@ -203,11 +220,33 @@ class AsyncLLMEngine:
             raise
         return stream
 
+    async def run_job(self, job: EngineJob) -> None:
+        """Run ``job`` on the engine thread until it ends; cancelling the caller cancels the job.
+        Raises QueueFullError or EngineDeadError, or the job's error from ``start``."""
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running ({self.error or 'not started'})")
+        if self.draining:
+            raise EngineDeadError("the server is shutting down; retry on another replica or after the restart")
+        op = _Job(job, self._loop.create_future())
+        self._jobs.add(op)
+        self._ops.put(op)
+        try:
+            await op.finished
+        except asyncio.CancelledError:
+            self._ops.put(_Job(job, op.finished, cancel=True))
+            raise
+        finally:
+            self._jobs.discard(op)
+
     def fail_all(self, error: BaseException) -> None:
-        """End every request now with ``error`` (their streams raise it) and abort them (event loop only)."""
+        """End every request and job now with ``error`` (streams and callers raise it) and abort
+        them (event loop only)."""
         for request_id in list(self._streams):
             self.abort(request_id)
         self._fail(None, error)
+        for op in list(self._jobs):
+            self._ops.put(_Job(op.job, op.finished, cancel=True))
+            _settle(op.finished, error)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, reentrant: callable from ``__del__``)."""
@@ -255,8 +294,9 @@ class AsyncLLMEngine:
                     op = self._ops.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(op, _Add):
-                    self._loop.call_soon_threadsafe(_settle, op.accepted, dead)
+                if isinstance(op, _Add | _Job):
+                    self._loop.call_soon_threadsafe(_settle, op.accepted if isinstance(op, _Add) else op.finished,
+                                                    dead)
 
     def _apply(self, op: Any) -> bool:
         if op is _STOP:
@@ -264,20 +304,28 @@ class AsyncLLMEngine:
         if isinstance(op, _Abort):
             self.engine.abort_request(op.request_id)
             return True
+        if isinstance(op, _Job) and op.cancel:
+            op.job.cancel()
+            return True
         error: BaseException | None = None
         try:
             waiting = self.engine.stats["waiting"]
             if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
                 raise QueueFullError(f"the server is busy: {waiting} requests are waiting "
                                      f"(--max-waiting-requests {self.max_waiting_requests}); retry later")
+            if isinstance(op, _Job):
+                loop, finished = self._loop, op.finished
+                op.job.start(self.engine, lambda: loop.call_soon_threadsafe(_settle, finished, None))
+                return True
             self.engine.add_request(op.prompt, op.params, op.request_id)
         except (ValueError, QueueFullError) as e:
             error = e
         except Exception as e:  # noqa: BLE001 - whatever one request causes ends that request, not the thread
-            logger.exception("request %s could not be queued", op.request_id)
-            self.engine.abort_request(op.request_id)
+            logger.exception("%s could not be queued", "a job" if isinstance(op, _Job) else f"request {op.request_id}")
+            if isinstance(op, _Add):
+                self.engine.abort_request(op.request_id)
             error = ValueError(f"the request could not be accepted ({type(e).__name__}: {e})")
-        self._loop.call_soon_threadsafe(_settle, op.accepted, error)
+        self._loop.call_soon_threadsafe(_settle, op.finished if isinstance(op, _Job) else op.accepted, error)
         return True
 
     def _step(self) -> None:

@@ -47,6 +47,10 @@ class EngineDriver(Protocol):
     """Runs requests from inside the engine loop (a scaling search, say): before each step it may
     add, continue or release sequences; after it, it sees the step's outputs."""
 
+    @property
+    def num_waiting(self) -> int:
+        """Work submitted and not started yet (counts toward the engine's waiting requests)."""
+
     def has_work(self) -> bool: ...
 
     def before_step(self) -> None: ...
@@ -329,7 +333,8 @@ class LLMEngine:
     @property
     def stats(self) -> dict[str, float]:
         s, bm = self.scheduler, self.block_manager
-        waiting = len(s.waiting) + len(self.structured.waiting)  # the latter wait for their grammar
+        # sequences waiting for a slot or for their grammar, and drivers' work not started yet
+        waiting = len(s.waiting) + len(self.structured.waiting) + sum(d.num_waiting for d in self.drivers)
         stats = {"running": len(s.running), "waiting": waiting, "kv_cache_usage": bm.usage,
                  "preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits}
         if self.spec is not None:

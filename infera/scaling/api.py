@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from infera.engine.llm_engine import LLMEngine
 from infera.scaling.beam_search import beam_search as _beam_search
-from infera.scaling.controller import Search, SearchConfig, SearchController, SearchGen
+from infera.scaling.controller import SearchController
+from infera.scaling.search import Search, SearchConfig, SearchGen
 from infera.scaling.particle_filtering import particle_filtering as _particle_filtering
 from infera.scaling.particle_filtering import particle_gibbs as _particle_gibbs
 from infera.scaling.problem import DEFAULT_INSTRUCTION, PROMPT_OPTIONS, Prompt, check_examples, make_problem

@@ -10,7 +10,7 @@ checker), the best beam is a draw among ties that gets worse as the budget prune
 """
 from __future__ import annotations
 
-from infera.scaling.controller import Search, SearchGen
+from infera.scaling.search import Search, SearchGen
 from infera.scaling.sampling import pick_weighted
 from infera.scaling.selection import argmax, check_select
 

@@ -23,7 +23,7 @@ import math
 import random
 from collections import Counter
 
-from infera.scaling.controller import Branch, Search, SearchGen
+from infera.scaling.search import Branch, Search, SearchGen
 from infera.scaling.result import ScalingResult
 from infera.scaling.selection import argmax, check_select, vote
 

@@ -33,7 +33,7 @@ from infera.sampling_params import SamplingParams
 from infera.scaling.rewards import Reward, Scores
 
 if TYPE_CHECKING:
-    from infera.scaling.controller import Branch, Search
+    from infera.scaling.search import Branch, Search
 
 BACKBONES = ("llama", "mistral", "qwen2", "qwen3")
 HEADS = {"ForTokenClassification": True, "ForSequenceClassification": False}  # -> scores steps

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from infera.scaling.arithmetic_checker import step_score
 
 if TYPE_CHECKING:
-    from infera.scaling.controller import Branch, Search
+    from infera.scaling.search import Branch, Search
 
 Scores = list[list[float]]
 

@@ -6,7 +6,7 @@ has marked an answer.  Rewards score finished samples only.
 """
 from __future__ import annotations
 
-from infera.scaling.controller import Branch, Search, SearchGen
+from infera.scaling.search import Branch, Search, SearchGen
 from infera.scaling.result import ScalingResult
 from infera.scaling.selection import argmax, vote
 

@@ -9,15 +9,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
-                                        RequestStream)
+from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
 from infera.layers.sampler import TokenLogprobs
 from infera.outputs import CompletionOutput, RequestOutput
 from infera.sampling_params import SamplingParams
 from infera.server.chat_template import ChatTemplateRenderer, check_template_kwargs
 from infera.server.metrics import ServerMetrics
 from infera.scaling.api import build_search
-from infera.scaling.controller import Search, SearchConfig, SearchController
+from infera.scaling.controller import SearchJob
+from infera.scaling.search import Search, SearchConfig
 from infera.scaling.rewards import Reward
 from infera.server.options import ServerOptions
 from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -70,9 +70,6 @@ class OpenAIServing:
         self.renderer = ChatTemplateRenderer(self.tokenizer, options.chat_template_timeout,
                                              max_chars=engine.max_model_len * longest_token)
         self._token_text: dict[int, str] = {}
-        # scaling searches run on the engine thread, inside engine.step() (see infera.scaling.controller)
-        self.scaling = SearchController(engine.engine)
-        engine.engine.drivers.append(self.scaling)
 
     # -- shared -----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -342,33 +339,25 @@ class OpenAIServing:
                             ("max_tokens", req.requested_max_tokens)):
             if value is not None:
                 options.setdefault(name, value)
-        limit = self.engine.max_waiting_requests
-        waiting = self.engine.stats["waiting"] + self.scaling.num_waiting
-        if limit is not None and waiting >= limit:
-            raise QueueFullError(f"the server is busy: {waiting} requests are waiting (--max-waiting-requests "
-                                 f"{limit}); retry later")
         prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
                                         req.chat_template)
+        messages = [m.template_dict() for m in req.messages]
         try:
             check_scaling_work(spec.budget, options, self.engine.max_model_len)
-            search = build_search(self.engine.engine, [m.template_dict() for m in req.messages], spec.method,
-                                  spec.budget, self._reward(spec.reward), options, rendered=prompt)
+            reward = self._reward(spec.reward)
         except ValueError as e:
             raise OpenAIError(400, f"scaling: {e}", param="scaling") from None
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        self.scaling.submit(search, lambda _: loop.call_soon_threadsafe(_settle_search, done))
-        self.engine.abort(search.id)  # no such request: the no-op wakes an idle engine thread to run the search
+        # built and run on the engine thread (see infera.scaling.controller)
+        job = SearchJob(lambda engine: build_search(engine, messages, spec.method, spec.budget, reward, options,
+                                                    rendered=prompt))
         deadline = self._deadline(arrival)
         try:
-            await asyncio.wait_for(asyncio.shield(done), None if deadline is None else deadline - time.monotonic())
-        except (asyncio.CancelledError, TimeoutError) as e:
-            self.scaling.cancel(search.id)
-            self.engine.abort(search.id)
-            if isinstance(e, TimeoutError):
-                raise self._timed_out() from None
-            raise
-        return self._scaling_response(search, arrival, req.user)
+            await asyncio.wait_for(self.engine.run_job(job), None if deadline is None else deadline - time.monotonic())
+        except TimeoutError:
+            raise self._timed_out() from None
+        except ValueError as e:
+            raise OpenAIError(400, f"scaling: {e}", param="scaling") from None
+        return self._scaling_response(job.search, arrival, req.user)
 
     def _reward(self, name: str | None) -> Reward | str | None:
         """A request's reward: built in (``arithmetic``, ``self``) or one of the operator's reward models
@@ -455,11 +444,6 @@ async def _until(items: AsyncIterator[T], deadline: float | None) -> AsyncIterat
             yield item
     finally:
         await iterator.aclose()
-
-
-def _settle_search(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
