@@ -78,7 +78,7 @@ class _Add:
     request_id: str
     prompt: str | list[int]
     params: SamplingParams
-    accepted: asyncio.Future
+    done: asyncio.Future  # settled once the engine has taken the request (or refused it)
 
 
 @dataclass
@@ -98,7 +98,7 @@ class EngineJob(Protocol):
 @dataclass(eq=False)
 class _Job:
     job: EngineJob
-    finished: asyncio.Future
+    done: asyncio.Future  # settled once the job has ended (or was refused)
     cancel: bool = False  # the op that cancels it
 
 
@@ -231,9 +231,9 @@ class AsyncLLMEngine:
         self._jobs.add(op)
         self._ops.put(op)
         try:
-            await op.finished
+            await op.done
         except asyncio.CancelledError:
-            self._ops.put(_Job(job, op.finished, cancel=True))
+            self._ops.put(_Job(job, op.done, cancel=True))
             raise
         finally:
             self._jobs.discard(op)
@@ -245,8 +245,8 @@ class AsyncLLMEngine:
             self.abort(request_id)
         self._fail(None, error)
         for op in list(self._jobs):
-            self._ops.put(_Job(op.job, op.finished, cancel=True))
-            _settle(op.finished, error)
+            self._ops.put(_Job(op.job, op.done, cancel=True))
+            _settle(op.done, error)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, reentrant: callable from ``__del__``)."""
@@ -295,8 +295,7 @@ class AsyncLLMEngine:
                 except queue.Empty:
                     break
                 if isinstance(op, _Add | _Job):
-                    self._loop.call_soon_threadsafe(_settle, op.accepted if isinstance(op, _Add) else op.finished,
-                                                    dead)
+                    self._loop.call_soon_threadsafe(_settle, op.done, dead)
 
     def _apply(self, op: Any) -> bool:
         if op is _STOP:
@@ -314,8 +313,8 @@ class AsyncLLMEngine:
                 raise QueueFullError(f"the server is busy: {waiting} requests are waiting "
                                      f"(--max-waiting-requests {self.max_waiting_requests}); retry later")
             if isinstance(op, _Job):
-                loop, finished = self._loop, op.finished
-                op.job.start(self.engine, lambda: loop.call_soon_threadsafe(_settle, finished, None))
+                loop, done = self._loop, op.done
+                op.job.start(self.engine, lambda: loop.call_soon_threadsafe(_settle, done, None))
                 return True
             self.engine.add_request(op.prompt, op.params, op.request_id)
         except (ValueError, QueueFullError) as e:
@@ -325,7 +324,7 @@ class AsyncLLMEngine:
             if isinstance(op, _Add):
                 self.engine.abort_request(op.request_id)
             error = ValueError(f"the request could not be accepted ({type(e).__name__}: {e})")
-        self._loop.call_soon_threadsafe(_settle, op.finished if isinstance(op, _Job) else op.accepted, error)
+        self._loop.call_soon_threadsafe(_settle, op.done, error)
         return True
 
     def _step(self) -> None:
