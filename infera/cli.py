@@ -9,8 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infera.quant import QUANTIZATION_METHODS
+from infera.arg_utils import add_dataclass_args, dataclass_kwargs
+from infera.config import EngineConfig
 from infera.sampling_params import SamplingParams, StructuredOutputParams
+from infera.server.options import ServerConfig, ServerOptions, server_options
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
@@ -23,56 +25,19 @@ def command(name: str, help: str) -> Callable:
     return register
 
 
+def add_log_level_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and engine")
-    g.add_argument("--model", "-m", default=None,
-                   help="a GGUF file, an HF model directory (config.json + safetensors) or a short name of "
-                        "`infera models` (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b); default: the bundled "
-                        "SmolLM2-135M-Instruct")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype; auto = bfloat16 on CUDA or a CPU with AVX512-BF16/AMX, else float32")
-    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                   help="token budget per engine step (prefill chunks + decodes)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    g.add_argument("--kv-cache-memory", default=None,
-                   help="memory for the KV cache, e.g. 2GiB or 512MB (default: 2GiB on CPU; on CUDA, what "
-                        "--gpu-memory-utilization leaves after a warm-up pass of the largest step)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: the share of the GPU's memory that weights, activations and the KV cache may take, "
-                        "when --kv-cache-memory is not given")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: run every step eagerly instead of replaying CUDA graphs for decode steps")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="auto = the model's dtype; int8 = per-token-and-head scaled int8, about half the memory")
-    g.add_argument("--quantization", default=None, choices=QUANTIZATION_METHODS,
-                   help="quantize the weights at load (CPU kernels): gguf = a GGUF file's own tensors (the "
-                        "default for GGUF models with --dtype auto; an explicit --dtype dequantizes instead); "
-                        "q8_0/q4_0/q4_1 = GGUF blocks; int8, int4 (groups along inputs), int4_ic (groups along "
-                        "outputs), llm_int8 (int8 + float outlier features), dense_sparse (int4 + exact sparse "
-                        "outliers), trit_planes (two ternary planes)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
-    g.add_argument("--speculative", default=None, metavar="ngram|recycle|self[:LAYERS]|draft:PATH",
-                   help="speculative decoding (lossless): ngram = prompt lookup (copies from the prompt and output), "
-                        "recycle = token recycling (the model's earlier predictions), self = the model with some "
-                        "layers skipped (self:8-20,24 picks them), draft:PATH = a smaller model with the same "
-                        "tokenizer; the number of draft tokens adapts per sequence and drops to 0 where it does "
-                        "not pay")
-    g.add_argument("--num-speculative-tokens", type=int, default=8,
-                   help="most draft tokens per sequence and step (default 8)")
-    g.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
-    g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    """A flag per :class:`EngineConfig` field, and ``--log-level``."""
+    add_dataclass_args(p.add_argument_group("model and engine"), EngineConfig)
+    add_log_level_arg(p)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-                quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+    """The engine flags in ``args`` as :class:`EngineConfig` keyword arguments."""
+    return dataclass_kwargs(EngineConfig, args)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -220,14 +185,13 @@ def _roofline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, help="weights per scale for int4")
     p.add_argument("--kv-cache-dtype", default=None, choices=KV_DTYPES, help="default: the dtype")
     add_hardware_args(p)
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO or WARNING")
+    add_log_level_arg(p)
     p.set_defaults(run=run_roofline)
 
 
 def run_roofline(args: argparse.Namespace) -> None:
     import json
 
-    from infera.config import EngineConfig
     from infera.profiler.hardware import get_hardware
     from infera.profiler.roofline import phase_report, resolve_model
 
@@ -294,47 +258,19 @@ def run_profile(args: argparse.Namespace) -> None:
 
 @command("serve", "serve a model over the OpenAI API: completions, chat, streaming, /metrics")
 def _serve(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    g.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on the API; None: $INFERA_API_KEY if set, else no key")
-    g.add_argument("--served-model-name", default=None, help="the model's name in the API; None: the model file's stem")
-    g.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="answer 503 to new requests while this many sequences (and scaling searches) wait for "
-                        "the engine")
-    g = p.add_argument_group("request limits and trust")
-    g.add_argument("--max-tokens-default", type=int, default=None,
-                   help="max_tokens of a request that gives none (default: the rest of the context, as vLLM)")
-    g.add_argument("--max-tokens-limit", type=int, default=None, help="refuse requests asking for more tokens (400)")
-    g.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may run from arrival; then it ends with a 408 (0: no limit; default 600)")
-    g.add_argument("--max-request-body-bytes", type=int, default=16 * 2**20,
-                   help="refuse larger request bodies with a 413 (default 16 MiB)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM/Ctrl-C, seconds running requests get to finish before they end with an error "
-                        "(default 30)")
-    g.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
-                   help="Host header names to answer (* = any); default: loopback names when serving on loopback "
-                        "without an API key (a defence against DNS rebinding), else any")
-    g.add_argument("--trust-request-chat-template", action="store_true",
-                   help="let requests bring their own `chat_template` (rendered sandboxed, time-limited)")
-    g.add_argument("--chat-template-timeout", type=float, default=5.0,
-                   help="seconds a chat template may take to render (default 5)")
-    g.add_argument("--reward-model", action="append", default=None, metavar="NAME=PATH",
-                   help="a PRM/ORM directory that scaling requests may use as reward `model:NAME` (repeatable); "
-                        "requests never name paths")
+    # `infera serve MODEL`, as `vllm serve MODEL`; when absent, --model's value stays
+    p.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL", help="the model, as --model")
+    add_dataclass_args(p.add_argument_group("server"), ServerConfig)
+    add_dataclass_args(p.add_argument_group("keys, request limits and trust"), ServerOptions)
     add_engine_args(p)
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    import os
-
     from infera.server.api_server import run_server
 
-    args.api_key = args.api_key or os.environ.get("INFERA_API_KEY")
-    run_server(args)
+    run_server(EngineConfig(**engine_kwargs(args)), ServerConfig(**dataclass_kwargs(ServerConfig, args)),
+               server_options(args), args.log_level)
 
 
 @command("quantize", "quantize a model's weights and save them (safetensors + quantization_config.json)")
@@ -354,7 +290,7 @@ def _quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, default=None, help="trit_planes: refinement rounds (default 6)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the tensors left unquantized (embeddings, norms)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    add_log_level_arg(p)
     p.set_defaults(run=run_quantize)
 
 

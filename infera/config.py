@@ -7,9 +7,12 @@ from typing import Any
 
 import torch
 
+from infera.arg_utils import option
 from infera.kernels import has_bf16_arithmetic
+from infera.quant import QUANTIZATION_METHODS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "int8")
 DEFAULT_KV_CACHE_MEMORY = 2 * 2**30  # on CPU, when kv_cache_memory is not given
 
 
@@ -35,37 +38,58 @@ class EngineConfig:
     ``gpu_memory_utilization`` of the device leaves after a warm-up pass of the largest step.
     On CUDA, decode steps replay CUDA graphs unless ``enforce_eager``.  ``speculative`` turns on
     speculative decoding with a proposer (ngram, recycle, self, self:LAYERS, draft:PATH; see
-    :mod:`infera.spec`) drafting up to ``num_speculative_tokens`` tokens per sequence and step."""
+    :mod:`infera.spec`) drafting up to ``num_speculative_tokens`` tokens per sequence and step.
+    Each field is also a flag of the engine commands (:func:`infera.arg_utils.add_dataclass_args`)."""
 
-    model: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 1024
-    block_size: int = 16
-    kv_cache_memory: int | str | None = None
-    kv_cache_dtype: str = "auto"
-    quantization: str | None = None
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    speculative: str | None = None
-    num_speculative_tokens: int = 8
+    model: str | None = option(
+        None, flags=("--model", "-m"),
+        help="a GGUF file, an HF model directory (config.json + safetensors) or a short name of `infera models` "
+             "(qwen2.5-coder-0.5b, qwen2.5-coder-1.5b); None: the bundled SmolLM2-135M-Instruct")
+    dtype: str = option("auto", choices=("auto", *DTYPES),
+                        help="compute dtype; auto = bfloat16 on CUDA or a CPU with AVX512-BF16/AMX, else float32")
+    device: str = option("auto", metavar="auto|cpu|cuda[:N]", help="where the model runs; auto = cuda if available")
+    max_model_len: int | None = option(None, help="context length; None: the model's")
+    max_num_seqs: int = option(256, help="most sequences running at once")
+    max_num_batched_tokens: int = option(1024, help="token budget per engine step (prefill chunks + decodes)")
+    block_size: int = option(16, help="tokens per KV-cache block")
+    kv_cache_memory: int | str | None = option(
+        None, flags=("--kv-cache-memory", "--kv-cache-memory-bytes"),
+        help="memory for the KV cache, e.g. 2GiB, 512MB or bytes; None: 2GiB on CPU and, on CUDA, what "
+             "--gpu-memory-utilization leaves after a warm-up pass of the largest step")
+    kv_cache_dtype: str = option("auto", choices=KV_CACHE_DTYPES,
+                                 help="auto = the model's dtype; int8 = per-token-and-head scaled int8, about half "
+                                      "the memory")
+    quantization: str | None = option(
+        None, choices=QUANTIZATION_METHODS,
+        help="quantize the weights at load (CPU kernels): gguf = a GGUF file's own tensors (the default for GGUF "
+             "models with --dtype auto; an explicit --dtype dequantizes instead); q8_0/q4_0/q4_1 = GGUF blocks; "
+             "int8, int4 (groups along inputs), int4_ic (groups along outputs), llm_int8 (int8 + float outlier "
+             "features), dense_sparse (int4 + exact sparse outliers), trit_planes (two ternary planes)")
+    enable_prefix_caching: bool = option(True, flags=("--enable-prefix-caching", "--prefix-caching"),
+                                         help="reuse the KV cache of shared prompt prefixes")
+    seed: int = option(0, help="seed for requests that bring none")
+    gpu_memory_utilization: float = option(
+        0.9, help="CUDA: the share of the GPU's memory that weights, activations and the KV cache may take, "
+                  "when --kv-cache-memory is not given")
+    enforce_eager: bool = option(
+        False, help="CUDA: run every step eagerly instead of replaying CUDA graphs for decode steps")
+    speculative: str | None = option(
+        None, metavar="ngram|recycle|self[:LAYERS]|draft:PATH",
+        help="speculative decoding (lossless): ngram = prompt lookup (copies from the prompt and output), "
+             "recycle = token recycling (the model's earlier predictions), self = the model with some layers "
+             "skipped (self:8-20,24 picks them), draft:PATH = a smaller model with the same tokenizer; the number "
+             "of draft tokens adapts per sequence and drops to 0 where it does not pay")
+    num_speculative_tokens: int = option(8, help="most draft tokens per sequence and step")
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.quantization is not None:
-            from infera.quant import QUANTIZATION_METHODS
-
-            if self.quantization not in QUANTIZATION_METHODS:
-                raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; "
-                                 f"got {self.quantization!r}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; "
+                             f"got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")

@@ -1,7 +1,6 @@
 """The OpenAI-compatible HTTP server: FastAPI app, routes, error handling, and ``infera serve``."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -21,10 +20,11 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from infera.config import EngineConfig
 from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                         run_on_fresh_thread)
 from infera.server.metrics import ServerMetrics
-from infera.server.options import ServerOptions, default_allowed_hosts, host_name
+from infera.server.options import ServerConfig, ServerOptions, host_name
 from infera.scaling.rewards import Reward
 from infera.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -323,44 +323,22 @@ class InferaServer(uvicorn.Server):
             timer.cancel()
 
 
-def server_options(args: argparse.Namespace) -> ServerOptions:
-    """``infera serve``'s server flags as ServerOptions."""
-    rewards = {}
-    for item in args.reward_model or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--reward-model takes NAME=PATH, got {item!r}")
-        rewards[name] = path
-    return ServerOptions(
-        api_key=args.api_key, max_tokens_default=args.max_tokens_default, max_tokens_limit=args.max_tokens_limit,
-        request_timeout=args.request_timeout or None, max_request_body_bytes=args.max_request_body_bytes,
-        trust_request_chat_template=args.trust_request_chat_template,
-        chat_template_timeout=args.chat_template_timeout, reward_models=rewards,
-        allowed_hosts=default_allowed_hosts(args.host, args.api_key, args.allowed_hosts),
-        shutdown_timeout=args.shutdown_timeout)
-
-
-def run_server(args: argparse.Namespace) -> None:
+def run_server(engine_config: EngineConfig, config: ServerConfig, options: ServerOptions,
+               log_level: str = "info") -> None:
     """``infera serve``: load the model, then serve it until Ctrl-C or SIGTERM."""
-    from infera.cli import engine_kwargs
     from infera.engine.llm_engine import LLMEngine
     from infera.scaling.reward_model import load_reward_model
 
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_waiting_requests < 1:
-        raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
-    options = server_options(args)
-    engine = run_on_fresh_thread(LLMEngine, **engine_kwargs(args))  # the engine thread alone runs torch
+    engine = run_on_fresh_thread(LLMEngine, engine_config)  # the engine thread alone runs torch
     rewards = {name: run_on_fresh_thread(load_reward_model, path) for name, path in options.reward_models.items()}
-    name = args.served_model_name or Path(engine.model_path).stem
-    app = build_app(AsyncLLMEngine(engine, args.max_waiting_requests), name, options, rewards)
+    name = config.served_model_name or Path(engine.model_path).stem
+    app = build_app(AsyncLLMEngine(engine, config.max_waiting_requests), name, options, rewards)
 
     def banner(port: int) -> None:
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
         url = f"http://{host}:{port}"
         body = {"model": name, "messages": [{"role": "user", "content": "Hello! Who are you?"}], "max_tokens": 64}
-        auth = ' -H "Authorization: Bearer $INFERA_API_KEY"' if args.api_key else ""
+        auth = ' -H "Authorization: Bearer $INFERA_API_KEY"' if options.api_key else ""
         logger.info("serving %s as '%s': %s on %s, KV cache %d tokens, context %d tokens, up to %d sequences",
                     engine.model_path, name, str(engine.dtype).removeprefix("torch."), engine.device,
                     engine.runner.num_blocks * engine.config.block_size, engine.max_model_len,
@@ -372,9 +350,9 @@ def run_server(args: argparse.Namespace) -> None:
                     f"{options.request_timeout:g}s" if options.request_timeout else "none",
                     options.max_request_body_bytes,
                     ", ".join(options.allowed_hosts) if options.allowed_hosts is not None else "any")
-        logger.info("listening on http://%s:%d (OpenAI API at %s/v1, metrics at %s/metrics)", args.host, port,
+        logger.info("listening on http://%s:%d (OpenAI API at %s/v1, metrics at %s/metrics)", config.host, port,
                     url, url)
         logger.info("try it:\n  curl %s/v1/chat/completions -H 'Content-Type: application/json'%s -d %s",
                     url, auth, shlex.quote(json.dumps(body)))
 
-    InferaServer(app, args.host, args.port, options.shutdown_timeout, args.log_level.lower(), banner).run()
+    InferaServer(app, config.host, config.port, options.shutdown_timeout, log_level.lower(), banner).run()

@@ -1,31 +1,64 @@
-"""What the operator decides for every request of ``infera serve``: keys, limits, trust.
+"""What the operator decides for ``infera serve``: where it listens, and the keys, limits and trust of
+every request.
 
 Requests are bounded by these (and by the per-field bounds in :mod:`infera.server.protocol`);
 a request past a bound is answered with a 4xx that names the flag to change.
 """
 from __future__ import annotations
 
+import argparse
 import ipaddress
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
+
+from infera.arg_utils import dataclass_kwargs, option
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
+class ServerConfig:
+    """Where ``infera serve`` listens, the model's name in the API, and how many requests may wait."""
+
+    host: str = option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, help="port to listen on (0: any free port)")
+    served_model_name: str | None = option(None, help="the model's name in the API; None: the model file's stem")
+    max_waiting_requests: int = option(
+        1024, help="answer 503 to new requests while this many sequences (and scaling searches) wait for the engine")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_waiting_requests < 1:
+            raise ValueError(f"--max-waiting-requests must be >= 1, got {self.max_waiting_requests}")
+
+
+@dataclass
 class ServerOptions:
-    api_key: str | None = None
-    # a request that gives no max_tokens gets this many (None: up to the end of the context, as vLLM)
-    max_tokens_default: int | None = None
-    max_tokens_limit: int | None = None  # larger max_tokens are refused (400)
-    request_timeout: float | None = 600.0  # seconds from arrival; past it the request ends with a 408
-    max_request_body_bytes: int = 16 * 2**20  # larger bodies are refused (413)
-    trust_request_chat_template: bool = False  # may a request bring its own `chat_template`?
-    chat_template_timeout: float = 5.0  # seconds a chat template may take to render
-    reward_models: dict[str, str] = field(default_factory=dict)  # name -> directory (scaling reward "model:NAME")
-    # Host header names accepted (None: any); a keyless server on loopback takes loopback names only,
-    # so that a web page cannot reach it through DNS rebinding
-    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
-    shutdown_timeout: float = 30.0  # on SIGTERM, seconds running requests get to finish
+    """The keys, limits and trust of every request; each field is also a flag of ``infera serve``
+    (:func:`server_options` reads them)."""
+
+    api_key: str | None = option(
+        None, help="require `Authorization: Bearer KEY` on the API; None: $INFERA_API_KEY if set, else no key")
+    max_tokens_default: int | None = option(
+        None, help="max_tokens of a request that gives none; None: the rest of the context, as vLLM")
+    max_tokens_limit: int | None = option(None, help="refuse requests asking for more tokens (400)")
+    request_timeout: float | None = option(
+        600.0, help="seconds a request may run from arrival; then it ends with a 408 (0: no limit)")
+    max_request_body_bytes: int = option(16 * 2**20, help="refuse larger request bodies with a 413")
+    trust_request_chat_template: bool = option(
+        False, help="let requests bring their own `chat_template` (rendered sandboxed, time-limited)")
+    chat_template_timeout: float = option(5.0, help="seconds a chat template may take to render")
+    reward_models: dict[str, str] = option(
+        default_factory=dict, flags=("--reward-model",), action="append", flag_default=None, metavar="NAME=PATH",
+        help="a PRM/ORM directory that scaling requests may use as reward `model:NAME` (repeatable); requests "
+             "never name paths")
+    allowed_hosts: tuple[str, ...] | None = option(
+        LOOPBACK_HOSTS, nargs="+", flag_default=None, metavar="HOST",
+        help="Host header names to answer (* = any); default: loopback names when serving on loopback without an "
+             "API key (a defence against DNS rebinding), else any")
+    shutdown_timeout: float = option(
+        30.0, help="on SIGTERM/Ctrl-C, seconds running requests get to finish before they end with an error")
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_default", "max_tokens_limit"):
@@ -40,6 +73,23 @@ class ServerOptions:
                 and self.max_tokens_default > self.max_tokens_limit):
             raise ValueError(f"--max-tokens-default {self.max_tokens_default} is above --max-tokens-limit "
                              f"{self.max_tokens_limit}")
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    """``infera serve``'s flags as ServerOptions, converted where a flag is not its field: the key falls back
+    to $INFERA_API_KEY, a request timeout of 0 is none, ``NAME=PATH`` items make the reward models, and
+    the allowed hosts default by the address and the key (:func:`default_allowed_hosts`)."""
+    given = dataclass_kwargs(ServerOptions, args)
+    api_key = given["api_key"] or os.environ.get("INFERA_API_KEY")
+    rewards = {}
+    for item in given["reward_models"] or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--reward-model takes NAME=PATH, got {item!r}")
+        rewards[name] = path
+    return ServerOptions(**dict(given, api_key=api_key, request_timeout=given["request_timeout"] or None,
+                                reward_models=rewards,
+                                allowed_hosts=default_allowed_hosts(args.host, api_key, given["allowed_hosts"])))
 
 
 def is_loopback(host: str) -> bool:
