@@ -11,8 +11,7 @@ from typing import TypeVar
 
 from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                         RequestStream)
-from infera.layers.sampler import TokenLogprobs
-from infera.outputs import CompletionOutput, RequestOutput
+from infera.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from infera.sampling_params import SamplingParams
 from infera.server.chat_template import ChatTemplateRenderer, check_template_kwargs
 from infera.server.metrics import ServerMetrics
