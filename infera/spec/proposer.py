@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from infera.engine.model_runner import StepOutput
-from infera.engine.sequence import Sequence
 from infera.layers.sampler import sampling_probs
 
 if TYPE_CHECKING:
+    from infera.engine.model_runner import StepOutput
+    from infera.engine.sequence import Sequence
     from infera.spec.controller import LinearCost
 
 

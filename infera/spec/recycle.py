@@ -12,10 +12,13 @@ sequence, not trees; a chain stops where the product of the recorded probabiliti
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING
 
-from infera.engine.model_runner import StepOutput
-from infera.engine.sequence import Sequence
 from infera.spec.proposer import Draft, Proposer
+
+if TYPE_CHECKING:
+    from infera.engine.model_runner import StepOutput
+    from infera.engine.sequence import Sequence
 
 
 class RecycleProposer(Proposer):
