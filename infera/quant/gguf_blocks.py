@@ -89,9 +89,6 @@ class GGUFTensor:
                              f"(gguf has no dequantizer for it)") from None
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(self.shape)
 
-    def narrow_rows(self, start: int, length: int) -> GGUFTensor:
-        return GGUFTensor(self.raw[start:start + length], self.type_name, (length, self.shape[1]), self.name)
-
 
 def quantize_blocks(weight: torch.Tensor, type_name: str) -> np.ndarray:
     """Raw GGUF blocks of a float matrix (``[..., in_features]``): gguf's reference quantizer, or

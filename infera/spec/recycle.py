@@ -30,10 +30,6 @@ class RecycleProposer(Proposer):
         self.next_prob = array("f", [0.0]) * vocab_size
         self.min_confidence = min_confidence
 
-    @property
-    def table_bytes(self) -> int:
-        return len(self.next_token) * self.next_token.itemsize + len(self.next_prob) * self.next_prob.itemsize
-
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
         drafts = []
         for seq, k in zip(seqs, num_tokens):
