@@ -247,6 +247,8 @@ class GGUFLinearMethod(QuantizeMethodBase):
     layer whose parts differ in type is converted to Q8_0 (``weight.type_name`` records the type).
     """
 
+    float_linear_weight = True
+
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int], bias: bool,
                        params_dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
