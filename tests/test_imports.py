@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent / "infera"
 UNITS = {"engine", "spec", "structured", "layers", "models", "quant", "loader", "scaling", "server", "eval",
          "profiler", "kernels", "cli", "llm", "config", "outputs", "sampling_params"}
 FLOORED = {"engine", "spec", "structured", "layers", "server", "cli"}
+# Imports against the floors, not fixed yet; each is checked to still exist, so this list cannot go stale.
+KNOWN_BACK_EDGES = {
+    ("server", "cli"): "api_server.run_server takes engine_kwargs from cli (the CLI's argument handling is being rewritten)",
+    # infera.quant is both the interface below layers/ (quant/base.py) and the formats and checkpoint tool above them
+    ("quant", "layers"): "the formats build on layers.linear (float_linear, Linear, VocabEmbedding)",
+    ("quant", "loader"): "quant/checkpoint.py loads the model it quantizes",
+    ("quant", "config"): "quant/checkpoint.py takes config.DTYPES",
+}
 # The generic quantization interface that models may use; every other module of infera.quant is a format.
 QUANT_INTERFACE = {"infera.quant", "infera.quant.base", "infera.quant.method"}
 
@@ -109,8 +117,14 @@ def _describe(graph: dict[str, dict[str, tuple[str, str]]], cycle: list[str]) ->
 @pytest.mark.parametrize("nodes", [FLOORED, UNITS], ids=["floored", "all"])
 def test_no_import_cycle(nodes: set[str]):
     graph = _unit_graph(_modules())
-    cycle = _cycle(graph, nodes)
-    assert cycle is None, f"import cycle: {_describe(graph, cycle)}"
+    floors = {a: {b: e for b, e in edges.items() if (a, b) not in KNOWN_BACK_EDGES} for a, edges in graph.items()}
+    cycle = _cycle(floors, nodes)
+    assert cycle is None, f"import cycle: {_describe(floors, cycle)}"
+
+
+def test_known_back_edges_still_exist():
+    graph = _unit_graph(_modules())
+    assert [edge for edge in KNOWN_BACK_EDGES if edge[1] not in graph[edge[0]]] == []
 
 
 def test_models_import_no_quantization_format():
