@@ -39,12 +39,12 @@ from serve import launch
 from tqdm.auto import tqdm
 
 from infera import LLM
+from infera.eval.scaling import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, read_rows
+from infera.eval.tasks import Task, load_tasks
 from infera.scaling.answers import answers_equal
 from infera.scaling.api import build_search, run_searches
-from infera.scaling.search import Expand, Search
-from infera.scaling.eval import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, read_rows
 from infera.scaling.result import ScalingResult
-from infera.scaling.tasks import Task, load_tasks
+from infera.scaling.search import Expand, Search
 
 REWARD_NAMES = {"arithmetic": "arithmetic checker", "self": "self-judging"}
 

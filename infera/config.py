@@ -14,6 +14,7 @@ from infera.quant import QUANTIZATION_METHODS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "int8")
 DEFAULT_KV_CACHE_MEMORY = 2 * 2**30  # on CPU, when kv_cache_memory is not given
+SPECULATIVE_METHODS = ("ngram", "recycle", "self", "self:LAYERS", "draft:PATH")  # infera.spec's proposers
 
 
 def parse_size(value: str | int) -> int:
@@ -25,6 +26,13 @@ def parse_size(value: str | int) -> int:
         raise ValueError(f"cannot parse size {value!r} (try 2GiB or 512MB)")
     power = " kmgt".index(m.group(2) or " ")
     return int(float(m.group(1)) * 1024 ** power)
+
+
+def check_speculative(method: str) -> None:
+    if method not in ("ngram", "recycle", "self") and not method.startswith(("self:", "draft:")):
+        raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}; got {method!r}")
+    if method == "draft:":
+        raise ValueError("speculative: draft: needs the draft model's path, e.g. draft:/models/small")
 
 
 @dataclass
@@ -101,9 +109,7 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.speculative is not None:
-            from infera.spec.spec_decoder import check_method
-
-            check_method(self.speculative)
+            check_speculative(self.speculative)
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 64:
             raise ValueError(f"num_speculative_tokens must be an integer in [1, 64], got {self.num_speculative_tokens!r}")
 

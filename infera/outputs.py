@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infera.layers.sampler import TokenLogprobs
+@dataclass
+class TokenLogprobs:
+    """The chosen token's log-probability and the ``top`` alternatives (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 @dataclass

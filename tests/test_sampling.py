@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from infera.engine.sequence import Sequence
-from infera.layers.sampler import Sampler
+from infera.engine.sampler import Sampler
 from infera.sampling_params import SamplingParams, StructuredOutputParams
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])

@@ -8,12 +8,12 @@ import re
 
 import pytest
 
+from infera.eval.tasks import arithmetic_tasks, load_jsonl, load_tasks
 from infera.scaling.answers import AnswerExtractor, answers_equal, group_answers, last_boxed
 from infera.scaling.arithmetic_checker import check_claims, step_score
 from infera.scaling.search import aggregate
 from infera.scaling.particle_filtering import resample, weights
 from infera.scaling.selection import argmax, vote
-from infera.scaling.tasks import arithmetic_tasks, load_jsonl, load_tasks
 
 
 @pytest.mark.parametrize("text, holds", [

@@ -20,12 +20,12 @@ from transformers import AutoModelForCausalLM
 
 from infera import LLM, SamplingParams
 from infera.engine.llm_engine import LLMEngine
+from infera.engine.spec_decoder import MAX_IDLE_STEPS
 from infera.kernels import load_cpu_extension
 from infera.models import llama_native
 from infera.sampling_params import StructuredOutputParams as SO
 from infera.spec.controller import SpecController, StepCost
 from infera.spec.self_draft import parse_layers
-from infera.spec.spec_decoder import MAX_IDLE_STEPS
 
 METHODS = ["ngram", "recycle", "self", "draft"]
 Q_METHODS = {"self", "draft"}  # sampled requests get drafts sampled from a draft distribution q

@@ -39,8 +39,6 @@ class BlockManager:
         self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.pending_copies: list[tuple[int, int]] = []
-        self.prefix_queries = 0  # tokens looked up in the prefix cache
-        self.prefix_hits = 0  # tokens found there
 
     @property
     def num_blocks(self) -> int:
@@ -73,8 +71,6 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             found.append(block_id)
-        self.prefix_queries += seq.compute_target
-        self.prefix_hits += len(found) * bs
         return found
 
     def _cache_full_blocks(self, seq: Sequence, start_token: int) -> None:

@@ -13,14 +13,13 @@ from infera.engine.model_runner import ModelRunner, StepOutput
 from infera.engine.output_processor import OutputProcessor
 from infera.engine.scheduler import Scheduler
 from infera.engine.sequence import Sequence, SequenceStatus
-from infera.layers.sampler import TokenLogprobs
+from infera.engine.spec_decoder import SpecDecoder, build_proposer
 from infera.loader.model_loader import build_model, open_model, resolve_quantization
 from infera.loader.tokenizer import Tokenizer
-from infera.outputs import RequestMetrics, RequestOutput
+from infera.outputs import RequestMetrics, RequestOutput, TokenLogprobs
 from infera.quant.layout import kernel_paths
 from infera.quant.method import weight_bytes
 from infera.sampling_params import SamplingParams
-from infera.spec.spec_decoder import SpecDecoder, build_proposer
 from infera.structured import StructuredOutputManager
 
 logger = logging.getLogger("infera")

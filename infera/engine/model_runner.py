@@ -14,8 +14,10 @@ from infera.engine.kv_cache import KVCachePool, available_kv_cache_memory
 from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence
 from infera.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
-from infera.layers.sampler import Sampler, TokenLogprobs, device_tensor, token_logprobs, top_tokens
-from infera.spec.rejection_sampler import RejectionSampler
+from infera.engine.rejection_sampler import RejectionSampler
+from infera.engine.sampler import Sampler, token_logprobs
+from infera.layers.sampler import device_tensor, top_tokens
+from infera.outputs import TokenLogprobs
 from infera.structured.bitmask import BatchBitmask, TokenBitmask
 
 logger = logging.getLogger(__name__)

@@ -6,9 +6,8 @@ import copy
 from tokenizers.decoders import DecodeStream
 
 from infera.engine.sequence import Sequence
-from infera.layers.sampler import TokenLogprobs
 from infera.loader.tokenizer import Tokenizer
-from infera.outputs import CompletionOutput
+from infera.outputs import CompletionOutput, TokenLogprobs
 
 
 class DetokState:

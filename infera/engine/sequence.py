@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from enum import Enum, auto
 from typing import Any
 
@@ -40,7 +39,6 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.params = params
         self.hold_last_token = False
-        self.arrival_time = time.monotonic()
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         # Opaque per-sequence state owned by other layers (sampler RNG and penalty counts,
@@ -52,7 +50,6 @@ class Sequence:
         self.spec_token_ids: list[int] = []
         self.spec_draft_probs: Any = None  # k draft distributions q ([V] each); None: deterministic drafts
         self.logprobs: list[Any] = []
-        self.prompt_logprobs: list[Any] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -10,8 +10,8 @@ from types import ModuleType
 
 TASKS: dict[str, str] = {  # task (the part of --task before any ":") -> module
     "perplexity": "infera.eval.perplexity",
-    "arithmetic": "infera.scaling.eval",
-    "jsonl": "infera.scaling.eval",
+    "arithmetic": "infera.eval.scaling",
+    "jsonl": "infera.eval.scaling",
 }
 
 

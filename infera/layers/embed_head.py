@@ -10,7 +10,6 @@ class VocabEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, quant_method: QuantizeMethodBase | None = None):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = vocab_size, hidden_size
         self.weight_loader = default_weight_loader
         self.quant_method = make_quant_method(self, quant_method)
         self.quant_method.create_weights(self, hidden_size, [vocab_size], False, torch.get_default_dtype())

@@ -32,6 +32,8 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 class UnquantizedLinearMethod(QuantizeMethodBase):
     """A float ``weight [out_features, in_features]`` in the model's dtype."""
 
+    float_linear_weight = True
+
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int], bias: bool,
                        params_dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(sum(output_sizes), in_features, dtype=params_dtype), requires_grad=False)

@@ -17,13 +17,11 @@ from torch import nn
 
 from infera.kernels import load_cpu_extension
 from infera.layers.attention import AttentionMetadata
-from infera.layers.linear import Linear, UnquantizedLinearMethod
+from infera.layers.linear import Linear
 from infera.layers.moe import SparseMoeBlock
-from infera.quant.gguf_blocks import GGUFLinearMethod
 
 logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("INFERA_NATIVE_DECODER", "1") != "0"
-FLOAT_LINEAR_METHODS = (UnquantizedLinearMethod, GGUFLinearMethod)  # float weights run as F.linear
 
 
 def native_linear(ext: ModuleType, layer: Linear, dtype: torch.dtype):
@@ -33,7 +31,7 @@ def native_linear(ext: ModuleType, layer: Linear, dtype: torch.dtype):
         indptr, indices, values = packed.sparse or (None, None, None)
         return ext.Linear(packed.data, layer.bias, packed.native, packed.out_features, packed.threshold,
                           indptr, indices, values, packed.ic_scale, packed.ic_min, packed.ic_group)
-    if isinstance(layer.quant_method, FLOAT_LINEAR_METHODS) and layer.weight.dtype == dtype:
+    if layer.quant_method.float_linear_weight and layer.weight.dtype == dtype:
         return ext.Linear(layer.weight, layer.bias)
     return None
 

@@ -41,10 +41,6 @@ class HardwareSpec:
             raise ValueError(f"hardware {self.name!r} has no {dtype} FLOP/s figure; it has {', '.join(self.flops)}")
         return self.flops[key]
 
-    def ridge_point(self, dtype: str) -> float:
-        """Arithmetic intensity (FLOP/byte) where the memory roof meets the compute roof."""
-        return self.peak_flops(dtype) / self.memory_bandwidth
-
 
 GPUS: dict[str, HardwareSpec] = {
     # NVIDIA H100 Tensor Core GPU datasheet, SXM column: HBM3 3.35 TB/s; FP32 67 TFLOPS;

@@ -19,6 +19,10 @@ from torch import nn
 class QuantizeMethodBase(ABC):
     """Parameters and forward of one layer kind (linear layers and vocabulary embeddings)."""
 
+    # apply() is F.linear over ``layer.weight`` whenever that is a float tensor without a packed form,
+    # so fused native kernels may take the weight as it is
+    float_linear_weight: bool = False
+
     @abstractmethod
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int], bias: bool,
                        params_dtype: torch.dtype) -> None:

@@ -89,9 +89,6 @@ class GGUFTensor:
                              f"(gguf has no dequantizer for it)") from None
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(self.shape)
 
-    def narrow_rows(self, start: int, length: int) -> GGUFTensor:
-        return GGUFTensor(self.raw[start:start + length], self.type_name, (length, self.shape[1]), self.name)
-
 
 def quantize_blocks(weight: torch.Tensor, type_name: str) -> np.ndarray:
     """Raw GGUF blocks of a float matrix (``[..., in_features]``): gguf's reference quantizer, or
@@ -249,6 +246,8 @@ class GGUFLinearMethod(QuantizeMethodBase):
     The parameter is created empty and takes its type from the first tensor loaded into it; a fused
     layer whose parts differ in type is converted to Q8_0 (``weight.type_name`` records the type).
     """
+
+    float_linear_weight = True
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int], bias: bool,
                        params_dtype: torch.dtype) -> None:

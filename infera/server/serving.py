@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
-from infera.layers.sampler import TokenLogprobs
-from infera.outputs import CompletionOutput, RequestOutput
+from infera.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from infera.sampling_params import SamplingParams
 from infera.server.chat_template import ChatTemplateRenderer, check_template_kwargs
 from infera.server.metrics import ServerMetrics

@@ -6,7 +6,7 @@
   :mod:`.self_draft`).
 * Draft tokens live in ``Sequence.spec_token_ids``, outside the sequence's tokens: the compute
   target includes them, so the scheduler gives the sequence ``1 + k`` tokens and KV slots, and the
-  model runner verifies them with :class:`.rejection_sampler.RejectionSampler` in the same pass as
+  model runner verifies them with :class:`infera.engine.rejection_sampler.RejectionSampler` in the same pass as
   every other sequence's decode (ragged: each sequence accepts its own number).  The engine then
   appends the accepted tokens one at a time (stop strings, EOS, ``max_tokens`` and grammars may end
   the sequence midway), commits the KV of the tokens kept and rolls back the rest

@@ -18,11 +18,12 @@ later.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from infera.engine.sequence import Sequence
+if TYPE_CHECKING:
+    from infera.engine.sequence import Sequence
 
 
 class LinearCost:

@@ -13,19 +13,17 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from infera.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
-from infera.engine.block_manager import BlockManager
-from infera.engine.kv_cache import KVCachePool
-from infera.engine.model_runner import ModelRunner
-from infera.engine.sequence import Sequence
-from infera.layers.attention import Attention
-from infera.loader.model_loader import build_model, open_model, resolve_quantization
-from infera.loader.tokenizer import Tokenizer
 from infera.spec.controller import LinearCost
 from infera.spec.proposer import Draft, Proposer, choose_draft_tokens, seeded_generator
+
+if TYPE_CHECKING:
+    from infera.engine.block_manager import BlockManager
+    from infera.engine.model_runner import ModelRunner
+    from infera.engine.sequence import Sequence
 
 CATCH_UP_CHUNK = 512  # longest prompt chunk the draft computes in one pass
 
@@ -42,28 +40,12 @@ class Shadow:
 class DraftModelProposer(Proposer):
     name = "draft"
 
-    def __init__(self, path: str, config: EngineConfig, tokenizer: Tokenizer, target_vocab_size: int,
-                 max_model_len: int, target_kv_tokens: int | None = None):
-        source = open_model(path)
-        hf_config = source.config()
-        draft_tokenizer = Tokenizer(source.tokenizer_dir(), hf_config)
-        if draft_tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
-            raise ValueError(f"speculative: the draft model {path} does not share the target model's tokenizer")
-        device, dtype = config.torch_device, config.torch_dtype
-        quantization = resolve_quantization(source, None, config.dtype, device)
-        model = build_model(source, hf_config, dtype, device, max_model_len, quantization)
-        layers = [m for m in model.modules() if isinstance(m, Attention)]
-        block_bytes = KVCachePool.block_bytes(layers, config.block_size, dtype, "auto")
-        # room for as many tokens as the target's cache holds (a default-sized pool before that is known)
-        tokens = target_kv_tokens or DEFAULT_KV_CACHE_MEMORY // block_bytes * config.block_size
-        self.runner = ModelRunner(model, config.block_size, -(-tokens // config.block_size) * block_bytes,
-                                  tokenizer.eos_token_ids, device, config.seed, max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-                                  enforce_eager=config.enforce_eager)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, enable_prefix_caching=False)
+    def __init__(self, runner: ModelRunner, block_manager: BlockManager, target_vocab_size: int, seed: int):
+        self.runner = runner
+        self.block_manager = block_manager
         self.vocab_size = target_vocab_size
-        self.device = device
-        self.generator = torch.Generator(device).manual_seed(config.seed + 1)
+        self.device = runner.device
+        self.generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.shadows: dict[int, tuple[weakref.ref[Sequence], Shadow]] = {}
         self.draft_cost = LinearCost(prior_ratio=0.15)
 
@@ -106,7 +88,7 @@ class DraftModelProposer(Proposer):
         cache has no room even after dropping the shadows of sequences outside ``batch``."""
         entry = self.shadows.get(seq.seq_id)
         if entry is None:
-            shadow = Shadow(Sequence(seq.token_ids, seq.params), len(seq.token_ids), seeded_generator(seq, self.device))
+            shadow = Shadow(type(seq)(seq.token_ids, seq.params), len(seq.token_ids), seeded_generator(seq, self.device))
             self.shadows[seq.seq_id] = (weakref.ref(seq), shadow)
         else:
             shadow = entry[1]

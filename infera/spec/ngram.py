@@ -3,8 +3,12 @@ output and propose what followed them there.  Pays off where the output copies i
 (rewriting, summarizing, editing code) and costs nothing when no match is found."""
 from __future__ import annotations
 
-from infera.engine.sequence import Sequence
+from typing import TYPE_CHECKING
+
 from infera.spec.proposer import Draft, Proposer
+
+if TYPE_CHECKING:
+    from infera.engine.sequence import Sequence
 
 
 class NgramIndex:

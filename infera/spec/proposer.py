@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from infera.engine.model_runner import StepOutput
-from infera.engine.sequence import Sequence
-from infera.layers.sampler import Sampler
+from infera.layers.sampler import sampling_probs
 
 if TYPE_CHECKING:
+    from infera.engine.model_runner import StepOutput
+    from infera.engine.sequence import Sequence
     from infera.spec.controller import LinearCost
 
 
@@ -52,7 +52,7 @@ def choose_draft_tokens(logits: torch.Tensor, seqs: list[Sequence], generators: 
     probs: list[torch.Tensor | None] = [None] * len(seqs)
     rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
     if rows:  # one pass over all sampled rows: small per-row tensor ops cost more than the math
-        q = Sampler.probs(logits[rows].float(), [seqs[i].params for i in rows])
+        q = sampling_probs(logits[rows].float(), [seqs[i].params for i in rows])
         noise = torch.empty_like(q)
         for j, i in enumerate(rows):
             noise[j].exponential_(generator=generators[i] or default_generator)

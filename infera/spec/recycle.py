@@ -12,10 +12,13 @@ sequence, not trees; a chain stops where the product of the recorded probabiliti
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING
 
-from infera.engine.model_runner import StepOutput
-from infera.engine.sequence import Sequence
 from infera.spec.proposer import Draft, Proposer
+
+if TYPE_CHECKING:
+    from infera.engine.model_runner import StepOutput
+    from infera.engine.sequence import Sequence
 
 
 class RecycleProposer(Proposer):
@@ -26,10 +29,6 @@ class RecycleProposer(Proposer):
         self.next_token = array("i", [-1]) * vocab_size  # -1: nothing recorded yet
         self.next_prob = array("f", [0.0]) * vocab_size
         self.min_confidence = min_confidence
-
-    @property
-    def table_bytes(self) -> int:
-        return len(self.next_token) * self.next_token.itemsize + len(self.next_prob) * self.next_prob.itemsize
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
         drafts = []

@@ -13,15 +13,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from infera.engine.block_manager import BlockManager
-from infera.engine.model_runner import ModelRunner
-from infera.engine.sequence import Sequence
 from infera.spec.controller import LinearCost
 from infera.spec.proposer import Draft, Proposer, choose_draft_tokens, seeded_generator
+
+if TYPE_CHECKING:
+    from infera.engine.block_manager import BlockManager
+    from infera.engine.model_runner import ModelRunner
+    from infera.engine.sequence import Sequence
 
 
 def parse_layers(spec: str, num_layers: int) -> set[int]:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import xgrammar as xgr
 
-from infera.engine.sequence import Sequence
 from infera.loader.tokenizer import Tokenizer
 from infera.sampling_params import SamplingParams
 from infera.structured.bitmask import BatchBitmask, TokenBitmask
@@ -33,6 +32,7 @@ from infera.structured.matcher import GrammarState
 
 if TYPE_CHECKING:
     from infera.engine.output_processor import OutputProcessor
+    from infera.engine.sequence import Sequence
 
 __all__ = ["GRAMMAR_COMPILE_TIMEOUT_S", "JUMP_FORWARD_MAX_BATCH", "MAX_PENDING_COMPILES", "BatchBitmask",
            "CompileQueueFullError", "GrammarCompiler", "GrammarState", "StructuredOutputManager", "TokenBitmask"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import xgrammar as xgr
 
-from infera.engine.sequence import Sequence
 from infera.kernels import cpu_kernels
+
+if TYPE_CHECKING:
+    from infera.engine.sequence import Sequence
 
 
 def pack_bits(allowed: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from infera.engine.sequence import Sequence
-from infera.layers.sampler import Sampler, TokenLogprobs, device_tensor, token_logprobs
+from infera.engine.sampler import Sampler, token_logprobs
+from infera.layers.sampler import device_tensor, sampling_probs
+from infera.outputs import TokenLogprobs
 
 if TYPE_CHECKING:
     from infera.structured.bitmask import BatchBitmask
@@ -104,7 +106,7 @@ class RejectionSampler:
         one's accepted drafts and the token that follows them.  A seeded request draws its
         acceptance uniforms, then its resampling noise, from its own generator."""
         device = logits.device
-        p = Sampler.probs(logits, [s.params for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)])
+        p = sampling_probs(logits, [s.params for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)])
         x = [t for d in drafts for t in (*d, 0)]
         rows = torch.arange(len(x), device=device)
         # q of each draft token (1 after a sequence's last draft: that row is never rejected)

@@ -4,9 +4,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from infera.engine.model_runner import StepOutput
+from infera.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from infera.engine.block_manager import BlockManager
+from infera.engine.kv_cache import KVCachePool
+from infera.engine.model_runner import ModelRunner, StepOutput
 from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence, SequenceStatus
+from infera.layers.attention import Attention
+from infera.loader.model_loader import build_model, open_model, resolve_quantization
+from infera.loader.tokenizer import Tokenizer
 from infera.spec.controller import SpecController
 from infera.spec.proposer import Proposer
 
@@ -16,20 +22,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("infera")
 
 LOG_INTERVAL = 200  # verification steps between acceptance log lines
-METHODS = ("ngram", "recycle", "self", "self:LAYERS", "draft:PATH")
 MAX_IDLE_STEPS = 8  # most steps without planning after the controller chose no drafts
 
 
-def check_method(method: str) -> None:
-    if method not in ("ngram", "recycle", "self") and not method.startswith(("self:", "draft:")):
-        raise ValueError(f"speculative must be one of {', '.join(METHODS)}; got {method!r}")
-    if method == "draft:":
-        raise ValueError("speculative: draft: needs the draft model's path, e.g. draft:/models/small")
-
-
 def build_proposer(method: str, engine: LLMEngine) -> Proposer:
-    """The proposer named by ``EngineConfig.speculative`` for ``engine``."""
-    check_method(method)
+    """The proposer named by ``EngineConfig.speculative`` (checked there) for ``engine``."""
     if method == "ngram":
         from infera.spec.ngram import NgramProposer
 
@@ -41,12 +38,36 @@ def build_proposer(method: str, engine: LLMEngine) -> Proposer:
     if method.startswith("draft:"):
         from infera.spec.draft_model import DraftModelProposer
 
-        return DraftModelProposer(method.removeprefix("draft:"), engine.config, engine.tokenizer,
-                                  engine.runner.vocab_size, engine.max_model_len,
-                                  engine.runner.num_blocks * engine.config.block_size)
+        runner, block_manager = load_draft_model(method.removeprefix("draft:"), engine.config, engine.tokenizer,
+                                                 engine.max_model_len,
+                                                 engine.runner.num_blocks * engine.config.block_size)
+        return DraftModelProposer(runner, block_manager, engine.runner.vocab_size, engine.config.seed)
     from infera.spec.self_draft import SelfDraftProposer
 
     return SelfDraftProposer(engine.runner, engine.block_manager, method.removeprefix("self").removeprefix(":"))
+
+
+def load_draft_model(path: str, config: EngineConfig, tokenizer: Tokenizer, max_model_len: int,
+                     target_kv_tokens: int | None = None) -> tuple[ModelRunner, BlockManager]:
+    """The model runner and block manager of the draft model at ``path`` (``speculative="draft:PATH"``):
+    its own KV pool, with room for as many tokens as the target's cache holds (``target_kv_tokens``)."""
+    source = open_model(path)
+    hf_config = source.config()
+    draft_tokenizer = Tokenizer(source.tokenizer_dir(), hf_config)
+    if draft_tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
+        raise ValueError(f"speculative: the draft model {path} does not share the target model's tokenizer")
+    device, dtype = config.torch_device, config.torch_dtype
+    quantization = resolve_quantization(source, None, config.dtype, device)
+    model = build_model(source, hf_config, dtype, device, max_model_len, quantization)
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    block_bytes = KVCachePool.block_bytes(layers, config.block_size, dtype, "auto")
+    # room for as many tokens as the target's cache holds (a default-sized pool before that is known)
+    tokens = target_kv_tokens or DEFAULT_KV_CACHE_MEMORY // block_bytes * config.block_size
+    runner = ModelRunner(model, config.block_size, -(-tokens // config.block_size) * block_bytes,
+                         tokenizer.eos_token_ids, device, config.seed, max_num_seqs=config.max_num_seqs,
+                         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
+                         enforce_eager=config.enforce_eager)
+    return runner, BlockManager(runner.num_blocks, config.block_size, enable_prefix_caching=False)
 
 
 class SpecDecoder:

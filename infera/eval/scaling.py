@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from infera.engine.llm_engine import LLMEngine
+from infera.eval.tasks import Task, load_tasks
 from infera.scaling.answers import answers_equal
 from infera.scaling.api import METHODS, build_search, run_searches
 from infera.scaling.search import SearchConfig
 from infera.scaling.problem import PROMPT_OPTIONS
 from infera.scaling.rewards import REWARD_SOURCES
 from infera.scaling.sampling import PICKS, shared_samples
-from infera.scaling.tasks import Task, load_tasks
 
 logger = logging.getLogger("infera.eval")
 
