@@ -287,11 +287,42 @@ inline void call_tile_kernel(const Layout& L, const uint8_t* const* tiles, const
 }
 #endif
 
+#ifdef INFERA_AVX2
+// Batches on AVX2 (rows_kernel_has(L.enc, L.sub)): each thread's tiles, one at a time, against the
+// activation rows in chunks of about 1 MiB (quants and per-block terms), which stay in L2 while the
+// thread's tiles pass.
+template <typename OutT>
+void run_tile_rows(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
+                   OutT* y) {
+  const int64_t ntiles = (N + TILE - 1) / TILE;
+  const int64_t m_chunk = std::clamp<int64_t>((1 << 20) / (L.K + L.nb * 16), 4, 512);
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sums(std::min(M, m_chunk) * TILE);
+    for (int64_t mc = 0; mc < M; mc += m_chunk) {
+      const int64_t rows = std::min(M - mc, m_chunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;  // this group's activations
+#define INFERA_KIND(ENC, SUB)                                                                              \
+  if constexpr (rows_kernel_has(ENC, SUB)) {                                                              \
+    if (L.enc == ENC && L.sub == SUB) rows_kernel<ENC, SUB>(L, w + t * L.tile_bytes, A, base + mc, rows, sums.data()); \
+  }
+        INFERA_BLOCK_KINDS(INFERA_KIND)
+#undef INFERA_KIND
+        for (int64_t m = 0; m < rows; ++m) store_tile(sums.data() + m * TILE, L, w, A, ex, t * TILE, mc + m, M, N, y);
+      }
+    }
+  });
+}
+#endif
+
 template <typename OutT>
 void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
                OutT* y) {
 #ifdef INFERA_TILE_KERNEL
   if (!tile_kernel_has(L.enc, L.sub)) return run_rows_generic(L, w, A, ex, M, N, y);
+#ifdef INFERA_AVX2
+  if (M > 1 && rows_kernel_has(L.enc, L.sub)) return run_tile_rows(L, w, A, ex, M, N, y);
+#endif
   const int64_t ntiles = (N + TILE - 1) / TILE;
   // two accumulators: trits, sub-scales per 16
   const bool two_acc = L.enc == T2 || L.sub == SUB_HALF;
