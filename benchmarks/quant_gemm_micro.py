@@ -54,14 +54,15 @@ def build_revision(ref: str, level: str) -> ModuleType:
     """The native module of ``infera/csrc`` at git revision ``ref``, built for ``level``."""
     from torch.utils.cpp_extension import load
 
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "infera/csrc"], check=True,
-                             capture_output=True).stdout
-    src = Path(tempfile.mkdtemp(prefix="infera-csrc-"))
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(src, filter="data")
-    sources = [str(p) for p in sorted((src / "infera/csrc").glob("*.cpp"))]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True,
                             capture_output=True, text=True).stdout.strip()
+    src = Path(tempfile.gettempdir()) / f"infera-csrc-{commit}"  # (kept: the build is cached by its paths)
+    if not src.exists():
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "infera/csrc"], check=True,
+                                 capture_output=True).stdout
+        with tarfile.open(fileobj=BytesIO(archive)) as tar:
+            tar.extractall(src, filter="data")
+    sources = [str(p) for p in sorted((src / "infera/csrc").glob("*.cpp"))]
     return load(f"infera_cpu_{level}_{commit}", sources, extra_cflags=["-O3", *COMPILER_FLAGS[level], "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 

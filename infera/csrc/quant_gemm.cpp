@@ -288,30 +288,36 @@ inline void call_tile_kernel(const Layout& L, const uint8_t* const* tiles, const
 #endif
 
 #ifdef INFERA_AVX2
-// Batches on AVX2 (rows_kernel_has(L.enc, L.sub)): each thread's tiles, one at a time, against the
-// activation rows in chunks of about 1 MiB (quants and per-block terms), which stay in L2 while the
-// thread's tiles pass.
+constexpr int64_t CHUNK_MAX = 96;
+
+// Batches on AVX2 (rows_kernel_has(L.enc, L.sub)): the activation rows in chunks of up to 96 (a
+// chunk's float sums stay in L1) and about 1 MiB, each copied block-major into a panel (which stays
+// in L2), then the threads' tiles, one at a time, against the panel.
 template <typename OutT>
 void run_tile_rows(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
                    OutT* y) {
-  const int64_t ntiles = (N + TILE - 1) / TILE;
-  const int64_t m_chunk = std::clamp<int64_t>((1 << 20) / (L.K + L.nb * 16), 4, 512);
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sums(std::min(M, m_chunk) * TILE);
-    for (int64_t mc = 0; mc < M; mc += m_chunk) {
-      const int64_t rows = std::min(M - mc, m_chunk);
+  const int64_t ntiles = (N + TILE - 1) / TILE, groups = ex.ic_group ? (N + ex.ic_group - 1) / ex.ic_group : 1;
+  const int64_t chunk = std::clamp<int64_t>((1 << 20) / (groups * (L.K + L.nb * int64_t(sizeof(RowBlock)))), 4, CHUNK_MAX);
+  static thread_local RowPanel buffer;  // reused between calls
+  RowPanel& panel = buffer;             // (the caller's, in every thread)
+  for (int64_t mc = 0; mc < M; mc += chunk) {
+    const int64_t rows = std::min(M - mc, chunk);
+    panel.resize(L, groups * rows);
+    at::parallel_for(0, L.nb, 1, [&](int64_t b0, int64_t b1) { panel.fill(L, A, M, mc, rows, b0, b1); });
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      alignas(64) float sums[CHUNK_MAX * TILE];
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t base = ex.ic_group ? (t * TILE / ex.ic_group) * M : 0;  // this group's activations
-#define INFERA_KIND(ENC, SUB)                                                                              \
-  if constexpr (rows_kernel_has(ENC, SUB)) {                                                              \
-    if (L.enc == ENC && L.sub == SUB) rows_kernel<ENC, SUB>(L, w + t * L.tile_bytes, A, base + mc, rows, sums.data()); \
+        const int64_t row0 = ex.ic_group ? (t * TILE / ex.ic_group) * rows : 0;  // this group's activations
+#define INFERA_KIND(ENC, SUB)                                                                          \
+  if constexpr (rows_kernel_has(ENC, SUB)) {                                                          \
+    if (L.enc == ENC && L.sub == SUB) rows_kernel<ENC, SUB>(L, w + t * L.tile_bytes, panel, row0, rows, sums); \
   }
         INFERA_BLOCK_KINDS(INFERA_KIND)
 #undef INFERA_KIND
-        for (int64_t m = 0; m < rows; ++m) store_tile(sums.data() + m * TILE, L, w, A, ex, t * TILE, mc + m, M, N, y);
+        for (int64_t m = 0; m < rows; ++m) store_tile(sums + m * TILE, L, w, A, ex, t * TILE, mc + m, M, N, y);
       }
-    }
-  });
+    });
+  }
 }
 #endif
 

@@ -246,15 +246,51 @@ inline void tile_kernel(const BlockLayout& L, const uint8_t* const* tiles, const
 // The tile kernel above keeps MR rows' accumulators in registers beside the unpacked quants, which
 // leaves too few of the 16 registers (the compiler spills) and unpacks each block once per MR rows.
 // The rows kernel turns the loops around: for each half tile and block, the block's 8 quant vectors
-// are unpacked into registers once, its scales read once, then each activation row of the chunk
+// are unpacked into registers once, its scales read once, then each activation row of a chunk
 // takes its 8 maddubs (int16 sums widened as BlockSums says) and the float epilogue, its float
-// accumulator in memory (out, hot in L1). The integer sums are the same integers and the epilogue
-// is the tile kernel's op for op, so the results keep the avx512 level's bits.
+// accumulator in memory (out, hot in L1). The activation rows come block-major (RowPanel), so the
+// row loop reads one stream. The integer sums are the same integers and the epilogue is the tile
+// kernel's op for op, so the results keep the avx512 level's bits.
 constexpr bool rows_kernel_has(int64_t enc, int64_t) { return enc == Q8 || enc == Q4 || enc == Q5 || enc == Q6; }
 
-// out[m][r] (16 floats a row): row r of the tile times activation row m0 + m, for m < rows.
+// What the rows kernel reads of an activation row's block: its scale, scale * quant sum (the min
+// term), and the integer accumulators' starts (SUB_HALF: values 0-15 and 16-31; Q8: with the
+// 128 * quant sum of its unsigned weights).
+struct RowBlock {
+  float d, ds;
+  int32_t init, init2;
+};
+
+// Activation rows of A block-major for the rows kernel: [block][panel row] quants (32 bytes) and
+// terms. Panel row g * chunk + m is row g * M + m0 + m of A (per-IC groups g < groups, else g = 0).
+struct RowPanel {
+  int64_t rows = 0;
+  std::vector<int8_t> q;
+  std::vector<RowBlock> terms;
+
+  void resize(const BlockLayout& L, int64_t rows_) {
+    rows = rows_;
+    q.resize(rows * L.K);
+    terms.resize(rows * L.nb);
+  }
+  // blocks [b0, b1) of the panel (resized for groups * chunk rows)
+  void fill(const BlockLayout& L, const Activations& A, int64_t M, int64_t m0, int64_t chunk, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = i / chunk * M + m0 + i % chunk, j = row * L.nb + b;
+        std::memcpy(q.data() + (b * rows + i) * 32, A.q.data() + row * L.K + b * 32, 32);
+        RowBlock& t = terms[b * rows + i];
+        t.d = A.d[j], t.ds = A.ds[j];
+        if (L.sub == SUB_HALF) t.init = A.init_half[2 * j], t.init2 = A.init_half[2 * j + 1];
+        else t.init = A.init[j] + (L.enc == Q8 ? 128 * A.sum[j] : 0), t.init2 = 0;
+      }
+    }
+  }
+};
+
+// out[m][r] (16 floats a row): row r of the tile times panel row row0 + m, for m < rows.
 template <int ENC, int SUB>
-inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const Activations& A, int64_t m0, int64_t rows,
+inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPanel& P, int64_t row0, int64_t rows,
                         float* out) {
   using S = BlockSums<ENC, SUB>;
   constexpr int64_t BLOCK = TILE * block_quant_bytes(ENC);
@@ -262,13 +298,9 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const Activat
   static_assert(ENC != T2, "trits take the tile kernel");
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const HighBits<ENC> high_bits;
-  const int64_t nb = L.nb, K = L.K, sg = L.sg, nsa = L.nsa, second = L.nsb * TILE, sub1 = nb * TILE;
+  const int64_t nb = L.nb, sg = L.sg, nsa = L.nsa, second = L.nsb * TILE, sub1 = nb * TILE;
   const bool has_min = L.has_min, offset = L.offset != 0;
-  const int8_t* q = A.q.data() + m0 * K;
-  const float *xd = A.d.data() + m0 * nb, *xds = A.ds.data() + m0 * nb;
-  const int32_t *init = (HALVES ? A.init_half.data() + 2 * m0 * nb : A.init.data() + m0 * nb),
-                *xsum = A.sum.data() + m0 * nb;
-  for (int64_t m = 0; m < rows; ++m) _mm256_storeu_ps(out + m * TILE, _mm256_setzero_ps()), _mm256_storeu_ps(out + m * TILE + 8, _mm256_setzero_ps());
+  std::fill(out, out + rows * TILE, 0.f);
   for (int h = 0; h < 2; ++h) {
     const uint8_t* wq = tile + 32 * h;
     const at::Half* sc = reinterpret_cast<const at::Half*>(tile + L.tile_quant_bytes) + 8 * h;
@@ -298,17 +330,19 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const Activat
         else if (nsa > 1) d1 = _mm256_mul_ps(d1, int8x8(s + sub1));
         d0 = _mm256_mul_ps(d0, int8x8(s));
       }
-      const int8_t* xb = q + b * 32;
-      for (int64_t m = 0, j = b; m < rows; ++m, xb += K, j += nb) {
+      const int8_t* xb = P.q.data() + (b * P.rows + row0) * 32;
+      const RowBlock* xt = P.terms.data() + b * P.rows + row0;
+      for (int64_t m = 0; m < rows; ++m, xb += 32) {
+        const RowBlock& x = xt[m];
         __m256i acc, acc2 = _mm256_setzero_si256();
         if constexpr (ENC == Q8) {
-          acc = _mm256_set1_epi32(init[j] + 128 * xsum[j]);
+          acc = _mm256_set1_epi32(x.init);
           for (int k = 0; k < 8; ++k) {
             const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(u[k]), _mm256_sign_epi8(bcast4(xb + 4 * k), u[k]));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
           }
         } else if constexpr (HALVES) {  // acc: values 0-15 (low nibbles), acc2: 16-31
-          acc = _mm256_set1_epi32(init[2 * j]), acc2 = _mm256_set1_epi32(init[2 * j + 1]);
+          acc = _mm256_set1_epi32(x.init), acc2 = _mm256_set1_epi32(x.init2);
           for (int p0 = 0; p0 < 4; p0 += S::GROUP) {
             __m256i part = _mm256_setzero_si256(), part2 = part;
             for (int p = p0; p < p0 + S::GROUP; ++p) {
@@ -319,7 +353,7 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const Activat
             acc2 = _mm256_add_epi32(acc2, _mm256_madd_epi16(part2, ones));
           }
         } else {
-          acc = offset ? _mm256_set1_epi32(init[j]) : _mm256_setzero_si256();
+          acc = offset ? _mm256_set1_epi32(x.init) : _mm256_setzero_si256();
           for (int p0 = 0; p0 < 4; p0 += S::GROUP) {
             __m256i part = _mm256_maddubs_epi16(u[2 * p0], bcast4(xb + 4 * p0));
             part = _mm256_add_epi16(part, _mm256_maddubs_epi16(u[2 * p0 + 1], bcast4(xb + 16 + 4 * p0)));
@@ -331,10 +365,10 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const Activat
           }
         }
         float* o = out + m * TILE + 8 * h;
-        const __m256 dx = _mm256_set1_ps(xd[j]);
+        const __m256 dx = _mm256_set1_ps(x.d);
         __m256 accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(d0, dx), _mm256_loadu_ps(o));
         if constexpr (HALVES) accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc2), _mm256_mul_ps(d0_hi, dx), accf);
-        if (has_min) accf = _mm256_fmadd_ps(d1, _mm256_set1_ps(xds[j]), accf);
+        if (has_min) accf = _mm256_fmadd_ps(d1, _mm256_set1_ps(x.ds), accf);
         _mm256_storeu_ps(o, accf);
       }
       if (++in_group == sg) in_group = 0, ++sb;
