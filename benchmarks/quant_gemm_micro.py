@@ -33,11 +33,12 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = [  # (GGUF type, out_features, in_features, where)
     ("Q4_1", 1536, 576, "smollm2 gate/up"),
     ("Q4_1", 576, 1536, "smollm2 down"),
+    ("Q8_0", 49152, 576, "smollm2 lm head"),
     ("Q4_K", 1536, 1536, "qwen1.5b q/o"),
     ("Q4_K", 8960, 1536, "qwen1.5b gate/up"),
     ("Q6_K", 1536, 8960, "qwen1.5b down"),
 ]
-SCALE_FIELDS = {"Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}  # byte offsets of a block's fp16 scales
+SCALE_FIELDS = {"Q8_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}  # byte offsets of a block's fp16 scales
 
 
 def random_blocks(type_name: str, rows: int, k: int, g: torch.Generator) -> torch.Tensor:

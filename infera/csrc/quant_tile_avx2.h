@@ -307,11 +307,15 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPane
     const int8_t* sub = reinterpret_cast<const int8_t*>(tile + L.tile_quant_bytes + L.tile_scale_bytes) + 8 * h;
     for (int64_t b = 0, sb = 0, in_group = 0; b < nb; ++b) {
       const uint8_t* block = wq + b * BLOCK;
-      __m256i u[8];  // Q8: the signed quants (q xor 0x80); else the low then high nibbles (high bits in) of vector p
+      // Q8: |w| and w of the signed quants w = q xor 0x80 (more than the registers hold: L1);
+      // else the low then high nibbles (high bits in) of vector p
+      __m256i u[8], w[ENC == Q8 ? 8 : 1];
       if constexpr (ENC == Q8) {
-        for (int k = 0; k < 8; ++k)
-          u[k] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + k * 64)),
+        for (int k = 0; k < 8; ++k) {
+          w[k] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + k * 64)),
                                   _mm256_set1_epi8(char(0x80)));
+          u[k] = _mm256_abs_epi8(w[k]);
+        }
       } else {
         for (int p = 0; p < 4; ++p) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + p * 64));
@@ -338,7 +342,7 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPane
         if constexpr (ENC == Q8) {
           acc = _mm256_set1_epi32(x.init);
           for (int k = 0; k < 8; ++k) {
-            const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(u[k]), _mm256_sign_epi8(bcast4(xb + 4 * k), u[k]));
+            const __m256i p = _mm256_maddubs_epi16(u[k], _mm256_sign_epi8(bcast4(xb + 4 * k), w[k]));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
           }
         } else if constexpr (HALVES) {  // acc: values 0-15 (low nibbles), acc2: 16-31
