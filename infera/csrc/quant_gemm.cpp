@@ -23,8 +23,9 @@
 // Activations are quantized to int8 per block of 32 (as llama.cpp's q8 path), so block b adds
 // d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row. Batches of
 // AMX_MIN_ROWS rows or more go to quant_gemm_amx.cpp where the CPU has AMX. The tile kernels:
-// quant_tile_avx512.h (VNNI) and quant_tile_avx2.h (maddubs, a tile as two halves of 8 rows); the
-// scalar build sums row by row.
+// quant_tile_avx512.h (VNNI) and quant_tile_avx2.h (maddubs, a tile as two halves of 8 rows; for
+// batches its rows kernel: a block unpacked once for up to 96 activation rows); the scalar build
+// sums row by row.
 #include <ATen/Parallel.h>
 
 #include "ops.h"
@@ -335,7 +336,8 @@ void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Ex
 #if defined(INFERA_VNNI)
   // 4 tiles x 1 row when decoding one sequence, 2 tiles x 4 rows (2 x 2 with two accumulators) for batches
   const int nt_max = M == 1 ? 4 : 2;
-#else  // AVX2 (8 rows a register): 2 tiles x 1 row in one pass, 1 tile x 4 rows a pass per half (measured)
+#else  // AVX2 (8 rows a register): 2 tiles x 1 row in one pass, 1 tile x 4 rows a pass per half (measured;
+       // batches of the other encodings than trits take run_tile_rows)
   const int nt_max = M == 1 ? 2 : 1;
 #endif
   const int mr_max = M == 1 ? 1 : (two_acc ? 2 : 4);

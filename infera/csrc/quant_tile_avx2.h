@@ -240,7 +240,6 @@ inline void tile_kernel(const BlockLayout& L, const uint8_t* const* tiles, const
   }
 }
 
-
 // ---- batches: a block of a half tile unpacked once, then every activation row of a chunk over it ----
 //
 // The tile kernel above keeps MR rows' accumulators in registers beside the unpacked quants, which
@@ -359,9 +358,8 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPane
         } else {
           acc = offset ? _mm256_set1_epi32(x.init) : _mm256_setzero_si256();
           for (int p0 = 0; p0 < 4; p0 += S::GROUP) {
-            __m256i part = _mm256_maddubs_epi16(u[2 * p0], bcast4(xb + 4 * p0));
-            part = _mm256_add_epi16(part, _mm256_maddubs_epi16(u[2 * p0 + 1], bcast4(xb + 16 + 4 * p0)));
-            for (int p = p0 + 1; p < p0 + S::GROUP; ++p) {
+            __m256i part = _mm256_setzero_si256();
+            for (int p = p0; p < p0 + S::GROUP; ++p) {
               part = _mm256_add_epi16(part, _mm256_maddubs_epi16(u[2 * p], bcast4(xb + 4 * p)));
               part = _mm256_add_epi16(part, _mm256_maddubs_epi16(u[2 * p + 1], bcast4(xb + 16 + 4 * p)));
             }
