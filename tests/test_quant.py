@@ -127,8 +127,9 @@ def kernel_reference(method: str, t: dict, x: torch.Tensor, q) -> torch.Tensor:
 def test_kernel_matches_reference(method, isa):
     q = quantizer(method)
     g = torch.Generator().manual_seed(1)
-    # ragged 16-row tiles; K = 8192 splits M = 64 into two L2 chunks of 32 rows (int8 path) and
-    # M = 100 into two chunks of 64 (AMX path, which pads it to 128 rows)
+    # ragged 16-row tiles; K = 8192 splits M = 64 into two L2 chunks of 32 rows (int8 tile path),
+    # M = 100 into panels of 85 and 15 rows (AVX2 batch path) and into two chunks of 64 (AMX path,
+    # which pads it to 128 rows); K = 576: M = 100 into panels of 96 and 4 rows (AVX2)
     shapes = [(192, 576), (64, 96), (64, 8192)] if method == "int4_ic" else [(200, 576), (37, 96), (24, 8192)]
     for n, k in shapes:
         w = torch.randn(n, k, generator=g) * 0.05
@@ -163,7 +164,7 @@ def test_avx2_matches_the_highest_level_bitwise(method, monkeypatch):
     n, k = 200, 576  # ragged tiles
     w = torch.randn(n, k, generator=g) * 0.05
     bias = torch.randn(n, generator=g)
-    xs = {m: torch.randn(m, k, generator=g) for m in (1, 3, 4, 7, 33, 64)}
+    xs = {m: torch.randn(m, k, generator=g) for m in (1, 3, 4, 7, 33, 64, 100)}  # 100: two AVX2 panels
 
     def outputs(level: str) -> dict[int, list[torch.Tensor]]:
         monkeypatch.setenv("INFERA_CPU_ISA", level)  # (a packed weight holds its level's module)

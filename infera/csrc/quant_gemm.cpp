@@ -23,8 +23,9 @@
 // Activations are quantized to int8 per block of 32 (as llama.cpp's q8 path), so block b adds
 // d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row. Batches of
 // AMX_MIN_ROWS rows or more go to quant_gemm_amx.cpp where the CPU has AMX. The tile kernels:
-// quant_tile_avx512.h (VNNI) and quant_tile_avx2.h (maddubs, a tile as two halves of 8 rows); the
-// scalar build sums row by row.
+// quant_tile_avx512.h (VNNI) and quant_tile_avx2.h (maddubs, a tile as two halves of 8 rows; for
+// batches its rows kernel: a block unpacked once for up to 96 activation rows); the scalar build
+// sums row by row.
 #include <ATen/Parallel.h>
 
 #include "ops.h"
@@ -287,18 +288,56 @@ inline void call_tile_kernel(const Layout& L, const uint8_t* const* tiles, const
 }
 #endif
 
+#ifdef INFERA_AVX2
+constexpr int64_t CHUNK_MAX = 96;
+
+// Batches on AVX2 (rows_kernel_has(L.enc, L.sub)): the activation rows in chunks of up to 96 (a
+// chunk's float sums stay in L1) and about 1 MiB, each copied block-major into a panel (which stays
+// in L2), then the threads' tiles, one at a time, against the panel.
+template <typename OutT>
+void run_tile_rows(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
+                   OutT* y) {
+  const int64_t ntiles = (N + TILE - 1) / TILE, groups = ex.ic_group ? (N + ex.ic_group - 1) / ex.ic_group : 1;
+  const int64_t chunk = std::clamp<int64_t>((1 << 20) / (groups * (L.K + L.nb * int64_t(sizeof(RowBlock)))), 4, CHUNK_MAX);
+  static thread_local RowPanel buffer;  // reused between calls
+  RowPanel& panel = buffer;             // (the caller's, in every thread)
+  for (int64_t mc = 0; mc < M; mc += chunk) {
+    const int64_t rows = std::min(M - mc, chunk);
+    panel.resize(L, groups * rows);
+    at::parallel_for(0, L.nb, 1, [&](int64_t b0, int64_t b1) { panel.fill(L, A, M, mc, rows, b0, b1); });
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      alignas(64) float sums[CHUNK_MAX * TILE];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row0 = ex.ic_group ? (t * TILE / ex.ic_group) * rows : 0;  // this group's activations
+#define INFERA_KIND(ENC, SUB)                                                                          \
+  if constexpr (rows_kernel_has(ENC, SUB)) {                                                          \
+    if (L.enc == ENC && L.sub == SUB) rows_kernel<ENC, SUB>(L, w + t * L.tile_bytes, panel, row0, rows, sums); \
+  }
+        INFERA_BLOCK_KINDS(INFERA_KIND)
+#undef INFERA_KIND
+        for (int64_t m = 0; m < rows; ++m) store_tile(sums + m * TILE, L, w, A, ex, t * TILE, mc + m, M, N, y);
+      }
+    });
+  }
+}
+#endif
+
 template <typename OutT>
 void run_tiles(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
                OutT* y) {
 #ifdef INFERA_TILE_KERNEL
   if (!tile_kernel_has(L.enc, L.sub)) return run_rows_generic(L, w, A, ex, M, N, y);
+#ifdef INFERA_AVX2
+  if (M > 1 && rows_kernel_has(L.enc, L.sub)) return run_tile_rows(L, w, A, ex, M, N, y);
+#endif
   const int64_t ntiles = (N + TILE - 1) / TILE;
   // two accumulators: trits, sub-scales per 16
   const bool two_acc = L.enc == T2 || L.sub == SUB_HALF;
 #if defined(INFERA_VNNI)
   // 4 tiles x 1 row when decoding one sequence, 2 tiles x 4 rows (2 x 2 with two accumulators) for batches
   const int nt_max = M == 1 ? 4 : 2;
-#else  // AVX2 (8 rows a register): 2 tiles x 1 row in one pass, 1 tile x 4 rows a pass per half (measured)
+#else  // AVX2 (8 rows a register): 2 tiles x 1 row in one pass, 1 tile x 4 rows a pass per half (measured;
+       // batches of the other encodings than trits take run_tile_rows)
   const int nt_max = M == 1 ? 2 : 1;
 #endif
   const int mr_max = M == 1 ? 1 : (two_acc ? 2 : 4);

@@ -7,6 +7,8 @@
 // (the int8 products scaled, the min terms added), prefetching `ahead` bytes past each tile.
 // The header also defines `constexpr bool tile_kernel_has(int64_t enc, int64_t sub)`: the
 // (encoding, sub-scales) pairs of INFERA_BLOCK_KINDS it implements (the others run the scalar path).
+// quant_tile_avx2.h adds a rows kernel for batches (rows_kernel_has, rows_kernel: one tile against
+// up to 96 activation rows copied block-major into a RowPanel).
 #pragma once
 
 #include "ops.h"

@@ -240,4 +240,142 @@ inline void tile_kernel(const BlockLayout& L, const uint8_t* const* tiles, const
   }
 }
 
+// ---- batches: a block of a half tile unpacked once, then every activation row of a chunk over it ----
+//
+// The tile kernel above keeps MR rows' accumulators in registers beside the unpacked quants, which
+// leaves too few of the 16 registers (the compiler spills) and unpacks each block once per MR rows.
+// The rows kernel turns the loops around: for each half tile and block, the block's 8 quant vectors
+// are unpacked into registers once, its scales read once, then each activation row of a chunk
+// takes its 8 maddubs (int16 sums widened as BlockSums says) and the float epilogue, its float
+// accumulator in memory (out, hot in L1). The activation rows come block-major (RowPanel), so the
+// row loop reads one stream. The integer sums are the same integers and the epilogue is the tile
+// kernel's op for op, so the results keep the avx512 level's bits.
+constexpr bool rows_kernel_has(int64_t enc, int64_t) { return enc == Q8 || enc == Q4 || enc == Q5 || enc == Q6; }
+
+// What the rows kernel reads of an activation row's block: its scale, scale * quant sum (the min
+// term), and the integer accumulators' starts (SUB_HALF: values 0-15 and 16-31; Q8: with the
+// 128 * quant sum of its unsigned weights).
+struct RowBlock {
+  float d, ds;
+  int32_t init, init2;
+};
+
+// Activation rows of A block-major for the rows kernel: [block][panel row] quants (32 bytes) and
+// terms. Panel row g * chunk + m is row g * M + m0 + m of A (per-IC groups g < groups, else g = 0).
+struct RowPanel {
+  int64_t rows = 0;
+  std::vector<int8_t> q;
+  std::vector<RowBlock> terms;
+
+  void resize(const BlockLayout& L, int64_t rows_) {
+    rows = rows_;
+    q.resize(rows * L.K);
+    terms.resize(rows * L.nb);
+  }
+  // blocks [b0, b1) of the panel (resized for groups * chunk rows)
+  void fill(const BlockLayout& L, const Activations& A, int64_t M, int64_t m0, int64_t chunk, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = i / chunk * M + m0 + i % chunk, j = row * L.nb + b;
+        std::memcpy(q.data() + (b * rows + i) * 32, A.q.data() + row * L.K + b * 32, 32);
+        RowBlock& t = terms[b * rows + i];
+        t.d = A.d[j], t.ds = A.ds[j];
+        if (L.sub == SUB_HALF) t.init = A.init_half[2 * j], t.init2 = A.init_half[2 * j + 1];
+        else t.init = A.init[j] + (L.enc == Q8 ? 128 * A.sum[j] : 0), t.init2 = 0;
+      }
+    }
+  }
+};
+
+// out[m][r] (16 floats a row): row r of the tile times panel row row0 + m, for m < rows.
+template <int ENC, int SUB>
+inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPanel& P, int64_t row0, int64_t rows,
+                        float* out) {
+  using S = BlockSums<ENC, SUB>;
+  constexpr int64_t BLOCK = TILE * block_quant_bytes(ENC);
+  constexpr bool HIGH = ENC == Q5 || ENC == Q6, HALVES = SUB == SUB_HALF;
+  static_assert(ENC != T2, "trits take the tile kernel");
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const HighBits<ENC> high_bits;
+  const int64_t nb = L.nb, sg = L.sg, nsa = L.nsa, second = L.nsb * TILE, sub1 = nb * TILE;
+  const bool has_min = L.has_min, offset = L.offset != 0;
+  std::fill(out, out + rows * TILE, 0.f);
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* wq = tile + 32 * h;
+    const at::Half* sc = reinterpret_cast<const at::Half*>(tile + L.tile_quant_bytes) + 8 * h;
+    const int8_t* sub = reinterpret_cast<const int8_t*>(tile + L.tile_quant_bytes + L.tile_scale_bytes) + 8 * h;
+    for (int64_t b = 0, sb = 0, in_group = 0; b < nb; ++b) {
+      const uint8_t* block = wq + b * BLOCK;
+      // Q8: |w| and w of the signed quants w = q xor 0x80 (more than the registers hold: L1);
+      // else the low then high nibbles (high bits in) of vector p
+      __m256i u[8], w[ENC == Q8 ? 8 : 1];
+      if constexpr (ENC == Q8) {
+        for (int k = 0; k < 8; ++k) {
+          w[k] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + k * 64)),
+                                  _mm256_set1_epi8(char(0x80)));
+          u[k] = _mm256_abs_epi8(w[k]);
+        }
+      } else {
+        for (int p = 0; p < 4; ++p) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + p * 64));
+          __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          if constexpr (HIGH) high_bits.add(block, p, lo, hi);
+          u[2 * p] = lo, u[2 * p + 1] = hi;
+        }
+      }
+      const at::Half* s0 = sc + sb * TILE;
+      __m256 d0 = nsa > 0 ? half8(s0) : _mm256_set1_ps(1.f);
+      __m256 d1 = nsa > 1 ? half8(s0 + second) : _mm256_setzero_ps();
+      __m256 d0_hi = d0;
+      if constexpr (SUB != SUB_NONE) {
+        const int8_t* s = sub + b * TILE;
+        if constexpr (HALVES) d0_hi = _mm256_mul_ps(d0, int8x8(s + sub1));
+        else if (nsa > 1) d1 = _mm256_mul_ps(d1, int8x8(s + sub1));
+        d0 = _mm256_mul_ps(d0, int8x8(s));
+      }
+      const int8_t* xb = P.q.data() + (b * P.rows + row0) * 32;
+      const RowBlock* xt = P.terms.data() + b * P.rows + row0;
+      for (int64_t m = 0; m < rows; ++m, xb += 32) {
+        const RowBlock& x = xt[m];
+        __m256i acc, acc2 = _mm256_setzero_si256();
+        if constexpr (ENC == Q8) {
+          acc = _mm256_set1_epi32(x.init);
+          for (int k = 0; k < 8; ++k) {
+            const __m256i p = _mm256_maddubs_epi16(u[k], _mm256_sign_epi8(bcast4(xb + 4 * k), w[k]));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+          }
+        } else if constexpr (HALVES) {  // acc: values 0-15 (low nibbles), acc2: 16-31
+          acc = _mm256_set1_epi32(x.init), acc2 = _mm256_set1_epi32(x.init2);
+          for (int p0 = 0; p0 < 4; p0 += S::GROUP) {
+            __m256i part = _mm256_setzero_si256(), part2 = part;
+            for (int p = p0; p < p0 + S::GROUP; ++p) {
+              part = _mm256_add_epi16(part, _mm256_maddubs_epi16(u[2 * p], bcast4(xb + 4 * p)));
+              part2 = _mm256_add_epi16(part2, _mm256_maddubs_epi16(u[2 * p + 1], bcast4(xb + 16 + 4 * p)));
+            }
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(part, ones));
+            acc2 = _mm256_add_epi32(acc2, _mm256_madd_epi16(part2, ones));
+          }
+        } else {
+          acc = offset ? _mm256_set1_epi32(x.init) : _mm256_setzero_si256();
+          for (int p0 = 0; p0 < 4; p0 += S::GROUP) {
+            __m256i part = _mm256_setzero_si256();
+            for (int p = p0; p < p0 + S::GROUP; ++p) {
+              part = _mm256_add_epi16(part, _mm256_maddubs_epi16(u[2 * p], bcast4(xb + 4 * p)));
+              part = _mm256_add_epi16(part, _mm256_maddubs_epi16(u[2 * p + 1], bcast4(xb + 16 + 4 * p)));
+            }
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(part, ones));
+          }
+        }
+        float* o = out + m * TILE + 8 * h;
+        const __m256 dx = _mm256_set1_ps(x.d);
+        __m256 accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(d0, dx), _mm256_loadu_ps(o));
+        if constexpr (HALVES) accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc2), _mm256_mul_ps(d0_hi, dx), accf);
+        if (has_min) accf = _mm256_fmadd_ps(d1, _mm256_set1_ps(x.ds), accf);
+        _mm256_storeu_ps(o, accf);
+      }
+      if (++in_group == sg) in_group = 0, ++sb;
+    }
+  }
+}
+
 }  // namespace infera_quant
