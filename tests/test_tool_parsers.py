@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from infera.sampling_params import StructuredOutputParams
 from infera.server.chat_output import ChatOutputParser
 from infera.server.reasoning_parser import ReasoningParser
 from infera.server.tool_parsers import TOOL_PARSERS, detect_tool_parser
@@ -120,12 +121,12 @@ def test_detect_tool_parser_from_template():
     assert detect_tool_parser(None) is None
 
 
-# (the prompt ends inside <think>, output, expected reasoning, expected content)
+# (the prompt ends inside <think>, output, expected reasoning, expected content: None beside reasoning only)
 REASONING = [
     (False, "<think>\nFirst, 2 + 2 = 4.\n</think>\n\nThe answer is 4.", "First, 2 + 2 = 4.", "The answer is 4."),
     (True, "Hmm, 2 + 2 is 4.\n</think>\n\n4", "Hmm, 2 + 2 is 4.", "4"),
     (False, "No thinking here, <think> is just text.", "", "No thinking here, <think> is just text."),
-    (False, "<think>cut off while thinking", "cut off while thinking", ""),
+    (False, "<think>cut off while thinking", "cut off while thinking", None),
     (True, "", "", ""),
 ]
 
@@ -152,3 +153,63 @@ def test_reasoning_then_tool_calls():
     expected = whole(make(), text)
     for pieces in splits(text):
         assert same_ignoring_ids(stream(make(), pieces), expected), pieces
+
+
+# -- the constraints forced choices and reasoning build, on fixed strings ------------------------
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lima"]}},
+          "required": ["city"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def accepts(tokenizer_dir):
+    """``accepts(params, text)``: whether the constraint's grammar takes all of ``text`` and may end there."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from infera.structured.grammar_compiler import constraint_key, parse_grammar
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(tokenizer_dir)))
+
+    def accepts(params: StructuredOutputParams, text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiler.compile_grammar(parse_grammar(*constraint_key(params))))
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    return accepts
+
+
+def calls_constraint(name: str, parallel: bool) -> StructuredOutputParams:
+    fmt = TOOL_PARSERS[name]().calls_format([("get_weather", SCHEMA), ("noop", {"type": "object"})], parallel)
+    return StructuredOutputParams(structural_tag=json.dumps({"type": "structural_tag", "format": fmt}))
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_PARSERS))
+def test_forced_calls_grammar_is_the_parsers_format(accepts, name):
+    """What the forced-choice grammar takes, the parser reads back as the same calls; other text is refused."""
+    parser = TOOL_PARSERS[name]()
+    one = parser.call_begin.format(name='"get_weather"') + '{"city": "Paris"}' + parser.call_end
+    two = one + parser.separator + parser.call_begin.format(name='"noop"') + "{}" + parser.call_end
+    if name == "mistral":
+        one, two = f"[TOOL_CALLS][{one}]", f"[TOOL_CALLS][{two}]"
+    for text, parallel in ((one, False), (one, True), (two, True)):
+        assert accepts(calls_constraint(name, parallel), text), text
+        parsed = parser.parse(text, final=True)
+        assert parsed.content == "" and [c.name for c in parsed.tool_calls] == (
+            ["get_weather", "noop"] if text == two else ["get_weather"])
+        assert json.loads(parsed.tool_calls[0].arguments) == {"city": "Paris"}
+    assert not accepts(calls_constraint(name, False), two)  # one call only
+    assert not accepts(calls_constraint(name, True), one.replace("Paris", "Rome"))  # arguments off the schema
+    assert not accepts(calls_constraint(name, True), "I will not call a tool.")
+    assert not accepts(calls_constraint(name, True), "")  # at least one call
+
+
+@pytest.mark.parametrize("opened", [False, True])
+def test_constraint_after_reasoning(accepts, opened):
+    constraint = ReasoningParser(opened).constrain(StructuredOutputParams(json=SCHEMA))
+    think = "" if opened else "<think>"
+    assert accepts(constraint, think + "Paris, surely { not JSON here }.</think>\n\n{\"city\":\"Paris\"}")
+    assert not accepts(constraint, think + "thinking</think>\n\nParis")
+    assert not accepts(constraint, think + "thinking</think>\n\n{\"city\":\"Rome\"}")
+    assert accepts(constraint, '{"city":"Lima"}') != opened  # the thinking is optional unless the prompt opened it
+    tools = ReasoningParser(opened).constrain(calls_constraint("hermes", False))
+    assert accepts(tools, think + 'why</think>\n\n<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>')
+    assert not accepts(tools, think + "why</think>\n\nno call")

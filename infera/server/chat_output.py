@@ -41,11 +41,11 @@ class ChatOutputParser:
         return ParsedChat(reasoning or "", parsed.content, calls)
 
     def message(self, text: str) -> AssistantMessage:
-        """The whole output's message (content None when it holds only tool calls)."""
+        """The whole output's message (content None when it holds only tool calls or reasoning)."""
         parsed = self.parse(text, final=True)
         calls = [ToolCall(id=i, function=FunctionCall(name=c.name, arguments=c.arguments))
                  for i, c in zip(self.ids, parsed.tool_calls)]
-        return AssistantMessage(content=parsed.content if parsed.content or not calls else None,
+        return AssistantMessage(content=parsed.content or (None if calls or parsed.reasoning else ""),
                                 reasoning_content=parsed.reasoning or None, reasoning=parsed.reasoning or None,
                                 tool_calls=calls)
 

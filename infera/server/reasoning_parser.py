@@ -66,9 +66,9 @@ def structural_format(params: StructuredOutputParams) -> dict[str, Any]:
         return json.loads(params.structural_tag)["format"]
     if params.json is not None or params.json_object:
         schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-        # compact, as a json constraint alone is (xgrammar's any_whitespace=False)
+        # whitespace bounded (a json constraint alone allows none; here xgrammar's least is one at a time)
         return {"type": "json_schema", "json_schema": {"type": "object"} if params.json_object else schema,
-                "max_whitespace_cnt": 0}
+                "max_whitespace_cnt": 1}
     if params.regex is not None:
         return {"type": "regex", "pattern": params.regex}
     if params.grammar is not None:
