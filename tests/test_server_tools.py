@@ -158,7 +158,8 @@ def test_tool_calls_and_results_render_through_the_template(tools_server):
     ids = httpx.post(f"{tools_server.url}/tokenize", json={"messages": history, "tools": TOOLS}).json()["tokens"]
     text = httpx.post(f"{tools_server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
     assert json.dumps(TOOLS[0]["function"]["parameters"]) in text  # the tools, as the template lists them
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>' in text
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+    assert f"<tool_call>\n{call}\n</tool_call>" in text
     assert "<tool_response>\n18 C, sunny\n</tool_response>" in text
     out = tools_server.client().chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4)
     assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -30,7 +30,8 @@ CASES = [
     ("llama3_json", '<|python_tag|>{"name": "f", "arguments": {"a": true}}', None, [("f", '{"a": true}')]),
     ("llama3_json", 'The answer is {"name": "x"}.', 'The answer is {"name": "x"}.', []),
     ("llama3_json", '{"answer": 42} is JSON, not a call', '{"answer": 42} is JSON, not a call', []),
-    ("mistral", f'Sure [TOOL_CALLS] [{{"name": "get_weather", "arguments": {ARGS}}}, {{"name": "g", "arguments": {{}}}}]',
+    ("mistral", f'Sure [TOOL_CALLS] [{{"name": "get_weather", "arguments": {ARGS}}}, '
+                '{"name": "g", "arguments": {}}]',
      "Sure", [("get_weather", ARGS), ("g", "{}")]),
     ("mistral", "Plain [TOOL answer", "Plain [TOOL answer", []),
 ]

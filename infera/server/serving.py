@@ -24,10 +24,10 @@ from infera.scaling.rewards import Reward
 from infera.server.options import ServerOptions
 from infera.server.reasoning_parser import REASONING_PARSERS, ReasoningParser
 from infera.server.tool_parsers import TOOL_PARSERS, ToolParser, detect_tool_parser
-from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionToolsParam, ChatCompletionChunk, ChatCompletionRequest,
-                                    ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatMessage,
-                                    ChatStreamChoice, CompletionChoice, CompletionLogProbs, CompletionRequest,
-                                    CompletionResponse, DeltaMessage, OpenAIError, SamplingRequest,
+from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                    ChatCompletionResponse, ChatCompletionToolsParam, ChatLogprobs, ChatLogprobToken,
+                                    ChatMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
+                                    CompletionRequest, CompletionResponse, DeltaMessage, OpenAIError, SamplingRequest,
                                     ScalingChatCompletionResponse, TopLogprob, UsageInfo, random_id)
 
 logger = logging.getLogger("infera.server")
@@ -387,8 +387,8 @@ class OpenAIServing:
         forced = req.forced_tools
         try:
             if forced is not None:
-                calls = tool_parser.calls_format([(f.name, f.arguments_schema) for f in forced],
-                                                 parallel=req.parallel_tool_calls and req.tool_choice_mode == "required")
+                parallel = req.parallel_tool_calls and req.tool_choice_mode == "required"
+                calls = tool_parser.calls_format([(f.name, f.arguments_schema) for f in forced], parallel)
                 if reasoning is not None:
                     return reasoning.constrain(calls)
                 return StructuredOutputParams(structural_tag=json.dumps({"type": "structural_tag", "format": calls}))

@@ -1,5 +1,5 @@
-"""Hermes-style tool calls (Qwen2.5, Qwen3, Hermes 2/3): ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``,
-one block per call, after any content."""
+"""Hermes-style tool calls (Qwen2.5, Qwen3, Hermes 2/3): after any content, one block per call,
+``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``."""
 from __future__ import annotations
 
 from infera.server.tool_parsers.abstract_tool_parser import ToolCallsParse, ToolParser
