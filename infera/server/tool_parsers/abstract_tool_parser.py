@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from infera.server.tool_parsers.utils import ObjectScan, partial_suffix, scan_object, skip_ws
 
 ARGUMENT_KEYS = ("arguments", "parameters")
+MAX_WHITESPACE = 16  # consecutive whitespace characters in forced arguments
 
 
 @dataclass
@@ -54,8 +55,10 @@ class ToolParser:
     def calls_format(self, functions: list[tuple[str, dict[str, Any]]], parallel: bool) -> dict[str, Any]:
         """A structural-tag format of one or more calls (just one unless ``parallel``) of ``functions``
         (name, arguments schema) and nothing else."""
+        # whitespace runs bounded (a model can loop on them) but room to indent: one space at a
+        # time pushed Qwen2.5-Coder, which indents arguments, off its layout into calling on and on
         tags = [{"type": "tag", "begin": self.call_begin.format(name=json.dumps(name)),
-                 "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
+                 "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE},
                  "end": self.call_end} for name, schema in functions]
         return {"type": "tags_with_separator", "tags": tags, "separator": self.separator, "at_least_one": True,
                 "stop_after_first": not parallel}
