@@ -55,8 +55,14 @@ class ToolParser:
     def calls_format(self, functions: list[tuple[str, dict[str, Any]]], parallel: bool) -> dict[str, Any]:
         """A structural-tag format of one or more calls (just one unless ``parallel``) of ``functions``
         (name, arguments schema) and nothing else."""
-        # whitespace runs bounded (a model can loop on them) but room to indent: one space at a
-        # time pushed Qwen2.5-Coder, which indents arguments, off its layout into calling on and on
+        # a separator may also end the output: a model that writes one before its end-of-turn token is
+        # not then forced into another call
+        end = {"type": "optional", "content": {"type": "const_string", "value": self.separator}}
+        return {"type": "sequence", "elements": [self.call_tags(functions, parallel), end]}
+
+    def call_tags(self, functions: list[tuple[str, dict[str, Any]]], parallel: bool) -> dict[str, Any]:
+        """The calls alone, separated by :attr:`separator`."""
+        # whitespace runs bounded (a model can loop on them) but room to indent
         tags = [{"type": "tag", "begin": self.call_begin.format(name=json.dumps(name)),
                  "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE},
                  "end": self.call_end} for name, schema in functions]

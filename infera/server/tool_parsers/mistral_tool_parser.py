@@ -33,5 +33,5 @@ class MistralToolParser(ToolParser):
 
     def calls_format(self, functions: list[tuple[str, dict[str, Any]]], parallel: bool) -> dict[str, Any]:
         return {"type": "sequence", "elements": [{"type": "const_string", "value": self.START + "["},
-                                                 super().calls_format(functions, parallel),
+                                                 self.call_tags(functions, parallel),
                                                  {"type": "const_string", "value": "]"}]}
