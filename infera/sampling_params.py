@@ -10,20 +10,22 @@ MAX_LOGPROBS = 20
 @dataclass
 class StructuredOutputParams:
     """One output constraint (vLLM's names): a JSON schema, any JSON object, a regex,
-    an EBNF grammar, or a choice among strings."""
+    an EBNF grammar, a choice among strings, or an xgrammar structural tag (JSON text: a
+    format of tags, free text and schemas, as tool calls and reasoning are constrained)."""
 
     json: dict[str, Any] | str | None = None
     json_object: bool = False
     regex: str | None = None
     grammar: str | None = None
     choice: list[str] | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
-        given = [n for n in ("json", "regex", "grammar", "choice") if getattr(self, n) is not None]
+        given = [n for n in ("json", "regex", "grammar", "choice", "structural_tag") if getattr(self, n) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
-            raise ValueError(f"structured output takes exactly one of json, json_object, regex, grammar, choice; "
-                             f"got {', '.join(given) or 'none'}")
+            raise ValueError(f"structured output takes exactly one of json, json_object, regex, grammar, choice, "
+                             f"structural_tag; got {', '.join(given) or 'none'}")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise ValueError(f"choice must be a non-empty list of strings, got {self.choice!r}")
 

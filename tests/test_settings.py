@@ -52,6 +52,8 @@ OPTION_VALUES = {
                       {"prm": "/m/prm", "orm": "/m/orm"}),
     "allowed_hosts": (["--allowed-hosts", "a.test", "b.test"], ("a.test", "b.test")),
     "shutdown_timeout": (["--shutdown-timeout", "2"], 2.0),
+    "tool_call_parser": (["--tool-call-parser", "llama3_json"], "llama3_json"),
+    "reasoning_parser": (["--reasoning-parser", "deepseek_r1"], "deepseek_r1"),
 }
 ENGINE_COMMANDS = ("generate", "chat", "serve", "profile", "eval")
 

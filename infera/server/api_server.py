@@ -268,7 +268,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         serving.check_model(request.model)
         if request.messages is not None:
-            tokens = await serving.chat_prompt(request.messages, request.add_generation_prompt)
+            tokens = await serving.chat_prompt(request.messages, request.add_generation_prompt, tools=request.tools)
         else:
             tokens = engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)

@@ -96,17 +96,21 @@ class ChatTemplateRenderer:
         self._closed = False
 
     async def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                     template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None) -> str:
+                     template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None,
+                     tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text: the model's chat template (or ``chat_template``, a template or the name
-        of one of the model's) applied to ``messages``.  ValueError for every failure a request causes."""
-        return await self._run(self._render, messages, add_generation_prompt, template_kwargs, chat_template)
+        of one of the model's) applied to ``messages`` and ``tools`` (OpenAI's tool objects, the
+        template's ``tools`` as apply_chat_template passes them).  ValueError for every failure a
+        request causes."""
+        return await self._run(self._render, messages, add_generation_prompt, template_kwargs, chat_template, tools)
 
     async def render_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                         template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None
-                         ) -> list[int]:
+                         template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None,
+                         tools: list[dict[str, Any]] | None = None) -> list[int]:
         """:meth:`render`'s text as token ids, encoded as transformers' ``apply_chat_template`` does
         (without added special tokens: the template writes them)."""
-        return await self._run(self._render_ids, messages, add_generation_prompt, template_kwargs, chat_template)
+        return await self._run(self._render_ids, messages, add_generation_prompt, template_kwargs, chat_template,
+                               tools)
 
     def close(self) -> None:
         """Stop the worker; renders after this raise RuntimeError.  A render under way ends (its
@@ -129,16 +133,18 @@ class ChatTemplateRenderer:
             raise RuntimeError("the chat template renderer is closed")
 
     def _render_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                    template_kwargs: dict[str, Any] | None, chat_template: str | None) -> list[int]:
-        text = self._render(messages, add_generation_prompt, template_kwargs, chat_template)
+                    template_kwargs: dict[str, Any] | None, chat_template: str | None,
+                    tools: list[dict[str, Any]] | None) -> list[int]:
+        text = self._render(messages, add_generation_prompt, template_kwargs, chat_template, tools)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                template_kwargs: dict[str, Any] | None, chat_template: str | None) -> str:
+                template_kwargs: dict[str, Any] | None, chat_template: str | None,
+                tools: list[dict[str, Any]] | None = None) -> str:
         self._check_open()  # a render queued before close() may start after it
         if chat_template is None and not self.tokenizer.hf.chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead")
-        request = {"template": self.tokenizer.hf.get_chat_template(chat_template), "messages": messages,
+        request = {"template": self.tokenizer.hf.get_chat_template(chat_template), "messages": messages, "tools": tools,
                    "add_generation_prompt": add_generation_prompt, "max_chars": self.max_chars,
                    "variables": {**self._special_tokens, **check_template_kwargs(template_kwargs)}}
         try:
@@ -249,7 +255,8 @@ def _serve(memory_bytes: int) -> None:
             request = json.loads(line)
             # apply_chat_template drops None values first; the special tokens are among the variables
             messages = [{k: v for k, v in m.items() if v is not None} for m in request["messages"]]
-            rendered, _ = render_jinja_template(conversations=[messages], chat_template=request["template"],
+            rendered, _ = render_jinja_template(conversations=[messages], tools=request["tools"],
+                                                chat_template=request["template"],
                                                 add_generation_prompt=request["add_generation_prompt"],
                                                 **request["variables"])
             text = rendered[0]

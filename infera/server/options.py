@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 
 from infera.arg_utils import dataclass_kwargs, option
+from infera.server.reasoning_parser import REASONING_PARSERS
+from infera.server.tool_parsers import TOOL_PARSERS
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -59,6 +61,12 @@ class ServerOptions:
              "API key (a defence against DNS rebinding), else any")
     shutdown_timeout: float = option(
         30.0, help="on SIGTERM/Ctrl-C, seconds running requests get to finish before they end with an error")
+    tool_call_parser: str | None = option(
+        None, choices=sorted(TOOL_PARSERS),
+        help="the model's tool call format, parsed into `tool_calls`; None: the format its chat template shows")
+    reasoning_parser: str | None = option(
+        None, choices=sorted(REASONING_PARSERS),
+        help="put the model's <think>...</think> thinking into `reasoning_content`; output constraints apply after it")
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_default", "max_tokens_limit"):

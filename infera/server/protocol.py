@@ -6,6 +6,7 @@ clients and the tools built on them work unchanged.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
 
 from infera.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputParams
+from infera.structured.bounds import check_schema_value
 
 MAX_N = 128
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds (each sample adds its index)
@@ -24,6 +26,8 @@ MAX_STOP_CHARS = 1024  # characters in one stop string
 MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 MAX_USER_CHARS = 256
+MAX_TOOLS = 128  # as OpenAI
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's letters, digits, _ and - (and dots), at most 64
 
 StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
 
@@ -222,10 +226,56 @@ class CompletionResponse(OpenAIModel):
 
 
 # -- chat completions ---------------------------------------------------------------------
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        if parameters is not None:
+            check_schema_value(parameters)
+        return parameters
+
+    @property
+    def arguments_schema(self) -> dict[str, Any]:
+        """The arguments' schema (no parameters: an object without properties, as OpenAI reads it)."""
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class ChatCompletionToolsParam(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ChatCompletionNamedFunction(OpenAIModel):
+    name: str
+
+
+class ChatCompletionNamedToolChoiceParam(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: ChatCompletionNamedFunction
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(OpenAIModel):
+    id: str = Field(default_factory=lambda: random_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -236,12 +286,27 @@ class ChatMessage(OpenAIModel):
                     raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
         return content
 
-    def template_dict(self) -> dict[str, str]:
-        """The message as the chat template sees it: plain text content, developer -> system."""
+    def template_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it: plain text content, developer -> system, and
+        tool calls' arguments as objects (templates write them with ``tojson``), as vLLM passes them."""
         content = self.content
         if isinstance(content, list):
             content = "\n".join(part["text"] for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class ScalingRequest(BaseModel):
@@ -264,7 +329,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatCompletionToolsParam] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | ChatCompletionNamedToolChoiceParam | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # vLLM's: a template of the request's own (--trust-request-chat-template)
@@ -274,11 +341,45 @@ class ChatCompletionRequest(SamplingRequest):
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.scaling is not None and (self.stream or self.n != 1 or self.logprobs or self.constraint_field):
-            raise ValueError("scaling takes a single non-streamed choice without logprobs or output constraints")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, ChatCompletionNamedToolChoiceParam) and choice.function.name not in self.tool_names:
+            raise ValueError(f"tool_choice names function {choice.function.name!r}, which is not among the tools")
+        if self.forced_tools is not None and super().constraint_field is not None:
+            raise ValueError(f"tool_choice {self.tool_choice_mode!r} constrains the output; it cannot be combined "
+                             f"with {super().constraint_field}")
+        if self.scaling is not None and (self.stream or self.n != 1 or self.logprobs or self.constraint_field
+                                         or self.tools):
+            raise ValueError("scaling takes a single non-streamed choice without logprobs, output constraints or tools")
         return self
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or []]
+
+    @property
+    def tool_choice_mode(self) -> Literal["none", "auto", "required", "named"]:
+        """``auto`` when tools come without a choice (OpenAI's default), ``none`` without tools."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, ChatCompletionNamedToolChoiceParam):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @property
+    def forced_tools(self) -> list[FunctionDefinition] | None:
+        """The functions the output must call (``required``: any of them, named: that one); None when not forced."""
+        mode = self.tool_choice_mode
+        if mode == "required":
+            return [t.function for t in self.tools]
+        if mode == "named":
+            return [t.function for t in self.tools if t.function.name == self.tool_choice.function.name]
+        return None
+
+    @property
+    def constraint_field(self) -> str | None:
+        return super().constraint_field or ("tool_choice" if self.forced_tools is not None else None)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -301,14 +402,17 @@ class ChatLogprobs(OpenAIModel):
 
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None  # with --reasoning-parser: the thinking (vLLM's name)
+    reasoning: str | None = None  # the same (vLLM's newer name)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(OpenAIModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
     token_ids: list[int] | None = None  # with return_token_ids
 
@@ -330,20 +434,49 @@ class ScalingChatCompletionResponse(ChatCompletionResponse):
     scaling: dict[str, Any]
 
 
-class DeltaMessage(OpenAIModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class DeltaFunctionCall(OpenAIModel):
+    name: str | None = None
+    arguments: str | None = None
 
     @model_serializer
     def _drop_unset(self) -> dict[str, str]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        return {k: v for k, v in (("name", self.name), ("arguments", self.arguments)) if v is not None}
+
+
+class DeltaToolCall(OpenAIModel):
+    """A streamed tool call: its id, type and name first, then pieces of its arguments under the same index."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer
+    def _drop_unset(self) -> dict[str, Any]:
+        return {"index": self.index, **{k: v for k, v in (("id", self.id), ("type", self.type)) if v is not None},
+                "function": self.function.model_dump()}
+
+
+class DeltaMessage(OpenAIModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer
+    def _drop_unset(self) -> dict[str, Any]:
+        fields = (("role", self.role), ("content", self.content), ("reasoning_content", self.reasoning_content),
+                  ("reasoning", self.reasoning),
+                  ("tool_calls", [c.model_dump() for c in self.tool_calls] if self.tool_calls else None))
+        return {k: v for k, v in fields if v is not None}
 
 
 class ChatStreamChoice(OpenAIModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     token_ids: list[int] | None = None  # with return_token_ids: the chunk's tokens
 
 
@@ -375,6 +508,7 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
+    tools: list[ChatCompletionToolsParam] | None = Field(None, max_length=MAX_TOOLS)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

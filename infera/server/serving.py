@@ -3,15 +3,17 @@ server-sent-event streams out."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
 from infera.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from infera.sampling_params import SamplingParams
+from infera.sampling_params import SamplingParams, StructuredOutputParams
+from infera.server.chat_output import ChatOutputParser
 from infera.server.chat_template import ChatTemplateRenderer, check_template_kwargs
 from infera.server.metrics import ServerMetrics
 from infera.scaling.api import build_search
@@ -19,10 +21,12 @@ from infera.scaling.controller import SearchJob
 from infera.scaling.search import Search, SearchConfig
 from infera.scaling.rewards import Reward
 from infera.server.options import ServerOptions
+from infera.server.reasoning_parser import REASONING_PARSERS, ReasoningParser
+from infera.server.tool_parsers import TOOL_PARSERS, ToolParser, detect_tool_parser
 from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                    ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatMessage,
-                                    ChatStreamChoice, CompletionChoice, CompletionLogProbs, CompletionRequest,
-                                    CompletionResponse, DeltaMessage, OpenAIError, SamplingRequest,
+                                    ChatCompletionResponse, ChatCompletionToolsParam, ChatLogprobs, ChatLogprobToken,
+                                    ChatMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
+                                    CompletionRequest, CompletionResponse, DeltaMessage, OpenAIError, SamplingRequest,
                                     ScalingChatCompletionResponse, TopLogprob, UsageInfo, random_id)
 
 logger = logging.getLogger("infera.server")
@@ -69,6 +73,15 @@ class OpenAIServing:
         self.renderer = ChatTemplateRenderer(self.tokenizer, options.chat_template_timeout,
                                              max_chars=engine.max_model_len * longest_token)
         self._token_text: dict[int, str] = {}
+        self.tool_call_parser = options.tool_call_parser or detect_tool_parser(self._model_template())
+        if options.tool_call_parser is None and self.tool_call_parser is not None:
+            logger.info("tool calls parsed as %s (the format of the model's chat template)", self.tool_call_parser)
+
+    def _model_template(self) -> str | None:
+        try:
+            return self.tokenizer.hf.get_chat_template()
+        except ValueError:  # no template
+            return None
 
     # -- shared -----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -77,9 +90,11 @@ class OpenAIServing:
                               param="model", code="model_not_found")
 
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                          template_kwargs: dict | None = None, chat_template: str | None = None) -> list[int]:
+                          template_kwargs: dict | None = None, chat_template: str | None = None,
+                          tools: list[ChatCompletionToolsParam] | None = None) -> list[int]:
         """The prompt's token ids: the chat template rendered in its sandboxed worker (see
-        :mod:`infera.server.chat_template`); a request's own template only with --trust-request-chat-template."""
+        :mod:`infera.server.chat_template`), with the request's tools; a request's own template only
+        with --trust-request-chat-template."""
         if chat_template is not None and not self.options.trust_request_chat_template:
             raise OpenAIError(400, "chat_template: this server renders only the model's own chat template "
                                    "(the operator may allow others with --trust-request-chat-template)",
@@ -90,7 +105,8 @@ class OpenAIServing:
             raise OpenAIError(400, str(e), param="chat_template_kwargs") from None
         try:
             return await self.renderer.render_ids([m.template_dict() for m in messages], add_generation_prompt,
-                                                  template_kwargs, chat_template)
+                                                  template_kwargs, chat_template,
+                                                  [t.model_dump(exclude_none=True) for t in tools] if tools else None)
         except ValueError as e:
             raise OpenAIError(400, str(e), param="messages") from None
 
@@ -303,16 +319,26 @@ class OpenAIServing:
         if req.scaling is not None:
             return await self.create_scaling_completion(req, arrival)
         prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
-                                        req.chat_template)
+                                        req.chat_template, req.tools)
         max_tokens = self._max_tokens(len(prompt), req.requested_max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, max_tokens, top)
+        reasoning = self._reasoning_parser(prompt)
+        tool_parser = self._tool_parser(req)
+        params.structured = self._chat_constraint(req, params.structured, reasoning, tool_parser)
+        if tool_parser is not None and tool_parser.keeps_special_tokens:
+            params.skip_special_tokens = False
+
+        def output_parser() -> ChatOutputParser:
+            return ChatOutputParser(reasoning, tool_parser, req.parallel_tool_calls)
+
         request_id = random_id("chatcmpl")
         streams = await self._submit(req, [prompt], params, request_id, "messages")
         outputs = self._outputs(streams, [prompt], arrival, req.user)
         created = int(time.time())
         if req.stream:
-            return self._stream_events(self._chat_events(req, request_id, created, prompt, outputs), streams)
+            return self._stream_events(self._chat_events(req, request_id, created, prompt, outputs, output_parser),
+                                       streams)
         final = None
         try:
             async for _, final in outputs:
@@ -320,13 +346,56 @@ class OpenAIServing:
         finally:
             streams[0].close()
         ids = req.return_token_ids
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                              logprobs=self._chat_logprobs(c.logprobs, top) if top is not None else None,
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                              token_ids=list(c.token_ids) if ids else None) for c in final.outputs]
+        choices = []
+        for c in final.outputs:
+            message = output_parser().message(c.text)
+            choices.append(ChatChoice(index=c.index, message=message,
+                                      logprobs=self._chat_logprobs(c.logprobs, top) if top is not None else None,
+                                      finish_reason=_chat_finish(c.finish_reason, bool(message.tool_calls)),
+                                      stop_reason=c.stop_reason, token_ids=list(c.token_ids) if ids else None))
         return ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                       usage=self._usage([prompt], final.num_generated_tokens),
                                       prompt_token_ids=prompt if ids else None)
+
+    def _reasoning_parser(self, prompt: list[int]) -> ReasoningParser | None:
+        """With --reasoning-parser: the request's parser, told whether the prompt opened the thinking."""
+        cls = REASONING_PARSERS.get(self.options.reasoning_parser)
+        if cls is None:
+            return None
+        tail = self.tokenizer.decode(prompt[-4:], skip_special_tokens=False)
+        return cls(prompt_opened=tail.rstrip().endswith(cls.START))
+
+    def _tool_parser(self, req: ChatCompletionRequest) -> ToolParser | None:
+        """The request's tool call parser (None: tool_choice none).  A forced choice writes the
+        format it forces, hermes's where the model shows none; ``auto`` needs the model's own."""
+        mode = req.tool_choice_mode
+        if mode == "none":
+            return None
+        if self.tool_call_parser is None and mode == "auto":
+            raise OpenAIError(400, "tool_choice auto needs the model's tool call format, which its chat template "
+                                   "does not show: start the server with --tool-call-parser, or force a call with "
+                                   "tool_choice required or a named function", param="tool_choice")
+        return TOOL_PARSERS[self.tool_call_parser or "hermes"]()
+
+    @staticmethod
+    def _chat_constraint(req: ChatCompletionRequest, structured: StructuredOutputParams | None,
+                         reasoning: ReasoningParser | None, tool_parser: ToolParser | None
+                         ) -> StructuredOutputParams | None:
+        """The output constraint: the forced tool calls in the parser's format, or the request's
+        structured output; with a reasoning parser, applied after the thinking."""
+        forced = req.forced_tools
+        try:
+            if forced is not None:
+                parallel = req.parallel_tool_calls and req.tool_choice_mode == "required"
+                calls = tool_parser.calls_format([(f.name, f.arguments_schema) for f in forced], parallel)
+                if reasoning is not None:
+                    return reasoning.constrain(calls)
+                return StructuredOutputParams(structural_tag=json.dumps({"type": "structural_tag", "format": calls}))
+            if structured is not None and reasoning is not None:
+                return reasoning.constrain(structured)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise OpenAIError(400, f"invalid output constraint: {e}", param=req.constraint_field) from None
+        return structured
 
     async def create_scaling_completion(self, req: ChatCompletionRequest, arrival: float
                                         ) -> ScalingChatCompletionResponse:
@@ -397,7 +466,8 @@ class OpenAIServing:
         return ChatLogprobs(content=content)
 
     async def _chat_events(self, req: ChatCompletionRequest, request_id: str, created: int, prompt: list[int],
-                           outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+                           outputs: AsyncIterator[tuple[int, RequestOutput]],
+                           output_parser: Callable[[], ChatOutputParser]) -> AsyncIterator[str]:
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
             return ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices,
                                        usage=usage).model_dump_json()
@@ -406,16 +476,30 @@ class OpenAIServing:
         for index in range(req.n):
             yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
         states: dict[int, ChoiceState] = {}
+        parsers: dict[int, ChatOutputParser] = {}
         num_completion = 0
         async for _, out in outputs:
             for index, d in self._deltas(out, states, 0):
                 num_completion += len(d.token_ids)
+                parser = parsers.setdefault(index, output_parser())
+                deltas = parser.deltas(d.text, final=d.finish_reason is not None) or [DeltaMessage()]
                 lp = self._chat_logprobs(d.logprobs, top) if top is not None else None
-                yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=d.text), logprobs=lp,
-                                              finish_reason=d.finish_reason,
-                                              token_ids=list(d.token_ids) if req.return_token_ids else None)])
+                token_ids = list(d.token_ids) if req.return_token_ids else None
+                if deltas == [DeltaMessage()] and d.finish_reason is None and lp is None and token_ids is None:
+                    continue  # all held back (a tool call's name, a marker being written)
+                for i, delta in enumerate(deltas):
+                    last = i == len(deltas) - 1
+                    yield chunk([ChatStreamChoice(
+                        index=index, delta=delta, logprobs=lp if i == 0 else None,
+                        finish_reason=_chat_finish(d.finish_reason, parser.called) if last else None,
+                        token_ids=token_ids if i == 0 else None)])
         if req.include_usage:
             yield chunk([], self._usage([prompt], num_completion))
+
+
+def _chat_finish(finish_reason: str | None, called: bool) -> str | None:
+    """OpenAI's ``tool_calls`` for an output that stopped after calling tools."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
 
 
 def check_scaling_work(budget: int, options: dict, max_model_len: int) -> None:

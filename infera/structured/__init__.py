@@ -149,7 +149,9 @@ class StructuredOutputManager:
     def _jump_forward(self, seq: Sequence, state: GrammarState, output_processor: OutputProcessor) -> int:
         """Append the tokens of the text the grammar forces next; the engine computes their KV
         in the next step as one chunk, instead of one decode step per token."""
-        text = state.jump_forward_string()
+        # whitespace that ends the forced text waits for the model, which writes it merged with what
+        # follows (` {` is one token; a lone space token puts a model off its usual tokens)
+        text = state.jump_forward_string().rstrip()
         if not text:
             return 0
         ids = self.tokenizer.encode(text, add_special_tokens=False)

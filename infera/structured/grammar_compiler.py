@@ -63,6 +63,9 @@ def constraint_key(params: StructuredOutputParams) -> tuple[str, str]:
     if params.grammar is not None:
         check_grammar_text("grammar", params.grammar)
         return "grammar", params.grammar
+    if params.structural_tag is not None:
+        check_schema_text(params.structural_tag)  # it embeds JSON schemas: their bounds apply
+        return "structural_tag", params.structural_tag
     check_choices(params.choice)
     return "choice", json.dumps(params.choice)
 
@@ -77,11 +80,14 @@ def parse_grammar(kind: str, text: str) -> xgr.Grammar:
             return xgr.Grammar.from_regex(text)
         if kind == "grammar":
             return xgr.Grammar.from_ebnf(text)
+        if kind == "structural_tag":
+            return xgr.Grammar.from_structural_tag(text)
         choices = json.loads(text)
         # EBNF string literals take JSON's escapes, so json.dumps quotes each choice exactly
         return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
     except (RuntimeError, ValueError, TypeError) as e:
-        name = {"json": "json schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}[kind]
+        name = {"json": "json schema", "regex": "regex", "grammar": "grammar", "choice": "choice",
+                "structural_tag": "structural tag"}[kind]
         raise ValueError(f"structured output {name} is invalid: {_clean(str(e))}") from None
 
 
