@@ -43,7 +43,7 @@ class DraftModelProposer(Proposer):
         self.runner = draft.runner
         self.block_manager = draft.block_manager
         self.vocab_size = target_vocab_size
-        self.device = runner.device
+        self.device = draft.device
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.shadows: dict[int, tuple[weakref.ref[Sequence], Shadow]] = {}
         self.draft_cost = LinearCost(prior_ratio=0.15)
