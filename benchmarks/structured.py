@@ -62,7 +62,7 @@ class MaskTimer:
 
     def install(self, llm: LLM) -> None:
         structured = llm.engine.structured
-        fill, apply, advance = structured.bitmask.fill, BatchBitmask.apply, structured.advance
+        fill, apply, on_token = structured.bitmask.fill, BatchBitmask.apply, structured.on_token
 
         def timed_fill(seqs, drafts=None):
             start = time.perf_counter()
@@ -81,14 +81,14 @@ class MaskTimer:
             self.apply.append(dt / max(1, len(mask.rows)))
             self.total += dt
 
-        def timed_advance(seq, output_processor, jump_forward=True):
+        def timed_on_token(seq, last=True):
             start = time.perf_counter()
-            out = advance(seq, output_processor, jump_forward)
+            out = on_token(seq, last)
             self.total += time.perf_counter() - start
             return out
 
         structured.bitmask.fill = timed_fill
-        structured.advance = timed_advance
+        structured.on_token = timed_on_token
         BatchBitmask.apply = timed_apply
 
     def take(self) -> tuple[list[float], list[float], float]:

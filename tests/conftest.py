@@ -121,7 +121,6 @@ def engine_logits(engine, token_ids: list[int], chunks: list[int]) -> torch.Tens
     """Logits for every position of ``token_ids``, computed in chunks of the given sizes through
     the engine's paged cache (on the CPU, whatever the engine's device)."""
     from infera.engine.sequence import Sequence
-    from infera.layers.attention import attention_metadata
     from infera.sampling_params import SamplingParams
 
     assert sum(chunks) == len(token_ids)
@@ -131,9 +130,8 @@ def engine_logits(engine, token_ids: list[int], chunks: list[int]) -> torch.Tens
     with torch.inference_mode():
         for n in chunks:
             assert bm.allocate_slots(seq, n)
-            ids, pos, meta = runner.prepare_inputs([seq], [n])
-            with attention_metadata(meta):
-                out.append(runner.model.compute_logits(runner.model(ids, pos)).float().cpu())
+            [hidden] = runner.hidden_states([seq], [n])
+            out.append(runner.model.compute_logits(hidden).float().cpu())
             bm.commit(seq, n)
     bm.free(seq)
     return torch.cat(out)

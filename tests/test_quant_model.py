@@ -15,15 +15,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import engine_logits
 from safetensors.torch import load_file, save_file
 
 from infera.cli import main
 from infera.engine.llm_engine import LLMEngine
-from infera.engine.sequence import Sequence
-from infera.layers.attention import attention_metadata
 from infera.loader.errors import ModelLoadError
 from infera.quant.layout import kernels
-from infera.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="native kernels could not be compiled")
 
@@ -36,14 +34,7 @@ LOGIT_BOUNDS = {"int8": 0.05, "llm_int8": 0.05, "q8_0": 0.05, "int4": 0.3, "int4
 def logits(engine: LLMEngine, text: str) -> torch.Tensor:
     """Logits of every position of ``text`` (one prefill through the paged cache)."""
     ids = engine.tokenizer.encode(text)
-    seq = Sequence(ids, SamplingParams())
-    assert engine.block_manager.allocate_slots(seq, len(ids))
-    with torch.inference_mode():
-        input_ids, positions, meta = engine.runner.prepare_inputs([seq], [len(ids)])
-        with attention_metadata(meta):
-            out = engine.runner.model.compute_logits(engine.runner.model(input_ids, positions)).float()
-    engine.block_manager.free(seq)
-    return out
+    return engine_logits(engine, ids, [len(ids)])
 
 
 @pytest.mark.slow

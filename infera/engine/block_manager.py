@@ -73,6 +73,14 @@ class BlockManager:
             found.append(block_id)
         return found
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix; only while no sequence holds blocks."""
+        if self.num_free_blocks != self.num_blocks:
+            raise RuntimeError("cannot reset the prefix cache while sequences hold KV blocks")
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash = block.token_ids = None
+
     def _cache_full_blocks(self, seq: Sequence, start_token: int) -> None:
         """Hash the blocks that became full and computed since ``start_token``."""
         bs = self.block_size

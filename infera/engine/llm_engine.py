@@ -4,18 +4,18 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from infera.config import EngineConfig
-from infera.engine.block_manager import BlockManager
-from infera.engine.model_runner import ModelRunner, StepOutput
+from infera.engine.model_runner import StepOutput
 from infera.engine.output_processor import OutputProcessor
 from infera.engine.scheduler import Scheduler
 from infera.engine.sequence import Sequence, SequenceStatus
 from infera.engine.spec_decoder import SpecDecoder, build_proposer
-from infera.loader.model_loader import build_model, open_model, resolve_quantization
-from infera.loader.tokenizer import Tokenizer
+from infera.engine.step_hook import StepHook
+from infera.engine.worker import Worker
 from infera.outputs import RequestMetrics, RequestOutput, TokenLogprobs
 from infera.quant.layout import kernel_paths
 from infera.quant.method import weight_bytes
@@ -44,7 +44,8 @@ class Request:
 
 class EngineDriver(Protocol):
     """Runs requests from inside the engine loop (a scaling search, say): before each step it may
-    add, continue or release sequences; after it, it sees the step's outputs."""
+    add, continue or release sequences; after it, it sees the step's outputs (the ``before_step``
+    and ``after_step`` points of :class:`StepHook`, called before the engine's own hooks)."""
 
     @property
     def num_waiting(self) -> int:
@@ -62,34 +63,22 @@ class LLMEngine:
         self.config = config or EngineConfig.from_kwargs(**kwargs)
         cfg = self.config
         started = time.monotonic()
-        source = open_model(cfg.model)
-        self.model_path = str(source.path)
-        self.hf_config = source.config()
-        self.tokenizer = Tokenizer(source.tokenizer_dir(), self.hf_config)
-        self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
-        limit = cfg.max_model_len or self.hf_config.max_position_embeddings
-        window = getattr(self.hf_config, "sliding_window", None)
-        if window and getattr(self.hf_config, "use_sliding_window", True):
-            limit = min(limit, window)  # sliding-window attention is not implemented: stay inside the window
-        quantization = resolve_quantization(source, cfg.quantization, cfg.dtype, self.device)
-        model = build_model(source, self.hf_config, self.dtype, self.device, limit, quantization)
-        self.runner = ModelRunner(model, cfg.block_size, cfg.kv_cache_memory, self.tokenizer.eos_token_ids,
-                                  self.device, cfg.seed, cfg.kv_cache_dtype, max_num_seqs=cfg.max_num_seqs,
-                                  max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=limit,
-                                  gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
-        capacity = self.runner.num_blocks * cfg.block_size
-        self.max_model_len = min(limit, capacity)
-        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.worker = Worker(cfg)
+        self.model_path, self.hf_config = self.worker.model_path, self.worker.hf_config
+        self.tokenizer, self.runner = self.worker.tokenizer, self.worker.runner
+        self.block_manager, self.max_model_len = self.worker.block_manager, self.worker.max_model_len
+        self.device, self.dtype = self.worker.device, self.worker.dtype
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
-        self.structured = StructuredOutputManager(self.tokenizer, self.runner.vocab_size)
+        self.hooks: list[StepHook] = []
+        self.structured = StructuredOutputManager(self.tokenizer, self.runner.vocab_size, self.output_processor)
+        self.add_hook(self.structured)
         self.spec: SpecDecoder | None = None
         if cfg.speculative is not None:
-            proposer = build_proposer(cfg.speculative, self)
+            proposer = build_proposer(cfg.speculative, self.worker)
             self.runner.return_top_tokens = proposer.wants_top_tokens
-            query_len = self.runner.max_batched_query_len
-            self.spec = SpecDecoder(proposer, cfg.num_speculative_tokens, self.max_model_len,
-                                    self.tokenizer.eos_token_ids, query_len if query_len > 1 else None)
+            self.spec = SpecDecoder(proposer, self.worker, self.scheduler, cfg.num_speculative_tokens)
+            self.add_hook(self.spec)
             logger.info("speculative decoding: %s, up to %d draft tokens per sequence and step",
                         cfg.speculative, cfg.num_speculative_tokens)
         self.requests: dict[str, Request] = {}
@@ -97,7 +86,8 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # prompt tokens computed (prefix-cache hits excluded)
         self.num_generated_tokens = 0
         self._ids = itertools.count()
-        self.weight_bytes = weight_bytes(model)
+        self.weight_bytes = weight_bytes(self.runner.model)
+        quantization = self.worker.quantization
         logger.info("loaded %s: %s, %.0f MiB of weights (%s), %s on %s, in %.1fs", self.model_path,
                     (self.hf_config.architectures or ["?"])[0], self.weight_bytes / 2**20,
                     quantization.name if quantization else "unquantized", str(self.dtype).removeprefix("torch."),
@@ -107,9 +97,17 @@ class LLMEngine:
         logger.info("KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
                     "up to %d tokens and %d sequences per step; prefix caching %s",
                     str(self.runner.kv_cache.dtype).removeprefix("torch."), self.runner.num_blocks,
-                    cfg.block_size, capacity, self.runner.kv_cache.num_bytes / 2**30,
+                    cfg.block_size, self.worker.kv_cache_tokens, self.runner.kv_cache.num_bytes / 2**30,
                     self.max_model_len, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                     "on" if cfg.enable_prefix_caching else "off")
+
+    def add_hook(self, hook: StepHook) -> None:
+        """Attach a feature to the named points of every step (see :class:`StepHook`)."""
+        self.hooks.append(hook)
+
+    def _at(self, point: str) -> list[Callable]:
+        """The drivers' and hooks' methods for ``point`` of a step, in the order they are called."""
+        return [f for h in (*self.drivers, *self.hooks) if (f := getattr(h, point, None)) is not None]
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -170,10 +168,7 @@ class LLMEngine:
         for seq in req.seqs:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
-                if self.structured.discard(seq):  # still waiting for its grammar: never scheduled
-                    seq.status = SequenceStatus.FINISHED
-                else:
-                    self.scheduler.finish(seq)
+                self._finish(seq)
             elif req.retain:
                 self.release(seq)
 
@@ -220,20 +215,16 @@ class LLMEngine:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (vLLM's name), e.g. between benchmark runs; only while no
         sequence holds KV blocks."""
-        bm = self.block_manager
-        if bm.num_free_blocks != bm.num_blocks:
-            raise RuntimeError("cannot reset the prefix cache while sequences hold KV blocks")
-        bm.hash_to_block.clear()
-        for block in bm.blocks:
-            block.hash = block.token_ids = None
+        self.block_manager.reset_prefix_cache()
 
     # -- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return an output for every request that advanced."""
-        for driver in self.drivers:
-            driver.before_step()
-        for seq in self.structured.admit(block=not self.scheduler.has_unfinished()):
-            self.scheduler.add(seq)
+        for before_step in self._at("before_step"):
+            before_step()
+        for admit in self._at("admit"):
+            for seq in admit(idle=not self.scheduler.has_unfinished()):
+                self.scheduler.add(seq)
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_unfinished():
@@ -241,8 +232,9 @@ class LLMEngine:
             return []
         started = time.perf_counter()
         results = self.runner.execute(batch, self.structured.bitmask)
-        if self.spec is not None:
-            self.spec.step_done(batch, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        for after_forward in self._at("after_forward"):
+            after_forward(batch, seconds)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         failed: dict[str, Exception] = {}
@@ -269,10 +261,8 @@ class LLMEngine:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
             outputs.append(self.make_output(req))
-        for driver in self.drivers:
-            driver.after_step(outputs)
-        if self.spec is not None:
-            self.spec.propose(self.scheduler.running)
+        for after_step in self._at("after_step"):
+            after_step(outputs)
         return outputs
 
     def _update(self, req: Request, seq: Sequence, n: int, out: StepOutput, now: float) -> bool:
@@ -291,13 +281,10 @@ class LLMEngine:
         if out.token_id is not None:
             last = seq.token_ids[-1]
             self.num_generated_tokens += self._append_tokens(seq, draft, out)
-            if self.spec is not None:
-                self.spec.verified(seq, [last, *draft[:out.num_accepted]], draft, out)
-            if seq.finish_reason is not None and req.retain:
-                self.scheduler.running.remove(seq)  # finished, but its blocks stay (see release)
-                seq.status = SequenceStatus.FINISHED
-            elif seq.finish_reason is not None:
-                self.scheduler.finish(seq)
+            for after_sampling in self._at("after_sampling"):
+                after_sampling(seq, [last, *draft[:out.num_accepted]], draft, out)
+            if seq.finish_reason is not None:
+                self._finish(seq, keep_blocks=req.retain)  # a retained sequence's blocks stay (see release)
             req.metrics.first_token_time = req.metrics.first_token_time or now
             req.metrics.last_token_time = now
         if seq.hold_last_token and seq.num_computed_tokens == seq.compute_target:
@@ -307,19 +294,23 @@ class LLMEngine:
 
     def _append_tokens(self, seq: Sequence, draft: list[int], out: StepOutput) -> int:
         """Append the step's tokens to ``seq`` one at a time until it stops: the accepted drafts,
-        then the sampled token.  Keeps the KV of the accepted drafts that stay and rolls back the
-        rest.  Returns the number of tokens generated (grammar-forced ones included)."""
+        then the sampled token.  Returns the number of tokens generated (those the hooks append
+        after them, e.g. grammar-forced ones, included)."""
         tokens = [*zip(draft[:out.num_accepted], out.accepted_logprobs), (out.token_id, out.logprobs)]
+        on_token = self._at("on_token")
         generated = 0
         for i, (token_id, logprobs) in enumerate(tokens):
             self.output_processor.append_token(seq, token_id, logprobs)
-            generated += 1 + self.structured.advance(seq, self.output_processor, jump_forward=i == len(tokens) - 1)
+            generated += 1 + sum(f(seq, last=i == len(tokens) - 1) for f in on_token)
             if seq.finish_reason is not None:
                 break
-        if draft:
-            self.block_manager.commit(seq, min(out.num_accepted, seq.num_tokens - seq.num_computed_tokens))
-            self.block_manager.truncate(seq, seq.num_computed_tokens)
         return generated
+
+    def _finish(self, seq: Sequence, keep_blocks: bool = False) -> None:
+        """``seq`` finished or was aborted: out of the scheduler (its blocks freed unless ``keep_blocks``)."""
+        self.scheduler.finish(seq, keep_blocks)
+        for on_finish in self._at("on_finish"):
+            on_finish(seq)
 
     def make_output(self, req: Request) -> RequestOutput:
         prompt_logprobs = None

@@ -168,16 +168,31 @@ class ModelRunner:
         with attention_metadata(meta):
             return self.model(input_ids, positions)
 
+    def _forward_any_order(self, seqs: list[Sequence], counts: list[int],
+                           use_graphs: bool) -> tuple[torch.Tensor, list[int]]:
+        """:meth:`forward` of sequences in any order (short queries run first), and the row of the
+        hidden states where each sequence's tokens start."""
+        order = sorted(range(len(seqs)), key=lambda i: counts[i] > self.max_batched_query_len)
+        hidden = self.forward([seqs[i] for i in order], [counts[i] for i in order], use_graphs)
+        starts, start = [0] * len(seqs), 0
+        for i in order:
+            starts[i], start = start, start + counts[i]
+        return hidden, starts
+
+    @torch.inference_mode()
+    def hidden_states(self, seqs: list[Sequence], counts: list[int]) -> list[torch.Tensor]:
+        """The final hidden states [counts[i], hidden size] of the next ``counts[i]`` tokens of each
+        ``seqs[i]``, whose K/V go into the cache (a reward head's or an embedding's input); nothing is
+        sampled or committed.  Runs eagerly: the tensors are not a CUDA graph's reused buffers."""
+        hidden, starts = self._forward_any_order(seqs, counts, use_graphs=False)
+        return [hidden[start:start + n] for start, n in zip(starts, counts)]
+
     @torch.inference_mode()
     def last_logits(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True) -> torch.Tensor:
         """A proposer's forward pass: logits [len(seqs), V] after the next ``counts[i]`` tokens of each
         ``seqs[i]`` (token ids, then draft tokens); nothing is sampled or committed."""
-        order = sorted(range(len(seqs)), key=lambda i: counts[i] > self.max_batched_query_len)
-        hidden = self.forward([seqs[i] for i in order], [counts[i] for i in order], use_graphs)
-        ends = list(itertools.accumulate(counts[i] for i in order))
-        rows = [0] * len(seqs)
-        for pos, i in enumerate(order):
-            rows[i] = ends[pos] - 1
+        hidden, starts = self._forward_any_order(seqs, counts, use_graphs)
+        rows = [start + n - 1 for start, n in zip(starts, counts)]
         return self.model.compute_logits(hidden[device_tensor(rows, self.device)])
 
     def prepare_inputs(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

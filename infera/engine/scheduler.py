@@ -122,11 +122,14 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence wherever it is and free its blocks."""
+    def finish(self, seq: Sequence, keep_blocks: bool = False) -> None:
+        """Remove a finished or aborted sequence wherever it is (a sequence held back before the
+        scheduler saw it is in neither queue) and free its blocks, unless ``keep_blocks``: a retained
+        sequence keeps them for later requests to continue from."""
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status == SequenceStatus.WAITING:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if not keep_blocks:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED

@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from infera.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
-from infera.engine.block_manager import BlockManager
-from infera.engine.kv_cache import KVCachePool
-from infera.engine.model_runner import ModelRunner, StepOutput
-from infera.engine.scheduler import ScheduledBatch
+from infera.engine.model_runner import StepOutput
+from infera.engine.scheduler import ScheduledBatch, Scheduler
 from infera.engine.sequence import Sequence, SequenceStatus
-from infera.layers.attention import Attention
-from infera.loader.model_loader import build_model, open_model, resolve_quantization
-from infera.loader.tokenizer import Tokenizer
+from infera.engine.worker import Worker
 from infera.spec.controller import SpecController
 from infera.spec.proposer import Proposer
 
 if TYPE_CHECKING:
-    from infera.engine.llm_engine import LLMEngine
+    from infera.outputs import RequestOutput
 
 logger = logging.getLogger("infera")
 
@@ -25,8 +21,8 @@ LOG_INTERVAL = 200  # verification steps between acceptance log lines
 MAX_IDLE_STEPS = 8  # most steps without planning after the controller chose no drafts
 
 
-def build_proposer(method: str, engine: LLMEngine) -> Proposer:
-    """The proposer named by ``EngineConfig.speculative`` (checked there) for ``engine``."""
+def build_proposer(method: str, target: Worker) -> Proposer:
+    """The proposer named by ``EngineConfig.speculative`` (checked there) for the ``target`` model."""
     if method == "ngram":
         from infera.spec.ngram import NgramProposer
 
@@ -34,57 +30,47 @@ def build_proposer(method: str, engine: LLMEngine) -> Proposer:
     if method == "recycle":
         from infera.spec.recycle import RecycleProposer
 
-        return RecycleProposer(engine.runner.vocab_size)
+        return RecycleProposer(target.runner.vocab_size)
     if method.startswith("draft:"):
         from infera.spec.draft_model import DraftModelProposer
 
-        runner, block_manager = load_draft_model(method.removeprefix("draft:"), engine.config, engine.tokenizer,
-                                                 engine.max_model_len,
-                                                 engine.runner.num_blocks * engine.config.block_size)
-        return DraftModelProposer(runner, block_manager, engine.runner.vocab_size, engine.config.seed)
+        draft = load_draft_model(method.removeprefix("draft:"), target)
+        return DraftModelProposer(draft, target.runner.vocab_size, target.config.seed)
     from infera.spec.self_draft import SelfDraftProposer
 
-    return SelfDraftProposer(engine.runner, engine.block_manager, method.removeprefix("self").removeprefix(":"))
+    return SelfDraftProposer(target, method.removeprefix("self").removeprefix(":"))
 
 
-def load_draft_model(path: str, config: EngineConfig, tokenizer: Tokenizer, max_model_len: int,
-                     target_kv_tokens: int | None = None) -> tuple[ModelRunner, BlockManager]:
-    """The model runner and block manager of the draft model at ``path`` (``speculative="draft:PATH"``):
-    its own KV pool, with room for as many tokens as the target's cache holds (``target_kv_tokens``)."""
-    source = open_model(path)
-    hf_config = source.config()
-    draft_tokenizer = Tokenizer(source.tokenizer_dir(), hf_config)
-    if draft_tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
+def load_draft_model(path: str, target: Worker) -> Worker:
+    """The worker of the draft model at ``path`` (``speculative="draft:PATH"``): the target's settings,
+    its own KV pool with room for as many tokens as the target's holds, no prefix caching."""
+    config = replace(target.config, model=path, max_model_len=target.max_model_len, quantization=None,
+                     kv_cache_dtype="auto", enable_prefix_caching=False, speculative=None)
+    draft = Worker(config, kv_cache_tokens=target.kv_cache_tokens)
+    if draft.tokenizer.hf.get_vocab() != target.tokenizer.hf.get_vocab():
         raise ValueError(f"speculative: the draft model {path} does not share the target model's tokenizer")
-    device, dtype = config.torch_device, config.torch_dtype
-    quantization = resolve_quantization(source, None, config.dtype, device)
-    model = build_model(source, hf_config, dtype, device, max_model_len, quantization)
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    block_bytes = KVCachePool.block_bytes(layers, config.block_size, dtype, "auto")
-    # room for as many tokens as the target's cache holds (a default-sized pool before that is known)
-    tokens = target_kv_tokens or DEFAULT_KV_CACHE_MEMORY // block_bytes * config.block_size
-    runner = ModelRunner(model, config.block_size, -(-tokens // config.block_size) * block_bytes,
-                         tokenizer.eos_token_ids, device, config.seed, max_num_seqs=config.max_num_seqs,
-                         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-                         enforce_eager=config.enforce_eager)
-    return runner, BlockManager(runner.num_blocks, config.block_size, enable_prefix_caching=False)
+    return draft
 
 
 class SpecDecoder:
-    """Proposes drafts for the running sequences at the end of each step (the next step verifies
-    them with the sequences' own tokens) and keeps the acceptance statistics.
+    """A hook of the engine step (:class:`~infera.engine.step_hook.StepHook`): after each step it
+    proposes drafts for the ``scheduler``'s running sequences (the next step verifies them with the
+    sequences' own tokens); after sampling it keeps the KV of the accepted drafts, rolls back the
+    rest and keeps the acceptance statistics.
 
-    ``max_query_len``: the longest query the model runner batches with the decodes (a longer
-    verification chunk would run as a prefill); None: no such limit."""
+    Verification chunks stay within the longest query the ``target``'s model runner batches with
+    the decodes (a longer one would run as a prefill)."""
 
-    def __init__(self, proposer: Proposer, max_tokens: int, max_model_len: int, eos_token_ids: set[int],
-                 max_query_len: int | None = None):
+    def __init__(self, proposer: Proposer, target: Worker, scheduler: Scheduler, max_tokens: int):
         self.proposer = proposer
+        self.scheduler = scheduler
+        self.block_manager = target.block_manager
         self.controller = SpecController(max_tokens)
         self.max_tokens = max_tokens
-        self.max_model_len = max_model_len
-        self.eos_token_ids = set(eos_token_ids)
-        self.max_query_len = max_query_len
+        self.max_model_len = target.max_model_len
+        self.eos_token_ids = set(target.tokenizer.eos_token_ids)
+        query_len = target.runner.max_batched_query_len
+        self.max_query_len = query_len if query_len > 1 else None  # None: no such limit
         self.num_steps = 0  # steps that verified drafts
         self.num_drafts = 0  # verifications (one sequence, one step)
         self.num_draft_tokens = 0
@@ -93,7 +79,10 @@ class SpecDecoder:
         self.idle_steps = 0  # steps left before the next plan
         self.backoff = 0  # steps skipped after the last plan that chose no drafts (doubles up to the max)
 
-    # -- before a step ----------------------------------------------------------------------
+    # -- at the end of a step, for the next -------------------------------------------------
+    def after_step(self, outputs: list[RequestOutput]) -> None:
+        self.propose(self.scheduler.running)
+
     def propose(self, running: list[Sequence]) -> None:
         """Give each running sequence that pays for it draft tokens for the next step.  While the
         controller chooses none (a large batch, low acceptance), it plans again only after a few
@@ -145,17 +134,21 @@ class SpecDecoder:
             n = seq.grammar_state.valid_prefix(tokens[:n])
         return n
 
-    # -- after a step -----------------------------------------------------------------------
-    def verified(self, seq: Sequence, inputs: list[int], draft: list[int], out: StepOutput) -> None:
-        """``seq`` had ``draft`` verified (possibly empty): ``out.num_accepted`` were accepted."""
+    # -- after a step's forward pass and sampling --------------------------------------------
+    def after_sampling(self, seq: Sequence, inputs: list[int], draft: list[int], out: StepOutput) -> None:
+        """``seq`` had ``draft`` verified (possibly empty): ``out.num_accepted`` were accepted.  The
+        KV of the accepted drafts the sequence kept (it may have stopped before) is committed, the
+        rest rolled back."""
         if draft:
+            self.block_manager.commit(seq, min(out.num_accepted, seq.num_tokens - seq.num_computed_tokens))
+            self.block_manager.truncate(seq, seq.num_computed_tokens)
             self.num_drafts += 1
             self.num_draft_tokens += len(draft)
             self.num_accepted_tokens += out.num_accepted
             self.controller.update(seq, len(draft), out.num_accepted)
         self.proposer.observe(seq, inputs, out)
 
-    def step_done(self, batch: ScheduledBatch, seconds: float) -> None:
+    def after_forward(self, batch: ScheduledBatch, seconds: float) -> None:
         """Time a step for the cost model (decode and verification steps only) and log acceptance."""
         if batch.num_tokens <= len(batch.seqs) * (1 + self.max_tokens):
             self.controller.step_cost.add(batch.num_tokens, seconds)

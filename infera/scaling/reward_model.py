@@ -4,8 +4,8 @@ A ``*ForTokenClassification`` checkpoint on a Llama-family backbone (Llama, Mist
 Qwen3) is a process reward model (PRM): a step's score is the positive label's probability at
 the step's last token.  A ``*ForSequenceClassification`` checkpoint is an outcome reward model
 (ORM): one score, at the last token.  The input is the question, a blank line, then the steps
-(each ending with its delimiter, as generated).  The backbone is :class:`LlamaModel` over its
-own small paged KV cache with prefix caching, so scoring a branch again after one more step
+(each ending with its delimiter, as generated).  The backbone is :class:`LlamaModel` on its own
+worker (a small paged KV cache with prefix caching), so scoring a branch again after one more step
 computes only the new step.
 """
 from __future__ import annotations
@@ -18,16 +18,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from infera.config import EngineConfig, parse_size
-from infera.engine.block_manager import BlockManager
-from infera.engine.model_runner import ModelRunner
+from infera.config import EngineConfig
 from infera.engine.sequence import Sequence
-from infera.layers.attention import attention_metadata
+from infera.engine.worker import Worker
 from infera.layers.linear import Linear
 from infera.loader.errors import ModelLoadError
+from infera.loader.gguf_file import GGUFFile
 from infera.loader.model_loader import load_weights
 from infera.loader.safetensors_dir import SafetensorsDir
-from infera.loader.tokenizer import Tokenizer
 from infera.models.llama import LlamaForCausalLM, LlamaModel
 from infera.sampling_params import SamplingParams
 from infera.scaling.rewards import Reward, Scores
@@ -64,34 +62,38 @@ class RewardModel(Reward):
 
     def __init__(self, path: str | Path, dtype: str = "auto", device: str = "auto", kv_cache_memory: str = "256MiB",
                  positive_label: int = 1, block_size: int = 16):
-        source = SafetensorsDir(path)
-        config = source.config()
+        self.positive_label = positive_label
+        config = EngineConfig(model=str(path), dtype=dtype, device=device, kv_cache_memory=kv_cache_memory,
+                              block_size=block_size)
+        self.worker = Worker(config, self._load)
+        self.model, self.tokenizer = self.worker.runner.model, self.worker.tokenizer
+        self.runner, self.blocks = self.worker.runner, self.worker.block_manager
+        self.max_len = self.worker.hf_config.max_position_embeddings
+        self._lock = threading.Lock()  # one model, perhaps shared by searches on several engines
+
+    def _load(self, source: GGUFFile | SafetensorsDir, config: PretrainedConfig, dtype: torch.dtype,
+              device: torch.device, max_position: int) -> RewardHeadModel:
+        """The head model of the checkpoint in ``source`` (the worker's model factory)."""
         arch = (config.architectures or ["?"])[0]
         head = next((h for h in HEADS if arch.endswith(h)), None)
-        if head is None or config.model_type not in BACKBONES:
-            raise ModelLoadError(f"{path}: {arch} ({config.model_type}) is not a reward model infera runs; it needs "
-                                 f"a token- or sequence-classification head on a {'/'.join(BACKBONES)} backbone")
+        if not isinstance(source, SafetensorsDir) or head is None or config.model_type not in BACKBONES:
+            raise ModelLoadError(f"{source.path}: {arch} ({config.model_type}) is not a reward model infera runs; "
+                                 f"it needs an HF directory with a token- or sequence-classification head on a "
+                                 f"{'/'.join(BACKBONES)} backbone")
         self.process = HEADS[head]
         self.aggregate = "product" if self.process else "last"
-        if config.num_labels > 1 and not 0 <= positive_label < config.num_labels:
-            raise ValueError(f"positive_label {positive_label} is not one of the model's {config.num_labels} labels")
-        self.positive_label = positive_label
-        engine_config = EngineConfig(dtype=dtype, device=device)
-        self.device, self.dtype = engine_config.torch_device, engine_config.torch_dtype
-        self.tokenizer = Tokenizer(source.tokenizer_dir(), config)
-        self.max_len = config.max_position_embeddings
+        if config.num_labels > 1 and not 0 <= self.positive_label < config.num_labels:
+            raise ValueError(f"positive_label {self.positive_label} is not one of the model's "
+                             f"{config.num_labels} labels")
         default = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
+        torch.set_default_dtype(dtype)
         try:
-            with torch.device(self.device):
-                model = RewardHeadModel(config, self.max_len, self.process)
+            with torch.device(device):
+                model = RewardHeadModel(config, max_position, self.process)
         finally:
             torch.set_default_dtype(default)
         load_weights(model, source.weights(), str(source.path))
-        self.model = model.eval()
-        self.runner = ModelRunner(model, block_size, parse_size(kv_cache_memory), set(), self.device)
-        self.blocks = BlockManager(self.runner.num_blocks, block_size)
-        self._lock = threading.Lock()  # one model, perhaps shared by searches on several engines
+        return model.eval()
 
     # -- inputs -------------------------------------------------------------------------------
     def encode(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
@@ -154,14 +156,8 @@ class RewardModel(Reward):
                 budget -= n
                 todo.remove(i)
             seqs = [wanted[i][0] for i in batch]
-            input_ids, positions, meta = self.runner.prepare_inputs(seqs, counts)
-            with attention_metadata(meta):
-                hidden = self.model(input_ids, positions)
-            start = 0
-            for i, seq, n in zip(batch, seqs, counts):
-                rows = [p - seq.num_computed_tokens + start for p in wanted[i][1]]
-                out[i] = hidden[rows]
-                start += n
+            for i, seq, n, hidden in zip(batch, seqs, counts, self.runner.hidden_states(seqs, counts)):
+                out[i] = hidden[[p - seq.num_computed_tokens for p in wanted[i][1]]]
                 self.blocks.commit(seq, n)
                 self.blocks.free(seq)
         return out

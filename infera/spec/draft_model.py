@@ -1,6 +1,6 @@
 """A smaller model with the same tokenizer drafts for the target (``speculative="draft:PATH"``).
 
-The draft has its own model runner, KV pool and block manager.  Each target sequence has a shadow
+The draft has its own worker: model runner, KV pool and block manager.  Each target sequence has a shadow
 sequence in the draft's cache: before drafting, the shadow is brought in step with the target's
 tokens (its KV is kept for the common prefix, i.e. up to the last accepted draft, and rolled back
 beyond), then all drafting sequences run ``k`` batched draft passes: the first computes the tokens
@@ -21,9 +21,8 @@ from infera.spec.controller import LinearCost
 from infera.spec.proposer import Draft, Proposer, choose_draft_tokens, seeded_generator
 
 if TYPE_CHECKING:
-    from infera.engine.block_manager import BlockManager
-    from infera.engine.model_runner import ModelRunner
     from infera.engine.sequence import Sequence
+    from infera.engine.worker import Worker
 
 CATCH_UP_CHUNK = 512  # longest prompt chunk the draft computes in one pass
 
@@ -40,11 +39,11 @@ class Shadow:
 class DraftModelProposer(Proposer):
     name = "draft"
 
-    def __init__(self, runner: ModelRunner, block_manager: BlockManager, target_vocab_size: int, seed: int):
-        self.runner = runner
-        self.block_manager = block_manager
+    def __init__(self, draft: Worker, target_vocab_size: int, seed: int):
+        self.runner = draft.runner
+        self.block_manager = draft.block_manager
         self.vocab_size = target_vocab_size
-        self.device = runner.device
+        self.device = draft.device
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.shadows: dict[int, tuple[weakref.ref[Sequence], Shadow]] = {}
         self.draft_cost = LinearCost(prior_ratio=0.15)

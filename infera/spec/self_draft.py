@@ -22,9 +22,8 @@ from infera.spec.controller import LinearCost
 from infera.spec.proposer import Draft, Proposer, choose_draft_tokens, seeded_generator
 
 if TYPE_CHECKING:
-    from infera.engine.block_manager import BlockManager
-    from infera.engine.model_runner import ModelRunner
     from infera.engine.sequence import Sequence
+    from infera.engine.worker import Worker
 
 
 def parse_layers(spec: str, num_layers: int) -> set[int]:
@@ -60,10 +59,11 @@ class DraftPass:
 class SelfDraftProposer(Proposer):
     name = "self"
 
-    def __init__(self, runner: ModelRunner, block_manager: BlockManager, skip: str = ""):
-        self.runner = runner
-        self.block_manager = block_manager
-        self.inner = runner.model.model  # the decoder stack (embeddings, layers, final norm)
+    def __init__(self, target: Worker, skip: str = ""):
+        self.target = target
+        self.runner = target.runner
+        self.block_manager = target.block_manager
+        self.inner = target.runner.model.model  # the decoder stack (embeddings, layers, final norm)
         self.skip = parse_layers(skip, len(self.inner.layers))
         self.kept = nn.ModuleList(layer for i, layer in enumerate(self.inner.layers) if i not in self.skip)
         self.draft_cost = LinearCost(prior_ratio=0.15)
@@ -86,9 +86,7 @@ class SelfDraftProposer(Proposer):
             self.block_manager.truncate(seq, seq.num_computed_tokens)  # slots of drafts never verified
             if self.block_manager.allocate_slots(seq, seq.num_uncomputed_tokens + k - 1):
                 passes[i] = DraftPass(seq.token_ids, seq.block_table, seq.num_computed_tokens)
-        if self.block_manager.pending_copies:  # copy-on-write now: the draft reads those blocks
-            self.runner.kv_cache.copy_blocks(self.block_manager.pending_copies)
-            self.block_manager.pending_copies = []
+        self.target.copy_pending_blocks()  # the draft reads the blocks split copy-on-write
         generators = {i: self._generator(seqs[i]) for i in passes}
         probs: dict[int, list] = {i: [] for i in passes}
         with self._skipping_layers():

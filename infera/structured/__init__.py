@@ -1,13 +1,15 @@
 """Structured output through xgrammar: JSON schema, any JSON object, regex, EBNF grammar, choice.
 
-The engine owns one ``StructuredOutputManager``.  A constrained request is validated in
-``add_request`` (``grammar_for`` raises ValueError), then its sequences wait here until their
-grammar has compiled in the background (``add`` / ``admit``); others keep running meanwhile.
+The engine owns one ``StructuredOutputManager``, a hook at the named points of its steps
+(``infera.engine.step_hook``).  A constrained request is validated in ``add_request``
+(``grammar_for`` raises ValueError), then its sequences wait here until their grammar has compiled
+in the background (``add``, then ``admit`` at a step's admission); others keep running meanwhile.
 Each step the model runner fills the batch's token bitmask (``bitmask.fill``), before the
 forward pass on a CPU and while it runs on a GPU, and the sampler applies it; after sampling,
-``advance`` moves each sequence's matcher past its new token, ends the sequence when the
+``on_token`` moves each sequence's matcher past its new token, ends the sequence when the
 grammar has accepted its stop token, and, in small batches, appends the text the grammar forces
-next (jump-forward), whose KV the next step computes as one multi-token chunk.
+next (jump-forward), whose KV the next step computes as one multi-token chunk; ``on_finish``
+releases the matcher.
 
 A server awaits ``compile_async`` before it adds a constrained request: it refuses (ValueError)
 a constraint that is invalid, over a bound, or that does not compile within
@@ -53,8 +55,12 @@ JUMP_FORWARD_MAX_BATCH = 32
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, jump_forward_max_batch: int = JUMP_FORWARD_MAX_BATCH):
+    """``output_processor`` appends the tokens a grammar forces (jump-forward)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, output_processor: OutputProcessor | None = None,
+                 jump_forward_max_batch: int = JUMP_FORWARD_MAX_BATCH):
         self.tokenizer = tokenizer
+        self.output_processor = output_processor
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(tokenizer.eos_token_ids)
         self.bitmask = TokenBitmask(vocab_size, self.stop_token_ids)
@@ -102,32 +108,31 @@ class StructuredOutputManager:
         seq.grammar_state = GrammarState(grammar)
         self.waiting.append(seq)
 
-    def admit(self, block: bool = False) -> list[Sequence]:
-        """Sequences whose grammar is ready, in arrival order.  With ``block`` (the engine has
+    def admit(self, idle: bool = False) -> list[Sequence]:
+        """Sequences whose grammar is ready, in arrival order.  When ``idle`` (the engine has
         nothing else to run) wait up to ADMIT_WAIT_S for a compilation to finish."""
         if not self.waiting:
             return []
-        if block:  # bounded, so that an engine thread still sees aborts while a big grammar compiles
+        if idle:  # bounded, so that an engine thread still sees aborts while a big grammar compiles
             wait_futures({s.grammar_state.grammar for s in self.waiting}, ADMIT_WAIT_S, FIRST_COMPLETED)
         ready = [s for s in self.waiting if s.grammar_state.ready]
         if ready:
             self.waiting = [s for s in self.waiting if not s.grammar_state.ready]
         return ready
 
-    def discard(self, seq: Sequence) -> bool:
-        """Release an aborted sequence's matcher; True if it was still waiting here."""
-        if seq.grammar_state is not None:
-            seq.grammar_state.release()
+    def on_finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's matcher (and forget it if it was still waiting)."""
+        if seq.grammar_state is None:
+            return
+        seq.grammar_state.release()
         if seq in self.waiting:
             self.waiting.remove(seq)
-            return True
-        return False
 
     # -- per step ---------------------------------------------------------------------------
-    def advance(self, seq: Sequence, output_processor: OutputProcessor, jump_forward: bool = True) -> int:
+    def on_token(self, seq: Sequence, last: bool = True) -> int:
         """Move the matcher past the token just appended to ``seq`` and finish or extend the
-        sequence as the grammar says (no jump-forward when ``jump_forward`` is False: more
-        verified tokens follow).  Returns the number of forced tokens appended."""
+        sequence as the grammar says (no jump-forward unless ``last``: more verified tokens
+        follow).  Returns the number of forced tokens appended."""
         state = seq.grammar_state
         if state is None:
             return 0
@@ -139,14 +144,12 @@ class StructuredOutputManager:
             seq.finish_reason, seq.stop_reason = "abort", None
         elif state.is_terminated:
             seq.finish_reason = "stop"  # the grammar is complete and accepted its stop token
-        elif (jump_forward and seq.finish_reason is None and seq.params.logprobs is None
+        elif (last and seq.finish_reason is None and seq.params.logprobs is None
               and self.bitmask.num_rows <= self.jump_forward_max_batch):
-            forced = self._jump_forward(seq, state, output_processor)
-        if seq.finish_reason is not None:
-            state.release()
+            forced = self._jump_forward(seq, state)
         return forced
 
-    def _jump_forward(self, seq: Sequence, state: GrammarState, output_processor: OutputProcessor) -> int:
+    def _jump_forward(self, seq: Sequence, state: GrammarState) -> int:
         """Append the tokens of the text the grammar forces next; the engine computes their KV
         in the next step as one chunk, instead of one decode step per token."""
         # whitespace that ends the forced text waits for the model, which writes it merged with what
@@ -161,7 +164,7 @@ class StructuredOutputManager:
         for t in ids:
             if not state.accept(t):
                 break
-            output_processor.append_token(seq, t, None)
+            self.output_processor.append_token(seq, t, None)
             forced += 1
             if seq.finish_reason is not None:
                 break

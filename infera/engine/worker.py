@@ -1,0 +1,72 @@
+"""A worker: one loaded model and what runs it (tokenizer, model runner with its KV cache, block manager)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from infera.config import EngineConfig
+from infera.engine.block_manager import BlockManager
+from infera.engine.kv_cache import KVCachePool
+from infera.engine.model_runner import ModelRunner
+from infera.layers.attention import Attention
+from infera.loader.gguf_file import GGUFFile
+from infera.loader.model_loader import build_model, open_model, resolve_quantization
+from infera.loader.safetensors_dir import SafetensorsDir
+from infera.loader.tokenizer import Tokenizer
+
+# (opened source, its HF config, dtype, device, context length) -> the model with its weights loaded
+ModelFactory = Callable[[GGUFFile | SafetensorsDir, PretrainedConfig, torch.dtype, torch.device, int], nn.Module]
+
+
+class Worker:
+    """The model at ``config.model`` built from ``config``: its tokenizer, a :class:`ModelRunner` over
+    a KV cache of ``config.kv_cache_memory`` (or of room for ``kv_cache_tokens`` tokens) and a
+    :class:`BlockManager` over that cache.  The engine, a draft model, self-drafting and a reward
+    model each run on one.  ``load_model`` builds a model other than the checkpoint's causal LM (a
+    reward model's head model, say); ``quantization`` is then not applied."""
+
+    def __init__(self, config: EngineConfig, load_model: ModelFactory | None = None,
+                 kv_cache_tokens: int | None = None):
+        self.config = config
+        source = open_model(config.model)
+        self.model_path = str(source.path)
+        self.hf_config = source.config()
+        self.tokenizer = Tokenizer(source.tokenizer_dir(), self.hf_config)
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        limit = config.max_model_len or self.hf_config.max_position_embeddings
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True):
+            limit = min(limit, window)  # sliding-window attention is not implemented: stay inside the window
+        self.quantization = None
+        if load_model is None:
+            self.quantization = resolve_quantization(source, config.quantization, config.dtype, self.device)
+            model = build_model(source, self.hf_config, self.dtype, self.device, limit, self.quantization)
+        else:
+            model = load_model(source, self.hf_config, self.dtype, self.device, limit)
+        kv_cache_memory = config.kv_cache_memory
+        if kv_cache_tokens is not None:
+            layers = [m for m in model.modules() if isinstance(m, Attention)]
+            block_bytes = KVCachePool.block_bytes(layers, config.block_size, self.dtype, config.kv_cache_dtype)
+            kv_cache_memory = -(-kv_cache_tokens // config.block_size) * block_bytes
+        self.runner = ModelRunner(model, config.block_size, kv_cache_memory, self.tokenizer.eos_token_ids,
+                                  self.device, config.seed, config.kv_cache_dtype, max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=limit,
+                                  gpu_memory_utilization=config.gpu_memory_utilization,
+                                  enforce_eager=config.enforce_eager)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.max_model_len = min(limit, self.kv_cache_tokens)
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV cache holds."""
+        return self.runner.num_blocks * self.config.block_size
+
+    def copy_pending_blocks(self) -> None:
+        """Copy now the blocks the block manager split copy-on-write (the scheduler leaves them to
+        the next step; a draft pass that reads them cannot wait)."""
+        if self.block_manager.pending_copies:
+            self.runner.kv_cache.copy_blocks(self.block_manager.pending_copies)
+            self.block_manager.pending_copies = []
