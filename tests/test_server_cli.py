@@ -104,6 +104,7 @@ def test_full_waiting_queue_answers_503(serve):
             with pytest.raises(openai.APIStatusError) as e:
                 await api.completions.create(model="tiny", prompt="C", max_tokens=2)
             assert e.value.status_code == 503 and e.value.body["code"] == "server_overloaded"
+            assert e.value.response.headers["retry-after"] == "1"
             await a.close()  # A's client leaves: B runs
             assert (await b).usage.completion_tokens == 2
 

@@ -34,6 +34,7 @@ from infera.server.serving import OpenAIServing
 logger = logging.getLogger("infera.server")
 
 # Reachable without the API key.
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 500, 503)}
@@ -163,7 +164,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QueueFullError)
     async def _busy(_: Request, e: QueueFullError) -> JSONResponse:
-        return error_response(503, str(e), type="server_error", code="server_overloaded")
+        response = error_response(503, str(e), type="server_error", code="server_overloaded")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)  # clients (openai's included) wait this long
+        return response
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, e: EngineDeadError) -> JSONResponse:
