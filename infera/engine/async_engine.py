@@ -238,12 +238,16 @@ class AsyncLLMEngine:
         finally:
             self._jobs.discard(op)
 
+    def fail(self, request_ids: list[str], error: BaseException) -> None:
+        """End these requests now with ``error`` (their streams raise it) and abort them (event loop only)."""
+        for request_id in request_ids:
+            self.abort(request_id)
+        self._fail(request_ids, error)
+
     def fail_all(self, error: BaseException) -> None:
         """End every request and job now with ``error`` (streams and callers raise it) and abort
         them (event loop only)."""
-        for request_id in list(self._streams):
-            self.abort(request_id)
-        self._fail(None, error)
+        self.fail(list(self._streams), error)
         for op in list(self._jobs):
             self._ops.put(_Job(op.job, op.done, cancel=True))
             _settle(op.done, error)

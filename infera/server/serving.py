@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
 from infera.outputs import CompletionOutput, RequestOutput, TokenLogprobs
@@ -32,7 +31,6 @@ from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletion
 logger = logging.getLogger("infera.server")
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
-T = TypeVar("T")
 MAX_SCALING_TOKENS = 2**20  # budget x max_tokens: the most tokens one scaling request may generate
 
 
@@ -172,8 +170,13 @@ class OpenAIServing:
         trackers = [self.metrics.track(arrival) for _ in streams]
         last: list[RequestOutput | None] = [None] * len(streams)
         status = "aborted"
+        deadline = self._deadline(arrival)
+        # one timer per request ends its streams at the deadline (nothing per output)
+        timer = None if deadline is None else asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.monotonic()), self.engine.fail, [s.request_id for s in streams],
+            TimeoutError("the request timed out"))
         try:
-            async for i, out in _until(_merge(streams), self._deadline(arrival)):
+            async for i, out in _merge(streams):
                 trackers[i].update(out)
                 last[i] = out
                 yield i, out
@@ -192,6 +195,8 @@ class OpenAIServing:
             status = f"failed ({e})"
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             now = time.monotonic()
             for stream, ids, tracker, out in zip(streams, prompts, trackers, last):
                 ttft = f"{tracker.ttft:.3f}s" if tracker.ttft is not None else "-"
@@ -512,21 +517,6 @@ def check_scaling_work(budget: int, options: dict, max_model_len: int) -> None:
     if isinstance(max_tokens, int) and budget * max_tokens > MAX_SCALING_TOKENS:
         raise ValueError(f"budget x max_tokens is {budget * max_tokens} tokens; at most {MAX_SCALING_TOKENS} per "
                          f"request")
-
-
-async def _until(items: AsyncIterator[T], deadline: float | None) -> AsyncIterator[T]:
-    """``items`` until ``deadline`` (time.monotonic()); then TimeoutError (and ``items`` is closed)."""
-    iterator = aiter(items)
-    try:
-        while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = await asyncio.wait_for(anext(iterator), timeout)
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        await iterator.aclose()
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
