@@ -197,10 +197,7 @@ class AsyncLLMEngine:
                           request_id: str) -> RequestStream:
         """Queue a request. Raises ValueError (the engine refused it), QueueFullError or
         EngineDeadError before any output, so the caller can answer with an error status."""
-        if not self.is_running:
-            raise EngineDeadError(f"the engine is not running ({self.error or 'not started'})")
-        if self.draining:
-            raise EngineDeadError("the server is shutting down; retry on another replica or after the restart")
+        self._check_accepting()
         try:  # off the engine thread, with a time limit; add_request then finds it compiled
             await self.engine.structured.compile_async(params)
         except CompileQueueFullError as e:
@@ -220,13 +217,16 @@ class AsyncLLMEngine:
             raise
         return stream
 
-    async def run_job(self, job: EngineJob) -> None:
-        """Run ``job`` on the engine thread until it ends; cancelling the caller cancels the job.
-        Raises QueueFullError or EngineDeadError, or the job's error from ``start``."""
+    def _check_accepting(self) -> None:
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running ({self.error or 'not started'})")
         if self.draining:
             raise EngineDeadError("the server is shutting down; retry on another replica or after the restart")
+
+    async def run_job(self, job: EngineJob) -> None:
+        """Run ``job`` on the engine thread until it ends; cancelling the caller cancels the job.
+        Raises QueueFullError or EngineDeadError, or the job's error from ``start``."""
+        self._check_accepting()
         op = _Job(job, self._loop.create_future())
         self._jobs.add(op)
         self._ops.put(op)
