@@ -47,5 +47,17 @@ $(BENCH_STAMP): $(STAMP)
 bench-%: $(BENCH_STAMP)
 	$(PY) benchmarks/$*.py $(ARGS)
 
+# On a CPU with AVX-512, benchmarks/cpu.py also runs llama.cpp built for AVX2 only (the peer of
+# infera's avx2 level: what AMD Zen 1-3 and Intel client CPUs run), in its own folder.
+LLAMA_AVX2 := $(VENV)/llama-avx2
+$(LLAMA_AVX2)/.built: $(BENCH_STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=OFF" $(PIP) --no-cache-dir --no-deps --target $(LLAMA_AVX2) \
+	llama-cpp-python==$$($(PY) -c "import llama_cpp; print(llama_cpp.__version__)")
+	touch $@
+
+bench-cpu: $(BENCH_STAMP) $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),$(LLAMA_AVX2)/.built)
+	$(PY) benchmarks/cpu.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,7 +11,10 @@ where the level has bf16 arithmetic, else float32) and for each peer:
   bandwidth measured at the start (a sum over 512 MiB).
 Peers: llama.cpp through llama-cpp-python (`make bench` builds it; ``--threads`` threads) on the same
 file and, for the bundled model, on its Q4_0 requantization (llama.cpp's fastest CPU format); HF
-transformers (float32 from the GGUF, one single-stream run: it loads the file for each run).
+transformers (float32 from the GGUF, one single-stream run: it loads the file for each run). On a
+CPU with AVX-512, `make bench-cpu` also builds llama.cpp for AVX2 only (``--llama-avx2 DIR``, a
+child process imports it): the peer of infera's avx2 level, what an AVX2 machine (AMD Zen 1-3,
+Intel client CPUs) runs; infera's avx2 row is compared with it, the other levels with the native build.
 
     python benchmarks/cpu.py [--models smollm2,qwen2.5-coder-1.5b] [--levels avx2,amx] [--no-hf] [--json FILE]
 """
@@ -77,12 +80,25 @@ def main() -> None:
                         help="ISA levels to run infera at (default: every level this CPU supports)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (infera and llama.cpp)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    parser.add_argument("--llama-avx2", type=Path, default=Path(".venv/llama-avx2"),
+                        help="llama-cpp-python built for AVX2 only (a pip --target folder; skipped if absent)")
     parser.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bandwidth = calibrate(torch.device("cpu")).memory_bandwidth
     print(f"machine: {machine()}\nISA levels: {', '.join(supported_levels())}; read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s ({args.threads} threads)\n")
+          f"{bandwidth / 1e9:.1f} GB/s ({args.threads} threads)")
+    builds: dict[str, str] = {}
+    if have("llama_cpp"):
+        from benchmarks.peers import llama_cpp_features
+
+        builds["llama.cpp"] = llama_cpp_features()
+        if (args.llama_avx2 / "llama_cpp").is_dir():
+            builds["llama.cpp avx2"] = llama_cpp_features(args.llama_avx2)
+    avx2_build = "llama.cpp avx2" in builds
+    for label, features in builds.items():
+        print(f"{label}: built for {features}")
+    print()
     report: dict[str, dict] = {}
     for name in args.models.split(","):
         path = default_model_path() if name == "smollm2" else resolve(name)
@@ -102,15 +118,19 @@ def main() -> None:
             rows[f"infera {level}"] = infera_row(path, level, w, args.threads)
             show(f"infera {level}")
         if have("llama_cpp"):
-            from benchmarks.peers import llama_cpp_quantize, run_llama_cpp
+            from benchmarks.peers import llama_cpp_quantize, run_llama_cpp, run_llama_cpp_build
 
-            rows["llama.cpp"] = figures(lambda wl: run_llama_cpp(path, wl, args.threads), w)
-            show("llama.cpp")
-            if name == "smollm2":
-                with tempfile.TemporaryDirectory() as tmp:
-                    q4_0 = llama_cpp_quantize(path, Path(tmp) / "q4_0.gguf")
-                    rows["llama.cpp Q4_0"] = figures(lambda wl: run_llama_cpp(q4_0, wl, args.threads), w)
-                show("llama.cpp Q4_0")
+            runs = {"llama.cpp": run_llama_cpp}
+            if avx2_build:
+                runs["llama.cpp avx2"] = lambda *a: run_llama_cpp_build(args.llama_avx2, *a)
+            with tempfile.TemporaryDirectory() as tmp:
+                files = {"": path}
+                if name == "smollm2":
+                    files[" Q4_0"] = llama_cpp_quantize(path, Path(tmp) / "q4_0.gguf")
+                for suffix, file in files.items():
+                    for label, run in runs.items():
+                        rows[label + suffix] = figures(lambda wl: run(file, wl, args.threads), w)
+                        show(label + suffix)
         else:
             print("llama.cpp: llama-cpp-python is not installed (make bench installs it)")
         if not args.no_hf:
@@ -121,14 +141,15 @@ def main() -> None:
                                              batches=False)
             rows["HF transformers"]["dtype"] = "float32"
             show("HF transformers")
-        if "llama.cpp" in rows:
-            peer = rows["llama.cpp"]
-            for level in args.levels.split(","):
-                r = rows[f"infera {level}"]
-                print(f"infera {level} / llama.cpp: " + ", ".join(f"{c} {r[c] / peer[c]:.2f}x" for c in COLUMNS))
+        for level in args.levels.split(","):
+            r = rows[f"infera {level}"]
+            peers = ["llama.cpp avx2" if level == "avx2" and avx2_build else "llama.cpp"]
+            peers += [p + " Q4_0" for p in peers]
+            for peer in (p for p in peers if p in rows):
+                print(f"infera {level} / {peer}: " + ", ".join(f"{c} {r[c] / rows[peer][c]:.2f}x" for c in COLUMNS))
         print()
         report[path.name] = {"size": size, "rows": rows}
-    save_json(args.json, {"machine": machine(), "bandwidth": bandwidth, "threads": args.threads,
+    save_json(args.json, {"machine": machine(), "bandwidth": bandwidth, "threads": args.threads, "llama.cpp": builds,
                           "date": time.strftime("%Y-%m-%d"), "models": report})
 
 

@@ -10,7 +10,12 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,6 +123,29 @@ def run_llama_cpp(path: Path, workload: Workload, n_threads: int = 2) -> dict[st
         return engine.generate(workload.prompts, workload.output_len)
     finally:
         engine.close()
+
+
+def run_llama_cpp_build(build: Path, path: Path, workload: Workload, n_threads: int = 2) -> dict[str, float]:
+    """:func:`run_llama_cpp` in a child process that imports llama-cpp-python from ``build`` (a ``pip
+    --target`` folder: another build of llama.cpp, e.g. for AVX2 only, beside the installed one)."""
+    repo = Path(__file__).resolve().parent.parent
+    code = ("import json, sys; from pathlib import Path; from benchmarks.common import Workload; "
+            "from benchmarks.peers import run_llama_cpp; a = json.load(sys.stdin); "
+            "print(json.dumps(run_llama_cpp(Path(a['path']), Workload(**a['workload']), a['threads'])))")
+    job = {"path": str(path), "workload": dataclasses.asdict(workload), "threads": n_threads}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(build), str(repo)]))
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), env=env, capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_features(build: Path | None = None) -> str:
+    """The CPU features a llama.cpp build uses (``llama_print_system_info``)."""
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    env = dict(os.environ, PYTHONPATH=str(build)) if build else None
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return " ".join(part.split("=")[0].split(":")[-1].strip() for part in out.split("|")
+                    if part.strip().endswith("= 1"))
 
 
 def run_hf(path: Path, workload: Workload, dtype: torch.dtype, pad_id: int) -> dict[str, float]:
