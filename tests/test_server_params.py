@@ -29,7 +29,7 @@ from test_spec import always_draft, draft_path, make_spec_llm, spec_counts  # no
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.0, "top_p": 0.9, "top_k": 7,
                      "max_new_tokens": 6, "do_sample": True}
 TEMPLATE = ("{% for m in messages %}<<{{ m.role }}>>{{ m.content }}{% endfor %}"
-            "{% if add_generation_prompt %}=>{% endif %}")
+            "{% if add_generation_prompt %}=>{% endif %}{% if mood is defined %}[{{ mood }}]{% endif %}")
 ORIGIN = "http://app.example"
 PROMPTS = ["The engine schedules every sequence", "Caches hold the keys and values", "A grammar masks tokens"]
 
@@ -284,6 +284,11 @@ def test_chat_template_option(server, configured):
     out = configured.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                       max_tokens=2)
     assert out.usage.prompt_tokens == len(ids)
+    with_kwargs = configured.client().chat.completions.create(  # chat_template_kwargs reach the file's template
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+        extra_body={"chat_template_kwargs": {"mood": "calm"}, "return_token_ids": True})
+    assert with_kwargs.model_extra["prompt_token_ids"] == configured.tokenize(prompt="<<user>>hi=>[calm]",
+                                                                              add_special_tokens=False)
 
 
 def test_load_chat_template(tmp_path):
