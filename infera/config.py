@@ -88,6 +88,11 @@ class EngineConfig:
              "skipped (self:8-20,24 picks them), draft:PATH = a smaller model with the same tokenizer; the number "
              "of draft tokens adapts per sequence and drops to 0 where it does not pay")
     num_speculative_tokens: int = option(8, help="most draft tokens per sequence and step")
+    generation_config: str = option(
+        "auto", metavar="auto|vllm|FOLDER",
+        help="sampling defaults for what a request omits (temperature, top_p, top_k, min_p, repetition_penalty, "
+             "max_tokens from max_new_tokens): auto = the model's generation_config.json or GGUF sampling metadata, "
+             "vllm = none (the SamplingParams defaults), FOLDER = that folder's generation_config.json")
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:

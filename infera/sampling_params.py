@@ -1,10 +1,12 @@
 """Per-request sampling parameters, validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # biases are clamped to [-100, 100], as OpenAI's range
 
 
 @dataclass
@@ -36,6 +38,8 @@ class SamplingParams:
 
     ``temperature=0`` is greedy. ``top_k=0`` and ``top_p=1`` disable those filters.
     ``seed`` makes the request reproducible whatever else runs in the batch.
+    ``logit_bias`` adds to the logits of token ids (after penalties, before a grammar's mask, which
+    wins); each bias is clamped to [-100, 100].
     """
 
     n: int = 1
@@ -56,6 +60,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
     structured: StructuredOutputParams | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -88,6 +93,7 @@ class SamplingParams:
                "stop_token_ids", "must be non-negative integers", self.stop_token_ids)
         _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63),
                "seed", "must be a 64-bit integer", self.seed)
+        self.logit_bias = _clamped_bias(self.logit_bias)
         _check(self.structured is None or isinstance(self.structured, StructuredOutputParams),
                "structured", "must be a StructuredOutputParams", self.structured)
 
@@ -98,6 +104,18 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _clamped_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
+    """``bias`` with every value clamped to [-100, 100]; None when empty.  ValueError names a bad entry."""
+    if not bias:
+        return None
+    _check(isinstance(bias, dict), "logit_bias", "must map token ids to biases", type(bias).__name__)
+    for token, value in bias.items():
+        _check(type(token) is int and token >= 0, "logit_bias", "keys must be token ids (integers >= 0)", token)
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+               "logit_bias", f"values must be finite numbers (token {token})", value)
+    return {token: min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, float(value))) for token, value in bias.items()}
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

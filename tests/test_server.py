@@ -327,7 +327,7 @@ BAD_REQUESTS = [
     (C, {"prompt": "hi", "echo": True}, 400, None),
     (C, {"prompt": "hi", "suffix": "tail"}, 400, None),
     (C, {"prompt": "hi", "best_of": 3}, 400, None),
-    (C, {"prompt": "hi", "logit_bias": {"5": 1}}, 400, None),
+    (C, {"prompt": "hi", "logit_bias": {"five": 1}}, 400, "logit_bias"),
     (C, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, None),
     (C, {"prompt": []}, 400, None),
     (C, {"prompt": ""}, 400, "prompt"),

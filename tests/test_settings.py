@@ -33,6 +33,7 @@ ENGINE_VALUES = {
     "enforce_eager": (["--enforce-eager"], True),
     "speculative": (["--speculative", "ngram"], "ngram"),
     "num_speculative_tokens": (["--num-speculative-tokens", "4"], 4),
+    "generation_config": (["--generation-config", "vllm"], "vllm"),
 }
 SERVER_VALUES = {
     "host": (["--host", "0.0.0.0"], "0.0.0.0"),
@@ -54,6 +55,11 @@ OPTION_VALUES = {
     "shutdown_timeout": (["--shutdown-timeout", "2"], 2.0),
     "tool_call_parser": (["--tool-call-parser", "llama3_json"], "llama3_json"),
     "reasoning_parser": (["--reasoning-parser", "deepseek_r1"], "deepseek_r1"),
+    "chat_template": (["--chat-template", "t.jinja"], "t.jinja"),
+    "allowed_origins": (["--allowed-origins", "http://a.test", "http://b.test"], ("http://a.test", "http://b.test")),
+    "allowed_methods": (["--allowed-methods", "GET", "POST"], ("GET", "POST")),
+    "allowed_headers": (["--allowed-headers", "content-type"], ("content-type",)),
+    "allow_credentials": (["--allow-credentials"], True),
 }
 ENGINE_COMMANDS = ("generate", "chat", "serve", "profile", "eval")
 
@@ -136,6 +142,11 @@ def test_server_flags_that_are_not_their_field(monkeypatch):
     assert server_options(parse("serve", "--allowed-hosts", "*")).allowed_hosts is None
     with pytest.raises(ValueError, match="NAME=PATH"):
         server_options(parse("serve", "--reward-model", "prm"))
+    # vLLM spells the CORS lists as JSON
+    cors = server_options(parse("serve", "--allowed-origins", '["http://a.test"]', "--allowed-methods", '["GET"]'))
+    assert (cors.allowed_origins, cors.allowed_methods, cors.allowed_headers) == (("http://a.test",), ("GET",), ("*",))
+    with pytest.raises(ValueError, match="JSON list"):
+        server_options(parse("serve", "--allowed-origins", "[1]"))
     monkeypatch.setenv("INFERA_API_KEY", "from-env")
     options = server_options(parse("serve"))
     assert options.api_key == "from-env" and options.allowed_hosts is None

@@ -68,6 +68,7 @@ class LLMEngine:
         self.tokenizer, self.runner = self.worker.tokenizer, self.worker.runner
         self.block_manager, self.max_model_len = self.worker.block_manager, self.worker.max_model_len
         self.device, self.dtype = self.worker.device, self.worker.dtype
+        self.default_sampling_params = self.worker.default_sampling_params  # --generation-config
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.hooks: list[StepHook] = []
@@ -132,6 +133,10 @@ class LLMEngine:
             if bad:
                 raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size}), got {bad[:3]}")
         self.check_prompt_length(len(token_ids))
+        vocab = self.runner.vocab_size
+        bad = [t for t in params.logit_bias or () if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab}), got {bad[:3]}")
         if parent is not None and params.structured is not None:
             raise ValueError("structured output cannot continue from a parent sequence")
         grammar = self.structured.grammar_for(params)  # ValueError for a bad schema/regex/grammar

@@ -1,5 +1,5 @@
-"""Logits -> next tokens for a batch of sequences: penalties, grammar masks, min_tokens, per-request
-seeds, logprobs."""
+"""Logits -> next tokens for a batch of sequences: penalties, logit biases, grammar masks, min_tokens,
+per-request seeds, logprobs."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infera.engine.sequence import Sequence
-from infera.layers.sampler import device_tensor, sampling_probs, top_tokens
+from infera.layers.sampler import apply_logit_bias, device_tensor, sampling_probs, top_tokens
 from infera.outputs import TokenLogprobs
 
 if TYPE_CHECKING:
@@ -82,8 +82,8 @@ class Sampler:
 
     def process(self, logits: torch.Tensor, seqs: list[Sequence], bitmask: BatchBitmask | None = None,
                 offsets: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list[SamplerState]]:
-        """Logits ready to sample from (penalties, grammar mask, min_tokens), the model's log-probabilities
-        (if a row wants them) and the rows' states.  Row ``i`` chooses output token
+        """Logits ready to sample from (penalties, logit bias, grammar mask, min_tokens), the model's
+        log-probabilities (if a row wants them) and the rows' states.  Row ``i`` chooses output token
         ``num_output_tokens + offsets[i]`` of ``seqs[i]`` (several rows of a sequence verify its drafts)."""
         logits = logits.float()
         raw_logprobs = None
@@ -91,6 +91,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         states = [self.state(s) for s in seqs]
         logits = self._apply_penalties(logits, seqs, states)
+        logits = apply_logit_bias(logits, [s.params for s in seqs])  # before the mask: the grammar wins
         if bitmask is not None:
             bitmask.apply(logits)
         return self._suppress_eos(logits, seqs, offsets), raw_logprobs, states

@@ -12,6 +12,7 @@ from infera.engine.block_manager import BlockManager
 from infera.engine.kv_cache import KVCachePool
 from infera.engine.model_runner import ModelRunner
 from infera.layers.attention import Attention
+from infera.loader.generation_config import sampling_defaults
 from infera.loader.gguf_file import GGUFFile
 from infera.loader.model_loader import build_model, open_model, resolve_quantization
 from infera.loader.safetensors_dir import SafetensorsDir
@@ -26,7 +27,8 @@ class Worker:
     a KV cache of ``config.kv_cache_memory`` (or of room for ``kv_cache_tokens`` tokens) and a
     :class:`BlockManager` over that cache.  The engine, a draft model, self-drafting and a reward
     model each run on one.  ``load_model`` builds a model other than the checkpoint's causal LM (a
-    reward model's head model, say); ``quantization`` is then not applied."""
+    reward model's head model, say); ``quantization`` is then not applied.  ``default_sampling_params``:
+    the sampling defaults ``config.generation_config`` chooses (SamplingParams fields)."""
 
     def __init__(self, config: EngineConfig, load_model: ModelFactory | None = None,
                  kv_cache_tokens: int | None = None):
@@ -35,6 +37,7 @@ class Worker:
         self.model_path = str(source.path)
         self.hf_config = source.config()
         self.tokenizer = Tokenizer(source.tokenizer_dir(), self.hf_config)
+        self.default_sampling_params = sampling_defaults(config.generation_config, source)
         self.device, self.dtype = config.torch_device, config.torch_dtype
         limit = config.max_model_len or self.hf_config.max_position_embeddings
         window = getattr(self.hf_config, "sliding_window", None)

@@ -1,5 +1,5 @@
-"""Tensor sampling operations: host data to the device, each row's most likely token, and the
-distribution a row samples from (temperature, top-k, top-p, min-p)."""
+"""Tensor sampling operations: host data to the device, each row's most likely token, the rows'
+logit biases, and the distribution a row samples from (temperature, top-k, top-p, min-p)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -32,6 +32,19 @@ def top_tokens(logits: torch.Tensor, with_probs: bool = False) -> tuple[torch.Te
         probs, ids = logits.float().softmax(dim=-1).max(dim=-1)
         return ids, probs
     return logits.argmax(dim=-1), None
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``logits`` [R, V] plus each row's ``logit_bias`` (a new tensor; ``logits`` itself when no row
+    has one).  Host work is per bias entry, never per vocabulary entry."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    row_ids = [i for i in rows for _ in params[i].logit_bias]
+    token_ids = [t for i in rows for t in params[i].logit_bias]
+    values = [v for i in rows for v in params[i].logit_bias.values()]
+    index = (device_tensor(row_ids, logits.device), device_tensor(token_ids, logits.device))
+    return logits.index_put(index, device_tensor(values, logits.device, logits.dtype), accumulate=True)
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
 from infera.loader.errors import ModelLoadError
+from infera.loader.generation_config import GGUF_KEYS, gguf_sampling_defaults
 
 # GGUF architecture -> HF architecture and model_type (a "llama" file with experts is a Mixtral)
 ARCHITECTURES = {
@@ -174,6 +176,10 @@ class GGUFFile:
                     yield part_name, GGUFTensor(np.ascontiguousarray(part), t.tensor_type.name, tuple(shape[-2:]), name)
                 else:
                     yield part_name, torch.from_numpy(np.ascontiguousarray(part))
+
+    def generation_config(self) -> dict[str, Any]:
+        """Sampling defaults from llama.cpp's ``general.sampling.*`` metadata, if the file has any."""
+        return gguf_sampling_defaults({key: self._field(key) for key in GGUF_KEYS})
 
     def tokenizer_dir(self) -> Path:
         """A directory with the tokenizer converted by transformers (cached: conversion takes seconds)."""

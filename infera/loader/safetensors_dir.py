@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from infera.loader.errors import ModelLoadError
+from infera.loader.generation_config import read_generation_config
 
 
 class SafetensorsDir:
@@ -25,6 +27,10 @@ class SafetensorsDir:
             return AutoConfig.from_pretrained(self.path)
         except Exception as e:
             raise ModelLoadError(f"{self.path / 'config.json'}: {e}") from None
+
+    def generation_config(self) -> dict[str, Any]:
+        """Sampling defaults from generation_config.json (see :mod:`infera.loader.generation_config`)."""
+        return read_generation_config(self.path)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for file in self.files:

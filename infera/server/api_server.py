@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
@@ -228,12 +229,16 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     app = FastAPI(title="infera", summary="OpenAI-compatible LLM server", lifespan=lifespan)
     app.state.engine = engine
     install_error_handlers(app)
-    # the last added runs first: the Host check, then the key, then the body limit
+    # the last added runs first: CORS, the Host check, then the key, then the body limit
     app.add_middleware(BodyLimitMiddleware, limit=options.max_request_body_bytes)
     if options.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
     if options.allowed_hosts is not None:
         app.add_middleware(HostCheckMiddleware, allowed_hosts=options.allowed_hosts)
+    if options.allowed_origins is not None:  # outermost: errors carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins,
+                           allow_methods=options.allowed_methods, allow_headers=options.allowed_headers,
+                           allow_credentials=options.allow_credentials)
 
     def respond(result: Any) -> Response:
         if isinstance(result, Response):
@@ -246,11 +251,13 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(request: CompletionRequest, raw: Request) -> Response:
         """Text completion; ``stream: true`` answers with server-sent events."""
+        serving.note_ignored(raw.url.path, request)
         return respond(await _until_disconnect(raw, serving.create_completion(request)))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         """Chat completion with the model's chat template; ``stream: true`` answers with server-sent events."""
+        serving.note_ignored(raw.url.path, request)
         return respond(await _until_disconnect(raw, serving.create_chat_completion(request)))
 
     @app.get("/v1/models", response_model=ModelList)
@@ -269,6 +276,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        serving.note_ignored("/tokenize", request)
         serving.check_model(request.model)
         if request.messages is not None:
             tokens = await serving.chat_prompt(request.messages, request.add_generation_prompt, tools=request.tools)
@@ -278,6 +286,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        serving.note_ignored("/detokenize", request)
         serving.check_model(request.model)
         vocab = engine.tokenizer.vocab_size
         bad = [t for t in request.tokens if not 0 <= t < vocab]

@@ -16,6 +16,7 @@ script so that it never imports the ``infera`` package (and torch with it).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import os
 import re
@@ -48,6 +49,22 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 })
 T = TypeVar("T")
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # numpy is imported
+
+
+def load_chat_template(template: str | None) -> str | None:
+    """``--chat-template``: the text of the file it names, or else the template itself when it looks like
+    one (it has ``{``, ``}`` or a newline; escapes such as ``\\n`` decoded), as vLLM reads it.  ValueError
+    for what looks like a path that cannot be read."""
+    if template is None:
+        return None
+    try:
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError) as e:
+        if not any(c in template for c in "{}\n"):
+            raise ValueError(f"--chat-template {template!r} looks like a file path, but it cannot be read ({e})"
+                             ) from None
+    return codecs.decode(template.encode("latin-1", "backslashreplace"), "unicode_escape")
 
 
 def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:

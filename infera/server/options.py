@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
 
@@ -67,6 +68,17 @@ class ServerOptions:
     reasoning_parser: str | None = option(
         None, choices=sorted(REASONING_PARSERS),
         help="put the model's <think>...</think> thinking into `reasoning_content`; output constraints apply after it")
+    chat_template: str | None = option(
+        None, metavar="FILE|TEMPLATE",
+        help="the chat template to render instead of the model's: a file, or the Jinja template itself")
+    allowed_origins: tuple[str, ...] | None = option(
+        None, nargs="+", metavar="ORIGIN",
+        help="CORS: origins whose browsers may call the API (* = any); None: no CORS headers")
+    allowed_methods: tuple[str, ...] = option(("*",), nargs="+", metavar="METHOD",
+                                              help="CORS: methods allowed (with --allowed-origins)")
+    allowed_headers: tuple[str, ...] = option(("*",), nargs="+", metavar="HEADER",
+                                              help="CORS: request headers allowed (with --allowed-origins)")
+    allow_credentials: bool = option(False, help="CORS: allow credentials (with --allowed-origins)")
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_default", "max_tokens_limit"):
@@ -88,6 +100,8 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     to $INFERA_API_KEY, a request timeout of 0 is none, ``NAME=PATH`` items make the reward models, and
     the allowed hosts default by the address and the key (:func:`default_allowed_hosts`)."""
     given = dataclass_kwargs(ServerOptions, args)
+    for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        given[name] = _list_flag(given[name])
     api_key = given["api_key"] or os.environ.get("INFERA_API_KEY")
     rewards = {}
     for item in given["reward_models"] or []:
@@ -98,6 +112,19 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(**dict(given, api_key=api_key, request_timeout=given["request_timeout"] or None,
                                 reward_models=rewards,
                                 allowed_hosts=default_allowed_hosts(args.host, api_key, given["allowed_hosts"])))
+
+
+def _list_flag(values: list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A list flag's values; one value that is a JSON list (vLLM's spelling, ``'["*"]'``) is that list."""
+    if values and len(values) == 1 and values[0].lstrip().startswith("["):
+        try:
+            items = json.loads(values[0])
+        except ValueError:
+            raise ValueError(f"not a JSON list of strings: {values[0]}") from None
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError(f"not a JSON list of strings: {values[0]}")
+        return tuple(items)
+    return None if values is None else tuple(values)
 
 
 def is_loopback(host: str) -> bool:

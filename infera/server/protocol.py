@@ -7,11 +7,14 @@ clients and the tools built on them work unchanged.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
+from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, PrivateAttr, StringConstraints,
+                      field_validator, model_serializer, model_validator)
 
 from infera.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 from infera.structured.bounds import check_schema_value
@@ -27,6 +30,8 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 MAX_USER_CHARS = 256
 MAX_TOOLS = 128  # as OpenAI
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias
+TOKEN_ID = re.compile(r"[0-9]{1,10}\Z")
 FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's letters, digits, _ and - (and dots), at most 64
 
 StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
@@ -37,7 +42,43 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIModel(BaseModel):
+    """Fields the model does not know are ignored, and remembered: :func:`ignored_fields` lists them
+    (the server logs them, as vLLM does)."""
+
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    _ignored: list[str] | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_ignored(cls, data: Any, handler: ModelWrapValidatorHandler[OpenAIModel]) -> OpenAIModel:
+        model = handler(data)
+        if isinstance(data, dict) and isinstance(model, OpenAIModel):
+            known = _field_names(type(model))
+            ignored = [str(key) for key in data if key not in known]
+            if ignored:
+                model._ignored = ignored
+        return model
+
+
+@cache
+def _field_names(cls: type[BaseModel]) -> frozenset[str]:
+    """The keys a model reads: its fields' names and aliases."""
+    return frozenset(n for name, f in cls.model_fields.items() for n in (name, f.alias) if n)
+
+
+def ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """The fields of a validated request that ``model`` and the models in it ignored, as paths
+    (``stream_options.foo``, ``messages[].bar``), each once."""
+    names = [prefix + name for name in getattr(model, "_ignored", None) or ()]
+    for name, f in type(model).model_fields.items():
+        value = getattr(model, name)
+        path = f"{prefix}{f.alias or name}"
+        if isinstance(value, OpenAIModel):
+            names += ignored_fields(value, path + ".")
+        elif isinstance(value, list) and value and isinstance(value[0], OpenAIModel):
+            for item in value:
+                names += ignored_fields(item, path + "[].")
+    return list(dict.fromkeys(names))
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -55,6 +96,7 @@ class ErrorResponse(OpenAIModel):
 # -- request pieces -----------------------------------------------------------------------
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, the usage so far in every chunk
 
 
 class JsonSchemaFormat(OpenAIModel):
@@ -75,6 +117,28 @@ class ResponseFormat(OpenAIModel):
         return self
 
 
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's ``structured_outputs`` field: one output constraint (see StructuredOutputParams)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+
+    @property
+    def given(self) -> dict[str, Any]:
+        """The constraints given, by StructuredOutputParams' names."""
+        values = {"json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                  "json_object": self.json_object or None, "structural_tag": self.structural_tag}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+GUIDED_ALIASES = {"guided_json": "json", "guided_regex": "regex", "guided_grammar": "grammar",
+                  "guided_choice": "choice"}  # the older names of structured_outputs' keys (vLLM's)
+
+
 class SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions."""
 
@@ -86,7 +150,7 @@ class SamplingRequest(OpenAIModel):
     seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> bias, clamped to [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=MAX_USER_CHARS)
@@ -101,6 +165,7 @@ class SamplingRequest(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
+    structured_outputs: StructuredOutputsRequest | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None
@@ -110,45 +175,67 @@ class SamplingRequest(OpenAIModel):
     def _check_common(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is not None:
+            if len(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"biases {len(bias)} tokens; at most {MAX_LOGIT_BIAS}")
+            bad = next((key for key in bias if not TOKEN_ID.match(key)), None)
+            if bad is not None:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {bad[:32]!r}")
+        return bias
 
     @property
     def constraint_field(self) -> str | None:
         """The field that carries the output constraint (named in errors about it)."""
-        names = ("response_format", "guided_json", "guided_regex", "guided_grammar", "guided_choice")
+        names = ("response_format", "structured_outputs", *GUIDED_ALIASES)
         return next((name for name in names if getattr(self, name) is not None), None)
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every streamed chunk (vLLM's ``continuous_usage_stats``, which needs ``include_usage``)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
+
     def structured(self) -> StructuredOutputParams | None:
-        """``response_format`` and the ``guided_*`` extras as one output constraint (or none)."""
-        given: dict[str, Any] = {}
+        """``response_format``, ``structured_outputs`` or a ``guided_*`` alias as one output constraint
+        (or none); ValueError when more than one field gives one."""
+        given: list[tuple[str, dict[str, Any]]] = []
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema":
-            given["json"] = fmt.json_schema.schema_
+            given.append(("response_format", {"json": fmt.json_schema.schema_}))
         elif fmt is not None and fmt.type == "json_object":
-            given["json_object"] = True
-        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_grammar", "grammar"),
-                          ("guided_choice", "choice")):
-            value = getattr(self, name)
-            if value is not None:
-                if key in given:
-                    raise ValueError(f"{name} conflicts with response_format; give one constraint")
-                given[key] = value
-        return StructuredOutputParams(**given) if given else None
+            given.append(("response_format", {"json_object": True}))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs.given))
+        given += [(name, {key: getattr(self, name)}) for name, key in GUIDED_ALIASES.items()
+                  if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[0][0]} and {given[1][0]} both constrain the output; give one of them")
+        return StructuredOutputParams(**given[0][1]) if given else None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """``defaults``: the model's values (``--generation-config``) for the fields the request omits."""
+        defaults = defaults or {}
+
+        def value(name: str, fallback: Any) -> Any:
+            return _or(getattr(self, name), defaults.get(name, fallback))
+
         return SamplingParams(
-            n=self.n, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0), top_k=_or(self.top_k, 0),
-            min_p=_or(self.min_p, 0.0), repetition_penalty=_or(self.repetition_penalty, 1.0),
+            n=self.n, temperature=value("temperature", 1.0), top_p=value("top_p", 1.0), top_k=value("top_k", 0),
+            min_p=value("min_p", 0.0), repetition_penalty=value("repetition_penalty", 1.0),
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=min(self.min_tokens, max_tokens), stop=self.stop,
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
             structured=self.structured())
 
 
@@ -350,8 +437,9 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError(f"tool_choice {self.tool_choice_mode!r} constrains the output; it cannot be combined "
                              f"with {super().constraint_field}")
         if self.scaling is not None and (self.stream or self.n != 1 or self.logprobs or self.constraint_field
-                                         or self.tools):
-            raise ValueError("scaling takes a single non-streamed choice without logprobs, output constraints or tools")
+                                         or self.tools or self.logit_bias):
+            raise ValueError("scaling takes a single non-streamed choice without logprobs, output constraints, "
+                             "logit_bias or tools")
         return self
 
     @property

@@ -13,7 +13,7 @@ from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestF
 from infera.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from infera.sampling_params import SamplingParams, StructuredOutputParams
 from infera.server.chat_output import ChatOutputParser
-from infera.server.chat_template import ChatTemplateRenderer, check_template_kwargs
+from infera.server.chat_template import ChatTemplateRenderer, check_template_kwargs, load_chat_template
 from infera.server.metrics import ServerMetrics
 from infera.scaling.api import build_search
 from infera.scaling.controller import SearchJob
@@ -25,13 +25,15 @@ from infera.server.tool_parsers import TOOL_PARSERS, ToolParser, detect_tool_par
 from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatCompletionToolsParam, ChatLogprobs, ChatLogprobToken,
                                     ChatMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
-                                    CompletionRequest, CompletionResponse, DeltaMessage, OpenAIError, SamplingRequest,
-                                    ScalingChatCompletionResponse, TopLogprob, UsageInfo, random_id)
+                                    CompletionRequest, CompletionResponse, DeltaMessage, OpenAIError, OpenAIModel,
+                                    SamplingRequest, ScalingChatCompletionResponse, TopLogprob, UsageInfo,
+                                    ignored_fields, random_id)
 
 logger = logging.getLogger("infera.server")
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 MAX_SCALING_TOKENS = 2**20  # budget x max_tokens: the most tokens one scaling request may generate
+MAX_IGNORED_LOGGED = 1024  # ignored request fields remembered (each is logged once)
 
 
 def sse(payload: str) -> str:
@@ -71,15 +73,37 @@ class OpenAIServing:
         self.renderer = ChatTemplateRenderer(self.tokenizer, options.chat_template_timeout,
                                              max_chars=engine.max_model_len * longest_token)
         self._token_text: dict[int, str] = {}
+        self._ignored_logged: set[tuple[str, str]] = set()
+        self.chat_template = load_chat_template(options.chat_template)  # None: the model's
+        if self.chat_template is not None:
+            logger.info("chat template from --chat-template (%d characters)", len(self.chat_template))
+        # the model's sampling defaults (--generation-config) for what a request omits
+        self.default_sampling_params = engine.engine.default_sampling_params
+        if self.default_sampling_params:
+            logger.info("sampling defaults for fields a request omits (--generation-config %s): %s",
+                        engine.engine.config.generation_config,
+                        ", ".join(f"{k}={v}" for k, v in self.default_sampling_params.items()))
         self.tool_call_parser = options.tool_call_parser or detect_tool_parser(self._model_template())
         if options.tool_call_parser is None and self.tool_call_parser is not None:
             logger.info("tool calls parsed as %s (the format of the model's chat template)", self.tool_call_parser)
 
     def _model_template(self) -> str | None:
+        """The chat template requests are rendered with (--chat-template, else the model's)."""
         try:
-            return self.tokenizer.hf.get_chat_template()
+            return self.chat_template or self.tokenizer.hf.get_chat_template()
         except ValueError:  # no template
             return None
+
+    def note_ignored(self, endpoint: str, req: OpenAIModel) -> None:
+        """Log the request fields the server does not know (ignored; the request goes on), each field
+        name once per endpoint, as vLLM warns of them."""
+        new = [name[:64] for name in ignored_fields(req) if (endpoint, name[:64]) not in self._ignored_logged]
+        if not new or len(self._ignored_logged) >= MAX_IGNORED_LOGGED:
+            return
+        self._ignored_logged.update((endpoint, name) for name in new)
+        logger.warning("%s: the request fields %s are not supported and were ignored (each logged once)%s",
+                       endpoint, ", ".join(repr(n) for n in new),
+                       "; no more are logged" if len(self._ignored_logged) >= MAX_IGNORED_LOGGED else "")
 
     # -- shared -----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -103,7 +127,7 @@ class OpenAIServing:
             raise OpenAIError(400, str(e), param="chat_template_kwargs") from None
         try:
             return await self.renderer.render_ids([m.template_dict() for m in messages], add_generation_prompt,
-                                                  template_kwargs, chat_template,
+                                                  template_kwargs, chat_template or self.chat_template,
                                                   [t.model_dump(exclude_none=True) for t in tools] if tools else None)
         except ValueError as e:
             raise OpenAIError(400, str(e), param="messages") from None
@@ -115,7 +139,8 @@ class OpenAIServing:
         except ValueError as e:
             raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from None
         room = self.engine.max_model_len - num_prompt
-        default, limit = self.options.max_tokens_default, self.options.max_tokens_limit
+        default = self.options.max_tokens_default or self.default_sampling_params.get("max_tokens")
+        limit = self.options.max_tokens_limit
         if requested is None:
             return min(room, default or room, limit or room)
         if limit is not None and requested > limit:
@@ -137,14 +162,11 @@ class OpenAIServing:
         return OpenAIError(408, f"the request ran past the server's time limit of {self.options.request_timeout:g} s "
                                 f"(--request-timeout); ask for fewer tokens", code="request_timeout")
 
-    @staticmethod
-    def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
         try:
-            return req.sampling_params(max_tokens, logprobs)
+            return req.sampling_params(max_tokens, logprobs, self.default_sampling_params)
         except ValueError as e:  # SamplingParams and StructuredOutputParams name the field first
-            field = str(e).split(" ", 1)[0]
-            raise OpenAIError(400, str(e), param=field if field in type(req).model_fields
-                              else req.constraint_field) from None
+            raise OpenAIError(400, str(e), param=_field_named(req, e, req.constraint_field)) from None
 
     async def _submit(self, req: SamplingRequest, prompts: list[list[int]], params: SamplingParams,
                       request_id: str, prompt_field: str) -> list[RequestStream]:
@@ -159,7 +181,8 @@ class OpenAIServing:
                 s.close()
             if isinstance(e, ValueError):
                 about_prompt = str(e).startswith(("prompt", "the prompt"))
-                raise OpenAIError(400, str(e), param=prompt_field if about_prompt else req.constraint_field) from None
+                param = prompt_field if about_prompt else _field_named(req, e, req.constraint_field)
+                raise OpenAIError(400, str(e), param=param) from None
             raise
         return streams
 
@@ -310,8 +333,9 @@ class OpenAIServing:
                       if req.logprobs is not None else None)
                 choice = CompletionChoice(index=index, text=d.text, logprobs=lp, finish_reason=d.finish_reason,
                                           token_ids=list(d.token_ids) if req.return_token_ids else None)
+                usage = self._usage(prompts, num_completion) if req.continuous_usage else None
                 yield CompletionResponse(id=request_id, created=created, model=self.model_name,
-                                         choices=[choice]).model_dump_json()
+                                         choices=[choice], usage=usage).model_dump_json()
         if req.include_usage:
             yield CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
                                      usage=self._usage(prompts, num_completion)).model_dump_json()
@@ -474,15 +498,17 @@ class OpenAIServing:
                            outputs: AsyncIterator[tuple[int, RequestOutput]],
                            output_parser: Callable[[], ChatOutputParser]) -> AsyncIterator[str]:
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            if usage is None and req.continuous_usage:  # the usage so far
+                usage = self._usage([prompt], num_completion)
             return ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices,
                                        usage=usage).model_dump_json()
 
         top = (req.top_logprobs or 0) if req.logprobs else None
+        num_completion = 0
         for index in range(req.n):
             yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
         states: dict[int, ChoiceState] = {}
         parsers: dict[int, ChatOutputParser] = {}
-        num_completion = 0
         async for _, out in outputs:
             for index, d in self._deltas(out, states, 0):
                 num_completion += len(d.token_ids)
@@ -500,6 +526,12 @@ class OpenAIServing:
                         token_ids=token_ids if i == 0 else None)])
         if req.include_usage:
             yield chunk([], self._usage([prompt], num_completion))
+
+
+def _field_named(req: SamplingRequest, error: ValueError, default: str | None) -> str | None:
+    """The request field an error names first (``logit_bias: ...``, ``top_k must ...``), else ``default``."""
+    field = str(error).split(" ", 1)[0].rstrip(":")
+    return field if field in type(req).model_fields else default
 
 
 def _chat_finish(finish_reason: str | None, called: bool) -> str | None:

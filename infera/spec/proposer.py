@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from infera.layers.sampler import sampling_probs
+from infera.layers.sampler import apply_logit_bias, sampling_probs
 
 if TYPE_CHECKING:
     from infera.engine.model_runner import StepOutput
@@ -47,7 +47,8 @@ class Proposer:
 def choose_draft_tokens(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator | None],
                         default_generator: torch.Generator) -> tuple[list[int], list[torch.Tensor | None]]:
     """A draft model's next tokens: its argmax for greedy requests; for sampled ones a sample of its
-    distribution q (the request's temperature, top-k, top-p, min-p), returned for verification."""
+    distribution q (the request's logit bias, temperature, top-k, top-p, min-p), returned for verification."""
+    logits = apply_logit_bias(logits, [seq.params for seq in seqs])  # drafts the target will accept
     tokens = logits.argmax(dim=-1).tolist()
     probs: list[torch.Tensor | None] = [None] * len(seqs)
     rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
