@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="GGUF file, model dir or `infera models` name (default: the bundled SmolLM2-135M Q4_1)")
     parser.add_argument("--methods", default="ngram,recycle,self", help="comma-separated proposers")
     parser.add_argument("--draft", default=None, help="also run draft:PATH with this draft model")
+    parser.add_argument("--draft-vocab-sizes", default="0",
+                        help="comma list of speculative_draft_vocab_size for --draft (0: the whole vocabulary)")
     parser.add_argument("--tasks", default="input-grounded,code editing,open chat",
                         help="comma-separated task sets: input-grounded, code editing, open chat")
     parser.add_argument("--num-speculative-tokens", type=int, default=None, help="draft length (default: the engine's)")
@@ -180,12 +182,15 @@ def main() -> None:
     args = parser.parse_args()
 
     gguf = resolve(args.model) if args.model else default_model_path()
-    methods = [m for m in args.methods.split(",") if m] + ([f"draft:{args.draft}"] if args.draft else [])
+    methods = {m: {} for m in args.methods.split(",") if m}
+    for size in map(int, args.draft_vocab_sizes.split(",") if args.draft else []):
+        name = f"draft:{args.draft}" + (f" vocab {size}" if size else "")
+        methods[name] = {"speculative_draft_vocab_size": size}
     single_n, batch_n, max_tokens = (3, 16, 64) if args.quick else (6, 16, 160)
     engines = {"plain": LLM(str(gguf), kv_cache_memory="512MiB")}
-    for m in methods:
-        engines[m] = LLM(str(gguf), kv_cache_memory="512MiB", speculative=m,
-                         **({"num_speculative_tokens": args.num_speculative_tokens} if args.num_speculative_tokens else {}))
+    for name, extra in methods.items():
+        engines[name] = LLM(str(gguf), kv_cache_memory="512MiB", speculative=name.split(" ")[0], **extra,
+                            **({"num_speculative_tokens": args.num_speculative_tokens} if args.num_speculative_tokens else {}))
     tok = engines["plain"].tokenizer
     tasks = {"input-grounded": grounded_messages(batch_n), "code editing": code_edit_messages(batch_n),
              "open chat": OPEN_CHAT[:batch_n]}

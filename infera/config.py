@@ -88,6 +88,9 @@ class EngineConfig:
              "skipped (self:8-20,24 picks them), draft:PATH = a smaller model with the same tokenizer; the number "
              "of draft tokens adapts per sequence and drops to 0 where it does not pay")
     num_speculative_tokens: int = option(8, help="most draft tokens per sequence and step")
+    speculative_draft_vocab_size: int = option(
+        0, help="draft:PATH only: the draft drafts from the first N token ids (plus the prompts' tokens and EOS), "
+                "which cuts its output head's cost; lossless (the target verifies); 0 = the whole vocabulary")
     generation_config: str = option(
         "auto", metavar="auto|vllm|FOLDER",
         help="sampling defaults for what a request omits (temperature, top_p, top_k, min_p, repetition_penalty, "
@@ -115,6 +118,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.speculative is not None:
             check_speculative(self.speculative)
+        if self.speculative_draft_vocab_size < 0:
+            raise ValueError(f"speculative_draft_vocab_size must be >= 0, got {self.speculative_draft_vocab_size}")
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 64:
             raise ValueError(f"num_speculative_tokens must be an integer in [1, 64], got {self.num_speculative_tokens!r}")
 

@@ -20,16 +20,19 @@ from transformers import AutoModelForCausalLM
 
 from infera import LLM, SamplingParams
 from infera.engine.llm_engine import LLMEngine
+from infera.engine.sequence import Sequence
 from infera.engine.spec_decoder import MAX_IDLE_STEPS
 from infera.kernels import load_cpu_extension
 from infera.models import llama_native
 from infera.sampling_params import StructuredOutputParams as SO
 from infera.spec.controller import SpecController, StepCost
+from infera.spec.draft_vocab import DraftVocab
 from infera.spec.self_draft import parse_layers
 
 METHODS = ["ngram", "recycle", "self", "draft"]
 Q_METHODS = {"self", "draft"}  # sampled requests get drafts sampled from a draft distribution q
 DRAFT_TOKENS = 4
+DRAFT_VOCAB = 64  # speculative_draft_vocab_size in the tests of a cut draft vocabulary
 WORDS = "the engine schedules every sequence in blocks while a cache keeps keys and values".split()
 
 
@@ -206,17 +209,24 @@ def exact_paths(model_path: Path, prompt: list[int], depth: int, top_k: int) -> 
     return paths
 
 
-@pytest.mark.parametrize("method", ["draft", "self"])
+@pytest.mark.parametrize("method", ["draft", "draft-vocab", "self"])
 def test_sampled_distribution_unchanged(tiny_model, draft_path, tiny_llm, method):
     """Drafts sampled from the draft distribution q (draft model, self-draft), accepted with
     probability min(1, p/q), else resampled from norm(max(0, p - q)): the 4-token continuations
     (token 1 plain, tokens 2-3 drafted and verified, token 4 a bonus or resample) of 600 seeded
     samples at top_k=2 (16 outcomes) follow the target's exact probabilities: Pearson's chi-square
     statistic stays below the p = 0.001 critical value (seeded, so the result is deterministic).
-    Checked to have power: resampling from p instead of the residual gives 75 for self-drafting."""
-    llm = make_spec_llm(tiny_model, draft_path, method, max_num_seqs=128)
+    Checked to have power: resampling from p instead of the residual gives 75 for self-drafting.
+    draft-vocab: the draft's vocabulary is cut between the outcomes' tokens, so that some have draft
+    probability 0 (never drafted, reached only by resampling) and others are drafted."""
     prompt = tiny_llm.tokenizer.encode("the cache keeps keys")
     exact = exact_paths(tiny_model("llama"), prompt, 4, 2)
+    cut = {}
+    if method == "draft-vocab":
+        outcomes = sorted({t for path in exact for t in path} - set(prompt))
+        cut = {"speculative_draft_vocab_size": -(-outcomes[len(outcomes) // 2] // 16) * 16}
+        assert outcomes[0] < cut["speculative_draft_vocab_size"] <= outcomes[-1]
+    llm = make_spec_llm(tiny_model, draft_path, method.removesuffix("-vocab"), max_num_seqs=128, **cut)
     n = 600
     assert min(exact.values()) * n >= 5  # chi-square's approximation holds
     params = [SamplingParams(temperature=1.0, top_k=2, seed=s, max_tokens=4, ignore_eos=True) for s in range(n)]
@@ -226,6 +236,54 @@ def test_sampled_distribution_unchanged(tiny_model, draft_path, tiny_llm, method
     assert chi2 < CHI2_15DOF_P001, (chi2, counts)
     drafted, accepted = spec_counts(llm.engine)
     assert drafted > accepted > 0  # both acceptances and residual resamples
+    assert_idle(llm.engine)
+
+
+# -- a draft vocabulary cut to the first ids, the prompts' tokens and EOS ---------------------------
+@pytest.mark.parametrize("quantization", [None, "q8_0"])
+def test_draft_vocab_logits(draft_path, quantization):
+    """The cut head's logits are the draft's own on the kept tokens (the first ids exactly: the same
+    kernel on a prefix of the packed tiles; the prompts' tokens from dequantized rows in float, so
+    within the int8 activation rounding of the packed head) and -inf on every other token."""
+    llm = LLM(str(draft_path), dtype="float32", kv_cache_memory="16MiB", quantization=quantization)
+    model, eos = llm.engine.worker.runner.model, llm.engine.worker.tokenizer.eos_token_ids
+    prompt = llm.tokenizer.encode(" ".join(WORDS))
+    vocab_size = model.config.vocab_size + 5  # a wider target vocabulary: padded with -inf
+    cut = DraftVocab(model.lm_head, DRAFT_VOCAB + 7, vocab_size, eos)  # rounded down to the 16-row tile
+    cut.prepare([Sequence(prompt, SamplingParams())])
+    hidden = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full, logits = model.compute_logits(hidden).float(), cut.logits(hidden)
+    assert logits.shape == (3, vocab_size)
+    extra = sorted({t for t in [*prompt, *eos] if t >= DRAFT_VOCAB})
+    assert extra and all(t < model.config.vocab_size for t in extra)
+    kept = torch.zeros(vocab_size, dtype=torch.bool)
+    kept[:DRAFT_VOCAB] = kept[extra] = True
+    assert torch.isneginf(logits[:, ~kept]).all()
+    torch.testing.assert_close(logits[:, :DRAFT_VOCAB], full[:, :DRAFT_VOCAB], rtol=1e-6, atol=1e-6)
+    tol = 0.0 if quantization is None else 0.02 * full.abs().max().item()
+    torch.testing.assert_close(logits[:, extra], full[:, extra], rtol=1e-5, atol=tol + 1e-5)
+
+
+def test_draft_vocab_greedy_identical(tiny_model, draft_path, tiny_llm):
+    """With the draft's vocabulary cut (between the tokens plain decoding outputs) plus the prompts'
+    tokens, greedy outputs stay plain decoding's, drafts are still accepted, and every drafted token
+    is a kept one."""
+    ps = prompts(4, seed=3)
+    expected = token_ids(tiny_llm, ps, greedy(40))
+    prompt_tokens = {t for p in ps for t in tiny_llm.tokenizer.encode(p)}
+    outcomes = sorted({t for out in expected for t in out} - prompt_tokens)
+    size = -(-outcomes[len(outcomes) // 2] // 16) * 16
+    llm = make_spec_llm(tiny_model, draft_path, "draft", speculative_draft_vocab_size=size)
+    proposer = llm.engine.spec.proposer
+    drafted: list[int] = []
+    propose = proposer.propose
+    proposer.propose = lambda seqs, k: [drafted.extend(d.token_ids) or d for d in propose(seqs, k)]
+    assert token_ids(llm, ps, greedy(40)) == expected
+    drafted_count, accepted = spec_counts(llm.engine)
+    assert drafted_count > accepted > 0
+    kept = set(range(size)) | prompt_tokens | set(llm.engine.worker.tokenizer.eos_token_ids)
+    assert drafted and set(drafted) <= kept
     assert_idle(llm.engine)
 
 
@@ -302,7 +360,6 @@ def test_greedy_n_samples(spec_llm, tiny_llm):
 def test_controller_switches_off_when_drafts_fail():
     """With a step cost that grows with its tokens, a sequence whose drafts are always rejected
     gets no draft tokens after a few steps; one whose drafts are accepted keeps drafting."""
-    from infera.engine.sequence import Sequence
 
     controller = SpecController(max_tokens=8)
     for tokens in (1, 2, 4, 8, 9, 16):
@@ -381,7 +438,6 @@ def test_new_sequences_start_from_the_workloads_acceptance():
     """A new sequence's prior is the acceptance of all sequences' recent drafts: where a draft token
     costs 40% of a step (it pays above 40% acceptance), a new sequence drafts on a fresh engine (an
     optimistic prior) and after others' drafts were accepted, not after they were all rejected."""
-    from infera.engine.sequence import Sequence
 
     def new_sequence_drafts(outcome: int | None) -> int:
         controller = SpecController(max_tokens=4)
@@ -417,7 +473,6 @@ def test_step_cost_follows_the_local_slope():
     """A convex step cost (flat for a few tokens, 1.5 ms per token in large batches): the marginal
     token is priced from the nearby counts, so a 16-sequence batch with well-accepted drafts gets
     none, while a single sequence still drafts."""
-    from infera.engine.sequence import Sequence
 
     controller = SpecController(max_tokens=8)
     for _ in range(10):
@@ -438,7 +493,6 @@ def test_plan_takes_the_best_number_of_draft_tokens_not_the_first_stop():
     """A step cost with a cheaper regime from 32 tokens on (as AMX takes over here): one more token
     than 16 does not pay, sixteen more do, and the controller finds that; below the jump it drafts
     nothing."""
-    from infera.engine.sequence import Sequence
 
     def seconds(tokens: int) -> float:
         return 0.016 + 0.0015 * (tokens - 16) if tokens < 32 else 0.020 + 0.0006 * (tokens - 32)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -188,12 +189,14 @@ class ModelRunner:
         return [hidden[start:start + n] for start, n in zip(starts, counts)]
 
     @torch.inference_mode()
-    def last_logits(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True) -> torch.Tensor:
+    def last_logits(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True,
+                    head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """A proposer's forward pass: logits [len(seqs), V] after the next ``counts[i]`` tokens of each
-        ``seqs[i]`` (token ids, then draft tokens); nothing is sampled or committed."""
+        ``seqs[i]`` (token ids, then draft tokens); nothing is sampled or committed.  ``head`` maps the
+        last hidden states to what is returned instead of the model's logits."""
         hidden, starts = self._forward_any_order(seqs, counts, use_graphs)
         rows = [start + n - 1 for start, n in zip(starts, counts)]
-        return self.model.compute_logits(hidden[device_tensor(rows, self.device)])
+        return (head or self.model.compute_logits)(hidden[device_tensor(rows, self.device)])
 
     def prepare_inputs(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size

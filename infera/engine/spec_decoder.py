@@ -35,7 +35,8 @@ def build_proposer(method: str, target: Worker) -> Proposer:
         from infera.spec.draft_model import DraftModelProposer
 
         draft = load_draft_model(method.removeprefix("draft:"), target)
-        return DraftModelProposer(draft, target.runner.vocab_size, target.config.seed)
+        return DraftModelProposer(draft, target.runner.vocab_size, target.config.seed,
+                                  target.config.speculative_draft_vocab_size)
     from infera.spec.self_draft import SelfDraftProposer
 
     return SelfDraftProposer(target, method.removeprefix("self").removeprefix(":"))

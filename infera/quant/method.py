@@ -6,7 +6,7 @@ quantized checkpoint (``infera quantize`` output).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +52,15 @@ class PackedWeight:
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def head(self, rows: int) -> PackedWeight:
+        """The first ``rows`` output rows (a multiple of the 16-row tile) as a weight of their own,
+        sharing this one's memory: tiles are stored one after another."""
+        if rows % 16 or not 0 < rows <= self.out_features:
+            raise ValueError(f"head rows must be a multiple of 16 in (0, {self.out_features}], got {rows}")
+        if self.sparse is not None:
+            raise NotImplementedError("row slices of dense-and-sparse weights")
+        return replace(self, data=self.data[:rows], out_features=rows)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` dequantized (an embedding lookup)."""

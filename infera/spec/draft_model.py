@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infera.spec.controller import LinearCost
+from infera.spec.draft_vocab import DraftVocab
 from infera.spec.proposer import Draft, Proposer, choose_draft_tokens, seeded_generator
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class Shadow:
 class DraftModelProposer(Proposer):
     name = "draft"
 
-    def __init__(self, draft: Worker, target_vocab_size: int, seed: int):
+    def __init__(self, draft: Worker, target_vocab_size: int, seed: int, draft_vocab_size: int = 0):
         self.runner = draft.runner
         self.block_manager = draft.block_manager
         self.vocab_size = target_vocab_size
@@ -47,6 +48,10 @@ class DraftModelProposer(Proposer):
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.shadows: dict[int, tuple[weakref.ref[Sequence], Shadow]] = {}
         self.draft_cost = LinearCost(prior_ratio=0.15)
+        self.vocab = (DraftVocab(draft.runner.model.lm_head, draft_vocab_size, target_vocab_size,
+                                 draft.tokenizer.eos_token_ids) if draft_vocab_size else None)
+        self.head = self.vocab.logits if self.vocab else lambda hidden: self._target_width(
+            self.runner.model.compute_logits(hidden))
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
         drafts = [Draft([]) for _ in seqs]
@@ -58,16 +63,19 @@ class DraftModelProposer(Proposer):
             behind = [i for i in active if shadows[i].seq.num_uncomputed_tokens > CATCH_UP_CHUNK]
             if not behind:
                 break
-            self.runner.last_logits([shadows[i].seq for i in behind], [CATCH_UP_CHUNK] * len(behind))
+            self.runner.last_logits([shadows[i].seq for i in behind], [CATCH_UP_CHUNK] * len(behind),
+                                    head=lambda hidden: hidden)  # no logits: only the K/V matter
             for i in behind:
                 self.block_manager.commit(shadows[i].seq, CATCH_UP_CHUNK)
+        if self.vocab:
+            self.vocab.prepare([seqs[i] for i in active])
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in active}
         for j in range(max(num_tokens[i] for i in active)):
             step = [i for i in active if num_tokens[i] > j]
             started = time.perf_counter()
             shadow_seqs = [shadows[i].seq for i in step]
             counts = [s.num_uncomputed_tokens for s in shadow_seqs]
-            logits = self._target_width(self.runner.last_logits(shadow_seqs, counts))
+            logits = self.runner.last_logits(shadow_seqs, counts, head=self.head)
             tokens, q = choose_draft_tokens(logits, [seqs[i] for i in step], [shadows[i].generator for i in step],
                                             self.generator)
             for i, s, n, t, q_i in zip(step, shadow_seqs, counts, tokens, q):
