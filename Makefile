@@ -30,7 +30,7 @@ models: $(STAMP)
 
 # Peer benchmarks: llama-cpp-python compiles llama.cpp for several minutes, so it lives here.
 # `make bench` runs benchmarks/throughput.py; `make bench-NAME` runs benchmarks/NAME.py
-# (quant, structured, spec, scaling, serve, security, cpu, gpu); ARGS="..." passes options.
+# (quant, structured, spec, scaling, serve, security, cpu, gpu, tools, lm_eval); ARGS="..." passes options.
 # llama.cpp's AMX matmul (llama-cpp-python 0.3.36) segfaults on CPUs with AMX: there it is built
 # for AVX-512 without AMX (its repacked Q4_0 kernels, its fastest on CPU, stay on).
 BENCH_STAMP := $(VENV)/.installed-bench

@@ -40,6 +40,7 @@ class SamplingParams:
     ``seed`` makes the request reproducible whatever else runs in the batch.
     ``logit_bias`` adds to the logits of token ids (after penalties, before a grammar's mask, which
     wins); each bias is clamped to [-100, 100].
+    ``max_tokens=0`` generates nothing: the prompt is only computed (and scored, with ``prompt_logprobs``).
     """
 
     n: int = 1
@@ -79,8 +80,8 @@ class SamplingParams:
         _check(self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0", self.repetition_penalty)
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]", self.presence_penalty)
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-               "max_tokens", "must be a positive integer", self.max_tokens)
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
+               "max_tokens", "must be a non-negative integer", self.max_tokens)
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0", self.min_tokens)
         if self.max_tokens is not None:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens", self.min_tokens)

@@ -189,6 +189,19 @@ def test_logprobs_match_hf(tiny_llm, tiny_model):
         assert len(entry.top) == 3
 
 
+def test_max_tokens_0_computes_the_prompt_only(tiny_llm):
+    prompt = "only the prompt is scored"
+    one = tiny_llm.generate([prompt], greedy(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    outs = tiny_llm.generate([prompt], greedy(max_tokens=0, prompt_logprobs=1, n=2, logprobs=1), use_tqdm=False)
+    out = outs[0]
+    assert out.finished and [c.finish_reason for c in out.outputs] == ["length", "length"]
+    assert all(c.token_ids == [] and c.text == "" and c.logprobs == [] for c in out.outputs)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(one.prompt_logprobs)
+    for e, ref in zip(out.prompt_logprobs[1:], one.prompt_logprobs[1:]):
+        assert e.token_id == ref.token_id and e.logprob == pytest.approx(ref.logprob, abs=1e-5)
+    assert_idle(tiny_llm.engine)
+
+
 def test_errors_name_the_limit(tiny_llm):
     engine = tiny_llm.engine
     with pytest.raises(ValueError, match="context length"):

@@ -125,7 +125,7 @@ def test_logprobs_are_the_models():
 
 @pytest.mark.parametrize("field,value", [
     ("n", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5),
-    ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("max_tokens", 0),
+    ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("max_tokens", -1),
     ("min_tokens", -1), ("logprobs", 21), ("prompt_logprobs", -1), ("seed", 2**70), ("stop", [""]), ("stop_token_ids", [-3]),
 ])
 def test_invalid_values_name_the_field(field, value):

@@ -324,7 +324,6 @@ BAD_REQUESTS = [
     (C, {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
     (C, {"prompt": "hi", "stop": [""]}, 400, "stop"),
     (C, {"prompt": "hi", "stop": 5}, 400, "stop"),
-    (C, {"prompt": "hi", "echo": True}, 400, None),
     (C, {"prompt": "hi", "suffix": "tail"}, 400, None),
     (C, {"prompt": "hi", "best_of": 3}, 400, None),
     (C, {"prompt": "hi", "logit_bias": {"five": 1}}, 400, "logit_bias"),

@@ -271,7 +271,8 @@ class LLMEngine:
         return outputs
 
     def _update(self, req: Request, seq: Sequence, n: int, out: StepOutput, now: float) -> bool:
-        """Account one scheduled sequence's step; True if it generated tokens."""
+        """Account one scheduled sequence's step; True if it generated tokens (or, with max_tokens 0,
+        finished its prompt)."""
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
             req.metrics.num_cached_tokens = seq.num_cached_tokens
@@ -283,7 +284,10 @@ class LLMEngine:
         req.num_computed_prompt_tokens += computed_prompt
         if out.prompt_logprobs:
             req.prompt_logprobs.extend(out.prompt_logprobs)
-        if out.token_id is not None:
+        if out.token_id is not None and req.params.max_tokens == 0:  # the prompt only: its sampled token is dropped
+            seq.finish_reason = "length"
+            self._finish(seq, keep_blocks=req.retain)
+        elif out.token_id is not None:
             last = seq.token_ids[-1]
             self.num_generated_tokens += self._append_tokens(seq, draft, out)
             for after_sampling in self._at("after_sampling"):

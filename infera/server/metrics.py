@@ -92,6 +92,9 @@ class RequestTracker:
 
     def update(self, out: RequestOutput) -> None:
         m = out.metrics
+        if m is not None and out.finished and m.last_token_time is None and m.finished_time is not None:
+            self._finished(out, m.finished_time)  # the prompt only (max_tokens 0): no token, no TTFT
+            return
         if m is None or m.last_token_time is None or out.num_generated_tokens == self.num_tokens:
             return
         if self.last_time is None:
@@ -101,6 +104,9 @@ class RequestTracker:
             self.metrics.itl.observe(m.last_token_time - self.last_time)
         self.num_tokens, self.last_time = out.num_generated_tokens, m.last_token_time
         if out.finished:
-            self.metrics.e2e.observe(m.last_token_time - self.arrival_time)
-            for c in out.outputs:
-                self.metrics.count_finished(c.finish_reason or "abort")
+            self._finished(out, m.last_token_time)
+
+    def _finished(self, out: RequestOutput, end: float) -> None:
+        self.metrics.e2e.observe(end - self.arrival_time)
+        for c in out.outputs:
+            self.metrics.count_finished(c.finish_reason or "abort")

@@ -166,6 +166,7 @@ class SamplingRequest(OpenAIModel):
     skip_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     structured_outputs: StructuredOutputsRequest | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, and the top k
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None
@@ -187,6 +188,17 @@ class SamplingRequest(OpenAIModel):
             if bad is not None:
                 raise ValueError(f"keys must be token ids (non-negative integers as strings), got {bad[:32]!r}")
         return bias
+
+    @model_validator(mode="after")
+    def _check_prompt_logprobs(self) -> SamplingRequest:
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when stream is true (as in vLLM)")
+        return self
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """How many top alternatives the engine returns for each prompt token (None: no prompt log-probabilities)."""
+        return self.prompt_logprobs
 
     @property
     def constraint_field(self) -> str | None:
@@ -246,9 +258,9 @@ def _or(value: Any, default: Any) -> Any:
 # -- completions --------------------------------------------------------------------------
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt is scored, nothing generated
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = False  # the text (and with logprobs, the log-probabilities) start with the prompt's
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
 
@@ -257,8 +269,6 @@ class CompletionRequest(SamplingRequest):
         if isinstance(self.prompt, list) and (not self.prompt or any(isinstance(p, list) and not p
                                                                      for p in self.prompt)):
             raise ValueError("prompt must not be empty")
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
@@ -270,6 +280,12 @@ class CompletionRequest(SamplingRequest):
             raise ValueError(f"{num_prompts} prompts x n={self.n} is {num_prompts * self.n} choices; at most "
                              f"{MAX_CHOICES} per request")
         return self
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """``prompt_logprobs``, and with echo and logprobs, at least ``logprobs`` (the echoed tokens' alternatives)."""
+        ks = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(ks) if ks else None
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -287,12 +303,24 @@ class CompletionLogProbs(OpenAIModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class Logprob(OpenAIModel):
+    """vLLM's entry of ``prompt_logprobs``: a token's log-probability, its rank, its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, Logprob] | None]  # per prompt token (the first: None), token id -> entry
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: Literal["stop", "length"] | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # with prompt_logprobs
     prompt_token_ids: list[int] | None = None  # with return_token_ids
     token_ids: list[int] | None = None
 
@@ -442,6 +470,12 @@ class ChatCompletionRequest(SamplingRequest):
                              "logit_bias or tools")
         return self
 
+    @model_validator(mode="after")
+    def _check_scaling_prompt_logprobs(self) -> ChatCompletionRequest:
+        if self.scaling is not None and self.prompt_logprobs is not None:
+            raise ValueError("scaling answers without prompt_logprobs")
+        return self
+
     @property
     def tool_names(self) -> list[str]:
         return [t.function.name for t in self.tools or []]
@@ -512,6 +546,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # with prompt_logprobs (vLLM's place for it)
     prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 

@@ -25,9 +25,9 @@ from infera.server.tool_parsers import TOOL_PARSERS, ToolParser, detect_tool_par
 from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatCompletionToolsParam, ChatLogprobs, ChatLogprobToken,
                                     ChatMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
-                                    CompletionRequest, CompletionResponse, DeltaMessage, OpenAIError, OpenAIModel,
-                                    SamplingRequest, ScalingChatCompletionResponse, TopLogprob, UsageInfo,
-                                    ignored_fields, random_id)
+                                    CompletionRequest, CompletionResponse, DeltaMessage, Logprob, OpenAIError,
+                                    OpenAIModel, PromptLogprobs, SamplingRequest, ScalingChatCompletionResponse,
+                                    TopLogprob, UsageInfo, ignored_fields, random_id)
 
 logger = logging.getLogger("infera.server")
 
@@ -48,6 +48,14 @@ class ChoiceState:
     num_tokens: int = 0
     text_offset: int = 0
     done: bool = False
+
+
+@dataclass
+class EchoedPrompt:
+    """A prompt as an echoing completion returns it: its text and where each token's text starts in it."""
+
+    text: str
+    offsets: list[int]
 
 
 @dataclass
@@ -164,9 +172,11 @@ class OpenAIServing:
 
     def _params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
         try:
-            return req.sampling_params(max_tokens, logprobs, self.default_sampling_params)
+            params = req.sampling_params(max_tokens, logprobs, self.default_sampling_params)
         except ValueError as e:  # SamplingParams and StructuredOutputParams name the field first
             raise OpenAIError(400, str(e), param=_field_named(req, e, req.constraint_field)) from None
+        params.prompt_logprobs = req.num_prompt_logprobs
+        return params
 
     async def _submit(self, req: SamplingRequest, prompts: list[list[int]], params: SamplingParams,
                       request_id: str, prompt_field: str) -> list[RequestStream]:
@@ -245,6 +255,15 @@ class OpenAIServing:
             deltas.append((base + c.index, Delta(text, ids, logprobs, finish)))
         return deltas
 
+    def _prompt_logprobs(self, entries: list[TokenLogprobs | None], k: int) -> PromptLogprobs:
+        """vLLM's ``prompt_logprobs``: per prompt token, its entry and the ``k`` most likely (token id -> entry)."""
+        def entry(token_id: int, logprob: float, rank: int) -> Logprob:
+            return Logprob(logprob=max(logprob, MIN_LOGPROB), rank=rank, decoded_token=self.token_text(token_id))
+
+        return [None if e is None else {e.token_id: entry(e.token_id, e.logprob, e.rank),
+                                        **{t: entry(t, v, r) for r, (t, v) in enumerate(e.top[:k], 1)}}
+                for e in entries]
+
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:
@@ -279,14 +298,19 @@ class OpenAIServing:
         arrival = time.monotonic()
         self.check_model(req.model)
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
+        if req.max_tokens == 0 and not req.echo:  # as vLLM: 0 only echoes the prompt
+            raise OpenAIError(400, "max_tokens must be at least 1, got 0 (0 is allowed with echo: the prompt is "
+                                   "returned and scored, nothing generated)", param="max_tokens")
         max_tokens = min(self._max_tokens(len(p), req.max_tokens, "prompt") for p in prompts)
         params = self._params(req, max_tokens, req.logprobs)
+        echoes = [self._echo(p, ids) for p, ids in zip(req.prompts, prompts)] if req.echo else None
         request_id = random_id("cmpl")
         streams = await self._submit(req, prompts, params, request_id, "prompt")
         outputs = self._outputs(streams, prompts, arrival, req.user)
         created = int(time.time())
         if req.stream:
-            return self._stream_events(self._completion_events(req, request_id, created, prompts, outputs), streams)
+            return self._stream_events(self._completion_events(req, request_id, created, prompts, echoes, outputs),
+                                       streams)
         final: dict[int, RequestOutput] = {}
         try:
             async for i, out in outputs:
@@ -294,44 +318,77 @@ class OpenAIServing:
         finally:
             for stream in streams:
                 stream.close()
-        choices = [self._completion_choice(i * req.n + c.index, c, req.logprobs,
-                                           prompts[i] if req.return_token_ids else None)
+        choices = [self._completion_choice(req, i * req.n + c.index, c, final[i], echoes[i] if echoes else None)
                    for i in sorted(final) for c in final[i].outputs]
         return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                   usage=self._usage(prompts, sum(o.num_generated_tokens for o in final.values())))
 
-    def _completion_choice(self, index: int, c: CompletionOutput, logprobs: int | None,
-                           prompt_ids: list[int] | None) -> CompletionChoice:
-        """``prompt_ids``: given when the request asked for token ids."""
-        lp = self._completion_logprobs(c.logprobs, logprobs, ChoiceState()) if logprobs is not None else None
-        ids = prompt_ids is not None
-        return CompletionChoice(index=index, text=c.text, logprobs=lp, finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason, prompt_token_ids=prompt_ids,
+    def _echo(self, prompt: str | list[int], ids: list[int]) -> EchoedPrompt:
+        """The prompt's text (as given, or its tokens' text) and where each token's text starts in it;
+        a token the text does not show (a BOS the tokenizer added) sits where the next one starts."""
+        stream = self.tokenizer.decode_stream(skip_special_tokens=False)
+        pieces = [self.tokenizer.step_stream(stream, t) for t in ids]
+        text = prompt if isinstance(prompt, str) else "".join(pieces)
+        offsets, at = [], 0
+        for piece in pieces:
+            offsets.append(at)
+            if text.startswith(piece, at):
+                at += len(piece)
+        return EchoedPrompt(text, offsets)
+
+    def _completion_choice(self, req: CompletionRequest, index: int, c: CompletionOutput, out: RequestOutput,
+                           echo: EchoedPrompt | None) -> CompletionChoice:
+        """A whole choice; ``echo``: the prompt it starts with (echo)."""
+        ids = req.return_token_ids
+        prompt_logprobs = (self._prompt_logprobs(out.prompt_logprobs, req.prompt_logprobs)
+                           if req.prompt_logprobs is not None else None)
+        return CompletionChoice(index=index, text=(echo.text if echo else "") + c.text,
+                                logprobs=self._completion_logprobs(req.logprobs, c.logprobs, ChoiceState(), out, echo),
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                prompt_logprobs=prompt_logprobs, prompt_token_ids=out.prompt_token_ids if ids else None,
                                 token_ids=list(c.token_ids) if ids else None)
 
-    def _completion_logprobs(self, entries: list[TokenLogprobs] | None, k: int,
-                             state: ChoiceState) -> CompletionLogProbs:
+    def _completion_logprobs(self, k: int | None, entries: list[TokenLogprobs] | None, state: ChoiceState,
+                             out: RequestOutput, echo: EchoedPrompt | None) -> CompletionLogProbs | None:
+        """The log-probabilities of a choice's new tokens (None without ``logprobs``), after the prompt's
+        when ``echo`` (the first prompt token has none).  Each token's top alternatives include itself,
+        as OpenAI's do (up to k + 1)."""
+        if k is None:
+            return None
         lp = CompletionLogProbs()
-        for e in entries or []:
-            token = self.token_text(e.token_id)
+
+        def add(token_id: int, e: TokenLogprobs | None, offset: int) -> str:
+            token = self.token_text(token_id)
             lp.tokens.append(token)
-            lp.token_logprobs.append(max(e.logprob, MIN_LOGPROB))
-            lp.top_logprobs.append({self.token_text(t): max(v, MIN_LOGPROB) for t, v in e.top[:k]})
-            lp.text_offset.append(state.text_offset)
-            state.text_offset += len(token)
+            lp.text_offset.append(offset)
+            lp.token_logprobs.append(None if e is None else max(e.logprob, MIN_LOGPROB))
+            lp.top_logprobs.append(None if e is None else {
+                token: max(e.logprob, MIN_LOGPROB), **{self.token_text(t): max(v, MIN_LOGPROB) for t, v in e.top[:k]}})
+            return token
+
+        if echo is not None:
+            for token_id, e, offset in zip(out.prompt_token_ids, out.prompt_logprobs, echo.offsets):
+                add(token_id, e, offset)
+            state.text_offset = len(echo.text)
+        for e in entries or []:
+            state.text_offset += len(add(e.token_id, e, state.text_offset))
         return lp
 
     async def _completion_events(self, req: CompletionRequest, request_id: str, created: int,
-                                 prompts: list[list[int]],
+                                 prompts: list[list[int]], echoes: list[EchoedPrompt] | None,
                                  outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        """The stream's chunks; with echo, a choice's first chunk starts with the prompt (as vLLM's)."""
         states: dict[int, ChoiceState] = {}
+        echoed: set[int] = set()
         num_completion = 0
         async for i, out in outputs:
             for index, d in self._deltas(out, states, i * req.n):
                 num_completion += len(d.token_ids)
-                lp = (self._completion_logprobs(d.logprobs, req.logprobs, states[index])
-                      if req.logprobs is not None else None)
-                choice = CompletionChoice(index=index, text=d.text, logprobs=lp, finish_reason=d.finish_reason,
+                echo = echoes[i] if echoes is not None and index not in echoed else None
+                echoed.add(index)
+                lp = self._completion_logprobs(req.logprobs, d.logprobs, states[index], out, echo)
+                choice = CompletionChoice(index=index, text=(echo.text if echo else "") + d.text, logprobs=lp,
+                                          finish_reason=d.finish_reason,
                                           token_ids=list(d.token_ids) if req.return_token_ids else None)
                 usage = self._usage(prompts, num_completion) if req.continuous_usage else None
                 yield CompletionResponse(id=request_id, created=created, model=self.model_name,
@@ -384,6 +441,8 @@ class OpenAIServing:
                                       stop_reason=c.stop_reason, token_ids=list(c.token_ids) if ids else None))
         return ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                       usage=self._usage([prompt], final.num_generated_tokens),
+                                      prompt_logprobs=self._prompt_logprobs(final.prompt_logprobs, req.prompt_logprobs)
+                                      if req.prompt_logprobs is not None else None,
                                       prompt_token_ids=prompt if ids else None)
 
     def _reasoning_parser(self, prompt: list[int]) -> ReasoningParser | None:
