@@ -29,7 +29,9 @@ from infera.scaling.rewards import Reward
 from infera.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                                     ModelCard, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse)
+from infera.server.protocol_embedding import EmbeddingRequest, EmbeddingResponse
 from infera.server.serving import OpenAIServing
+from infera.server.serving_embedding import OpenAIServingEmbedding
 
 logger = logging.getLogger("infera.server")
 
@@ -215,6 +217,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     options = options or ServerOptions()
     metrics = ServerMetrics(lambda: engine.stats, model_name)
     serving = OpenAIServing(engine, model_name, metrics, options, reward_models)
+    embedding = OpenAIServingEmbedding(serving)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -252,6 +255,11 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         """Chat completion with the model's chat template; ``stream: true`` answers with server-sent events."""
         return respond(await _until_disconnect(raw, serving.create_chat_completion(request)))
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
+    async def embeddings(request: EmbeddingRequest, raw: Request) -> Response:
+        """Embeddings of the inputs: final hidden states pooled as --pooler-config says."""
+        return respond(await _until_disconnect(raw, embedding.create_embedding(request)))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:

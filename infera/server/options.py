@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from infera.arg_utils import dataclass_kwargs, option
+from infera.pooling_params import PoolingParams
 from infera.server.reasoning_parser import REASONING_PARSERS
 from infera.server.tool_parsers import TOOL_PARSERS
 
@@ -67,8 +68,13 @@ class ServerOptions:
     reasoning_parser: str | None = option(
         None, choices=sorted(REASONING_PARSERS),
         help="put the model's <think>...</think> thinking into `reasoning_content`; output constraints apply after it")
+    pooler_config: str | None = option(
+        None, metavar="JSON",
+        help='how /v1/embeddings pools the final hidden states, as vLLM: {"pooling_type": "LAST" or "MEAN", '
+             '"normalize": true or false}; None: the last token, L2-normalized')
 
     def __post_init__(self) -> None:
+        PoolingParams.from_json(self.pooler_config)  # ValueError for a bad one, at startup
         for name in ("max_tokens_default", "max_tokens_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
