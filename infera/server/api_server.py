@@ -30,8 +30,10 @@ from infera.server.protocol import (ChatCompletionRequest, ChatCompletionRespons
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                                     ModelCard, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse)
 from infera.server.protocol_embedding import EmbeddingRequest, EmbeddingResponse
+from infera.server.protocol_responses import ResponsesRequest, ResponsesResponse
 from infera.server.serving import OpenAIServing
 from infera.server.serving_embedding import OpenAIServingEmbedding
+from infera.server.serving_responses import OpenAIServingResponses
 
 logger = logging.getLogger("infera.server")
 
@@ -218,6 +220,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     metrics = ServerMetrics(lambda: engine.stats, model_name)
     serving = OpenAIServing(engine, model_name, metrics, options, reward_models)
     embedding = OpenAIServingEmbedding(serving)
+    responses = OpenAIServingResponses(serving)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -260,6 +263,11 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     async def embeddings(request: EmbeddingRequest, raw: Request) -> Response:
         """Embeddings of the inputs: final hidden states pooled as --pooler-config says."""
         return respond(await _until_disconnect(raw, embedding.create_embedding(request)))
+
+    @app.post("/v1/responses", response_model=ResponsesResponse, responses=ERROR_RESPONSES)
+    async def create_response(request: ResponsesRequest, raw: Request) -> Response:
+        """OpenAI's Responses API, stateless; ``stream: true`` answers with its server-sent events."""
+        return respond(await _until_disconnect(raw, responses.create_responses(request)))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
