@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from infera import LLM, PoolingParams, SamplingParams
 from infera.engine.llm_engine import LLMEngine
+from infera.engine.pooler import pool
+from infera.engine.sequence import Sequence
 from infera.server.options import ServerOptions
 from test_security import serve
 from test_server import MODEL, Server, server  # noqa: F401  (fixture)
@@ -80,6 +82,18 @@ def test_embeddings_run_beside_generation(chunked_llm, hf_model):
     assert done[emb].outputs[0].token_ids == [] and done[emb].num_generated_tokens == 0
     np.testing.assert_allclose(done[emb].embedding, hf_embedding(hf_model, engine.tokenizer.encode(TEXTS[1])),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_mean_pooling_across_chunks_and_a_recompute():
+    """A preempted sequence computes its prompt again from the start: positions pooled before count once."""
+    seq = Sequence(list(range(6)), SamplingParams())
+    seq.pooling = PoolingParams("MEAN", normalize=False)
+    hidden = torch.randn(6, 4)
+    assert pool(seq, hidden[:4]) is None
+    seq.num_computed_tokens = 0  # preempted after the first chunk
+    assert pool(seq, hidden[:2]) is None
+    seq.num_computed_tokens = 2
+    torch.testing.assert_close(torch.tensor(pool(seq, hidden[2:])), hidden.mean(dim=0))
 
 
 def test_pooling_params_validate():
