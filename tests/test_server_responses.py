@@ -140,6 +140,8 @@ def test_response_request_errors(server, tools_server):
     assert e.value.body["param"] == "max_output_tokens"
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="other", input="hi")
+    response = httpx.post(f"{server.url}/v1/responses", json={"input": [{"type": "item_reference", "id": "msg_1"}]})
+    assert response.status_code == 400 and "an input item is a message" in response.json()["error"]["message"]
     for body in ({}, {"input": []}, {"input": 5}, {"input": [{"type": "item_reference", "id": "msg_1"}]},
                  {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
                  {"input": [{"role": "tool", "content": "x"}]},

@@ -62,7 +62,9 @@ InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[Functi
                       | Annotated[FunctionCallOutputInput, Tag("function_call_output")]
                       | Annotated[ReasoningInput, Tag("reasoning")],
                       Discriminator(lambda item: item.get("type", "message") if isinstance(item, dict)
-                                    else getattr(item, "type", None))]
+                                    else getattr(item, "type", None), custom_error_type="invalid_input_item",
+                                    custom_error_message="an input item is a message, function_call, "
+                                                         "function_call_output or reasoning item")]
 
 
 class FunctionTool(FunctionDefinition):
