@@ -167,12 +167,9 @@ class LLMEngine:
         """ValueError for an empty prompt or one past the context (``generates``: with room for a token)."""
         if num_tokens == 0:
             raise ValueError("the prompt is empty")
-        if not generates and num_tokens > self.max_model_len:
+        if num_tokens + generates > self.max_model_len:
             raise ValueError(f"the prompt has {num_tokens} tokens but the context length is {self.max_model_len} "
-                             f"tokens")
-        if generates and num_tokens >= self.max_model_len:
-            raise ValueError(f"the prompt has {num_tokens} tokens but the context length is {self.max_model_len} "
-                             f"tokens (room must remain for at least one generated token)")
+                             f"tokens" + (" (room must remain for at least one generated token)" if generates else ""))
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

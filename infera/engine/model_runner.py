@@ -49,9 +49,9 @@ MAX_BATCHED_QUERY_LEN_CPU = 16
 class ModelRunner:
     """``kv_cache_memory`` None: 2 GiB on CPU; on CUDA, what ``gpu_memory_utilization`` of the device
     leaves after a warm-up pass of the largest step (``max_num_batched_tokens`` tokens, then
-    ``max_num_seqs`` rows sampled). A pooling sequence (an embedding request) is not sampled: its
-    hidden states are pooled (:func:`infera.engine.pooler.pool`). On CUDA, decode steps of up to ``max_num_seqs`` sequences replay
-    CUDA graphs unless ``enforce_eager``."""
+    ``max_num_seqs`` rows sampled). On CUDA, decode steps of up to ``max_num_seqs`` sequences replay
+    CUDA graphs unless ``enforce_eager``.  A pooling sequence (an embedding request) is not sampled:
+    its hidden states are pooled (:func:`infera.engine.pooler.pool`)."""
 
     def __init__(self, model: nn.Module, block_size: int, kv_cache_memory: int | None, eos_token_ids: set[int],
                  device: torch.device, seed: int = 0, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
