@@ -8,8 +8,9 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from infera.llm import LLM
-from infera.outputs import CompletionOutput, RequestOutput
+from infera.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+from infera.pooling_params import PoolingParams
 from infera.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput"]
 __version__ = "0.1.0"

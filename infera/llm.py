@@ -1,4 +1,4 @@
-"""Offline API: ``LLM(model=...).generate(prompts, params)`` and ``LLM.chat(messages)``."""
+"""Offline API: ``LLM(model=...).generate(prompts, params)``, ``LLM.chat(messages)`` and ``LLM.embed(prompts)``."""
 from __future__ import annotations
 
 import time
@@ -8,7 +8,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from infera.engine.llm_engine import LLMEngine
-from infera.outputs import RequestOutput
+from infera.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from infera.pooling_params import PoolingParams
 from infera.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -26,13 +27,26 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in submission order.  Without
         ``params``, the model's sampling defaults (``generation_config``) apply."""
+        params = params if params is not None else SamplingParams(**self.engine.default_sampling_params)
+        return self._run(self._add_requests(prompts, params, SamplingParams), use_tqdm)
+
+    def embed(self, prompts: Prompt | Seq[Prompt], pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (text or token ids), in submission order: the final hidden states
+        pooled as ``pooling_params`` say (default: the last token's, L2-normalized, as vLLM)."""
+        outputs = self._run(self._add_requests(prompts, pooling_params, PoolingParams), use_tqdm)
+        return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding))
+                for o in outputs]
+
+    def _add_requests(self, prompts: Prompt | Seq[Prompt], params: Any, kind: type) -> list[str]:
+        """Queue every prompt with its ``kind`` of params (one for all, or one each); their request ids."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams(**self.engine.default_sampling_params)] * len(prompts)
+        if params is None or isinstance(params, kind):
+            params = [params or kind()] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} {kind.__name__}")
         ids = []
         try:
             for prompt, p in zip(prompts, params):
@@ -41,7 +55,7 @@ class LLM:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
-        return self._run(ids, use_tqdm)
+        return ids
 
     def chat(self, messages: list[Message] | list[list[Message]],
              params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,

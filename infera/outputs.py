@@ -47,7 +47,24 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when handling this request failed; it was aborted
+    embedding: list[float] | None = None  # a pooling request's, once finished (see LLMEngine.add_request)
 
     @property
     def num_generated_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+@dataclass
+class EmbeddingOutput:
+    """One prompt's embedding (vLLM's name)."""
+
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What ``LLM.embed`` returns per prompt, shaped as vLLM's: ``out.outputs.embedding``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput

@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from infera.engine.llm_engine import LLMEngine
 from infera.outputs import RequestOutput
+from infera.pooling_params import PoolingParams
 from infera.sampling_params import SamplingParams
 from infera.structured import CompileQueueFullError
 
@@ -77,7 +78,7 @@ MAX_CONSECUTIVE_STEP_FAILURES = 3
 class _Add:
     request_id: str
     prompt: str | list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     done: asyncio.Future  # settled once the engine has taken the request (or refused it)
 
 
@@ -193,13 +194,15 @@ class AsyncLLMEngine:
         """The engine's stats as of its last step, plus prompt/generation token counters."""
         return self._stats
 
-    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+    async def add_request(self, prompt: str | list[int], params: SamplingParams | PoolingParams,
                           request_id: str) -> RequestStream:
-        """Queue a request. Raises ValueError (the engine refused it), QueueFullError or
-        EngineDeadError before any output, so the caller can answer with an error status."""
+        """Queue a request (:class:`PoolingParams`: an embedding request). Raises ValueError (the engine
+        refused it), QueueFullError or EngineDeadError before any output, so the caller can answer with
+        an error status."""
         self._check_accepting()
         try:  # off the engine thread, with a time limit; add_request then finds it compiled
-            await self.engine.structured.compile_async(params)
+            if isinstance(params, SamplingParams):
+                await self.engine.structured.compile_async(params)
         except CompileQueueFullError as e:
             raise QueueFullError(str(e)) from None
         if request_id in self._streams:

@@ -60,6 +60,8 @@ class BlockManager:
         """Cached blocks that hold a prefix of ``seq`` (at least one token is left to compute)."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
+        if seq.pooling is not None and seq.pooling.needs_every_token:
+            return []
         bs = self.block_size
         max_blocks = (seq.compute_target - 1) // bs
         found: list[int] = []

@@ -17,6 +17,7 @@ from infera.engine.spec_decoder import SpecDecoder, build_proposer
 from infera.engine.step_hook import StepHook
 from infera.engine.worker import Worker
 from infera.outputs import RequestMetrics, RequestOutput, TokenLogprobs
+from infera.pooling_params import PoolingParams
 from infera.quant.layout import kernel_paths
 from infera.quant.method import weight_bytes
 from infera.sampling_params import SamplingParams
@@ -36,6 +37,7 @@ class Request:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     retain: bool = False  # finished sequences keep their KV blocks until LLMEngine.release()
     num_computed_prompt_tokens: int = 0  # prompt tokens computed for it (cache and fork hits excluded)
+    embedding: list[float] | None = None  # a pooling request's, once its prompt is computed
 
     @property
     def finished(self) -> bool:
@@ -111,9 +113,12 @@ class LLMEngine:
         return [f for h in (*self.drivers, *self.hooks) if (f := getattr(h, point, None)) is not None]
 
     # -- requests -------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | list[int], params: SamplingParams | PoolingParams | None = None,
                     request_id: str | None = None, *, parent: Sequence | None = None, retain: bool = False) -> str:
         """Queue a prompt (text or token ids). Raises ValueError for a prompt that cannot run.
+
+        :class:`PoolingParams`: an embedding request, scheduled like any prompt (chunked, preemptible,
+        its KV in the cache) and finished once its prompt is computed, its output's ``embedding`` set.
 
         ``parent``: a sequence holding KV blocks (e.g. one kept by ``retain``); every sample of the
         new request shares its blocks for the longest common prefix of ``prompt`` and ``parent``
@@ -121,7 +126,8 @@ class LLMEngine:
         sequences keep their KV blocks when they finish, for later requests to continue from, until
         :meth:`release` (or an abort of the still-running request) frees them.
         """
-        params = params or SamplingParams()
+        pooling = params if isinstance(params, PoolingParams) else None
+        params = SamplingParams() if pooling is not None or params is None else params
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -132,7 +138,9 @@ class LLMEngine:
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.runner.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size}), got {bad[:3]}")
-        self.check_prompt_length(len(token_ids))
+        self.check_prompt_length(len(token_ids), generates=pooling is None)
+        if parent is not None and pooling is not None:
+            raise ValueError("a pooling request cannot continue from a parent sequence")
         vocab = self.runner.vocab_size
         bad = [t for t in params.logit_bias or () if t >= vocab]
         if bad:
@@ -146,6 +154,7 @@ class LLMEngine:
             self.requests[request_id] = req
             return request_id
         first = Sequence(token_ids, params, request_id, 0)
+        first.pooling = pooling
         # n > 1: compute the prompt once, then fork it (see _maybe_fork)
         first.hold_last_token = params.n > 1 and len(token_ids) > 1
         req.seqs.append(first)
@@ -159,12 +168,13 @@ class LLMEngine:
                 self.scheduler.add(seq)
         return request_id
 
-    def check_prompt_length(self, num_tokens: int) -> None:
+    def check_prompt_length(self, num_tokens: int, generates: bool = True) -> None:
+        """ValueError for an empty prompt or one past the context (``generates``: with room for a token)."""
         if num_tokens == 0:
             raise ValueError("the prompt is empty")
-        if num_tokens >= self.max_model_len:
+        if num_tokens + generates > self.max_model_len:
             raise ValueError(f"the prompt has {num_tokens} tokens but the context length is {self.max_model_len} "
-                             f"tokens (room must remain for at least one generated token)")
+                             f"tokens" + (" (room must remain for at least one generated token)" if generates else ""))
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -284,6 +294,11 @@ class LLMEngine:
         req.num_computed_prompt_tokens += computed_prompt
         if out.prompt_logprobs:
             req.prompt_logprobs.extend(out.prompt_logprobs)
+        if out.embedding is not None:
+            req.embedding = out.embedding
+            seq.finish_reason = "stop"
+            self._finish(seq)
+            return True
         if out.token_id is not None and req.params.max_tokens == 0:  # the prompt only: its sampled token is dropped
             seq.finish_reason = "length"
             self._finish(seq, keep_blocks=req.retain)
@@ -327,7 +342,7 @@ class LLMEngine:
             prompt_logprobs = [None, *req.prompt_logprobs]
         completions = sorted((OutputProcessor.completion(s) for s in req.seqs), key=lambda c: c.index)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, req.finished,
-                             prompt_logprobs, req.metrics)
+                             prompt_logprobs, req.metrics, embedding=req.embedding)
 
     @property
     def stats(self) -> dict[str, float]:

@@ -12,6 +12,7 @@ from torch import nn
 from infera.config import DEFAULT_KV_CACHE_MEMORY
 from infera.engine.cuda_graph import CUDAGraphRunner
 from infera.engine.kv_cache import KVCachePool, available_kv_cache_memory
+from infera.engine.pooler import pool
 from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence
 from infera.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
@@ -40,6 +41,7 @@ class StepOutput:
     num_accepted: int = 0
     accepted_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     top_tokens: list[tuple[int, float]] = field(default_factory=list)
+    embedding: list[float] | None = None  # a pooling sequence whose prompt this step completed
 
 
 MAX_BATCHED_QUERY_LEN_CPU = 16
@@ -49,7 +51,8 @@ class ModelRunner:
     """``kv_cache_memory`` None: 2 GiB on CPU; on CUDA, what ``gpu_memory_utilization`` of the device
     leaves after a warm-up pass of the largest step (``max_num_batched_tokens`` tokens, then
     ``max_num_seqs`` rows sampled). On CUDA, decode steps of up to ``max_num_seqs`` sequences replay
-    CUDA graphs unless ``enforce_eager``."""
+    CUDA graphs unless ``enforce_eager``.  A pooling sequence (an embedding request) is not sampled:
+    its hidden states are pooled (:func:`infera.engine.pooler.pool`)."""
 
     def __init__(self, model: nn.Module, block_size: int, kv_cache_memory: int | None, eos_token_ids: set[int],
                  device: torch.device, seed: int = 0, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
@@ -114,7 +117,7 @@ class ModelRunner:
         outputs = [StepOutput() for _ in seqs]
         ends = list(itertools.accumulate(counts))  # one past each sequence's last token
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts))
-                       if s.num_computed_tokens + n == s.num_tokens + len(s.spec_token_ids)]
+                       if s.num_computed_tokens + n == s.num_tokens + len(s.spec_token_ids) and s.pooling is None]
         sampled = [seqs[i] for i in sample_rows]
         drafts = [s.spec_token_ids for s in sampled]
         speculative = any(drafts)
@@ -148,6 +151,8 @@ class ModelRunner:
         for i, (s, n) in enumerate(zip(seqs, counts)):
             if s.params.prompt_logprobs is not None:
                 outputs[i].prompt_logprobs = self._prompt_logprobs(s, hidden[start:start + n])
+            if s.pooling is not None:
+                outputs[i].embedding = pool(s, hidden[start:start + n])
             start += n
         result: list[StepOutput] = [StepOutput()] * len(order)
         for pos, i in enumerate(order):

@@ -5,6 +5,7 @@ import itertools
 from enum import Enum, auto
 from typing import Any
 
+from infera.pooling_params import PoolingParams
 from infera.sampling_params import SamplingParams
 
 
@@ -50,6 +51,8 @@ class Sequence:
         self.spec_token_ids: list[int] = []
         self.spec_draft_probs: Any = None  # k draft distributions q ([V] each); None: deterministic drafts
         self.logprobs: list[Any] = []
+        self.pooling: PoolingParams | None = None  # an embedding request: its prompt is pooled, nothing sampled
+        self.pooling_state: Any = None  # owned by infera.engine.pooler
 
     def __len__(self) -> int:
         return len(self.token_ids)

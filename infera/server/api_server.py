@@ -30,7 +30,11 @@ from infera.scaling.rewards import Reward
 from infera.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                                     ModelCard, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse)
+from infera.server.protocol_embedding import EmbeddingRequest, EmbeddingResponse
+from infera.server.protocol_responses import ResponsesRequest, ResponsesResponse
 from infera.server.serving import OpenAIServing
+from infera.server.serving_embedding import OpenAIServingEmbedding
+from infera.server.serving_responses import OpenAIServingResponses
 
 logger = logging.getLogger("infera.server")
 
@@ -216,6 +220,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     options = options or ServerOptions()
     metrics = ServerMetrics(lambda: engine.stats, model_name)
     serving = OpenAIServing(engine, model_name, metrics, options, reward_models)
+    embedding = OpenAIServingEmbedding(serving)
+    responses = OpenAIServingResponses(serving)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -259,6 +265,16 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
         """Chat completion with the model's chat template; ``stream: true`` answers with server-sent events."""
         serving.note_ignored(raw.url.path, request)
         return respond(await _until_disconnect(raw, serving.create_chat_completion(request)))
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
+    async def embeddings(request: EmbeddingRequest, raw: Request) -> Response:
+        """Embeddings of the inputs: final hidden states pooled as --pooler-config says."""
+        return respond(await _until_disconnect(raw, embedding.create_embedding(request)))
+
+    @app.post("/v1/responses", response_model=ResponsesResponse, responses=ERROR_RESPONSES)
+    async def create_response(request: ResponsesRequest, raw: Request) -> Response:
+        """OpenAI's Responses API, stateless; ``stream: true`` answers with its server-sent events."""
+        return respond(await _until_disconnect(raw, responses.create_responses(request)))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:

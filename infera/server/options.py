@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from infera.arg_utils import dataclass_kwargs, option
+from infera.pooling_params import PoolingParams
 from infera.server.reasoning_parser import REASONING_PARSERS
 from infera.server.tool_parsers import TOOL_PARSERS
 
@@ -79,8 +80,13 @@ class ServerOptions:
     allowed_headers: tuple[str, ...] = option(("*",), nargs="+", metavar="HEADER",
                                               help="CORS: request headers allowed (with --allowed-origins)")
     allow_credentials: bool = option(False, help="CORS: allow credentials (with --allowed-origins)")
+    pooler_config: str | None = option(
+        None, metavar="JSON",
+        help='how /v1/embeddings pools the final hidden states, as vLLM: {"pooling_type": "LAST" or "MEAN", '
+             '"normalize": true or false}; None: the last token, L2-normalized')
 
     def __post_init__(self) -> None:
+        PoolingParams.from_json(self.pooler_config)  # ValueError for a bad one, at startup
         for name in ("max_tokens_default", "max_tokens_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
