@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="GGUF file, model dir or `infera models` name (default: the bundled SmolLM2-135M Q4_1)")
     parser.add_argument("--methods", default="ngram,recycle,self", help="comma-separated proposers")
     parser.add_argument("--draft", default=None, help="also run draft:PATH with this draft model")
-    parser.add_argument("--draft-vocab-sizes", default="0",
+    parser.add_argument("--draft-vocab-sizes", default="0,32768",
                         help="comma list of speculative_draft_vocab_size for --draft (0: the whole vocabulary)")
     parser.add_argument("--tasks", default="input-grounded,code editing,open chat",
                         help="comma-separated task sets: input-grounded, code editing, open chat")

@@ -89,8 +89,9 @@ class EngineConfig:
              "of draft tokens adapts per sequence and drops to 0 where it does not pay")
     num_speculative_tokens: int = option(8, help="most draft tokens per sequence and step")
     speculative_draft_vocab_size: int = option(
-        0, help="draft:PATH only: the draft drafts from the first N token ids (plus the prompts' tokens and EOS), "
-                "which cuts its output head's cost; lossless (the target verifies); 0 = the whole vocabulary")
+        32768, help="draft:PATH with a larger vocabulary than this: the draft drafts from the first N token ids "
+                    "(plus the prompts' tokens and EOS), which cuts its output head's cost; lossless (the target "
+                    "verifies every draft); 0 = the whole vocabulary")
     generation_config: str = option(
         "auto", metavar="auto|vllm|FOLDER",
         help="sampling defaults for what a request omits (temperature, top_p, top_k, min_p, repetition_penalty, "

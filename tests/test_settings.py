@@ -33,6 +33,7 @@ ENGINE_VALUES = {
     "enforce_eager": (["--enforce-eager"], True),
     "speculative": (["--speculative", "ngram"], "ngram"),
     "num_speculative_tokens": (["--num-speculative-tokens", "4"], 4),
+    "speculative_draft_vocab_size": (["--speculative-draft-vocab-size", "0"], 0),
     "generation_config": (["--generation-config", "vllm"], "vllm"),
 }
 SERVER_VALUES = {
@@ -60,6 +61,7 @@ OPTION_VALUES = {
     "allowed_methods": (["--allowed-methods", "GET", "POST"], ("GET", "POST")),
     "allowed_headers": (["--allowed-headers", "content-type"], ("content-type",)),
     "allow_credentials": (["--allow-credentials"], True),
+    "pooler_config": (["--pooler-config", '{"pooling_type": "MEAN"}'], '{"pooling_type": "MEAN"}'),
 }
 ENGINE_COMMANDS = ("generate", "chat", "serve", "profile", "eval")
 

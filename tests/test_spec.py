@@ -97,8 +97,9 @@ def make_spec_llm(tiny_model, draft_path: Path, method: str, **options) -> LLM:
     name = f"draft:{draft_path}" if method == "draft" else method
     if method == "self":
         name = "self:1"  # the tiny model has 2 layers: the draft runs layer 0 only
+    whole = {"speculative_draft_vocab_size": 0}  # the tests of a cut draft vocabulary say so
     llm = LLM(str(tiny_model("llama")), dtype="float32", speculative=name, num_speculative_tokens=DRAFT_TOKENS,
-              **{"kv_cache_memory": "16MiB", **options})
+              **{"kv_cache_memory": "16MiB", **whole, **options})
     always_draft(llm.engine)
     return llm
 

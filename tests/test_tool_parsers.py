@@ -25,6 +25,14 @@ CASES = [
     ("hermes", "No tools needed: 2 < 3 and <tool is not a tag.", "No tools needed: 2 < 3 and <tool is not a tag.", []),
     ("hermes", "<tool_call>\nnot json</tool_call>", "<tool_call>\nnot json</tool_call>", []),
     ("hermes", '<tool_call>\n{"name": "f", "arguments": {"x": [1, 2', None, [("f", '{"x": [1, 2')]),  # cut off
+    # Qwen2.5-Coder's fenced calls; fences of anything else are content
+    ("hermes", f'```json\n{{\n  "name": "get_weather",\n  "arguments": {ARGS}\n}}\n```', None,
+     [("get_weather", ARGS)]),
+    ("hermes", ' ```\n{"name": "f", "arguments": {}}\n```\nDone.', None, [("f", "{}")]),
+    ("hermes", '```json\n{"city": "Paris"}\n```', '```json\n{"city": "Paris"}\n```', []),
+    ("hermes", '```python\nprint("x")\n```', '```python\nprint("x")\n```', []),
+    ("hermes", 'Here:\n```json\n{"name": "f", "arguments": {}}\n```', 'Here:\n```json\n{"name": "f", "arguments": {}}\n```', []),
+    ("hermes", '``', '``', []),
     ("llama3_json", f'{{"name": "get_weather", "parameters": {ARGS}}}; {{"name": "get_time", "parameters": {{}}}}',
      None, [("get_weather", ARGS), ("get_time", "{}")]),
     ("llama3_json", '<|python_tag|>{"name": "f", "arguments": {"a": true}}', None, [("f", '{"a": true}')]),

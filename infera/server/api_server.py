@@ -269,11 +269,13 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
     async def embeddings(request: EmbeddingRequest, raw: Request) -> Response:
         """Embeddings of the inputs: final hidden states pooled as --pooler-config says."""
+        serving.note_ignored(raw.url.path, request)
         return respond(await _until_disconnect(raw, embedding.create_embedding(request)))
 
     @app.post("/v1/responses", response_model=ResponsesResponse, responses=ERROR_RESPONSES)
     async def create_response(request: ResponsesRequest, raw: Request) -> Response:
         """OpenAI's Responses API, stateless; ``stream: true`` answers with its server-sent events."""
+        serving.note_ignored(raw.url.path, request)
         return respond(await _until_disconnect(raw, responses.create_responses(request)))
 
     @app.get("/v1/models", response_model=ModelList)

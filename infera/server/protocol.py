@@ -256,6 +256,17 @@ def _or(value: Any, default: Any) -> Any:
 
 
 # -- completions --------------------------------------------------------------------------
+def prompt_list(name: str, value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A prompt field (text, token ids, or a list of either) as a list of prompts; ValueError naming
+    ``name`` if it is empty or holds more than MAX_PROMPTS."""
+    if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+        raise ValueError(f"{name} must not be empty")
+    prompts = [value] if isinstance(value, str) or isinstance(value[0], int) else list(value)
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f"{name} holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request")
+    return prompts
+
+
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt is scored, nothing generated
@@ -266,16 +277,11 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and (not self.prompt or any(isinstance(p, list) and not p
-                                                                     for p in self.prompt)):
-            raise ValueError("prompt must not be empty")
+        num_prompts = len(prompt_list("prompt", self.prompt))
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (set n instead)")
-        num_prompts = len(self.prompts)
-        if num_prompts > MAX_PROMPTS:
-            raise ValueError(f"prompt holds {num_prompts} prompts; at most {MAX_PROMPTS} per request")
         if num_prompts * self.n > MAX_CHOICES:
             raise ValueError(f"{num_prompts} prompts x n={self.n} is {num_prompts * self.n} choices; at most "
                              f"{MAX_CHOICES} per request")
@@ -290,10 +296,7 @@ class CompletionRequest(SamplingRequest):
     @property
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts, each text or token ids."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        return list(p)
+        return prompt_list("prompt", self.prompt)
 
 
 class CompletionLogProbs(OpenAIModel):

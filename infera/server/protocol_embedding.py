@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from infera.server.protocol import MAX_PROMPTS, MAX_USER_CHARS, OpenAIModel, UsageInfo
+from infera.server.protocol import MAX_USER_CHARS, OpenAIModel, UsageInfo, prompt_list
 
 
 class EmbeddingRequest(OpenAIModel):
@@ -25,19 +25,13 @@ class EmbeddingRequest(OpenAIModel):
 
     @model_validator(mode="after")
     def _check_embedding(self) -> EmbeddingRequest:
-        if isinstance(self.input, list) and (not self.input or any(isinstance(p, list) and not p for p in self.input)):
-            raise ValueError("input must not be empty")
-        if len(self.inputs) > MAX_PROMPTS:
-            raise ValueError(f"input holds {len(self.inputs)} inputs; at most {MAX_PROMPTS} per request")
+        prompt_list("input", self.input)
         return self
 
     @property
     def inputs(self) -> list[str | list[int]]:
         """The input field as a list of inputs, each text or token ids."""
-        p = self.input
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        return list(p)
+        return prompt_list("input", self.input)
 
 
 class EmbeddingResponseData(OpenAIModel):

@@ -49,7 +49,8 @@ class DraftModelProposer(Proposer):
         self.shadows: dict[int, tuple[weakref.ref[Sequence], Shadow]] = {}
         self.draft_cost = LinearCost(prior_ratio=0.15)
         self.vocab = (DraftVocab(draft.runner.model.lm_head, draft_vocab_size, target_vocab_size,
-                                 draft.tokenizer.eos_token_ids) if draft_vocab_size else None)
+                                 draft.tokenizer.eos_token_ids) if 0 < draft_vocab_size < draft.runner.vocab_size
+                      else None)
         self.head = self.vocab.logits if self.vocab else lambda hidden: self._target_width(
             self.runner.model.compute_logits(hidden))
 
