@@ -178,8 +178,8 @@ class OpenAIServing:
         params.prompt_logprobs = req.num_prompt_logprobs
         return params
 
-    async def _submit(self, req: SamplingRequest, prompts: list[list[int]], params: SamplingParams,
-                      request_id: str, prompt_field: str) -> list[RequestStream]:
+    async def submit(self, req: SamplingRequest, prompts: list[list[int]], params: SamplingParams,
+                     request_id: str, prompt_field: str) -> list[RequestStream]:
         """Add every prompt to the engine; a prompt or constraint the engine refuses is a 400."""
         streams: list[RequestStream] = []
         try:
@@ -196,8 +196,8 @@ class OpenAIServing:
             raise
         return streams
 
-    async def _outputs(self, streams: list[RequestStream], prompts: list[list[int]], arrival: float,
-                       user: str | None) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def outputs(self, streams: list[RequestStream], prompts: list[list[int]], arrival: float,
+                      user: str | None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every stream's outputs, merged, as (prompt index, output); observes metrics and writes
         one access-log line per engine request."""
         trackers = [self.metrics.track(arrival) for _ in streams]
@@ -305,8 +305,8 @@ class OpenAIServing:
         params = self._params(req, max_tokens, req.logprobs)
         echoes = [self._echo(p, ids) for p, ids in zip(req.prompts, prompts)] if req.echo else None
         request_id = random_id("cmpl")
-        streams = await self._submit(req, prompts, params, request_id, "prompt")
-        outputs = self._outputs(streams, prompts, arrival, req.user)
+        streams = await self.submit(req, prompts, params, request_id, "prompt")
+        outputs = self.outputs(streams, prompts, arrival, req.user)
         created = int(time.time())
         if req.stream:
             return self._stream_events(self._completion_events(req, request_id, created, prompts, echoes, outputs),
@@ -419,8 +419,8 @@ class OpenAIServing:
             return ChatOutputParser(reasoning, tool_parser, req.parallel_tool_calls)
 
         request_id = random_id("chatcmpl")
-        streams = await self._submit(req, [prompt], params, request_id, "messages")
-        outputs = self._outputs(streams, [prompt], arrival, req.user)
+        streams = await self.submit(req, [prompt], params, request_id, "messages")
+        outputs = self.outputs(streams, [prompt], arrival, req.user)
         created = int(time.time())
         if req.stream:
             return self._stream_events(self._chat_events(req, request_id, created, prompt, outputs, output_parser),

@@ -43,10 +43,10 @@ class OpenAIServingEmbedding:
                 raise OpenAIError(400, f"input: {e}", param="input", code="context_length_exceeded") from None
         params = self.pooling if req.normalize is None else dataclasses.replace(self.pooling, normalize=req.normalize)
         request_id = random_id("embd")
-        streams = await serving._submit(req, prompts, params, request_id, "input")
+        streams = await serving.submit(req, prompts, params, request_id, "input")
         final: dict[int, RequestOutput] = {}
         try:
-            async for i, out in serving._outputs(streams, prompts, arrival, req.user):
+            async for i, out in serving.outputs(streams, prompts, arrival, req.user):
                 final[i] = out
         finally:
             for stream in streams:
