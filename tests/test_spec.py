@@ -392,8 +392,8 @@ def test_self_draft_layers():
 
 @pytest.mark.skipif(load_cpu_extension() is None, reason="native kernels could not be compiled")
 def test_self_drafting_builds_each_native_stack_once(tiny_model, draft_path, monkeypatch):
-    """Self-drafting swaps the layer list at every draft pass: the full and the draft layers each
-    get one native decode stack, not one per swap."""
+    """Self-drafting skips layers at every draft pass: the full and the draft layers each get one
+    native decode stack, not one per pass."""
     built = []
     build = llama_native.build_stack
     monkeypatch.setattr(llama_native, "build_stack", lambda *args: built.append(1) or build(*args))

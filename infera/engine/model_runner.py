@@ -165,21 +165,22 @@ class ModelRunner:
         """The grammar masks of the sampled ``seqs`` (None if none carries a grammar)."""
         return bitmask.fill(seqs, drafts) if bitmask is not None else None
 
-    def forward(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True) -> torch.Tensor:
+    def forward(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True,
+                skip_layers: frozenset[int] = frozenset()) -> torch.Tensor:
         """Hidden states of the next ``counts[i]`` tokens of each ``seqs[i]`` (short queries first),
-        whose K/V go into the cache."""
+        whose K/V go into the cache; the decoder layers in ``skip_layers`` do not run (self-drafting)."""
         input_ids, positions, meta = self.prepare_inputs(seqs, counts)
-        if use_graphs and self.graphs is not None and self.graphs.can_run(meta):
+        if use_graphs and not skip_layers and self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
         with attention_metadata(meta):
-            return self.model(input_ids, positions)
+            return self.model(input_ids, positions, skip_layers)
 
-    def _forward_any_order(self, seqs: list[Sequence], counts: list[int],
-                           use_graphs: bool) -> tuple[torch.Tensor, list[int]]:
+    def _forward_any_order(self, seqs: list[Sequence], counts: list[int], use_graphs: bool,
+                           skip_layers: frozenset[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
         """:meth:`forward` of sequences in any order (short queries run first), and the row of the
         hidden states where each sequence's tokens start."""
         order = sorted(range(len(seqs)), key=lambda i: counts[i] > self.max_batched_query_len)
-        hidden = self.forward([seqs[i] for i in order], [counts[i] for i in order], use_graphs)
+        hidden = self.forward([seqs[i] for i in order], [counts[i] for i in order], use_graphs, skip_layers)
         starts, start = [0] * len(seqs), 0
         for i in order:
             starts[i], start = start, start + counts[i]
@@ -195,11 +196,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def last_logits(self, seqs: list[Sequence], counts: list[int], use_graphs: bool = True,
-                    head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    skip_layers: frozenset[int] = frozenset()) -> torch.Tensor:
         """A proposer's forward pass: logits [len(seqs), V] after the next ``counts[i]`` tokens of each
         ``seqs[i]`` (token ids, then draft tokens); nothing is sampled or committed.  ``head`` maps the
-        last hidden states to what is returned instead of the model's logits."""
-        hidden, starts = self._forward_any_order(seqs, counts, use_graphs)
+        last hidden states to what is returned instead of the model's logits; ``skip_layers``: as
+        :meth:`forward`."""
+        hidden, starts = self._forward_any_order(seqs, counts, use_graphs, skip_layers)
         rows = [start + n - 1 for start, n in zip(starts, counts)]
         return (head or self.model.compute_logits)(hidden[device_tensor(rows, self.device)])
 

@@ -110,14 +110,17 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.native_decoder = NativeDecoder(self)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                skip_layers: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Final hidden states; the layers in ``skip_layers`` do not run (a self-drafting pass)."""
         hidden = self.embed_tokens(input_ids)
-        if (out := self.native_decoder(hidden, positions, get_attention_metadata())) is not None:
+        if (out := self.native_decoder(hidden, positions, get_attention_metadata(), skip_layers)) is not None:
             hidden, residual = out
         else:
             residual = None
-            for layer in self.layers:
-                hidden, residual = layer(positions, hidden, residual)
+            for i, layer in enumerate(self.layers):
+                if i not in skip_layers:
+                    hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -138,8 +141,9 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                skip_layers: frozenset[int] = frozenset()) -> torch.Tensor:
+        return self.model(input_ids, positions, skip_layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -48,11 +48,11 @@ def native_moe(ext: ModuleType, moe: SparseMoeBlock, dtype: torch.dtype):
                    *shared)
 
 
-def build_stack(ext: ModuleType, model: nn.Module, dtype: torch.dtype):
-    """The kernel's DecoderStack over ``model.layers`` (a LlamaModel), or None where a layer has
-    weights, norms or a KV cache it does not take."""
+def build_stack(ext: ModuleType, model: nn.Module, dtype: torch.dtype, skip_layers: frozenset[int] = frozenset()):
+    """The kernel's DecoderStack over ``model.layers`` (a LlamaModel) but ``skip_layers``, or None
+    where a layer has weights, norms or a KV cache it does not take."""
     layers = []
-    for layer in model.layers:
+    for layer in (layer for i, layer in enumerate(model.layers) if i not in skip_layers):
         attn, mlp = layer.self_attn, layer.mlp
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         norms += [attn.q_norm, attn.k_norm] if attn.qk_norm else []
@@ -77,36 +77,33 @@ def build_stack(ext: ModuleType, model: nn.Module, dtype: torch.dtype):
 
 class NativeDecoder:
     """Decode steps of one LlamaModel through the native stack, built on first use for the layers
-    and KV cache in place then.  Self-drafting swaps the layers for a subset at every draft pass:
-    each layer list keeps its own stack (held with the list, so its id stays its own) until the KV
-    cache is replaced."""
+    and KV cache in place then: one stack per set of skipped layers (none, or a self-drafting
+    pass's), kept until the KV cache is replaced."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.kv_id: int | None = None
-        self.stacks: dict[int, tuple[nn.ModuleList, object]] = {}
+        self.stacks: dict[frozenset[int], object] = {}
 
-    def _stack(self, hidden: torch.Tensor):
-        layers = self.model.layers
-        kv_id = id(layers[0].self_attn.attn.kv_cache)
+    def _stack(self, hidden: torch.Tensor, skip_layers: frozenset[int]):
+        kv_id = id(self.model.layers[0].self_attn.attn.kv_cache)
         if kv_id != self.kv_id:
             self.kv_id, self.stacks = kv_id, {}
-        if id(layers) not in self.stacks:
+        if skip_layers not in self.stacks:
             ext = load_cpu_extension()
-            stack = ext and build_stack(ext, self.model, hidden.dtype)
-            self.stacks[id(layers)] = (layers, stack)
-            logger.info("decode steps%s: %s", " of the draft layers" if len(self.stacks) > 1 else "",
-                        "one native call for all layers" if stack else "layer by layer")
-        return self.stacks[id(layers)][1]
+            self.stacks[skip_layers] = ext and build_stack(ext, self.model, hidden.dtype, skip_layers)
+            logger.info("decode steps%s: %s", " of the draft layers" if skip_layers else "",
+                        "one native call for all layers" if self.stacks[skip_layers] else "layer by layer")
+        return self.stacks[skip_layers]
 
-    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 skip_layers: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(last layer's output, residual) of a batch of short queries, or None where the native
         stack does not apply (the caller runs the layers)."""
         if (not ENABLED or meta.prefills or hidden.device.type != "cpu" or hidden.dtype not in
                 (torch.float32, torch.bfloat16) or meta.num_decode_tokens != hidden.shape[0]):
             return None
-        stack = self._stack(hidden)
+        stack = self._stack(hidden, skip_layers)
         if stack is None:
             return None
         return stack.forward(hidden, positions, meta.slot_mapping, meta.decode_block_tables,

@@ -50,8 +50,9 @@ class RewardHeadModel(nn.Module):
         bias = process and getattr(config, "token_classification_bias", True)
         self.score = Linear(config.hidden_size, config.num_labels, bias=bias)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                skip_layers: frozenset[int] = frozenset()) -> torch.Tensor:
+        return self.model(input_ids, positions, skip_layers)
 
 
 class RewardModel(Reward):

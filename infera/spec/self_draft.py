@@ -10,13 +10,10 @@ written, so the draft reads the full model's K/V for them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from infera.spec.controller import LinearCost
 from infera.spec.proposer import Draft, Proposer, choose_draft_tokens, seeded_generator
@@ -63,19 +60,8 @@ class SelfDraftProposer(Proposer):
         self.target = target
         self.runner = target.runner
         self.block_manager = target.block_manager
-        self.inner = target.runner.model.model  # the decoder stack (embeddings, layers, final norm)
-        self.skip = parse_layers(skip, len(self.inner.layers))
-        self.kept = nn.ModuleList(layer for i, layer in enumerate(self.inner.layers) if i not in self.skip)
+        self.skip = frozenset(parse_layers(skip, len(target.runner.model.model.layers)))
         self.draft_cost = LinearCost(prior_ratio=0.15)
-
-    @contextmanager
-    def _skipping_layers(self) -> Iterator[None]:
-        full = self.inner.layers
-        self.inner.layers = self.kept
-        try:
-            yield
-        finally:
-            self.inner.layers = full
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
         drafts = [Draft([]) for _ in seqs]
@@ -89,22 +75,21 @@ class SelfDraftProposer(Proposer):
         self.target.copy_pending_blocks()  # the draft reads the blocks split copy-on-write
         generators = {i: self._generator(seqs[i]) for i in passes}
         probs: dict[int, list] = {i: [] for i in passes}
-        with self._skipping_layers():
-            for j in range(max((num_tokens[i] for i in passes), default=0)):
-                step = [i for i in passes if num_tokens[i] > j]
-                started = time.perf_counter()
-                views = [passes[i] for i in step]
-                counts = [len(v.token_ids) + len(v.spec_token_ids) - v.num_computed_tokens for v in views]
-                logits = self.runner.last_logits(views, counts, use_graphs=False)
-                tokens, q = choose_draft_tokens(logits, [seqs[i] for i in step], [generators[i] for i in step],
-                                                self.runner.sampler.generator)
-                for i, v, n, t, q_i in zip(step, views, counts, tokens, q):
-                    v.num_computed_tokens += n
-                    v.spec_token_ids.append(t)
-                    if q_i is not None:
-                        probs[i].append(q_i)
-                if j:
-                    self.draft_cost.add(len(step), time.perf_counter() - started)
+        for j in range(max((num_tokens[i] for i in passes), default=0)):
+            step = [i for i in passes if num_tokens[i] > j]
+            started = time.perf_counter()
+            views = [passes[i] for i in step]
+            counts = [len(v.token_ids) + len(v.spec_token_ids) - v.num_computed_tokens for v in views]
+            logits = self.runner.last_logits(views, counts, skip_layers=self.skip)
+            tokens, q = choose_draft_tokens(logits, [seqs[i] for i in step], [generators[i] for i in step],
+                                            self.runner.sampler.generator)
+            for i, v, n, t, q_i in zip(step, views, counts, tokens, q):
+                v.num_computed_tokens += n
+                v.spec_token_ids.append(t)
+                if q_i is not None:
+                    probs[i].append(q_i)
+            if j:
+                self.draft_cost.add(len(step), time.perf_counter() - started)
         for i, v in passes.items():
             drafts[i] = Draft(v.spec_token_ids, probs[i] or None)
         return drafts
