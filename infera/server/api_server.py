@@ -29,7 +29,7 @@ from infera.server.options import ServerConfig, ServerOptions, host_name
 from infera.scaling.rewards import Reward
 from infera.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
-                                    ModelCard, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse)
+                                    ModelCard, ModelList, OpenAIError, OpenAIModel, TokenizeRequest, TokenizeResponse)
 from infera.server.protocol_embedding import EmbeddingRequest, EmbeddingResponse
 from infera.server.protocol_responses import ResponsesRequest, ResponsesResponse
 from infera.server.serving import OpenAIServing
@@ -254,29 +254,30 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(result.model_dump())
 
+    async def answer(raw: Request, request: OpenAIModel, work: Awaitable[Any]) -> Response:
+        """A POST endpoint's answer: its ignored fields logged, ``work`` run until the client leaves."""
+        serving.note_ignored(raw.url.path, request)
+        return respond(await _until_disconnect(raw, work))
+
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(request: CompletionRequest, raw: Request) -> Response:
         """Text completion; ``stream: true`` answers with server-sent events."""
-        serving.note_ignored(raw.url.path, request)
-        return respond(await _until_disconnect(raw, serving.create_completion(request)))
+        return await answer(raw, request, serving.create_completion(request))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         """Chat completion with the model's chat template; ``stream: true`` answers with server-sent events."""
-        serving.note_ignored(raw.url.path, request)
-        return respond(await _until_disconnect(raw, serving.create_chat_completion(request)))
+        return await answer(raw, request, serving.create_chat_completion(request))
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
     async def embeddings(request: EmbeddingRequest, raw: Request) -> Response:
         """Embeddings of the inputs: final hidden states pooled as --pooler-config says."""
-        serving.note_ignored(raw.url.path, request)
-        return respond(await _until_disconnect(raw, embedding.create_embedding(request)))
+        return await answer(raw, request, embedding.create_embedding(request))
 
     @app.post("/v1/responses", response_model=ResponsesResponse, responses=ERROR_RESPONSES)
     async def create_response(request: ResponsesRequest, raw: Request) -> Response:
         """OpenAI's Responses API, stateless; ``stream: true`` answers with its server-sent events."""
-        serving.note_ignored(raw.url.path, request)
-        return respond(await _until_disconnect(raw, responses.create_responses(request)))
+        return await answer(raw, request, responses.create_responses(request))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:

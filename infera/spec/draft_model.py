@@ -68,8 +68,8 @@ class DraftModelProposer(Proposer):
                                     head=lambda hidden: hidden)  # no logits: only the K/V matter
             for i in behind:
                 self.block_manager.commit(shadows[i].seq, CATCH_UP_CHUNK)
-        if self.vocab:
-            self.vocab.prepare([seqs[i] for i in active])
+        if self.vocab:  # every shadowed sequence's prompt: the set changes as sequences come and go, not per step
+            self.vocab.prepare([seq for ref, _ in self.shadows.values() if (seq := ref()) is not None])
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in active}
         for j in range(max(num_tokens[i] for i in active)):
             step = [i for i in active if num_tokens[i] > j]

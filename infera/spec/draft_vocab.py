@@ -48,7 +48,8 @@ class DraftVocab:
         return self.weight[ids].float()
 
     def prepare(self, seqs: list[Sequence]) -> None:
-        """Keep the prompt tokens of ``seqs`` (rows outside the prefix are gathered when the set changes)."""
+        """Keep the prompt tokens of ``seqs`` (their rows outside the prefix are gathered again only when
+        the set of sequences changes)."""
         key = frozenset(s.seq_id for s in seqs)
         if key == self._extra_key:
             return
