@@ -1,0 +1,135 @@
+"""The router: which replica serves a request.
+
+Policies (``--routing-policy``):
+- ``round_robin``: replicas in turn;
+- ``least_loaded``: the less loaded of two replicas drawn at random (power of two choices) by
+  outstanding requests;
+- ``cache_aware``: the replica whose :class:`PrefixIndex` holds the longest prefix of the request,
+  unless its load exceeds the least loaded replica's by more than ``balance_abs_threshold`` and
+  ``balance_rel_threshold`` times (SGLang's balance rule): then the least loaded.  A request that
+  matches nowhere goes to the least loaded replica.
+
+A request may carry an ``affinity`` key (the branches of one scaling problem, a conversation): while
+a request with that key is outstanding, the others follow it to its replica.  Replicas marked down
+receive nothing and lose their index (a restarted actor starts with an empty cache).
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from infera.router.prefix_index import PrefixIndex
+
+POLICIES = ("round_robin", "least_loaded", "cache_aware")
+
+
+@dataclass
+class RouteRequest:
+    request_id: str
+    block_hashes: Sequence[int] = ()  # chain hashes of the prompt's full blocks
+    affinity: str | None = None
+
+
+class Router:
+    def __init__(self, num_replicas: int, policy: str = "cache_aware", *, block_capacity: int | None = None,
+                 balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5, seed: int = 0):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if num_replicas < 1:
+            raise ValueError(f"need at least one replica, got {num_replicas}")
+        self.policy = policy
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self.indexes = [PrefixIndex(block_capacity) for _ in range(num_replicas)]
+        self.loads = [0] * num_replicas
+        self.up = [True] * num_replicas
+        self._rng = random.Random(seed)
+        self._next = 0
+        self._where: dict[str, tuple[int, str | None]] = {}  # outstanding request -> (replica, affinity)
+        self._affinity: dict[str, tuple[int, int]] = {}  # key -> (replica, outstanding requests)
+        self.blocks_routed = 0  # prompt blocks routed, and of them found in the chosen replica's index
+        self.blocks_matched = 0
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.loads)
+
+    def route(self, request: RouteRequest, exclude: Iterable[int] = ()) -> int:
+        """Choose a replica for ``request`` (none of ``exclude``) and count it there until
+        :meth:`finish`.  Raises RuntimeError when no replica is up."""
+        excluded = set(exclude)
+        live = [r for r in range(self.num_replicas) if self.up[r] and r not in excluded]
+        if not live:
+            raise RuntimeError("no engine replica is available")
+        key = request.affinity
+        pinned = self._affinity.get(key) if key is not None else None
+        if pinned is not None and pinned[0] in live:
+            replica = pinned[0]
+        else:
+            replica = self._choose(request, live)
+        hashes = request.block_hashes
+        self.blocks_routed += len(hashes)
+        self.blocks_matched += self.indexes[replica].match(hashes)
+        self.indexes[replica].insert(hashes)
+        self.loads[replica] += 1
+        self._where[request.request_id] = (replica, key)
+        if key is not None:
+            held = self._affinity.get(key)
+            self._affinity[key] = (replica, (held[1] if held and held[0] == replica else 0) + 1)
+        return replica
+
+    def _choose(self, request: RouteRequest, live: list[int]) -> int:
+        if self.policy == "round_robin":
+            while self._next % self.num_replicas not in live:
+                self._next += 1
+            replica = self._next % self.num_replicas
+            self._next += 1
+            return replica
+        least = min(live, key=lambda r: self.loads[r])
+        if self.policy == "least_loaded":
+            if len(live) == 1:
+                return live[0]
+            a, b = self._rng.sample(live, 2)
+            return a if self.loads[a] <= self.loads[b] else b
+        matches = {r: self.indexes[r].match(request.block_hashes) for r in live}
+        best = max(live, key=lambda r: (matches[r], -self.loads[r]))
+        if matches[best] == 0 or self._imbalanced(self.loads[best], self.loads[least]):
+            return least
+        return best
+
+    def _imbalanced(self, load: int, least: int) -> bool:
+        return load - least > self.balance_abs_threshold and load > least * self.balance_rel_threshold
+
+    def finish(self, request_id: str) -> None:
+        """``request_id`` left its replica (finished, aborted or failed); unknown ids are ignored."""
+        where = self._where.pop(request_id, None)
+        if where is None:
+            return
+        replica, key = where
+        self.loads[replica] -= 1
+        if key is not None and key in self._affinity:
+            held_replica, count = self._affinity[key]
+            if held_replica == replica:
+                if count <= 1:
+                    del self._affinity[key]
+                else:
+                    self._affinity[key] = (replica, count - 1)
+
+    def mark_down(self, replica: int) -> list[str]:
+        """Take ``replica`` out of routing; returns the ids of the requests it held (forgotten
+        here: the caller re-routes or fails them)."""
+        self.up[replica] = False
+        self.indexes[replica].clear()
+        lost = [rid for rid, (r, _) in self._where.items() if r == replica]
+        for rid in lost:
+            self.finish(rid)
+        return lost
+
+    def mark_up(self, replica: int) -> None:
+        self.up[replica] = True
+
+    @property
+    def hit_rate(self) -> float:
+        """Prompt blocks found in the chosen replica's index, over all routed."""
+        return self.blocks_matched / self.blocks_routed if self.blocks_routed else 0.0
