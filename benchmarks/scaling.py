@@ -39,7 +39,7 @@ from serve import launch
 from tqdm.auto import tqdm
 
 from infera import LLM
-from infera.eval.scaling import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, read_rows
+from infera.eval.scaling import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, parse_stops, read_rows
 from infera.eval.tasks import Task, load_tasks
 from infera.scaling.answers import answers_equal
 from infera.scaling.api import build_search, run_searches
@@ -191,6 +191,9 @@ def main() -> None:
     p.add_argument("--fewshot", type=int, default=3, help="worked examples before each question (one of each kind)")
     p.add_argument("--budgets", default="1,2,4,8,16,32")
     p.add_argument("--methods", default=",".join(EVAL_METHODS))
+    p.add_argument("--stops", default="none",
+                   help="comma list of adaptive stopping rules for the sampling methods (none: the whole budget; "
+                        "esc, beta, short_m, first_finish)")
     p.add_argument("--rewards", default="arithmetic,self", help="comma list: arithmetic, self")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens in one solution")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -216,7 +219,8 @@ def main() -> None:
     summary: dict = {"machine": machine(), "problems": len(tasks), "options": options, "accuracy": {}}
     for reward in rewards:
         rows = evaluate_all(llm.engine, {}, tasks, methods, budgets, reward, options, out / reward,
-                            f"SmolLM2-135M-Instruct, arithmetic, {len(tasks)} problems, {REWARD_NAMES[reward]}")
+                            f"SmolLM2-135M-Instruct, arithmetic, {len(tasks)} problems, {REWARD_NAMES[reward]}",
+                            parse_stops(args.stops))
         summary["accuracy"][reward] = rows
         acc = {(r["method"], r["budget"]): r["accuracy"] for r in rows}
         pf8, b32 = acc.get(("particle_filtering", 8)), acc.get(("best_of_n", 32))

@@ -77,6 +77,8 @@ def test_scaling_beside_plain_requests(server):
     ({"method": "best_of_n", "budget": 4}, "best_of_n needs a reward"),
     ({"method": "beam_search", "budget": 4, "reward": "arithmetic", "beam_width": 9, **OPTIONS}, "beam_width"),
     ({"method": "beam_search", "budget": 4, "reward": "arithmetic", "beam_widht": 2}, "unknown option"),
+    ({"method": "self_consistency", "budget": 4, "stop": "esc", "stop_window": 0}, "stop_window"),
+    ({"method": "beam_search", "budget": 4, "reward": "arithmetic", "stop": "esc"}, "sampling methods"),
 ])
 def test_bad_scaling_requests_are_400(server, scaling, message):
     with pytest.raises(openai.BadRequestError) as info:

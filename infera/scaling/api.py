@@ -18,6 +18,7 @@ from infera.scaling.particle_filtering import particle_gibbs as _particle_gibbs
 from infera.scaling.problem import DEFAULT_INSTRUCTION, PROMPT_OPTIONS, Prompt, check_examples, make_problem
 from infera.scaling.result import ScalingResult
 from infera.scaling.rewards import Reward, make_reward
+from infera.scaling.sampling import PICKS
 from infera.scaling.sampling import best_of_n as _best_of_n
 from infera.scaling.sampling import self_consistency as _self_consistency
 from infera.scaling.sampling import weighted_best_of_n as _weighted_best_of_n
@@ -59,6 +60,9 @@ def build_search(engine: LLMEngine, prompt: Prompt, method: str, budget: int, re
         known = sorted(config_names | method_names | set(PROMPT_OPTIONS))
         raise ValueError(f"unknown option(s) for {method}: {', '.join(unknown)}; known: {', '.join(known)}")
     config = SearchConfig(**{k: v for k, v in options.items() if k in config_names})
+    if config.stop is not None and method not in PICKS:
+        raise ValueError(f"stop (adaptive stopping) applies to the sampling methods ({', '.join(PICKS)}), "
+                         f"not {method}")
     problem = make_problem(engine.tokenizer, prompt, instruction, answer, examples, rendered)
     engine.check_prompt_length(len(problem.prompt_ids))
     return Search(method, algorithm, problem, budget, reward, config,

@@ -12,16 +12,33 @@ from infera.scaling.selection import argmax, vote
 
 
 def sample(s: Search) -> SearchGen:
-    """``budget`` solutions, each stepped to its end and then scored; returns them in order."""
-    samples = (yield from s.expand([(s.root, s.budget)]))[0]
+    """``budget`` solutions, each stepped to its end and then scored; returns the finished ones in
+    launch order.  With a stopping rule (``s.config.stopping``) they are launched in windows and
+    the rule is checked after every step: once it holds, the running ones are released."""
+    rule = s.config.stopping
+    window = s.budget if rule is None or rule.window is None else rule.window
+    samples: list[Branch] = []  # launch order
+    finished: list[Branch] = []  # finishing order
+    active: list[int] = []  # indices into samples
     while True:
-        yield from s.score([b for b in samples if b.finished])
-        active = [i for i, b in enumerate(samples) if not b.finished]
         if not active:
-            return samples
-        children = yield from s.expand([(samples[i], 1) for i in active])
-        for i, (child,) in zip(active, children):
-            samples[i] = child
+            n = min(window, s.budget - len(samples))
+            if n == 0:
+                return samples
+            active = list(range(len(samples), len(samples) + n))
+            samples += (yield from s.expand([(s.root, n)]))[0]
+        else:
+            children = yield from s.expand([(samples[i], 1) for i in active])
+            for i, (child,) in zip(active, children):
+                samples[i] = child
+        newly = [samples[i] for i in active if samples[i].finished]
+        yield from s.score(newly)
+        finished += newly
+        active = [i for i in active if not samples[i].finished]
+        if rule is not None and newly and rule.settled([s.extract(b.text) for b in finished], len(active)):
+            for i in active:
+                s.release(samples[i])
+            return [b for b in samples if b.finished]
 
 
 def pick_best(s: Search, samples: list[Branch]) -> ScalingResult:

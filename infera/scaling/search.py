@@ -19,6 +19,7 @@ from infera.sampling_params import SamplingParams
 from infera.scaling.answers import AnswerExtractor
 from infera.scaling.problem import Problem, judge_suffix
 from infera.scaling.result import Candidate, ScalingResult
+from infera.scaling.stopping import StoppingRule
 
 if TYPE_CHECKING:
     from infera.scaling.controller import SearchController
@@ -89,7 +90,8 @@ class SearchConfig:
     """Options every method shares.  A step ends at ``delimiter`` (None: a step is the whole
     answer), at the end of the sequence or after ``step_max_tokens``; a solution ends at the end
     of the sequence, after ``max_tokens``/``max_steps``, or (``stop_on_answer``) once it marks
-    an answer (``answer_pattern``; default ``\\boxed{}``)."""
+    an answer (``answer_pattern``; default ``\\boxed{}``).  ``stop`` (sampling methods only): an
+    adaptive stopping rule of :mod:`infera.scaling.stopping` with its ``stop_*`` options."""
 
     temperature: float = 0.8
     top_p: float = 1.0
@@ -101,6 +103,10 @@ class SearchConfig:
     answer_pattern: str | None = None
     aggregate: str | None = None  # last, min or product; None: the reward's own default
     seed: int | None = None
+    stop: str | None = None
+    stop_window: int | None = None
+    stop_confidence: float = 0.95
+    stop_m: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "step_max_tokens", "max_steps"):
@@ -112,6 +118,7 @@ class SearchConfig:
         if self.delimiter == "":
             raise ValueError("delimiter must be a non-empty string or None")
         SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)  # validates them
+        self.stopping = StoppingRule.make(self.stop, self.stop_window, self.stop_confidence, self.stop_m)
 
 
 def aggregate(scores: list[float], how: str) -> float:

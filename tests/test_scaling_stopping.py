@@ -1,0 +1,129 @@
+"""Adaptive stopping of the sampling methods: each rule, driven by scripted samples, stops exactly
+where its definition says; on the engine, a stopped search frees every block."""
+from __future__ import annotations
+
+import pytest
+
+from infera.scaling import self_consistency
+from infera.scaling.api import build_search
+from infera.scaling.problem import Problem
+from infera.scaling.sampling import self_consistency as self_consistency_method
+from infera.scaling.search import Expand, Search, SearchConfig
+from infera.scaling.stopping import StoppingRule, beta_confidence
+
+
+def run_scripted(script: list[tuple[int, str]], budget: int, **config) -> tuple[Search, int]:
+    """Self-consistency over scripted samples: sample k (in launch order) takes ``script[k][0]``
+    steps and then marks ``script[k][1]``.  Returns the search and how many samples were launched."""
+    s = Search("self_consistency", self_consistency_method, Problem("q", [1, 2, 3]), budget, None,
+               SearchConfig(**config), {})
+    index: dict[int, int] = {}  # id(branch) -> its sample
+    launched = 0
+    ops = s.gen.send(None)
+    try:
+        while True:
+            results = []
+            for op in ops:
+                assert isinstance(op, Expand)
+                children = []
+                for _ in range(op.n):
+                    if op.branch is s.root:
+                        k, launched = launched, launched + 1
+                    else:
+                        k = index[id(op.branch)]
+                    steps, answer = script[k]
+                    last = len(op.branch.steps) + 1 == steps
+                    text = f"\\boxed{{{answer}}}" if last else "step "
+                    child = s.child(op.branch, op.branch.token_ids + [7], text, "stop", "\n\n")
+                    index[id(child)] = k
+                    children.append(child)
+                results.append(children)
+            ops = s.gen.send(results)
+    except StopIteration as stop:
+        s.result = stop.value
+    return s, launched
+
+
+def test_beta_confidence_closed_form():
+    assert beta_confidence(4, 0) == pytest.approx(1 - 0.5**5)
+    assert beta_confidence(3, 1) == pytest.approx(26 / 32)
+    assert beta_confidence(7, 1) == pytest.approx((512 - 10) / 512)
+    assert beta_confidence(2, 2) == pytest.approx(0.5)
+
+
+def test_without_a_rule_every_sample_runs():
+    script = [(1, "A"), (2, "B"), (1, "A")]
+    s, launched = run_scripted(script, 3)
+    assert launched == 3 and len(s.result.candidates) == 3 and s.result.answer == "A"
+
+
+def test_esc_stops_after_the_first_unanimous_window():
+    script = [(1, "A"), (1, "B"), (2, "A"), (1, "A")] + [(1, "A")] * 4 + [(1, "B")] * 8
+    s, launched = run_scripted(script, 16, stop="esc", stop_window=4)
+    assert launched == 8 and len(s.result.candidates) == 8
+    assert s.result.answer == "A" and s.result.answer_scores == {"A": 7, "B": 1}
+    full, launched = run_scripted(script[:8], 8)  # the same 8 samples without the rule: the same vote
+    assert full.result.answer == "A" and full.result.answer_scores == s.result.answer_scores
+
+
+def test_esc_runs_the_whole_budget_when_no_window_agrees():
+    script = [(1, "A"), (1, "B")] * 4
+    s, launched = run_scripted(script, 8, stop="esc", stop_window=2)
+    assert launched == 8 and len(s.result.candidates) == 8
+
+
+def test_beta_stops_online_and_releases_the_running_samples():
+    # confidence 0.9: after step 1 two votes for A (P = 0.875), after step 2 five (P = 0.98):
+    # stop, although the sixth sample (9 steps) is still running
+    script = [(1, "A"), (1, "A"), (2, "A"), (2, "A"), (2, "A"), (9, "B")]
+    s, launched = run_scripted(script, 12, stop="beta", stop_window=6, stop_confidence=0.9)
+    assert launched == 6 and s.steps == 2
+    assert [c.answer for c in s.result.candidates] == ["A"] * 5 and s.result.answer == "A"
+
+
+def test_beta_launches_another_window_while_undecided():
+    script = [(1, "A"), (1, "B"), (1, "A"), (1, "A")] + [(1, "A")] * 4
+    s, launched = run_scripted(script, 12, stop="beta", stop_window=4)  # 3:1 (0.81), then 7:1 (0.98)
+    assert launched == 8 and s.result.answer_scores == {"A": 7, "B": 1}
+
+
+def test_short_m_and_first_finish_stop_at_the_first_finished():
+    script = [(3, "A"), (1, "B"), (4, "A"), (2, "B"), (5, "A")]
+    s, launched = run_scripted(script, 5, stop="short_m", stop_m=2)
+    assert launched == 5 and s.steps == 2 and s.result.answer == "B" and len(s.result.candidates) == 2
+    s, _ = run_scripted(script, 5, stop="first_finish")
+    assert s.steps == 1 and [c.answer for c in s.result.candidates] == ["B"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(stop="vote"), "stop must be one of"),
+    (dict(stop_window=4), "need a stop rule"),
+    (dict(stop="esc", stop_window=0), "stop_window"),
+    (dict(stop="beta", stop_confidence=0.4), "stop_confidence"),
+    (dict(stop="short_m", stop_window=4), "whole budget"),
+    (dict(stop="first_finish", stop_m=2), "short_m"),
+    (dict(stop="esc", stop_m=2), "stop_m applies"),
+])
+def test_bad_stopping_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**options)
+
+
+def test_stop_is_refused_for_search_methods(tiny_llm):
+    with pytest.raises(ValueError, match="sampling methods"):
+        build_search(tiny_llm.engine, "What is 2 + 3?", "beam_search", 4, "arithmetic", {"stop": "esc"})
+    assert StoppingRule.make(None) is None
+
+
+def test_a_stopped_search_frees_every_block(tiny_llm):
+    # seed 0: random text marks an "answer" (a character of the pattern) at the first 2-token step
+    # in five samples, at the second in the sixth, which first_finish aborts
+    engine = tiny_llm.engine
+    options = dict(budget=6, step_max_tokens=2, max_tokens=40, seed=0, answer_pattern=r"([0-9a-e])")
+    full = self_consistency(tiny_llm, "What is 2 + 3?", **options)
+    stopped = self_consistency(tiny_llm, "What is 2 + 3?", stop="first_finish", **options)
+    assert full.steps == 2 and len(full.candidates) == 6
+    assert stopped.steps == 1 and len(stopped.candidates) == 5 and stopped.generated_tokens < full.generated_tokens
+    assert [c.text for c in stopped.candidates] == [c.text for c in full.candidates if c.num_tokens == 2]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.scheduler.running and not engine.requests
