@@ -41,6 +41,8 @@ class SamplingParams:
     ``logit_bias`` adds to the logits of token ids (after penalties, before a grammar's mask, which
     wins); each bias is clamped to [-100, 100].
     ``max_tokens=0`` generates nothing: the prompt is only computed (and scored, with ``prompt_logprobs``).
+    ``max_thinking_tokens``: a reasoning model that has thought (inside ``<think>``) for this many
+    tokens gets ``</think>`` appended (budget forcing) and goes on to answer.
     """
 
     n: int = 1
@@ -62,6 +64,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    max_thinking_tokens: int | None = None
     structured: StructuredOutputParams | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +98,8 @@ class SamplingParams:
         _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63),
                "seed", "must be a 64-bit integer", self.seed)
         self.logit_bias = _clamped_bias(self.logit_bias)
+        _check(self.max_thinking_tokens is None or (type(self.max_thinking_tokens) is int and self.max_thinking_tokens >= 1),
+               "max_thinking_tokens", "must be a positive integer", self.max_thinking_tokens)
         _check(self.structured is None or isinstance(self.structured, StructuredOutputParams),
                "structured", "must be a StructuredOutputParams", self.structured)
 

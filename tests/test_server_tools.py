@@ -220,6 +220,31 @@ def test_reasoning_split_streamed_and_not(thinking_server):
     assert reasoning_of(client, True, **kw) == whole
 
 
+def test_thinking_budget_and_no_thinking(thinking_server):
+    client = thinking_server.client()
+    opened = {"chat_template_kwargs": {"think": True}}
+    kw = dict(messages=ASK, temperature=0)
+    first, _, _ = reasoning_of(client, False, max_tokens=5, extra_body=opened, **kw)
+    # budget forcing: </think> after 5 thinking tokens, then the answer (the random model never closes it itself)
+    reasoning, content, finish = reasoning_of(client, False, max_tokens=30,
+                                              extra_body={**opened, "max_thinking_tokens": 5}, **kw)
+    assert reasoning == first and content and finish == "length"
+    assert reasoning_of(client, True, max_tokens=30, extra_body={**opened, "max_thinking_tokens": 5},
+                        **kw) == (reasoning, content, finish)
+    # NoThinking: the opened thinking is closed in the prompt, so all of the output is the answer
+    reasoning, content, _ = reasoning_of(client, False, max_tokens=12, extra_body={**opened, "thinking": False}, **kw)
+    assert reasoning is None and content
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=ASK, extra_body={"max_thinking_tokens": 0})
+    # under an output constraint the forced end of thinking passes the grammar and the JSON follows
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    reasoning, content, finish = reasoning_of(
+        client, False, max_tokens=60, extra_body={**opened, "max_thinking_tokens": 5}, **kw,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    assert reasoning == first and finish == "stop"
+    jsonschema.validate(json.loads(content), schema)
+
+
 def test_constraint_applies_after_the_thinking(thinking_server):
     """With the thinking opened, the grammar lets it run and constrains only what follows
     </think>: the random model never writes </think>, so the whole output is free reasoning

@@ -15,6 +15,7 @@ from infera.engine.scheduler import Scheduler
 from infera.engine.sequence import Sequence, SequenceStatus
 from infera.engine.spec_decoder import SpecDecoder, build_proposer
 from infera.engine.step_hook import StepHook
+from infera.engine.thinking_budget import ThinkingBudget
 from infera.engine.worker import Worker
 from infera.outputs import RequestMetrics, RequestOutput, TokenLogprobs
 from infera.pooling_params import PoolingParams
@@ -76,6 +77,8 @@ class LLMEngine:
         self.hooks: list[StepHook] = []
         self.structured = StructuredOutputManager(self.tokenizer, self.runner.vocab_size, self.output_processor)
         self.add_hook(self.structured)
+        self.thinking_budget = ThinkingBudget(self.tokenizer, self.output_processor)
+        self.add_hook(self.thinking_budget)
         self.spec: SpecDecoder | None = None
         if cfg.speculative is not None:
             proposer = build_proposer(cfg.speculative, self.worker)

@@ -164,6 +164,7 @@ class SamplingRequest(OpenAIModel):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    max_thinking_tokens: int | None = Field(None, ge=1)  # budget forcing of a reasoning model's <think>
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     structured_outputs: StructuredOutputsRequest | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, and the top k
@@ -248,7 +249,7 @@ class SamplingRequest(OpenAIModel):
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
-            structured=self.structured())
+            max_thinking_tokens=self.max_thinking_tokens, structured=self.structured())
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -453,6 +454,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # vLLM's: a template of the request's own (--trust-request-chat-template)
+    thinking: bool = True  # false: a reasoning model answers without thinking (NoThinking)
     scaling: ScalingRequest | None = None
 
     @model_validator(mode="after")

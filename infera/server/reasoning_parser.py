@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from infera.engine.thinking_budget import END, START
 from infera.sampling_params import StructuredOutputParams
 from infera.server.tool_parsers.utils import partial_suffix
 
@@ -25,8 +26,8 @@ THINK_SUFFIX = "\n\n"  # what these models write between </think> and the answer
 class ReasoningParser:
     """``<think>…</think>`` reasoning; ``prompt_opened``: the prompt ends inside ``<think>``."""
 
-    START = "<think>"
-    END = "</think>"
+    START = START
+    END = END
 
     def __init__(self, prompt_opened: bool):
         self.prompt_opened = prompt_opened

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
+from infera.engine.thinking_budget import END_TEXT as THINK_END_TEXT
+from infera.engine.thinking_budget import START as THINK_START
 from infera.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from infera.sampling_params import SamplingParams, StructuredOutputParams
 from infera.server.chat_output import ChatOutputParser
@@ -28,6 +30,8 @@ from infera.server.protocol import (AssistantMessage, ChatChoice, ChatCompletion
                                     CompletionRequest, CompletionResponse, DeltaMessage, Logprob, OpenAIError,
                                     OpenAIModel, PromptLogprobs, SamplingRequest, ScalingChatCompletionResponse,
                                     TopLogprob, UsageInfo, ignored_fields, random_id)
+
+NO_THINKING = "Okay, I think I have finished thinking.\n" + THINK_END_TEXT  # NoThinking's prefilled thought
 
 logger = logging.getLogger("infera.server")
 
@@ -121,10 +125,11 @@ class OpenAIServing:
 
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                           template_kwargs: dict | None = None, chat_template: str | None = None,
-                          tools: list[ChatCompletionToolsParam] | None = None) -> list[int]:
+                          tools: list[ChatCompletionToolsParam] | None = None, thinking: bool = True) -> list[int]:
         """The prompt's token ids: the chat template rendered in its sandboxed worker (see
         :mod:`infera.server.chat_template`), with the request's tools; a request's own template only
-        with --trust-request-chat-template."""
+        with --trust-request-chat-template.  ``thinking`` false (NoThinking): the template's
+        ``enable_thinking`` is false, and a prompt that still opens ``<think>`` has it closed."""
         if chat_template is not None and not self.options.trust_request_chat_template:
             raise OpenAIError(400, "chat_template: this server renders only the model's own chat template "
                                    "(the operator may allow others with --trust-request-chat-template)",
@@ -133,12 +138,20 @@ class OpenAIServing:
             template_kwargs = check_template_kwargs(template_kwargs)
         except ValueError as e:
             raise OpenAIError(400, str(e), param="chat_template_kwargs") from None
+        if not thinking:
+            template_kwargs = {**(template_kwargs or {}), "enable_thinking": False}
         try:
-            return await self.renderer.render_ids([m.template_dict() for m in messages], add_generation_prompt,
-                                                  template_kwargs, chat_template or self.chat_template,
-                                                  [t.model_dump(exclude_none=True) for t in tools] if tools else None)
+            ids = await self.renderer.render_ids([m.template_dict() for m in messages], add_generation_prompt,
+                                                 template_kwargs, chat_template or self.chat_template,
+                                                 [t.model_dump(exclude_none=True) for t in tools] if tools else None)
         except ValueError as e:
             raise OpenAIError(400, str(e), param="messages") from None
+        if not thinking and self._opens_thinking(ids):
+            ids += self.tokenizer.encode(NO_THINKING, add_special_tokens=False)
+        return ids
+
+    def _opens_thinking(self, prompt: list[int]) -> bool:
+        return self.tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip().endswith(THINK_START)
 
     def _max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
         """The request's max_tokens, or the server's default, within the context and the server's limit."""
@@ -405,7 +418,7 @@ class OpenAIServing:
         if req.scaling is not None:
             return await self.create_scaling_completion(req, arrival)
         prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
-                                        req.chat_template, req.tools)
+                                        req.chat_template, req.tools, req.thinking)
         max_tokens = self._max_tokens(len(prompt), req.requested_max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, max_tokens, top)
@@ -450,8 +463,7 @@ class OpenAIServing:
         cls = REASONING_PARSERS.get(self.options.reasoning_parser)
         if cls is None:
             return None
-        tail = self.tokenizer.decode(prompt[-4:], skip_special_tokens=False)
-        return cls(prompt_opened=tail.rstrip().endswith(cls.START))
+        return cls(prompt_opened=self._opens_thinking(prompt))
 
     def _tool_parser(self, req: ChatCompletionRequest) -> ToolParser | None:
         """The request's tool call parser (None: tool_choice none).  A forced choice writes the
