@@ -9,12 +9,13 @@ from infera.scaling.api import build_search
 from infera.scaling.problem import Problem
 from infera.scaling.sampling import self_consistency as self_consistency_method
 from infera.scaling.search import Expand, Search, SearchConfig
-from infera.scaling.stopping import StoppingRule, beta_confidence
+from infera.scaling.stopping import CONFIDENCE_GROUP, StoppingRule, beta_confidence, group_confidences
 
 
-def run_scripted(script: list[tuple[int, str]], budget: int, **config) -> tuple[Search, int]:
+def run_scripted(script: list[tuple], budget: int, **config) -> tuple[Search, int]:
     """Self-consistency over scripted samples: sample k (in launch order) takes ``script[k][0]``
-    steps and then marks ``script[k][1]``.  Returns the search and how many samples were launched."""
+    steps and then marks ``script[k][1]``; each step is CONFIDENCE_GROUP tokens of confidence
+    ``script[k][2]`` (1.0 if not given).  Returns the search and how many samples were launched."""
     s = Search("self_consistency", self_consistency_method, Problem("q", [1, 2, 3]), budget, None,
                SearchConfig(**config), {})
     index: dict[int, int] = {}  # id(branch) -> its sample
@@ -31,10 +32,11 @@ def run_scripted(script: list[tuple[int, str]], budget: int, **config) -> tuple[
                         k, launched = launched, launched + 1
                     else:
                         k = index[id(op.branch)]
-                    steps, answer = script[k]
+                    steps, answer, confidence = (*script[k], 1.0)[:3]
                     last = len(op.branch.steps) + 1 == steps
                     text = f"\\boxed{{{answer}}}" if last else "step "
-                    child = s.child(op.branch, op.branch.token_ids + [7], text, "stop", "\n\n")
+                    child = s.child(op.branch, op.branch.token_ids + [7], text, "stop", "\n\n",
+                                    confidences=[confidence] * CONFIDENCE_GROUP)
                     index[id(child)] = k
                     children.append(child)
                 results.append(children)
@@ -95,6 +97,31 @@ def test_short_m_and_first_finish_stop_at_the_first_finished():
     assert s.steps == 1 and [c.answer for c in s.result.candidates] == ["B"]
 
 
+def test_deepconf_drops_samples_below_the_warm_up_threshold_and_votes_by_confidence():
+    # warm-up (4, run in full): A 5, B 4, A 3, B 2 -> keep 0.5: threshold 4; A 8 vs B 6 (57%): go on.
+    # Then the other 8 at once: the four at confidence 1 are dropped after their first step, the four
+    # at 6 finish A at step 2: A 32 vs B 6 (84% < 95%), the budget is spent.
+    warm = [(1, "A", 5.0), (1, "B", 4.0), (1, "A", 3.0), (1, "B", 2.0)]
+    rest = [(2, "A", 6.0)] * 4 + [(3, "B", 1.0)] * 4
+    s, launched = run_scripted(warm + rest, 12, stop="deepconf", stop_window=4, stop_keep=0.5)
+    assert launched == 12 and len(s.result.candidates) == 8 and s.result.answer == "A"
+    assert s.result.answer_scores == {"A": 32.0, "B": 6.0}
+
+
+def test_deepconf_stops_at_consensus():
+    # warm-up: A 5 + 4 + 3 vs B 1 (92%); then the first of the rest finishes A at 9: 21 / 22 >= 95%
+    warm = [(1, "A", 5.0), (1, "A", 4.0), (1, "A", 3.0), (1, "B", 1.0)]
+    rest = [(1, "A", 9.0)] + [(5, "B", 9.0)] * 3
+    s, launched = run_scripted(warm + rest, 8, stop="deepconf", stop_window=4)
+    assert launched == 8 and s.steps == 2 and len(s.result.candidates) == 5 and s.result.answer == "A"
+
+
+def test_group_confidences_slide():
+    values = [1.0] * CONFIDENCE_GROUP + [3.0]
+    assert group_confidences(values) == [1.0, 1.0 + 2.0 / CONFIDENCE_GROUP]
+    assert group_confidences([2.0, 4.0]) == [3.0] and group_confidences([]) == []
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(stop="vote"), "stop must be one of"),
     (dict(stop_window=4), "need a stop rule"),
@@ -103,6 +130,8 @@ def test_short_m_and_first_finish_stop_at_the_first_finished():
     (dict(stop="short_m", stop_window=4), "whole budget"),
     (dict(stop="first_finish", stop_m=2), "short_m"),
     (dict(stop="esc", stop_m=2), "stop_m applies"),
+    (dict(stop="beta", stop_keep=0.5), "stop_keep applies to deepconf"),
+    (dict(stop="deepconf", stop_keep=0), "stop_keep"),
 ])
 def test_bad_stopping_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -127,3 +156,12 @@ def test_a_stopped_search_frees_every_block(tiny_llm):
     assert [c.text for c in stopped.candidates] == [c.text for c in full.candidates if c.num_tokens == 2]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.scheduler.running and not engine.requests
+
+
+def test_deepconf_on_the_engine_reads_token_confidences(tiny_llm):
+    engine = tiny_llm.engine
+    result = self_consistency(tiny_llm, "What is 2 + 3?", budget=4, step_max_tokens=4, max_tokens=12, seed=1,
+                              stop="deepconf", stop_window=2)
+    assert 1 <= len(result.candidates) <= 4
+    assert all(c.confidence is not None and c.confidence > 0 for c in result.candidates)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.requests

@@ -23,12 +23,18 @@ from typing import Any
 
 from infera.engine.llm_engine import LLMEngine, Request
 from infera.engine.sequence import Sequence
-from infera.outputs import RequestOutput
+from infera.outputs import RequestOutput, TokenLogprobs
 from infera.sampling_params import MAX_LOGPROBS, SamplingParams
 from infera.scaling.result import ScalingResult
 from infera.scaling.search import Branch, Expand, Judge, Op, Search
 
 logger = logging.getLogger(__name__)
+
+
+def token_confidence(logprobs: TokenLogprobs) -> float:
+    """Minus the mean log-probability of the token's top candidates (DeepConf's token confidence)."""
+    top = logprobs.top or [(logprobs.token_id, logprobs.logprob)]
+    return -sum(lp for _, lp in top) / len(top)
 
 
 class SearchController:
@@ -159,7 +165,8 @@ class SearchController:
             lp = req.seqs[0].logprobs[0]
             return [(lp.token_id, lp.logprob), *lp.top]
         return [search.child(op.branch, seq.token_ids, self._step_text(op.branch, seq), seq.finish_reason,
-                             seq.stop_reason, seq) for seq in sorted(req.seqs, key=lambda s: s.index)]
+                             seq.stop_reason, seq, [token_confidence(lp) for lp in seq.logprobs])
+                for seq in sorted(req.seqs, key=lambda s: s.index)]
 
     def _step_text(self, parent: Branch, seq: Sequence) -> str:
         """The text ``seq`` added to ``parent`` (decoded with the answer before it, so that a

@@ -14,6 +14,7 @@ class Candidate:
     step_scores: list[float]
     num_tokens: int
     finish_reason: str | None  # stop (end of sequence), answer, length, steps (max_steps)
+    confidence: float | None = None  # its lowest group confidence (adaptive stopping: deepconf)
 
 
 @dataclass

@@ -9,36 +9,63 @@ from __future__ import annotations
 from infera.scaling.search import Branch, Search, SearchGen
 from infera.scaling.result import ScalingResult
 from infera.scaling.selection import argmax, vote
+from infera.scaling.stopping import CONFIDENCE_GROUP, trace_confidence
+
+DROPPED = "low_confidence"  # a sample deepconf dropped (not a candidate)
 
 
 def sample(s: Search) -> SearchGen:
     """``budget`` solutions, each stepped to its end and then scored; returns the finished ones in
     launch order.  With a stopping rule (``s.config.stopping``) they are launched in windows and
-    the rule is checked after every step: once it holds, the running ones are released."""
+    the rule is checked after every step: once it holds, the running ones are released (deepconf
+    also drops, after its warm-up, each sample whose confidence falls below the warm-up's threshold)."""
     rule = s.config.stopping
-    window = s.budget if rule is None or rule.window is None else rule.window
     samples: list[Branch] = []  # launch order
     finished: list[Branch] = []  # finishing order
+    confidences: list[float] = []  # theirs (deepconf)
     active: list[int] = []  # indices into samples
+    threshold = None
+
+    def kept() -> list[Branch]:
+        return [b for b in samples if b.finished and b.finish_reason != DROPPED]
+
     while True:
         if not active:
-            n = min(window, s.budget - len(samples))
+            n = s.budget - len(samples) if rule is None else rule.next_window(len(samples), s.budget)
             if n == 0:
-                return samples
+                return kept()
+            if rule is not None and samples:
+                threshold = rule.threshold(confidences)
             active = list(range(len(samples), len(samples) + n))
             samples += (yield from s.expand([(s.root, n)]))[0]
         else:
             children = yield from s.expand([(samples[i], 1) for i in active])
             for i, (child,) in zip(active, children):
                 samples[i] = child
+        if threshold is not None:  # deepconf: drop the samples whose last group of tokens is below it
+            for i in active:
+                last = samples[i].confidences[-CONFIDENCE_GROUP:]
+                if len(last) == CONFIDENCE_GROUP and sum(last) < threshold * CONFIDENCE_GROUP:
+                    samples[i].finish_reason = DROPPED
+                    s.release(samples[i])
+            active = [i for i in active if samples[i].finish_reason != DROPPED]
         newly = [samples[i] for i in active if samples[i].finished]
         yield from s.score(newly)
         finished += newly
+        if rule is not None and rule.needs_confidence:
+            confidences += [trace_confidence(b.confidences) for b in newly]
         active = [i for i in active if not samples[i].finished]
-        if rule is not None and newly and rule.settled([s.extract(b.text) for b in finished], len(active)):
+        if rule is not None and newly and rule.settled([s.extract(b.text) for b in finished], len(active),
+                                                       confidences):
             for i in active:
                 s.release(samples[i])
-            return [b for b in samples if b.finished]
+            return kept()
+
+
+def vote_weights(s: Search, samples: list[Branch]) -> list[float] | None:
+    """The samples' weights in a vote: their confidences under deepconf, else None (one each)."""
+    rule = s.config.stopping
+    return None if rule is None else rule.weights([trace_confidence(b.confidences) for b in samples])
 
 
 def pick_best(s: Search, samples: list[Branch]) -> ScalingResult:
@@ -48,7 +75,7 @@ def pick_best(s: Search, samples: list[Branch]) -> ScalingResult:
 
 def pick_majority(s: Search, samples: list[Branch]) -> ScalingResult:
     """The most frequent answer (majority vote)."""
-    winners, votes = vote([s.extract(b.text) for b in samples])
+    winners, votes = vote([s.extract(b.text) for b in samples], vote_weights(s, samples))
     return s.finish(samples[winners[0]], samples, votes)
 
 

@@ -19,7 +19,7 @@ from infera.sampling_params import SamplingParams
 from infera.scaling.answers import AnswerExtractor
 from infera.scaling.problem import Problem, judge_suffix
 from infera.scaling.result import Candidate, ScalingResult
-from infera.scaling.stopping import StoppingRule
+from infera.scaling.stopping import CONFIDENCE_TOP_K, StoppingRule, trace_confidence
 
 if TYPE_CHECKING:
     from infera.scaling.controller import SearchController
@@ -42,6 +42,7 @@ class Branch:
     seq: Sequence | None = None
     finish_reason: str | None = None
     parent: Branch | None = None
+    confidences: list[float] = field(default_factory=list)  # per answer token (adaptive stopping: deepconf)
 
     @property
     def text(self) -> str:
@@ -107,6 +108,7 @@ class SearchConfig:
     stop_window: int | None = None
     stop_confidence: float = 0.95
     stop_m: int | None = None
+    stop_keep: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "step_max_tokens", "max_steps"):
@@ -118,7 +120,8 @@ class SearchConfig:
         if self.delimiter == "":
             raise ValueError("delimiter must be a non-empty string or None")
         SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)  # validates them
-        self.stopping = StoppingRule.make(self.stop, self.stop_window, self.stop_confidence, self.stop_m)
+        self.stopping = StoppingRule.make(self.stop, self.stop_window, self.stop_confidence, self.stop_m,
+                                          self.stop_keep)
 
 
 def aggregate(scores: list[float], how: str) -> float:
@@ -213,9 +216,11 @@ class Search:
 
     def step_params(self, branch: Branch, n: int) -> SamplingParams:
         cfg = self.config
+        confident = cfg.stopping is not None and cfg.stopping.needs_confidence
         return SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=self.step_limit(branch),
                               stop=[cfg.delimiter] if cfg.delimiter else None, include_stop_str_in_output=True,
-                              seed=self.rng.randrange(2**62) if cfg.seed is not None else None)
+                              seed=self.rng.randrange(2**62) if cfg.seed is not None else None,
+                              logprobs=CONFIDENCE_TOP_K if confident else None)
 
     def finish(self, chosen: Branch, candidates: list[Branch], answer_scores: dict[str, float] | None = None
                ) -> ScalingResult:
@@ -223,20 +228,23 @@ class Search:
         unique = list(dict.fromkeys(candidates))
         cands = [Candidate(b.text, list(b.steps), self.extract(b.text),
                            self.value(b) if self.reward is not None else None, list(b.scores),
-                           b.num_answer_tokens, b.finish_reason) for b in unique]
+                           b.num_answer_tokens, b.finish_reason,
+                           trace_confidence(b.confidences) if b.confidences else None) for b in unique]
         return ScalingResult(self.method, self.budget, self.extract(chosen.text), chosen.text, cands,
                              answer_scores or {}, steps=self.steps)
 
     # -- for the controller -----------------------------------------------------------------
     def child(self, parent: Branch, token_ids: list[int], step: str, finish_reason: str | None,
-              stop_reason: int | str | None, seq: Sequence | None = None) -> Branch:
+              stop_reason: int | str | None, seq: Sequence | None = None,
+              confidences: list[float] = ()) -> Branch:
         """The branch made of ``parent`` by one more step (``token_ids``: all of it, prompt
         included; ``finish_reason``/``stop_reason``: how the step's generation ended; ``seq``:
-        the parked sequence holding its KV, if any)."""
+        the parked sequence holding its KV, if any; ``confidences``: of the step's tokens)."""
         cfg = self.config
         branch = Branch(list(token_ids), parent.num_prompt_tokens, [*parent.steps, step],
                         [*parent.step_ends, len(token_ids) - parent.num_prompt_tokens], list(parent.scores),
-                        parent.num_scored_steps, seq, parent=parent)
+                        parent.num_scored_steps, seq, parent=parent,
+                        confidences=[*parent.confidences, *confidences])
         num_new = len(token_ids) - len(parent.token_ids)
         self.generated_tokens += num_new
         if finish_reason == "stop" and stop_reason != cfg.delimiter:
