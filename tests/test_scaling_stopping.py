@@ -8,15 +8,23 @@ from infera.scaling import self_consistency
 from infera.scaling.api import build_search
 from infera.scaling.problem import Problem
 from infera.scaling.sampling import self_consistency as self_consistency_method
-from infera.scaling.search import Expand, Search, SearchConfig
+from infera.scaling.rewards import Reward
+from infera.scaling.search import Expand, Search, SearchConfig, repeats_itself
 from infera.scaling.stopping import CONFIDENCE_GROUP, StoppingRule, beta_confidence, group_confidences
 
 
-def run_scripted(script: list[tuple], budget: int, **config) -> tuple[Search, int]:
+class StepChecker(Reward):
+    """Scores each new step 0.0 if it contains "bad", else 1.0."""
+
+    def score(self, search, branches):
+        return [[0.0 if "bad" in step else 1.0 for step in b.steps[b.num_scored_steps:]] for b in branches]
+
+
+def run_scripted(script: list[tuple], budget: int, reward: Reward | None = None, **config) -> tuple[Search, int]:
     """Self-consistency over scripted samples: sample k (in launch order) takes ``script[k][0]``
     steps and then marks ``script[k][1]``; each step is CONFIDENCE_GROUP tokens of confidence
     ``script[k][2]`` (1.0 if not given).  Returns the search and how many samples were launched."""
-    s = Search("self_consistency", self_consistency_method, Problem("q", [1, 2, 3]), budget, None,
+    s = Search("self_consistency", self_consistency_method, Problem("q", [1, 2, 3]), budget, reward,
                SearchConfig(**config), {})
     index: dict[int, int] = {}  # id(branch) -> its sample
     launched = 0
@@ -34,7 +42,11 @@ def run_scripted(script: list[tuple], budget: int, **config) -> tuple[Search, in
                         k = index[id(op.branch)]
                     steps, answer, confidence = (*script[k], 1.0)[:3]
                     last = len(op.branch.steps) + 1 == steps
-                    text = f"\\boxed{{{answer}}}" if last else "step "
+                    text = f"\\boxed{{{answer}}}" if last else f"step {len(op.branch.steps)} "
+                    if answer == "loop" and not last:
+                        text = "the same step again"
+                    elif answer.startswith("bad") and len(op.branch.steps) == 1:
+                        text = "a bad step "
                     child = s.child(op.branch, op.branch.token_ids + [7], text, "stop", "\n\n",
                                     confidences=[confidence] * CONFIDENCE_GROUP)
                     index[id(child)] = k
@@ -116,6 +128,25 @@ def test_deepconf_stops_at_consensus():
     assert launched == 8 and s.steps == 2 and len(s.result.candidates) == 5 and s.result.answer == "A"
 
 
+def test_early_rejection_ends_a_sample_at_its_bad_step():
+    script = [(3, "A"), (4, "bad B"), (3, "A"), (4, "bad B")]
+    s, launched = run_scripted(script, 4, StepChecker(), reject_below=0.5)
+    assert launched == 4 and s.steps == 3  # the two bad ones end at their second step, not their fourth
+    assert [c.answer for c in s.result.candidates] == ["A", "A"] and s.result.answer == "A"
+    full, _ = run_scripted(script, 4, StepChecker())
+    assert full.steps == 4 and len(full.result.candidates) == 4
+    assert full.generated_tokens > s.generated_tokens
+
+
+def test_a_sample_repeating_its_step_is_cut():
+    s, _ = run_scripted([(9, "loop"), (2, "A")], 2)
+    loop, answer = s.result.candidates
+    assert loop.finish_reason == "loop" and len(loop.steps) == 2 and answer.answer == "A"
+    s, _ = run_scripted([(3, "loop"), (2, "A")], 2, cut_loops=False)
+    assert s.result.candidates[0].finish_reason == "answer" and len(s.result.candidates[0].steps) == 3
+    assert repeats_itself(["a", "xy", "b", "xy "]) and not repeats_itself(["x", "y", "x"])
+
+
 def test_group_confidences_slide():
     values = [1.0] * CONFIDENCE_GROUP + [3.0]
     assert group_confidences(values) == [1.0, 1.0 + 2.0 / CONFIDENCE_GROUP]
@@ -141,6 +172,10 @@ def test_bad_stopping_options(options, message):
 def test_stop_is_refused_for_search_methods(tiny_llm):
     with pytest.raises(ValueError, match="sampling methods"):
         build_search(tiny_llm.engine, "What is 2 + 3?", "beam_search", 4, "arithmetic", {"stop": "esc"})
+    with pytest.raises(ValueError, match="reject_below applies to the sampling methods"):
+        build_search(tiny_llm.engine, "What is 2 + 3?", "beam_search", 4, "arithmetic", {"reject_below": 0.5})
+    with pytest.raises(ValueError, match="needs a reward"):
+        build_search(tiny_llm.engine, "What is 2 + 3?", "self_consistency", 4, None, {"reject_below": 0.5})
     assert StoppingRule.make(None) is None
 
 

@@ -60,9 +60,11 @@ def build_search(engine: LLMEngine, prompt: Prompt, method: str, budget: int, re
         known = sorted(config_names | method_names | set(PROMPT_OPTIONS))
         raise ValueError(f"unknown option(s) for {method}: {', '.join(unknown)}; known: {', '.join(known)}")
     config = SearchConfig(**{k: v for k, v in options.items() if k in config_names})
-    if config.stop is not None and method not in PICKS:
-        raise ValueError(f"stop (adaptive stopping) applies to the sampling methods ({', '.join(PICKS)}), "
-                         f"not {method}")
+    for name in ("stop", "reject_below"):
+        if getattr(config, name) is not None and method not in PICKS:
+            raise ValueError(f"{name} applies to the sampling methods ({', '.join(PICKS)}), not {method}")
+    if config.reject_below is not None and reward is None:
+        raise ValueError("reject_below needs a reward that scores steps (arithmetic, self, model:PATH)")
     problem = make_problem(engine.tokenizer, prompt, instruction, answer, examples, rendered)
     engine.check_prompt_length(len(problem.prompt_ids))
     return Search(method, algorithm, problem, budget, reward, config,

@@ -2,7 +2,7 @@
 
 All ``budget`` samples share the prompt's KV (it is computed once, then forked); each advances
 one step at a time, like the branches of the search methods, so a sample stops as soon as it
-has marked an answer.  Rewards score finished samples only.
+has marked an answer.  Rewards score finished samples only (every step with ``reject_below``).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from infera.scaling.result import ScalingResult
 from infera.scaling.selection import argmax, vote
 from infera.scaling.stopping import CONFIDENCE_GROUP, trace_confidence
 
-DROPPED = "low_confidence"  # a sample deepconf dropped (not a candidate)
+DROPPED = ("low_confidence", "rejected")  # samples ended early that are no candidates (deepconf, reject_below)
 
 
 def sample(s: Search) -> SearchGen:
@@ -27,7 +27,7 @@ def sample(s: Search) -> SearchGen:
     threshold = None
 
     def kept() -> list[Branch]:
-        return [b for b in samples if b.finished and b.finish_reason != DROPPED]
+        return [b for b in samples if b.finished and b.finish_reason not in DROPPED]
 
     while True:
         if not active:
@@ -46,9 +46,17 @@ def sample(s: Search) -> SearchGen:
             for i in active:
                 last = samples[i].confidences[-CONFIDENCE_GROUP:]
                 if len(last) == CONFIDENCE_GROUP and sum(last) < threshold * CONFIDENCE_GROUP:
-                    samples[i].finish_reason = DROPPED
+                    samples[i].finish_reason = "low_confidence"
                     s.release(samples[i])
-            active = [i for i in active if samples[i].finish_reason != DROPPED]
+            active = [i for i in active if samples[i].finish_reason not in DROPPED]
+        if s.config.reject_below is not None:  # early rejection: score every step, end the low ones
+            yield from s.score([samples[i] for i in active])
+            for i in active:
+                b = samples[i]
+                if b.scores and b.scores[-1] < s.config.reject_below:
+                    b.finish_reason = "rejected"
+                    s.release(b)
+            active = [i for i in active if samples[i].finish_reason not in DROPPED]
         newly = [samples[i] for i in active if samples[i].finished]
         yield from s.score(newly)
         finished += newly

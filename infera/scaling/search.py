@@ -91,8 +91,10 @@ class SearchConfig:
     """Options every method shares.  A step ends at ``delimiter`` (None: a step is the whole
     answer), at the end of the sequence or after ``step_max_tokens``; a solution ends at the end
     of the sequence, after ``max_tokens``/``max_steps``, or (``stop_on_answer``) once it marks
-    an answer (``answer_pattern``; default ``\\boxed{}``).  ``stop`` (sampling methods only): an
-    adaptive stopping rule of :mod:`infera.scaling.stopping` with its ``stop_*`` options."""
+    an answer (``answer_pattern``; default ``\\boxed{}``), or (``cut_loops``) once a step repeats one
+    of its last LOOP_LOOKBACK steps.  Sampling methods only: ``stop``, an adaptive stopping rule of
+    :mod:`infera.scaling.stopping` with its ``stop_*`` options; ``reject_below``, a sample whose step
+    scores below it is ended there (early rejection) and is no candidate."""
 
     temperature: float = 0.8
     top_p: float = 1.0
@@ -109,6 +111,8 @@ class SearchConfig:
     stop_confidence: float = 0.95
     stop_m: int | None = None
     stop_keep: float | None = None
+    reject_below: float | None = None
+    cut_loops: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "step_max_tokens", "max_steps"):
@@ -122,6 +126,16 @@ class SearchConfig:
         SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)  # validates them
         self.stopping = StoppingRule.make(self.stop, self.stop_window, self.stop_confidence, self.stop_m,
                                           self.stop_keep)
+
+
+LOOP_LOOKBACK = 4  # steps a new step is compared with (cut_loops)
+
+
+def repeats_itself(steps: list[str]) -> bool:
+    """Whether the last step (at least two characters, whitespace aside) repeats one of the
+    LOOP_LOOKBACK before it."""
+    last = steps[-1].strip()
+    return len(last) >= 2 and any(last == s.strip() for s in steps[-1 - LOOP_LOOKBACK:-1])
 
 
 def aggregate(scores: list[float], how: str) -> float:
@@ -256,6 +270,8 @@ class Search:
             branch.finish_reason = "answer"
         elif len(branch.steps) >= cfg.max_steps:
             branch.finish_reason = "steps"
+        elif cfg.cut_loops and repeats_itself(branch.steps):
+            branch.finish_reason = "loop"
         if seq is not None and seq.block_table:
             self.live.add(branch)
         else:
