@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 
-import infera
 from infera.config import EngineConfig, ParallelConfig
 from infera.distributed.replica import EngineReplica
 from infera.engine.async_engine import EngineDeadError, EngineJob, RequestFailedError, RequestStream
@@ -75,12 +72,8 @@ class ReplicaPool:
         self.config = config
         self.tokenizer = Tokenizer(source.tokenizer_dir(), source.config())
         self.default_sampling_params = sampling_defaults(config.generation_config, source)
-        # the actors import this checkout's infera, on `threads` OpenMP threads from their start
-        path = os.pathsep.join(p for p in (str(Path(infera.__file__).parent.parent), os.environ.get("PYTHONPATH"))
-                               if p)
-        actor = ray.remote(EngineReplica).options(
-            num_cpus=threads, max_restarts=MAX_RESTARTS, max_task_retries=0,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}})
+        # Ray starts each actor with OMP_NUM_THREADS = its num_cpus, in this process's working directory
+        actor = ray.remote(EngineReplica).options(num_cpus=threads, max_restarts=MAX_RESTARTS, max_task_retries=0)
         self.replicas = [actor.remote(config, threads, max_waiting_requests) for _ in range(n)]
         self.info: list[dict[str, Any]] = ray.get([r.info.remote() for r in self.replicas])
         self.max_model_len: int = min(i["max_model_len"] for i in self.info)
@@ -172,6 +165,11 @@ class ReplicaPool:
     async def run_job(self, job: EngineJob) -> None:
         raise ValueError("scaling requests run inside one engine, and this server runs several replicas "
                          "(--data-parallel-size > 1); serve with one replica for them")
+
+    def replica_of(self, request_id: str) -> int | None:
+        """The replica running a request, or None if it is not running."""
+        req = self._requests.get(request_id)
+        return None if req is None or req.replica < 0 else req.replica
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, reentrant: callable from ``__del__``)."""
