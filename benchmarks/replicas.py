@@ -64,10 +64,12 @@ def make_workload(tokenizer, args: argparse.Namespace, seed: int) -> list[Reques
 
 
 async def replay(pool: ReplicaPool, requests: list[Request]) -> dict[str, float]:
-    """Send ``requests`` at their arrival times; TTFT (front clock), throughput and prefix hit rate."""
+    """Send ``requests`` at their arrival times; TTFT (front clock), throughput, prefix hit rate, and how
+    long an output takes from the replica's engine thread to the front (one clock: one machine)."""
     before = [await r.health.remote() for r in pool.replicas]
     start = time.monotonic()
     ttfts: list[float] = []
+    lags: list[float] = []
     generated = 0
 
     async def one(i: int, req: Request) -> None:
@@ -77,8 +79,11 @@ async def replay(pool: ReplicaPool, requests: list[Request]) -> dict[str, float]
         params = SamplingParams(max_tokens=req.output_len, temperature=0, ignore_eos=True)
         first = None
         async for out in await pool.add_request(req.prompt, params, f"req-{i}"):
+            now = time.monotonic()
             if first is None and out.num_generated_tokens:
-                first = time.monotonic() - sent
+                first = now - sent
+            if out.metrics is not None and out.metrics.last_token_time is not None:
+                lags.append(now - out.metrics.last_token_time)
         ttfts.append(first)
         generated += out.num_generated_tokens
 
@@ -91,6 +96,7 @@ async def replay(pool: ReplicaPool, requests: list[Request]) -> dict[str, float]
     return {"hit_rate": hits / queries, "router_hit_rate": pool.router.hit_rate,
             "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "output_tok_s": generated / elapsed, "seconds": elapsed,
+            "output_delivery_ms_p50": 1000 * statistics.median(lags),
             "prompt_tokens_per_replica": [a["prefix_queries"] - b["prefix_queries"] for a, b in zip(after, before)]}
 
 
@@ -172,10 +178,11 @@ def main() -> None:
     pool = ReplicaPool(config(args.kv_cache_tokens), ParallelConfig(2, threads_per_replica=1))
     results.update(asyncio.run(run_policies(pool, dict(zip(policies, workloads[1:])))))
     ray.shutdown()
-    summary = {
-        "cache_aware_hit_rate_vs_one_engine": results["cache_aware"]["hit_rate"] / results["one engine"]["hit_rate"],
-        "cache_aware_ttft_p50_vs_round_robin": results["cache_aware"]["ttft_p50_s"] / results["round_robin"]["ttft_p50_s"],
-    } if {"cache_aware", "round_robin"} <= set(results) else {}
+    summary = {}
+    if {"cache_aware", "round_robin"} <= set(results):
+        aware, rr = results["cache_aware"], results["round_robin"]
+        summary = {"cache_aware_hit_rate_vs_one_engine": aware["hit_rate"] / results["one engine"]["hit_rate"],
+                   "cache_aware_ttft_p50_vs_round_robin": aware["ttft_p50_s"] / rr["ttft_p50_s"]}
     save_json(args.output, {"machine": machine(), "workload": vars(args), "results": results, "summary": summary})
     print(json.dumps(summary, indent=2))
     if args.plot:

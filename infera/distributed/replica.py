@@ -29,7 +29,7 @@ from infera.sampling_params import SamplingParams
 class ReplicaError:
     """An exception raised on a replica, as a value: ``kind`` names its type."""
 
-    kind: str  # invalid | busy | dead | failed | timeout
+    kind: str  # invalid | busy | dead | failed
     message: str
     status: int = 500
 
@@ -37,8 +37,7 @@ class ReplicaError:
     def of(cls, e: BaseException) -> ReplicaError:
         if isinstance(e, RequestFailedError):
             return cls("failed", str(e), e.status)
-        for kind, types in (("invalid", ValueError), ("busy", QueueFullError), ("dead", EngineDeadError),
-                            ("timeout", TimeoutError)):
+        for kind, types in (("invalid", ValueError), ("busy", QueueFullError), ("dead", EngineDeadError)):
             if isinstance(e, types):
                 return cls(kind, str(e))
         return cls("failed", f"{type(e).__name__}: {e}")
@@ -46,8 +45,7 @@ class ReplicaError:
     def exception(self) -> Exception:
         if self.kind == "failed":
             return RequestFailedError(self.message, self.status)
-        return {"invalid": ValueError, "busy": QueueFullError, "dead": EngineDeadError,
-                "timeout": TimeoutError}[self.kind](self.message)
+        return {"invalid": ValueError, "busy": QueueFullError, "dead": EngineDeadError}[self.kind](self.message)
 
 
 @dataclass(eq=False)

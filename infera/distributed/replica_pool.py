@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError
 from infera.config import EngineConfig, ParallelConfig
 from infera.distributed.replica import EngineReplica
 from infera.engine.async_engine import EngineDeadError, EngineJob, RequestFailedError, RequestStream
+from infera.engine.llm_engine import check_prompt_length
 from infera.loader.generation_config import sampling_defaults
 from infera.loader.model_loader import open_model
 from infera.loader.tokenizer import Tokenizer
@@ -128,12 +129,7 @@ class ReplicaPool:
         return total
 
     def check_prompt_length(self, num_tokens: int, generates: bool = True) -> None:
-        """ValueError for an empty prompt or one past the context (``generates``: with room for a token)."""
-        if num_tokens == 0:
-            raise ValueError("the prompt is empty")
-        if num_tokens + generates > self.max_model_len:
-            raise ValueError(f"the prompt has {num_tokens} tokens but the context length is {self.max_model_len} "
-                             f"tokens" + (" (room must remain for at least one generated token)" if generates else ""))
+        check_prompt_length(num_tokens, self.max_model_len, generates)
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams | PoolingParams,
                           request_id: str) -> RequestStream:
@@ -206,6 +202,9 @@ class ReplicaPool:
             if error is not None:  # refused: nothing to abort there
                 req.replica = -1
                 self.router.finish(req.request_id)
+                if error.kind == "busy" and len(excluded) + 1 < len(self.replicas):
+                    excluded.add(replica)  # its queue is full: another's may not be
+                    continue
                 raise error.exception()
             return
 
@@ -278,7 +277,7 @@ class ReplicaPool:
         except RayActorError as e:
             self._down(replica, e)
             return
-        except TimeoutError:
+        except Exception:  # noqa: BLE001 - no answer in time, or the ping failed there
             stats = None
         if stats is None:
             if self.router.up[replica]:

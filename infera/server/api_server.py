@@ -371,8 +371,8 @@ def run_server(engine_config: EngineConfig, config: ServerConfig, options: Serve
         info = front.info[0]
         model_path, where = info["model_path"], (
             f"{parallel.data_parallel_size} replicas (Ray actors, {parallel.threads_per_replica} threads each, "
-            f"{parallel.routing_policy} routing), {info['dtype']} on {info['device']}, KV cache {info['kv_cache_tokens']} "
-            f"tokens each")
+            f"{parallel.routing_policy} routing), {info['dtype']} on {info['device']}, "
+            f"KV cache {info['kv_cache_tokens']} tokens each")
     else:
         engine = run_on_fresh_thread(LLMEngine, engine_config)  # the engine thread alone runs torch
         front = AsyncLLMEngine(engine, config.max_waiting_requests)
