@@ -29,7 +29,7 @@ from infera.sampling_params import SamplingParams
 class ReplicaError:
     """An exception raised on a replica, as a value: ``kind`` names its type."""
 
-    kind: str  # invalid | busy | dead | failed
+    kind: str  # invalid | busy | dead | failed | lost (not on this replica: it restarted since)
     message: str
     status: int = 500
 
@@ -43,7 +43,7 @@ class ReplicaError:
         return cls("failed", f"{type(e).__name__}: {e}")
 
     def exception(self) -> Exception:
-        if self.kind == "failed":
+        if self.kind in ("failed", "lost"):
             return RequestFailedError(self.message, self.status)
         return {"invalid": ValueError, "busy": QueueFullError, "dead": EngineDeadError}[self.kind](self.message)
 
@@ -116,7 +116,7 @@ class EngineReplica:
         """The request's latest output since the last poll, or the error that ended it; waits for one."""
         pending = self._pending.get(request_id)
         if pending is None:
-            return None, ReplicaError("failed", f"request {request_id} is not on this replica")
+            return None, ReplicaError("lost", f"request {request_id} is not on this replica")
         await pending.ready.wait()
         pending.ready.clear()
         out, error, pending.latest = pending.latest, pending.error, None

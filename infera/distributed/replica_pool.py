@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from infera.config import EngineConfig, ParallelConfig
-from infera.distributed.replica import EngineReplica
+from infera.distributed.replica import EngineReplica, ReplicaError
 from infera.engine.async_engine import EngineDeadError, EngineJob, RequestFailedError, RequestStream
 from infera.engine.llm_engine import check_prompt_length
 from infera.loader.generation_config import sampling_defaults
@@ -218,6 +218,9 @@ class ReplicaPool:
                     out, error = await self.replicas[replica].poll.remote(req.request_id)
                 except RayActorError as e:
                     self._down(replica, e)
+                    out, error = None, ReplicaError("lost", str(e))
+                if error is not None and error.kind == "lost":  # its replica failed (and may be back, empty)
+                    self.router.finish(req.request_id)
                     req.replaying = req.delivered is not None
                     await self._send(req, exclude=(replica,))
                     continue
@@ -229,8 +232,8 @@ class ReplicaPool:
                     caught_up = _caught_up(out, req.delivered)
                     if caught_up is None:
                         raise RequestFailedError(
-                            f"engine replica {replica} failed while this request was generating, and its run on "
-                            f"another replica made different tokens (sampling without a seed); retry the request")
+                            f"an engine replica failed while this request was generating, and its new run (on replica "
+                            f"{replica}) made other tokens (sampled without a seed, or a near tie); retry the request")
                     if not caught_up:
                         continue
                     req.replaying = False
@@ -238,8 +241,6 @@ class ReplicaPool:
                 req.stream.queue.put_nowait(out)
                 if out.finished:
                     return
-        except asyncio.CancelledError:
-            raise
         except Exception as e:  # noqa: BLE001 - the stream raises it
             req.stream.queue.put_nowait(e)
         finally:
