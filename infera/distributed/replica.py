@@ -10,7 +10,6 @@ values, not exceptions, so that the front raises the same exception types as the
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +80,7 @@ class EngineReplica:
         engine = self.engine.engine
         return {"model_path": engine.model_path, "dtype": str(engine.dtype).removeprefix("torch."),
                 "device": str(engine.device), "kv_cache_tokens": engine.worker.kv_cache_tokens,
-                "max_model_len": engine.max_model_len, "pid": os.getpid()}
+                "max_model_len": engine.max_model_len}
 
     async def health(self) -> dict[str, float] | None:
         """The engine's stats, or None when its thread has stopped (the actor should be restarted)."""
