@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from infera.arg_utils import add_dataclass_args, dataclass_kwargs
-from infera.config import EngineConfig
+from infera.config import EngineConfig, ParallelConfig
 from infera.sampling_params import SamplingParams, StructuredOutputParams
 from infera.server.options import ServerConfig, ServerOptions, server_options
 
@@ -262,6 +262,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL", help="the model, as --model")
     add_dataclass_args(p.add_argument_group("server"), ServerConfig)
     add_dataclass_args(p.add_argument_group("keys, request limits and trust"), ServerOptions)
+    add_dataclass_args(p.add_argument_group("engine replicas (Ray)"), ParallelConfig)
     add_engine_args(p)
     p.set_defaults(run=run_serve)
 
@@ -270,7 +271,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from infera.server.api_server import run_server
 
     run_server(EngineConfig(**engine_kwargs(args)), ServerConfig(**dataclass_kwargs(ServerConfig, args)),
-               server_options(args), args.log_level)
+               server_options(args), args.log_level, ParallelConfig(**dataclass_kwargs(ParallelConfig, args)))
 
 
 @command("quantize", "quantize a model's weights and save them (safetensors + quantization_config.json)")

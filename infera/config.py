@@ -10,6 +10,7 @@ import torch
 from infera.arg_utils import option
 from infera.kernels import has_bf16_arithmetic
 from infera.quant import QUANTIZATION_METHODS
+from infera.router import POLICIES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -145,3 +146,27 @@ class EngineConfig:
         if self.torch_device.type == "cuda" or has_bf16_arithmetic():
             return torch.bfloat16
         return torch.float32
+
+
+@dataclass
+class ParallelConfig:
+    """Engine replicas behind one server (``infera serve``): more than one runs each replica's engine
+    in a Ray actor (:mod:`infera.distributed`), with requests routed among them by ``routing_policy``."""
+
+    data_parallel_size: int = option(1, flags=("--data-parallel-size", "-dp"),
+                                     help="engine replicas, each a Ray actor with the whole model; 1: one engine "
+                                          "in the server process (no Ray)")
+    threads_per_replica: int = option(1, help="torch threads of each replica (with --data-parallel-size > 1)")
+    routing_policy: str = option("cache_aware", choices=POLICIES,
+                                 help="which replica serves a request: cache_aware = the one holding the longest "
+                                      "prefix of the prompt unless it is much busier, least_loaded, round_robin")
+    ray_address: str | None = option(None, help="the Ray cluster to run the replicas on; None: start a local one "
+                                                "with data-parallel-size x threads-per-replica CPUs")
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError(f"--data-parallel-size must be >= 1, got {self.data_parallel_size}")
+        if self.threads_per_replica < 1:
+            raise ValueError(f"--threads-per-replica must be >= 1, got {self.threads_per_replica}")
+        if self.routing_policy not in POLICIES:
+            raise ValueError(f"--routing-policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")

@@ -27,6 +27,15 @@ from infera.structured import StructuredOutputManager
 logger = logging.getLogger("infera")
 
 
+def check_prompt_length(num_tokens: int, max_model_len: int, generates: bool = True) -> None:
+    """ValueError for an empty prompt or one past the context (``generates``: with room for a token)."""
+    if num_tokens == 0:
+        raise ValueError("the prompt is empty")
+    if num_tokens + generates > max_model_len:
+        raise ValueError(f"the prompt has {num_tokens} tokens but the context length is {max_model_len} "
+                         f"tokens" + (" (room must remain for at least one generated token)" if generates else ""))
+
+
 @dataclass
 class Request:
     request_id: str
@@ -172,12 +181,7 @@ class LLMEngine:
         return request_id
 
     def check_prompt_length(self, num_tokens: int, generates: bool = True) -> None:
-        """ValueError for an empty prompt or one past the context (``generates``: with room for a token)."""
-        if num_tokens == 0:
-            raise ValueError("the prompt is empty")
-        if num_tokens + generates > self.max_model_len:
-            raise ValueError(f"the prompt has {num_tokens} tokens but the context length is {self.max_model_len} "
-                             f"tokens" + (" (room must remain for at least one generated token)" if generates else ""))
+        check_prompt_length(num_tokens, self.max_model_len, generates)
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

@@ -7,7 +7,7 @@ Policies (``--routing-policy``):
 - ``cache_aware``: the replica whose :class:`PrefixIndex` holds the longest prefix of the request,
   unless its load exceeds the least loaded replica's by more than ``balance_abs_threshold`` and
   ``balance_rel_threshold`` times (SGLang's balance rule): then the least loaded.  A request that
-  matches nowhere goes to the least loaded replica.
+  matches nowhere goes to the least loaded replica (of equally loaded ones, the one caching least).
 
 A request may carry an ``affinity`` key (the branches of one scaling problem, a conversation): while
 a request with that key is outstanding, the others follow it to its replica.  Replicas marked down
@@ -86,12 +86,13 @@ class Router:
             replica = self._next % self.num_replicas
             self._next += 1
             return replica
-        least = min(live, key=lambda r: self.loads[r])
         if self.policy == "least_loaded":
             if len(live) == 1:
                 return live[0]
             a, b = self._rng.sample(live, 2)
             return a if self.loads[a] <= self.loads[b] else b
+        # the least loaded; among equals, the one caching least (SGLang's smallest tree): new prefixes spread
+        least = min(live, key=lambda r: (self.loads[r], len(self.indexes[r])))
         matches = {r: self.indexes[r].match(request.block_hashes) for r in live}
         best = max(live, key=lambda r: (matches[r], -self.loads[r]))
         if matches[best] == 0 or self._imbalanced(self.loads[best], self.loads[least]):

@@ -9,7 +9,7 @@ import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from infera.config import EngineConfig
+from infera.config import EngineConfig, ParallelConfig
 from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                         run_on_fresh_thread)
 from infera.server.metrics import ServerMetrics
@@ -35,6 +35,9 @@ from infera.server.protocol_responses import ResponsesRequest, ResponsesResponse
 from infera.server.serving import OpenAIServing
 from infera.server.serving_embedding import OpenAIServingEmbedding
 from infera.server.serving_responses import OpenAIServingResponses
+
+if TYPE_CHECKING:
+    from infera.distributed.replica_pool import ReplicaPool
 
 logger = logging.getLogger("infera.server")
 
@@ -213,12 +216,13 @@ async def _wait_for_disconnect(raw: Request) -> None:
         pass
 
 
-def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | None = None,
+def build_app(engine: AsyncLLMEngine | ReplicaPool, model_name: str, options: ServerOptions | None = None,
               reward_models: dict[str, Reward] | None = None) -> FastAPI:
-    """The FastAPI app over a not-yet-started async engine (the app's lifespan starts and stops it).
-    ``reward_models``: the operator's reward models by name (scaling requests' ``model:NAME``)."""
+    """The FastAPI app over a not-yet-started async engine or replica pool (the app's lifespan starts
+    and stops it).  ``reward_models``: the operator's reward models by name (scaling requests' ``model:NAME``)."""
     options = options or ServerOptions()
-    metrics = ServerMetrics(lambda: engine.stats, model_name)
+    metrics = ServerMetrics(lambda: engine.stats, model_name,
+                            (lambda: engine.replica_stats) if hasattr(engine, "replica_stats") else None)
     serving = OpenAIServing(engine, model_name, metrics, options, reward_models)
     embedding = OpenAIServingEmbedding(serving)
     responses = OpenAIServingResponses(serving)
@@ -226,8 +230,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, options: ServerOptions | 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        # the grammar compiler reads the vocabulary (~0.15 s): now, not in the first constrained request
-        await asyncio.to_thread(lambda: engine.engine.structured.compiler)
+        await engine.warm_up()
         yield
         engine.shutdown()
         serving.renderer.close()
@@ -326,7 +329,7 @@ class InferaServer(uvicorn.Server):
         # uvicorn's own grace is a backstop, after ours has ended every request
         super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                         timeout_graceful_shutdown=shutdown_timeout + 5))
-        self.engine: AsyncLLMEngine = app.state.engine
+        self.engine: AsyncLLMEngine | ReplicaPool = app.state.engine
         self.shutdown_timeout = shutdown_timeout
         self.banner = banner
 
@@ -355,25 +358,37 @@ class InferaServer(uvicorn.Server):
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig, options: ServerOptions,
-               log_level: str = "info") -> None:
-    """``infera serve``: load the model, then serve it until Ctrl-C or SIGTERM."""
+               log_level: str = "info", parallel: ParallelConfig | None = None) -> None:
+    """``infera serve``: load the model (in ``parallel.data_parallel_size`` replicas), then serve it
+    until Ctrl-C or SIGTERM."""
     from infera.engine.llm_engine import LLMEngine
     from infera.scaling.reward_model import load_reward_model
 
-    engine = run_on_fresh_thread(LLMEngine, engine_config)  # the engine thread alone runs torch
+    if parallel is not None and parallel.data_parallel_size > 1:
+        from infera.distributed.replica_pool import ReplicaPool
+
+        front: AsyncLLMEngine | ReplicaPool = ReplicaPool(engine_config, parallel, config.max_waiting_requests)
+        info = front.info[0]
+        model_path, where = info["model_path"], (
+            f"{parallel.data_parallel_size} replicas (Ray actors, {parallel.threads_per_replica} threads each, "
+            f"{parallel.routing_policy} routing), {info['dtype']} on {info['device']}, "
+            f"KV cache {info['kv_cache_tokens']} tokens each")
+    else:
+        engine = run_on_fresh_thread(LLMEngine, engine_config)  # the engine thread alone runs torch
+        front = AsyncLLMEngine(engine, config.max_waiting_requests)
+        model_path, where = engine.model_path, (f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}, "
+                                                f"KV cache {engine.worker.kv_cache_tokens} tokens")
     rewards = {name: run_on_fresh_thread(load_reward_model, path) for name, path in options.reward_models.items()}
-    name = config.served_model_name or Path(engine.model_path).stem
-    app = build_app(AsyncLLMEngine(engine, config.max_waiting_requests), name, options, rewards)
+    name = config.served_model_name or Path(model_path).stem
+    app = build_app(front, name, options, rewards)
 
     def banner(port: int) -> None:
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
         url = f"http://{host}:{port}"
         body = {"model": name, "messages": [{"role": "user", "content": "Hello! Who are you?"}], "max_tokens": 64}
         auth = ' -H "Authorization: Bearer $INFERA_API_KEY"' if options.api_key else ""
-        logger.info("serving %s as '%s': %s on %s, KV cache %d tokens, context %d tokens, up to %d sequences",
-                    engine.model_path, name, str(engine.dtype).removeprefix("torch."), engine.device,
-                    engine.runner.num_blocks * engine.config.block_size, engine.max_model_len,
-                    engine.config.max_num_seqs)
+        logger.info("serving %s as '%s': %s, context %d tokens, up to %d sequences", model_path, name, where,
+                    front.max_model_len, engine_config.max_num_seqs)
         if rewards:
             logger.info("reward models for scaling requests: %s", ", ".join(f"model:{n}" for n in rewards))
         logger.info("limits: max_tokens default %s, limit %s; request timeout %s; body %d bytes; hosts %s",

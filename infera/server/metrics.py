@@ -41,24 +41,33 @@ ENGINE_STATS = {
 
 
 class EngineStatsCollector:
-    """Exposes the engine's stats snapshot (a dict keyed like :data:`ENGINE_STATS`) at scrape time."""
+    """Exposes the engine's stats snapshot (a dict keyed like :data:`ENGINE_STATS`) at scrape time.
+    With ``replica_stats`` (engine replicas), each metric has a ``replica`` label: each replica's
+    value, and the engine's (the replicas' together) as ``replica="all"``."""
 
-    def __init__(self, stats: Callable[[], dict[str, float]], model_name: str):
+    def __init__(self, stats: Callable[[], dict[str, float]], model_name: str,
+                 replica_stats: Callable[[], list[dict[str, float]]] | None = None):
         self.stats = stats
+        self.replica_stats = replica_stats
         self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats()
+        replicas = {} if self.replica_stats is None else dict(enumerate(self.replica_stats()))
+        labels = ["model_name", "replica"] if self.replica_stats is not None else ["model_name"]
         for key, (name, doc, kind) in ENGINE_STATS.items():
-            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], stats.get(key, 0))
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=labels)
+            family.add_metric([self.model_name, "all"][:len(labels)], stats.get(key, 0))
+            for i, replica in replicas.items():
+                family.add_metric([self.model_name, str(i)], replica.get(key, 0))
             yield family
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], dict[str, float]], model_name: str):
+    def __init__(self, stats: Callable[[], dict[str, float]], model_name: str,
+                 replica_stats: Callable[[], list[dict[str, float]]] | None = None):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineStatsCollector(stats, model_name))
+        self.registry.register(EngineStatsCollector(stats, model_name, replica_stats))
         labels = ["model_name"]
         self.ttft = Histogram("infera:time_to_first_token_seconds", "Time to first token.", labels,
                               buckets=TTFT_BUCKETS, registry=self.registry).labels(model_name)

@@ -90,10 +90,10 @@ class OpenAIServing:
         if self.chat_template is not None:
             logger.info("chat template from --chat-template (%d characters)", len(self.chat_template))
         # the model's sampling defaults (--generation-config) for what a request omits
-        self.default_sampling_params = engine.engine.default_sampling_params
+        self.default_sampling_params = engine.default_sampling_params
         if self.default_sampling_params:
             logger.info("sampling defaults for fields a request omits (--generation-config %s): %s",
-                        engine.engine.config.generation_config,
+                        engine.config.generation_config,
                         ", ".join(f"{k}={v}" for k, v in self.default_sampling_params.items()))
         self.tool_call_parser = options.tool_call_parser or detect_tool_parser(self._model_template())
         if options.tool_call_parser is None and self.tool_call_parser is not None:
