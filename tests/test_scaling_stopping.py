@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from infera.scaling import self_consistency
+from infera.scaling import self_consistency, solve
 from infera.scaling.api import build_search
 from infera.scaling.problem import Problem
 from infera.scaling.sampling import self_consistency as self_consistency_method
 from infera.scaling.rewards import Reward
-from infera.scaling.search import Expand, Search, SearchConfig, repeats_itself
+from infera.scaling.search import Expand, Search, SearchConfig, TokenPool, repeats_itself
 from infera.scaling.stopping import CONFIDENCE_GROUP, StoppingRule, beta_confidence, group_confidences
 
 
@@ -20,12 +20,14 @@ class StepChecker(Reward):
         return [[0.0 if "bad" in step else 1.0 for step in b.steps[b.num_scored_steps:]] for b in branches]
 
 
-def run_scripted(script: list[tuple], budget: int, reward: Reward | None = None, **config) -> tuple[Search, int]:
+def run_scripted(script: list[tuple], budget: int, reward: Reward | None = None, pool: TokenPool | None = None,
+                 **config) -> tuple[Search, int]:
     """Self-consistency over scripted samples: sample k (in launch order) takes ``script[k][0]``
     steps and then marks ``script[k][1]``; each step is CONFIDENCE_GROUP tokens of confidence
     ``script[k][2]`` (1.0 if not given).  Returns the search and how many samples were launched."""
     s = Search("self_consistency", self_consistency_method, Problem("q", [1, 2, 3]), budget, reward,
                SearchConfig(**config), {})
+    s.pool = pool
     index: dict[int, int] = {}  # id(branch) -> its sample
     launched = 0
     ops = s.gen.send(None)
@@ -147,6 +149,17 @@ def test_a_sample_repeating_its_step_is_cut():
     assert repeats_itself(["a", "xy", "b", "xy "]) and not repeats_itself(["x", "y", "x"])
 
 
+def test_a_spent_token_pool_stops_once_a_sample_has_finished():
+    # one token a step: after step 2 the pool (limit 5) holds 8, but nothing has finished; step 3
+    # finishes the first sample and the search stops there
+    script = [(3, "A"), (6, "B"), (6, "B"), (6, "B")]
+    pool = TokenPool(5)
+    s, _ = run_scripted(script, 4, pool=pool)
+    assert s.steps == 3 and pool.spent == 12 and [c.answer for c in s.result.candidates] == ["A"]
+    with pytest.raises(ValueError, match="token_budget"):
+        TokenPool(0)
+
+
 def test_group_confidences_slide():
     values = [1.0] * CONFIDENCE_GROUP + [3.0]
     assert group_confidences(values) == [1.0, 1.0 + 2.0 / CONFIDENCE_GROUP]
@@ -180,15 +193,16 @@ def test_stop_is_refused_for_search_methods(tiny_llm):
 
 
 def test_a_stopped_search_frees_every_block(tiny_llm):
-    # seed 0: random text marks an "answer" (a character of the pattern) at the first 2-token step
-    # in five samples, at the second in the sixth, which first_finish aborts
+    # random text marks an "answer" (a character of the pattern) at a random 2-token step; with the
+    # same seed the samples are the same, and first_finish keeps those that finished first
     engine = tiny_llm.engine
     options = dict(budget=6, step_max_tokens=2, max_tokens=40, seed=0, answer_pattern=r"([0-9a-e])")
     full = self_consistency(tiny_llm, "What is 2 + 3?", **options)
     stopped = self_consistency(tiny_llm, "What is 2 + 3?", stop="first_finish", **options)
-    assert full.steps == 2 and len(full.candidates) == 6
-    assert stopped.steps == 1 and len(stopped.candidates) == 5 and stopped.generated_tokens < full.generated_tokens
-    assert [c.text for c in stopped.candidates] == [c.text for c in full.candidates if c.num_tokens == 2]
+    first = min(len(c.steps) for c in full.candidates)
+    assert stopped.steps == first and len(full.candidates) == 6
+    assert [c.text for c in stopped.candidates] == [c.text for c in full.candidates if len(c.steps) == first]
+    assert stopped.generated_tokens <= full.generated_tokens
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.scheduler.running and not engine.requests
 
@@ -199,4 +213,20 @@ def test_deepconf_on_the_engine_reads_token_confidences(tiny_llm):
                               stop="deepconf", stop_window=2)
     assert 1 <= len(result.candidates) <= 4
     assert all(c.confidence is not None and c.confidence > 0 for c in result.candidates)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.requests
+
+
+def test_problems_share_a_token_budget(tiny_llm):
+    prompts = ["What is 2 + 3?", "What is 4 + 4?", "What is 7 - 5?"]
+    # a budget the first step of any problem spends: each stops once one of its samples has finished
+    options = dict(budget=6, step_max_tokens=2, max_tokens=40, seed=0, answer_pattern=r"([0-9a-e])")
+    full = solve(tiny_llm, prompts, "self_consistency", **options)
+    capped = solve(tiny_llm, prompts, "self_consistency", token_budget=4, **options)
+    for f, c in zip(full, capped):
+        first = min(len(x.steps) for x in f.candidates)
+        assert [x.text for x in c.candidates] == [x.text for x in f.candidates if len(x.steps) == first]
+        assert c.generated_tokens <= f.generated_tokens
+    with pytest.raises(ValueError, match="sampling methods"):
+        solve(tiny_llm, prompts, "beam_search", reward="arithmetic", token_budget=20, **options)
+    engine = tiny_llm.engine
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.requests

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from infera.engine.llm_engine import LLMEngine
 from infera.scaling.beam_search import beam_search as _beam_search
 from infera.scaling.controller import SearchController
-from infera.scaling.search import Search, SearchConfig, SearchGen
+from infera.scaling.search import Search, SearchConfig, SearchGen, TokenPool
 from infera.scaling.particle_filtering import particle_filtering as _particle_filtering
 from infera.scaling.particle_filtering import particle_gibbs as _particle_gibbs
 from infera.scaling.problem import DEFAULT_INSTRUCTION, PROMPT_OPTIONS, Prompt, check_examples, make_problem
@@ -86,10 +86,18 @@ def run_searches(engine: LLMEngine, searches: list[Search], use_tqdm: bool = Fal
 
 
 def solve(llm: Any, prompts: Sequence[Prompt], method: str, budget: int = 8, reward: RewardSpec = None,
-          use_tqdm: bool = False, **options: Any) -> list[ScalingResult]:
-    """Run ``method`` on every prompt at once: all their branches share the engine's batches."""
+          use_tqdm: bool = False, token_budget: int | None = None, **options: Any) -> list[ScalingResult]:
+    """Run ``method`` on every prompt at once: all their branches share the engine's batches.
+    ``token_budget`` (sampling methods): the generated tokens all problems may spend together (see
+    :class:`TokenPool`); ``budget`` stays each problem's most samples."""
     engine = engine_of(llm)
     searches = [build_search(engine, p, method, budget, reward, options) for p in prompts]
+    if token_budget is not None:
+        if method not in PICKS:
+            raise ValueError(f"token_budget applies to the sampling methods ({', '.join(PICKS)}), not {method}")
+        pool = TokenPool(token_budget)
+        for s in searches:
+            s.pool = pool
     return [s.result for s in run_searches(engine, searches, use_tqdm, method)]
 
 

@@ -18,7 +18,9 @@ def sample(s: Search) -> SearchGen:
     """``budget`` solutions, each stepped to its end and then scored; returns the finished ones in
     launch order.  With a stopping rule (``s.config.stopping``) they are launched in windows and
     the rule is checked after every step: once it holds, the running ones are released (deepconf
-    also drops, after its warm-up, each sample whose confidence falls below the warm-up's threshold)."""
+    also drops, after its warm-up, each sample whose confidence falls below the warm-up's threshold).
+    Once a shared token budget (``s.pool``) is spent, the running ones are released too (as soon as
+    one sample has finished)."""
     rule = s.config.stopping
     samples: list[Branch] = []  # launch order
     finished: list[Branch] = []  # finishing order
@@ -30,6 +32,10 @@ def sample(s: Search) -> SearchGen:
         return [b for b in samples if b.finished and b.finish_reason not in DROPPED]
 
     while True:
+        if s.pool is not None and s.pool.exhausted and kept():  # the batch's token budget is spent
+            for i in active:
+                s.release(samples[i])
+            return kept()
         if not active:
             n = s.budget - len(samples) if rule is None else rule.next_window(len(samples), s.budget)
             if n == 0:

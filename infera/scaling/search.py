@@ -155,6 +155,24 @@ def aggregate(scores: list[float], how: str) -> float:
 _search_ids = itertools.count()
 
 
+@dataclass
+class TokenPool:
+    """Generated tokens shared by a batch of problems (``solve(..., token_budget=...)``): once
+    ``limit`` are spent, every sampling search stops and chooses among its finished samples, so the
+    problems that settle early (adaptive stopping) leave their share to the undecided ones."""
+
+    limit: int
+    spent: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1:
+            raise ValueError(f"token_budget must be a positive integer, got {self.limit!r}")
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent >= self.limit
+
+
 class Search:
     """One problem under one method: the method's generator plus the state it shares with it
     (random numbers, reward, answer extraction) and the tokens spent."""
@@ -173,6 +191,7 @@ class Search:
         self.root = Branch(list(problem.prompt_ids), len(problem.prompt_ids))
         self.gen = algorithm(self, **options)
         self.controller: SearchController | None = None
+        self.pool: TokenPool | None = None  # shared with the other problems of one solve()
         self.live: set[Branch] = set()  # branches holding KV blocks
         self.result: ScalingResult | list[ScalingResult] | None = None
         self.error: BaseException | None = None
@@ -261,6 +280,8 @@ class Search:
                         confidences=[*parent.confidences, *confidences])
         num_new = len(token_ids) - len(parent.token_ids)
         self.generated_tokens += num_new
+        if self.pool is not None:
+            self.pool.spent += num_new
         if finish_reason == "stop" and stop_reason != cfg.delimiter:
             branch.finish_reason = "stop"  # end of sequence (or a stop token)
         elif branch.num_answer_tokens >= cfg.max_tokens or (
