@@ -178,8 +178,9 @@ def measure_local(output: str | Path | None = None, progress: bool = True, **eng
     cfg = engine.config
     limits = ReplicaLimits(engine.worker.kv_cache_tokens, cfg.block_size, cfg.max_num_seqs,
                            cfg.max_num_batched_tokens)
-    model = CostModel(coefficients, limits, f"measured: {engine.model_path.name} on {_device_signature(engine.device)}",
-                      error, len(samples))
+    source = f"measured: {Path(engine.model_path).name} on {_device_signature(engine.device)}"
+    model = CostModel(coefficients, limits, source, error, len(samples),
+                      {"samples": [[*features, seconds] for features, seconds in samples]})
     if output is not None:
         model.save(output)
     return model
