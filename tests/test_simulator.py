@@ -13,7 +13,7 @@ from infera.sim.cost_model import FEATURES, CostModel, ReplicaLimits, fit, roofl
 from infera.sim.report import summarize
 from infera.sim.simulator import Simulator
 from infera.sim.trace import TRACE_BLOCK, TraceRequest, ideal_hit_rate, read_mooncake, shared_prefix_trace, \
-    write_mooncake
+    trace_request, write_mooncake
 
 MOONCAKE = Path("/work/shared/data/traces/mooncake_conversation_trace.jsonl")
 
@@ -110,6 +110,16 @@ def test_read_mooncake():
     assert len(first.prompt_tokens()) == 6758 and first.prompt_tokens()[6757] == 13
     assert requests[1].route_hashes()[0] == first.route_hashes()[0]  # both start with hash id 0
     assert requests[1].route_hashes()[1] != first.route_hashes()[1]
+
+
+def test_trace_of_real_prompts_round_trips(tmp_path):
+    ids: dict[int, int] = {}
+    system = list(range(1000, 1000 + 2 * TRACE_BLOCK))
+    a = trace_request(0.0, system + [1, 2, 3], 5, ids)
+    b = trace_request(1.5, system + [4] * 600, 7, ids)
+    assert a.hash_ids == (0, 1, 2) and b.hash_ids == (0, 1, 3, 4)
+    write_mooncake([a, b], tmp_path / "run.jsonl")
+    assert read_mooncake(tmp_path / "run.jsonl") == [a, b]
 
 
 def test_cli(tmp_path, capsys):

@@ -96,14 +96,15 @@ class Simulator:
         self.records = [RequestRecord(r.arrival, r.input_length, r.output_length) for r in self.requests]
         self.itls = array("d")
         self.progress = progress
+        self._bar: tqdm | None = None  # over requests: finished or rejected
         self._clock: list[tuple[float, int, int]] = []  # (time, tie-break, replica) of step boundaries
         self._ticks = 0
         self._live: dict[int, tuple[int, RequestRecord]] = {}  # seq_id -> (request index, record)
 
     def run(self) -> SimResult:
         started = time.perf_counter()
-        bar = tqdm(total=len(self.requests), desc=f"simulating {self.policy}", unit="req", disable=not self.progress)
-        self._bar = bar
+        self._bar = tqdm(total=len(self.requests), desc=f"simulating {self.policy}", unit="req",
+                         disable=not self.progress)
         clock, requests = self._clock, self.requests
         i = 0
         while i < len(requests) or clock:
@@ -114,7 +115,7 @@ class Simulator:
             else:
                 now, _, r = heapq.heappop(clock)
                 self._step(self.replicas[r], r, now)
-        bar.close()
+        self._bar.close()
         return SimResult(self.policy, self.records, self.itls, self.replicas, self.router,
                          time.perf_counter() - started)
 

@@ -11,7 +11,7 @@ leading trace blocks (the last, partial trace block of each prompt included, up 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,17 @@ def read_mooncake(path: str | Path, limit: int | None = None, time_scale: float 
             requests.append(TraceRequest(r["timestamp"] / 1000 * time_scale, r["input_length"],
                                          r["output_length"], hash_ids))
     return requests
+
+
+def trace_request(arrival: float, token_ids: Sequence[int], output_length: int, ids: dict[int, int]) -> TraceRequest:
+    """The trace request of a real prompt (to record a run in Mooncake format): each 512-token block,
+    the last one maybe partial, gets the id of its chain hash in ``ids`` (a new one if unseen), so
+    equal prefixes get equal ids."""
+    hash_ids, prev = [], 0
+    for start in range(0, len(token_ids), TRACE_BLOCK):
+        prev = hash((prev, tuple(token_ids[start:start + TRACE_BLOCK])))
+        hash_ids.append(ids.setdefault(prev, len(ids)))
+    return TraceRequest(arrival, len(token_ids), output_length, tuple(hash_ids))
 
 
 def write_mooncake(requests: Iterable[TraceRequest], path: str | Path) -> None:
