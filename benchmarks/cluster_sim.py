@@ -10,6 +10,7 @@ every cluster size: arrival times are multiplied by ``--time-scale`` at 8 replic
 
     python benchmarks/cluster_sim.py                                  # docs/cluster_sim.json and .png
     python benchmarks/cluster_sim.py --limit 2000 --replicas 8 --json /tmp/sim.json --plot ''
+    python benchmarks/cluster_sim.py --replot docs/cluster_sim.json             # the PNG from saved results
 """
 from __future__ import annotations
 
@@ -40,18 +41,22 @@ def plot(runs: list[dict], ideal: float, path: str) -> None:
     sizes = sorted({r["replicas"] for r in runs})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     width = 0.8 / len(POLICIES)
-    panels = [("goodput_req_s", "goodput (requests/s meeting the SLO)", 1),
+    panels = [("goodput_req_s", "goodput per replica (requests/s meeting the SLO)", 1),
               ("hit_rate", "prefix hit rate (engine-side, % of prompt tokens)", 100),
               ("ttft_p50", "TTFT p50 (s, log scale)", 1)]
     for ax, (key, title, scale) in zip(axes, panels):
         for k, policy in enumerate(POLICIES):
             by_size = {r["replicas"]: r for r in runs if r["policy"] == policy}
-            values = [(by_size[n]["ttft_s"]["p50"] if key == "ttft_p50" else by_size[n][key]) * scale for n in sizes]
+            values = [by_size[n]["ttft_s"]["p50"] if key == "ttft_p50" else by_size[n][key] * scale for n in sizes]
+            if key == "goodput_req_s":
+                values = [v / n for v, n in zip(values, sizes)]
             ax.bar([i + (k - 1) * width for i in range(len(sizes))], values, width, label=policy)
-        ax.set_xticks(range(len(sizes)), [f"{n} replicas" for n in sizes])
+        scales = {r["replicas"]: r["time_scale"] for r in runs}
+        ax.set_xticks(range(len(sizes)), [f"{n} replicas\n(arrival times x{scales[n]:.3g})" for n in sizes])
         ax.set_title(title, fontsize=10)
         if key == "hit_rate":
             ax.axhline(100 * ideal, color="gray", ls="--", lw=1, label="unbounded shared cache")
+            ax.set_ylim(0, 110 * ideal)
         if key == "ttft_p50":
             ax.set_yscale("log")
     axes[1].legend(fontsize=8)
@@ -77,7 +82,12 @@ def main() -> None:
     p.add_argument("--slo-itl", type=float, default=0.1)
     p.add_argument("--json", default=str(ROOT / "docs" / "cluster_sim.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "cluster_sim.png"), help="'' for none")
+    p.add_argument("--replot", metavar="FILE.json", default=None, help="only plot the results saved in FILE.json")
     args = p.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved["runs"], saved["ideal_hit_rate"], args.plot)
+        return
 
     model = load_cost_model(args.cost_model)
     limits = dataclasses.replace(model.replica, block_size=args.block_size)
