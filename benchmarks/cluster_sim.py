@@ -5,10 +5,13 @@ Each replica models Llama-3-8B in bf16 on an H100 SXM 80 GB (the default cost mo
 ``roofline:llama-3-8b@h100-sxm``: step times fitted to infera's roofline of that model on that
 GPU; KV cache what 95% of 80 GB leaves after 16 GB of weights, 128 KiB per token, about 457k
 tokens; up to 8192 tokens and 256 sequences per step).  The load per replica is kept the same at
-every cluster size: arrival times are multiplied by ``--time-scale`` at 8 replicas and by
-``time_scale * 8 / replicas`` beyond, so 128 replicas see 16 times the request rate of 8.
+every cluster size: arrival times are multiplied by ``--time-scale`` at 8 replicas (default 0.2:
+8 replicas near their capacity) and by ``time_scale * 8 / replicas`` beyond, so 128 replicas see
+16 times the request rate of 8.  The whole trace (12,031 requests) is simulated each time.
 
     python benchmarks/cluster_sim.py                                  # docs/cluster_sim.json and .png
+    python benchmarks/cluster_sim.py --time-scale 0.15 --json docs/cluster_sim_t0.15.json \
+        --plot docs/cluster_sim_t0.15.png                             # past capacity
     python benchmarks/cluster_sim.py --limit 2000 --replicas 8 --json /tmp/sim.json --plot ''
     python benchmarks/cluster_sim.py --replot docs/cluster_sim.json             # the PNG from saved results
 """
@@ -72,12 +75,13 @@ def main() -> None:
     p.add_argument("--trace", default=str(TRACE))
     p.add_argument("--limit", type=int, default=None, help="only the first N requests of the trace")
     p.add_argument("--replicas", default="8,32,128", help="cluster sizes, comma-separated")
-    p.add_argument("--time-scale", type=float, default=0.15,
+    p.add_argument("--time-scale", type=float, default=0.2,
                    help="arrival-time factor at 8 replicas (scaled by 8 / replicas for the other sizes)")
     p.add_argument("--cost-model", default=DEFAULT_COST_MODEL)
     p.add_argument("--block-size", type=int, default=128,
                    help="the replicas' KV block size (a trace block is 512 tokens: hits are the same for any "
                         "divisor; larger blocks simulate faster)")
+    p.add_argument("--balance-abs-threshold", type=int, default=None, help="cache_aware (default: the router's)")
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-itl", type=float, default=0.1)
     p.add_argument("--json", default=str(ROOT / "docs" / "cluster_sim.json"))
@@ -97,7 +101,8 @@ def main() -> None:
         scale = args.time_scale * 8 / n
         requests = read_mooncake(args.trace, args.limit, scale)
         for policy in POLICIES:
-            result = Simulator(requests, n, policy, model, limits=limits).run()
+            result = Simulator(requests, n, policy, model, limits=limits,
+                               balance_abs_threshold=args.balance_abs_threshold).run()
             runs.append(summarize(result, args.slo_ttft, args.slo_itl) | {"time_scale": scale})
             print(table(runs[-1:]), file=sys.stderr)
     ideal = ideal_hit_rate(requests)
@@ -111,6 +116,7 @@ def main() -> None:
                   f"{100 * by['cache_aware']['hit_rate']:.1f}% = {by['cache_aware']['hit_rate'] / ideal:.2f} of the "
                   f"unbounded shared cache's {100 * ideal:.1f}%")
     out = {"trace": args.trace, "num_requests": len(requests), "time_scale_at_8": args.time_scale,
+           "balance_abs_threshold": args.balance_abs_threshold,
            "ideal_hit_rate": ideal, "cost_model": model.to_dict(), "replica": dataclasses.asdict(limits),
            "wall_s": time.perf_counter() - started, "runs": runs}
     if args.json:

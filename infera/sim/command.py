@@ -33,6 +33,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (must divide 512)")
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--balance-abs-threshold", type=int, default=None,
+                   help="cache_aware: how many more outstanding requests than the least loaded replica the "
+                        "best-matching one may hold (default: the router's, 32 as SGLang)")
     p.add_argument("--seed", type=int, default=0, help="the router's seed (least_loaded draws replicas)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING")
@@ -62,7 +65,8 @@ def run_simulate(args: argparse.Namespace) -> None:
           f"replica: {limits}", file=sys.stderr)
     summaries = []
     for policy in POLICIES if args.policy == "all" else [args.policy]:
-        result = Simulator(requests, args.replicas, policy, model, limits=limits, seed=args.seed).run()
+        result = Simulator(requests, args.replicas, policy, model, limits=limits,
+                           balance_abs_threshold=args.balance_abs_threshold, seed=args.seed).run()
         summaries.append(summarize(result, args.slo_ttft, args.slo_itl))
     print(table(summaries))
     if args.json:
