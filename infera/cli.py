@@ -361,6 +361,14 @@ def run_models(args: argparse.Namespace) -> None:
         print(f"{name:22s} {m.description:40s} {m.size / 2**20:7.0f} MiB  {state}")
 
 
+@command("simulate", "replay a request trace through simulated engine replicas behind the router")
+def _simulate(p: argparse.ArgumentParser) -> None:
+    from infera.sim.command import add_simulate_args, run_simulate
+
+    add_simulate_args(p)
+    p.set_defaults(run=run_simulate)
+
+
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

@@ -1,0 +1,77 @@
+"""``infera simulate``: its options and what it runs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from infera.router import POLICIES
+
+DEFAULT_COST_MODEL = "roofline:llama-3-8b@h100-sxm"
+
+
+def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default=None, help="a Mooncake-format JSONL trace (timestamp ms, input_length, "
+                   "output_length, hash_ids of 512-token blocks)")
+    p.add_argument("--replicas", type=int, default=1, help="simulated engine replicas")
+    p.add_argument("--policy", default="all", choices=[*POLICIES, "all"], help="routing policy; all: compare them")
+    p.add_argument("--cost-model", default=DEFAULT_COST_MODEL,
+                   help="a cost-model JSON (from --fit), or roofline:CONFIG@HARDWARE: step times fitted to the "
+                        "roofline of a built-in model shape on a GPU, KV cache what 95%% of its memory leaves")
+    p.add_argument("--fit", metavar="FILE.json", default=None,
+                   help="instead of simulating: measure the bundled model's engine steps on this machine, fit "
+                        "the cost model and write it to FILE.json")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply the trace's arrival times (0.1: replay ten times as fast)")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO: time to first token, seconds")
+    p.add_argument("--slo-itl", type=float, default=0.1, help="goodput SLO: mean inter-token latency, seconds")
+    g = p.add_argument_group("replica engine (default: the cost model's)")
+    g.add_argument("--kv-tokens", type=int, default=None, help="KV-cache capacity of each replica, tokens")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (must divide 512)")
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--balance-abs-threshold", type=int, default=None,
+                   help="cache_aware: how many more outstanding requests than the least loaded replica the "
+                        "best-matching one may hold (default: the router's, 32 as SGLang)")
+    p.add_argument("--seed", type=int, default=0, help="the router's seed (least_loaded draws replicas)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING")
+
+
+def run_simulate(args: argparse.Namespace) -> None:
+    from infera.sim.cost_model import load_cost_model, measure_local
+    from infera.sim.report import summarize, table
+    from infera.sim.simulator import Simulator
+    from infera.sim.trace import ideal_hit_rate, read_mooncake
+
+    if args.fit:
+        model = measure_local(args.fit)
+        print(f"wrote {args.fit}: {model.source}; fit error {100 * model.fit_error:.1f}% RMS over "
+              f"{model.num_samples} steps\n{json.dumps(model.coefficients, indent=1)}")
+        return
+    if args.trace is None:
+        raise ValueError("--trace is required (or --fit FILE to measure a cost model)")
+    model = load_cost_model(args.cost_model)
+    overrides = {"num_kv_tokens": args.kv_tokens, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+                 "max_num_batched_tokens": args.max_num_batched_tokens}
+    limits = dataclasses.replace(model.replica, **{k: v for k, v in overrides.items() if v is not None})
+    requests = read_mooncake(args.trace, args.limit, args.time_scale)
+    ideal = ideal_hit_rate(requests)
+    print(f"{len(requests)} requests from {args.trace} (time scale {args.time_scale:g}); {args.replicas} replicas; "
+          f"ideal hit rate (unbounded shared cache) {100 * ideal:.1f}%\ncost model: {model.source}\n"
+          f"replica: {limits}", file=sys.stderr)
+    summaries = []
+    for policy in POLICIES if args.policy == "all" else [args.policy]:
+        result = Simulator(requests, args.replicas, policy, model, limits=limits,
+                           balance_abs_threshold=args.balance_abs_threshold, seed=args.seed).run()
+        summaries.append(summarize(result, args.slo_ttft, args.slo_itl))
+    print(table(summaries))
+    if args.json:
+        out = {"trace": str(args.trace), "num_requests": len(requests), "time_scale": args.time_scale,
+               "ideal_hit_rate": ideal, "cost_model": model.to_dict(), "replica": dataclasses.asdict(limits),
+               "runs": summaries}
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)

@@ -1,0 +1,138 @@
+"""The cluster simulator: exact schedules on tiny traces, prefix hits as the trace says, policies'
+hit rates in order, the cost-model fit, the Mooncake reader and the CLI."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from infera.cli import main
+from infera.sim.cost_model import FEATURES, CostModel, ReplicaLimits, fit, roofline_model, step_features
+from infera.sim.report import summarize
+from infera.sim.simulator import Simulator
+from infera.sim.trace import TRACE_BLOCK, TraceRequest, ideal_hit_rate, read_mooncake, shared_prefix_trace, \
+    trace_request, write_mooncake
+
+MOONCAKE = Path("/work/shared/data/traces/mooncake_conversation_trace.jsonl")
+
+
+def constant_model(seconds: float = 1.0, **limits) -> CostModel:
+    """Every step takes ``seconds``, whatever it computes."""
+    return CostModel({"step": seconds}, ReplicaLimits(**{"num_kv_tokens": 4096, "max_num_batched_tokens": 600,
+                                                          **limits}))
+
+
+def test_hand_computed_schedule():
+    # One replica, steps of 1 s, 600 tokens per step, blocks of 16.
+    # A (t=0, 1000 tokens, 3 out); B (t=0.5, 100 tokens, 2 out); C (t=2.5, 600 tokens whose first trace
+    # block is A's, 2 out).
+    # step 1 [0,1): A's first 600 prompt tokens (B arrives meanwhile)
+    # step 2 [1,2): A's last 400 + B's 100 -> both sample: TTFT A = 2, B = 1.5
+    # step 3 [2,3): decodes A, B -> B finishes at 3 (C arrives meanwhile)
+    # step 4 [3,4): decode A (finishes at 4) + C: its first 512 tokens are cached, 88 computed -> TTFT C = 1.5
+    # step 5 [4,5): decode C -> finishes at 5.  Every inter-token gap is one step.
+    trace = [TraceRequest(0.0, 1000, 3, (0, 1)), TraceRequest(0.5, 100, 2, (2,)), TraceRequest(2.5, 600, 2, (0, 5))]
+    result = Simulator(trace, 1, "round_robin", constant_model(), progress=False).run()
+    a, b, c = result.records
+    assert [r.ttft for r in (a, b, c)] == [2.0, 1.5, 1.5]
+    assert [r.finish for r in (a, b, c)] == [4.0, 3.0, 5.0]
+    assert [r.cached_tokens for r in (a, b, c)] == [0, 0, 512]
+    assert list(result.itls) == [1.0] * 4
+    assert result.replicas[0].num_steps == 5
+    s = summarize(result, slo_ttft=1.5, slo_itl=1.0)
+    assert s["finished"] == 3 and s["duration_s"] == 5.0 and s["throughput_tok_s"] == 7 / 5
+    assert s["goodput_req_s"] == 2 / 5  # A's TTFT misses the SLO
+    assert s["hit_rate"] == 512 / 1700
+
+
+def test_prefix_hits_equal_the_traces_shared_blocks():
+    # arrivals far apart: each request runs alone, after every earlier one finished
+    trace = shared_prefix_trace(num_prefixes=2, requests_per_prefix=3, prefix_blocks=2, suffix_tokens=100,
+                                output_length=4, interval=100.0)
+    result = Simulator(trace, 1, "round_robin", constant_model(0.01, num_kv_tokens=16384), progress=False).run()
+    assert [r.cached_tokens for r in result.records] == [0, 0] + [2 * TRACE_BLOCK] * 4
+    assert summarize(result, 1.0, 1.0)["hit_rate"] == 4 * 1024 / (6 * 1124)  # tokens
+    assert ideal_hit_rate(trace) == 8 / 18  # trace blocks: 4 of 6 requests find both prefix blocks of their 3
+    assert all(r.finish is not None for r in result.records)
+
+
+def test_cache_aware_keeps_prefixes_together():
+    # 3 prefixes over 4 replicas: round robin scatters each prefix over every replica
+    trace = shared_prefix_trace(num_prefixes=3, requests_per_prefix=16, prefix_blocks=4, suffix_tokens=200,
+                                output_length=8, interval=0.05)
+    model = CostModel({"step": 0.002, "tokens": 1e-5}, ReplicaLimits(num_kv_tokens=65536))
+    rates = {p: summarize(Simulator(trace, 4, p, model, progress=False).run(), 1.0, 1.0)["hit_rate"]
+             for p in ("round_robin", "least_loaded", "cache_aware")}
+    assert rates["cache_aware"] >= rates["least_loaded"]
+    assert rates["cache_aware"] > rates["round_robin"] + 0.1
+
+
+def test_too_long_requests_are_rejected_and_block_size_must_divide_the_trace_block():
+    trace = [TraceRequest(0.0, 5000, 2, tuple(range(10))), TraceRequest(0.0, 100, 2, (99,))]
+    result = Simulator(trace, 1, "round_robin", constant_model(), progress=False).run()
+    assert [r.replica for r in result.records] == [-1, 0]
+    assert summarize(result, 1.0, 1.0)["rejected"] == 1
+    with pytest.raises(ValueError, match="divide"):
+        Simulator(trace, 1, "round_robin", constant_model(block_size=24), progress=False)
+
+
+def test_fit_recovers_known_coefficients():
+    rng = random.Random(0)
+    truth = {"step": 3e-3, "tokens": 2e-5, "seqs": 1e-4, "context": 4e-8, "attention": 5e-10}
+    samples = []
+    for _ in range(60):
+        queries = [(rng.randrange(0, 8000), rng.choice([1, 1, 1, rng.randrange(1, 2048)]))
+                   for _ in range(rng.randrange(1, 64))]
+        x = step_features(queries)
+        samples.append((x, sum(truth[f] * v for f, v in zip(FEATURES, x))))
+    coefficients, error = fit(samples)
+    assert coefficients == pytest.approx(truth, rel=1e-6)
+    assert error < 1e-9
+
+
+def test_roofline_model_of_an_8b_on_an_h100():
+    model = roofline_model("llama-3-8b", "h100-sxm")
+    assert 440_000 < model.replica.num_kv_tokens < 470_000  # (0.95 x 80 GB - 16 GB) / 128 KiB per token
+    decode = model.step_time(step_features([(4096, 1)] * 32))
+    assert 0.004 < decode < 0.02  # 16 GB of weights and 16 GB of KV at 3.35 TB/s, about 10 ms
+    assert model.coefficients["step"] > 0
+
+
+@pytest.mark.skipif(not MOONCAKE.exists(), reason="the Mooncake trace is not here")
+def test_read_mooncake():
+    requests = read_mooncake(MOONCAKE, limit=5, time_scale=0.5)
+    assert len(requests) == 5
+    first = requests[0]
+    assert (first.arrival, first.input_length, first.output_length) == (0.0, 6758, 500)
+    assert first.hash_ids == tuple(range(14))
+    assert len(first.prompt_tokens()) == 6758 and first.prompt_tokens()[6757] == 13
+    assert requests[1].route_hashes()[0] == first.route_hashes()[0]  # both start with hash id 0
+    assert requests[1].route_hashes()[1] != first.route_hashes()[1]
+
+
+def test_trace_of_real_prompts_round_trips(tmp_path):
+    ids: dict[int, int] = {}
+    system = list(range(1000, 1000 + 2 * TRACE_BLOCK))
+    a = trace_request(0.0, system + [1, 2, 3], 5, ids)
+    b = trace_request(1.5, system + [4] * 600, 7, ids)
+    assert a.hash_ids == (0, 1, 2) and b.hash_ids == (0, 1, 3, 4)
+    write_mooncake([a, b], tmp_path / "run.jsonl")
+    assert read_mooncake(tmp_path / "run.jsonl") == [a, b]
+
+
+def test_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", "--help"])
+    assert e.value.code == 0
+    trace, cost, out = tmp_path / "trace.jsonl", tmp_path / "cost.json", tmp_path / "out.json"
+    write_mooncake(shared_prefix_trace(2, 4, 1, 50, 3, 0.1), trace)
+    constant_model(0.01).save(cost)
+    assert main(["simulate", "--trace", str(trace), "--replicas", "2", "--cost-model", str(cost), "--time-scale", "2",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["policy"] for r in data["runs"]] == ["round_robin", "least_loaded", "cache_aware"]
+    assert all(r["finished"] == 8 and r["replicas"] == 2 for r in data["runs"])
+    assert data["cost_model"]["coefficients"] == {"step": 0.01}
+    assert "cache_aware" in capsys.readouterr().out
