@@ -18,10 +18,18 @@ def make_pair(path):
     return LLM(str(path), **kw), LLM(str(path), kv_cache_dtype="int8", **kw)
 
 
+@pytest.fixture(scope="module")
+def pairs() -> dict[str, tuple[LLM, LLM]]:
+    """The pairs built so far, by ISA level (each holds its level's native objects)."""
+    return {}
+
+
 @pytest.fixture
-def pair(isa, bundled_model_path):
-    """The pair at each ISA level in turn (built per test: the LLMs hold that level's native objects)."""
-    return make_pair(bundled_model_path)
+def pair(isa, bundled_model_path, pairs):
+    """The pair at each ISA level in turn, built once per level (tests leave them idle)."""
+    if isa not in pairs:
+        pairs[isa] = make_pair(bundled_model_path)
+    return pairs[isa]
 
 
 def test_int8_cache_halves_memory(bundled_model_path):

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import httpx
@@ -23,6 +22,7 @@ ray = pytest.importorskip("ray")
 from infera.distributed.replica import ReplicaError  # noqa: E402 - after the skip
 from infera.distributed.replica_pool import ReplicaPool, _caught_up  # noqa: E402
 from infera.server.api_server import build_app  # noqa: E402
+from test_server import wait_until  # noqa: E402
 
 ENGINE = {"kv_cache_memory": "32MiB", "max_num_seqs": 16}
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
@@ -31,14 +31,6 @@ LOAD = [f"Write one sentence about the number {i}:" for i in range(4)]  # the lo
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 LONG = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 PREFIX = " ".join(f"rule {i}: answer briefly and cite the manual." for i in range(24))  # ~200 tokens
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting until {what}")
-        time.sleep(0.05)
 
 
 class Front:
@@ -140,6 +132,22 @@ def test_cache_aware_routing_keeps_tenants_together(front):
     assert len(where["a"]) == 1 and len(where["b"]) == 1 and where["a"] != where["b"], where
     gained = sum(front.replica_stats(r)["prefix_hits"] for r in (0, 1)) - hits
     assert gained >= 4 * 150  # the later turns of both tenants found their system prompts cached
+
+
+def test_scaling_requests_run_on_one_replica(front):
+    client = front.client()
+    out = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "What is 2 + 3?"}], seed=3, temperature=1.0,
+        extra_body={"scaling": {"method": "self_consistency", "budget": 3, "max_tokens": 12, "step_max_tokens": 4}})
+    summary = out.model_extra["scaling"]
+    assert summary["method"] == "self_consistency" and summary["budget"] == 3 and len(summary["candidates"]) == 3
+    assert out.usage.completion_tokens == summary["generated_tokens"] > 0 and out.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="unknown scaling method"):
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}],
+                                       extra_body={"scaling": {"method": "mcts", "budget": 2}})
+    for replica in (0, 1):
+        wait_until(lambda: (s := front.replica_stats(replica))["running"] == 0 and s["waiting"] == 0, 30,
+                   f"replica {replica} is idle")
 
 
 def test_abort_frees_the_request_on_its_replica(front):

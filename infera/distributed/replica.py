@@ -10,6 +10,7 @@ values, not exceptions, so that the front raises the same exception types as the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,8 @@ from infera.engine.llm_engine import LLMEngine
 from infera.outputs import RequestOutput
 from infera.pooling_params import PoolingParams
 from infera.sampling_params import SamplingParams
+from infera.scaling.controller import SearchJob, SearchOutcome
+from infera.scaling.search import Search
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,16 @@ class EngineReplica:
         if error is not None or (out is not None and out.finished):
             del self._pending[request_id]
         return out, error
+
+    async def run_job(self, build: Callable[[LLMEngine], Search]) -> SearchOutcome | ReplicaError:
+        """A scaling search built by ``build`` on this engine, run to its end (cancelling the call
+        cancels it)."""
+        job = SearchJob(build)
+        try:
+            await self._started().run_job(job)
+        except Exception as e:  # noqa: BLE001 - handed to the front as a value
+            return ReplicaError.of(e)
+        return job.outcome
 
     async def abort(self, request_id: str) -> None:
         pending = self._pending.pop(request_id, None)

@@ -15,6 +15,7 @@ same tokens (greedy or seeded sampling): the stream then goes on where it was; e
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from ray.exceptions import RayActorError
 
 from infera.config import EngineConfig, ParallelConfig
 from infera.distributed.replica import EngineReplica, ReplicaError
-from infera.engine.async_engine import EngineDeadError, EngineJob, RequestFailedError, RequestStream
+from infera.engine.async_engine import EngineDeadError, RequestFailedError, RequestStream
 from infera.engine.llm_engine import check_prompt_length
 from infera.loader.generation_config import sampling_defaults
 from infera.loader.model_loader import open_model
@@ -33,6 +34,7 @@ from infera.outputs import RequestOutput
 from infera.pooling_params import PoolingParams
 from infera.router import RouteRequest, Router, block_hashes
 from infera.sampling_params import SamplingParams
+from infera.scaling.controller import SearchJob
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class ReplicaPool:
     cluster unless Ray is initialized or ``parallel.ray_address`` names one.  Blocks until every
     replica has loaded the model."""
 
+    in_process = False  # scaling jobs run on a replica (their rewards must cross to it: built-in ones)
+
     def __init__(self, config: EngineConfig, parallel: ParallelConfig, max_waiting_requests: int | None = None,
                  log_to_driver: bool = True):
         n, threads = parallel.data_parallel_size, parallel.threads_per_replica
@@ -86,6 +90,7 @@ class ReplicaPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task | None = None
         self.draining = False
+        self._job_ids = itertools.count()
 
     # -- what the server uses of AsyncLLMEngine --------------------------------------------------------
     def start(self) -> None:
@@ -158,9 +163,30 @@ class ReplicaPool:
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running ({self.error or 'not started'})")
 
-    async def run_job(self, job: EngineJob) -> None:
-        raise ValueError("scaling requests run inside one engine, and this server runs several replicas "
-                         "(--data-parallel-size > 1); serve with one replica for them")
+    async def run_job(self, job: SearchJob) -> None:
+        """Run a scaling search on one replica (the router's choice; all its branches stay there) and
+        set its ``outcome``; cancelling the caller cancels it there.  A replica that dies under it
+        fails it (RequestFailedError)."""
+        self._check_accepting()
+        job_id = f"job-{next(self._job_ids)}"
+        try:
+            replica = self.router.route(RouteRequest(job_id))
+        except RuntimeError as e:
+            raise EngineDeadError(str(e)) from None
+        ref = self.replicas[replica].run_job.remote(job.build)
+        try:
+            got = await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except RayActorError as e:
+            self._down(replica, e)
+            raise RequestFailedError(f"engine replica {replica} failed during the search: {e}") from None
+        finally:
+            self.router.finish(job_id)
+        if isinstance(got, ReplicaError):
+            raise got.exception()
+        job.outcome = got
 
     def replica_of(self, request_id: str) -> int | None:
         """The replica running a request, or None if it is not running."""

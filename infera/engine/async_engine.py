@@ -147,6 +147,8 @@ class AsyncLLMEngine:
     it is refused with :class:`QueueFullError`.
     """
 
+    in_process = True  # jobs run in this process (the replica pool's run on replicas)
+
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None):
         if max_waiting_requests is not None and max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")

@@ -19,6 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from infera.engine.llm_engine import LLMEngine, Request
@@ -209,19 +210,40 @@ class SearchController:
                 self.engine.release(seq)
 
 
+@dataclass
+class SearchOutcome:
+    """What a server answers from a finished search (it crosses from an engine replica's process)."""
+
+    search_id: str
+    num_prompt_tokens: int
+    result: ScalingResult | list[ScalingResult] | None
+    error: BaseException | None
+
+    @classmethod
+    def of(cls, search: Search) -> SearchOutcome:
+        return cls(search.id, len(search.problem.prompt_ids), search.result, search.error)
+
+
 class SearchJob:
     """A search as an async-engine job (``AsyncLLMEngine.run_job``): ``build(engine)`` makes it on
-    the engine thread, where it then runs under the engine's :class:`SearchController`."""
+    the engine thread, where it then runs under the engine's :class:`SearchController`; ``outcome``
+    is set when it ends (by the replica pool, for a job it ran on a replica)."""
 
     def __init__(self, build: Callable[[LLMEngine], Search]):
         self.build = build
         self.search: Search | None = None
+        self.outcome: SearchOutcome | None = None
         self._controller: SearchController | None = None
 
     def start(self, engine: LLMEngine, done: Callable[[], None]) -> None:
         self._controller = SearchController.of(engine)
         self.search = self.build(engine)
-        self._controller.submit(self.search, lambda _: done())
+
+        def ended(search: Search) -> None:
+            self.outcome = SearchOutcome.of(search)
+            done()
+
+        self._controller.submit(self.search, ended)
 
     def cancel(self) -> None:
         if self.search is not None and not self.search.done:

@@ -18,8 +18,8 @@ from infera.server.chat_output import ChatOutputParser
 from infera.server.chat_template import ChatTemplateRenderer, check_template_kwargs, load_chat_template
 from infera.server.metrics import ServerMetrics
 from infera.scaling.api import build_search
-from infera.scaling.controller import SearchJob
-from infera.scaling.search import Search, SearchConfig
+from infera.scaling.controller import SearchJob, SearchOutcome
+from infera.scaling.search import SearchConfig
 from infera.scaling.rewards import Reward
 from infera.server.options import ServerOptions
 from infera.server.reasoning_parser import REASONING_PARSERS, ReasoningParser
@@ -513,6 +513,9 @@ class OpenAIServing:
         try:
             check_scaling_work(spec.budget, options, self.engine.max_model_len)
             reward = self._reward(spec.reward)
+            if isinstance(reward, Reward) and not self.engine.in_process:
+                raise ValueError("reward models run in the server process, and the searches on engine replicas "
+                                 "(--data-parallel-size > 1): use a built-in reward (arithmetic, self)")
         except ValueError as e:
             raise OpenAIError(400, f"scaling: {e}", param="scaling") from None
         # built and run on the engine thread (see infera.scaling.controller)
@@ -525,7 +528,7 @@ class OpenAIServing:
             raise self._timed_out() from None
         except ValueError as e:
             raise OpenAIError(400, f"scaling: {e}", param="scaling") from None
-        return self._scaling_response(job.search, arrival, req.user)
+        return self._scaling_response(job.outcome, arrival, req.user)
 
     def _reward(self, name: str | None) -> Reward | str | None:
         """A request's reward: built in (``arithmetic``, ``self``) or one of the operator's reward models
@@ -539,15 +542,16 @@ class OpenAIServing:
                              f"with --reward-model NAME=PATH)")
         return model
 
-    def _scaling_response(self, search: Search, arrival: float, user: str | None) -> ScalingChatCompletionResponse:
-        if isinstance(search.error, ValueError):
-            raise OpenAIError(400, f"scaling: {search.error}", param="scaling")
-        if search.error is not None:
-            raise OpenAIError(500, f"scaling search failed: {search.error}", type="server_error")
-        result = search.result
-        num_prompt = len(search.problem.prompt_ids)
+    def _scaling_response(self, outcome: SearchOutcome, arrival: float, user: str | None
+                          ) -> ScalingChatCompletionResponse:
+        if isinstance(outcome.error, ValueError):
+            raise OpenAIError(400, f"scaling: {outcome.error}", param="scaling")
+        if outcome.error is not None:
+            raise OpenAIError(500, f"scaling search failed: {outcome.error}", type="server_error")
+        result = outcome.result
+        num_prompt = outcome.num_prompt_tokens
         logger.info("scaling %s %s (budget %d) finished: answer %r, %d generated + %d prefilled tokens, %.3fs%s",
-                    search.id, result.method, result.budget, result.answer, result.generated_tokens,
+                    outcome.search_id, result.method, result.budget, result.answer, result.generated_tokens,
                     result.prefill_tokens, time.monotonic() - arrival, f", user {user}" if user else "")
         choice = ChatChoice(index=0, message=AssistantMessage(content=result.text), finish_reason="stop")
         usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=result.generated_tokens,
