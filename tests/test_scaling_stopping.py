@@ -160,6 +160,13 @@ def test_a_spent_token_pool_stops_once_a_sample_has_finished():
         TokenPool(0)
 
 
+def test_a_rule_sets_how_many_samples_run_at_once():
+    # the controller admits problems by it: windows of 8 leave room for four times as many problems
+    assert StoppingRule.make("esc", 8).width(32) == 8 and StoppingRule.make("beta").width(2) == 2
+    assert StoppingRule.make("deepconf", 8).width(32) == 24 and StoppingRule.make("deepconf", 8).width(12) == 8
+    assert StoppingRule.make("short_m", m=2).width(32) == 32
+
+
 def test_group_confidences_slide():
     values = [1.0] * CONFIDENCE_GROUP + [3.0]
     assert group_confidences(values) == [1.0, 1.0 + 2.0 / CONFIDENCE_GROUP]

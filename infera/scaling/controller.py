@@ -127,8 +127,8 @@ class SearchController:
 
     # -- internals ------------------------------------------------------------------------------
     def _has_room(self, search: Search) -> bool:
-        branches = sum(s.budget for s in self.active.values())
-        return branches + search.budget <= self.max_branches and self.engine.block_manager.usage < self.max_kv_usage
+        branches = sum(s.width for s in self.active.values())
+        return branches + search.width <= self.max_branches and self.engine.block_manager.usage < self.max_kv_usage
 
     def _advance(self, search: Search, results: list[Any] | None) -> None:
         """Resume ``search`` with ``results`` and submit the operations it asks for next."""

@@ -201,6 +201,12 @@ class Search:
         self._judge_suffix: list[int] | None = None
 
     @property
+    def width(self) -> int:
+        """The most branches it runs at once: its budget, or a stopping rule's widest window."""
+        rule = self.config.stopping
+        return self.budget if rule is None else rule.width(self.budget)
+
+    @property
     def done(self) -> bool:
         return self.result is not None or self.error is not None
 

@@ -104,6 +104,14 @@ class StoppingRule:
             return left
         return min(self.window, left)
 
+    def width(self, budget: int) -> int:
+        """The most samples running at once under this rule."""
+        if self.window is None:
+            return budget
+        if self.kind == "deepconf":
+            return max(min(self.window, budget), budget - self.window)
+        return min(self.window, budget)
+
     def threshold(self, warmup: Sequence[float]) -> float | None:
         """deepconf: the confidence below which a later sample is dropped, from the warm-up samples'
         confidences (the ``keep`` most confident stay above it); None for the other rules."""
