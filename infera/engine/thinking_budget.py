@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 START, END = "<think>", "</think>"
 END_TEXT = END + "\n\n"  # what these models write between </think> and the answer
 
+def opens_thinking(tokenizer: Tokenizer, prompt_ids: list[int]) -> bool:
+    """Whether the prompt ends inside ``<think>`` (a template that opens the thinking)."""
+    return tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False).rstrip().endswith(START)
+
+
 _NO_THINKING = -1  # a sequence's state: its output does not think (or has stopped thinking)
 
 
@@ -64,9 +69,8 @@ class ThinkingBudget:
     def _opening(self, seq: Sequence) -> int | None:
         """Output tokens before the thinking opened; _NO_THINKING if it does not; None: undecided
         (the output so far is a prefix of ``<think>``)."""
-        tail = self.tokenizer.decode(seq.token_ids[max(0, seq.num_prompt_tokens - 4):seq.num_prompt_tokens],
-                                     skip_special_tokens=False)
-        if tail.rstrip().endswith(START):
+        n = seq.num_prompt_tokens
+        if opens_thinking(self.tokenizer, seq.token_ids[max(0, n - 4):n]):
             return 0
         text = seq.detok_state.text.lstrip()
         if text.startswith(START):

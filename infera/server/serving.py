@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from infera.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
 from infera.engine.thinking_budget import END_TEXT as THINK_END_TEXT
-from infera.engine.thinking_budget import START as THINK_START
+from infera.engine.thinking_budget import opens_thinking
 from infera.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from infera.sampling_params import SamplingParams, StructuredOutputParams
 from infera.server.chat_output import ChatOutputParser
@@ -146,12 +146,9 @@ class OpenAIServing:
                                                  [t.model_dump(exclude_none=True) for t in tools] if tools else None)
         except ValueError as e:
             raise OpenAIError(400, str(e), param="messages") from None
-        if not thinking and self._opens_thinking(ids):
+        if not thinking and opens_thinking(self.tokenizer, ids):
             ids += self.tokenizer.encode(NO_THINKING, add_special_tokens=False)
         return ids
-
-    def _opens_thinking(self, prompt: list[int]) -> bool:
-        return self.tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip().endswith(THINK_START)
 
     def _max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
         """The request's max_tokens, or the server's default, within the context and the server's limit."""
@@ -463,7 +460,7 @@ class OpenAIServing:
         cls = REASONING_PARSERS.get(self.options.reasoning_parser)
         if cls is None:
             return None
-        return cls(prompt_opened=self._opens_thinking(prompt))
+        return cls(prompt_opened=opens_thinking(self.tokenizer, prompt))
 
     def _tool_parser(self, req: ChatCompletionRequest) -> ToolParser | None:
         """The request's tool call parser (None: tool_choice none).  A forced choice writes the
