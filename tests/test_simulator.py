@@ -1,5 +1,5 @@
 """The cluster simulator: exact schedules on tiny traces, prefix hits as the trace says, policies'
-hit rates in order, the cost-model fit, the Mooncake reader and the CLI."""
+hit rates in order, the cost-model fit, the Mooncake reader, the max-rate goodput search and the CLI."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import pytest
 
 from infera.cli import main
 from infera.sim.cost_model import FEATURES, CostModel, ReplicaLimits, fit, roofline_model, step_features
+from infera.sim.goodput import at_rate, max_goodput, trace_rate
 from infera.sim.report import summarize
 from infera.sim.simulator import Simulator
 from infera.sim.trace import TRACE_BLOCK, TraceRequest, ideal_hit_rate, read_mooncake, shared_prefix_trace, \
@@ -122,6 +123,61 @@ def test_trace_of_real_prompts_round_trips(tmp_path):
     assert read_mooncake(tmp_path / "run.jsonl") == [a, b]
 
 
+def _attainment(trace: list[TraceRequest], factor: float, replicas: int, policy: str, model: CostModel,
+                slo_ttft: float, slo_itl: float) -> float:
+    s = summarize(Simulator(at_rate(trace, factor), replicas, policy, model, progress=False).run(), slo_ttft, slo_itl)
+    return s["slo_met"] / s["requests"]
+
+
+def test_goodput_is_one_replicas_capacity_with_one_request_per_step():
+    # One replica, steps of 1 s, 600 tokens per step; every request a distinct 600-token prompt and one
+    # output token: one request per step, 1 request/s of capacity.  At a gap d >= 1 s every TTFT is 1 s;
+    # at d < 1 s request k (from 0) waits k (1 - d) more, so with a TTFT SLO of 1.5 s only those with
+    # k < 0.5 / (1 - d) meet it: 90 of 100 need d > 1 - 0.5 / 89.  The goodput lies in [1, 1.0057] req/s,
+    # so the highest passing rate found is above 1 / 1.05 and at most 1.0057.
+    trace = [TraceRequest(float(i), 600, 1, (2 * i, 2 * i + 1)) for i in range(100)]
+    assert trace_rate(trace) == 1.0
+    g = max_goodput(trace, 1, "round_robin", constant_model(), slo_ttft=1.5, slo_itl=1.0, goal=0.9, start=0.3,
+                    tolerance=0.05)
+    assert g.converged
+    assert 1 / 1.05 < g.rate_req_s <= 1 + 0.5 / 89 and g.per_replica == g.rate_req_s
+    assert g.rate_req_s < g.failed_req_s <= 1.05 * g.rate_req_s
+    # the probes went up by doubling from 0.3 (0.3, 0.6 pass; 1.2 fails), then bisected
+    assert [p.rate_factor for p in g.probes[:3]] == [0.3, 0.6, 1.2]
+    assert [p.attainment >= 0.9 for p in g.probes[:3]] == [True, True, False]
+    # every probe's attainment is the hand count: request k's first token at k + 1 s (or 1 s after it arrives)
+    assert all(p.attainment == sum(k + 1 - k / p.rate_factor <= 1.5 for k in range(100)) / 100 for p in g.probes)
+
+
+def test_goodput_search_brackets_the_goal_within_its_tolerance():
+    trace = shared_prefix_trace(num_prefixes=4, requests_per_prefix=15, prefix_blocks=4, suffix_tokens=300,
+                                output_length=16, interval=0.05)
+    model = CostModel({"step": 0.004, "tokens": 2e-5, "seqs": 1e-4}, ReplicaLimits(num_kv_tokens=16384))
+    slo = {"slo_ttft": 0.25, "slo_itl": 0.02}
+    for policy in ("least_loaded", "cache_aware"):
+        g = max_goodput(trace, 2, policy, model, goal=0.9, start=4.0, tolerance=0.05, **slo)
+        assert g.converged and len(g.probes) <= 16
+        assert g.per_replica == g.rate_req_s / 2
+        high = g.failed_req_s / g.rate_req_s
+        assert 1 < high <= 1.05
+        base = trace_rate(trace)
+        # re-simulated: the goodput meets the goal, the rate a tolerance above it misses it
+        assert _attainment(trace, g.rate_req_s / base, 2, policy, model, **slo) >= 0.9
+        assert _attainment(trace, g.rate_req_s * high / base, 2, policy, model, **slo) < 0.9
+        # the search brackets: every passing probe is below every failing one
+        passed = [p.rate_req_s for p in g.probes if p.attainment >= 0.9]
+        failed = [p.rate_req_s for p in g.probes if p.attainment < 0.9]
+        assert passed and failed and max(passed) == g.rate_req_s < min(failed) == g.failed_req_s
+
+
+def test_goodput_search_stops_at_its_probe_bound():
+    # a TTFT SLO below one step: no rate meets it; the search halves the rate max_probes times
+    trace = [TraceRequest(float(i), 100, 1, (i,)) for i in range(10)]
+    g = max_goodput(trace, 1, "round_robin", constant_model(), slo_ttft=0.5, slo_itl=1.0, max_probes=4)
+    assert [p.rate_factor for p in g.probes] == [1.0, 0.5, 0.25, 0.125]
+    assert g.rate_req_s == 0.0 and not g.converged and g.failed_req_s == 0.125
+
+
 def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["simulate", "--help"])
@@ -136,3 +192,11 @@ def test_cli(tmp_path, capsys):
     assert all(r["finished"] == 8 and r["replicas"] == 2 for r in data["runs"])
     assert data["cost_model"]["coefficients"] == {"step": 0.01}
     assert "cache_aware" in capsys.readouterr().out
+    assert main(["simulate", "--trace", str(trace), "--replicas", "2", "--cost-model", str(cost), "--policy",
+                 "least_loaded", "--slo-ttft", "0.015", "--goodput-goal", "0.9", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [g["policy"] for g in data["goodput"]] == ["least_loaded"]
+    g = data["goodput"][0]
+    assert g["converged"] and g["rate_req_s"] < g["failed_req_s"] <= 1.05 * g["rate_req_s"]
+    assert g["per_replica_req_s"] == g["rate_req_s"] / 2
+    assert "least_loaded" in capsys.readouterr().out

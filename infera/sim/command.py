@@ -28,6 +28,13 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO: time to first token, seconds")
     p.add_argument("--slo-itl", type=float, default=0.1, help="goodput SLO: mean inter-token latency, seconds")
+    p.add_argument("--goodput-goal", type=float, default=None,
+                   help="instead of one run at --time-scale: each policy's goodput as DistServe defines it, the "
+                        "highest request rate at which this fraction of requests (e.g. 0.9) meet the SLO, found "
+                        "by bisection over the rate from --time-scale's (the whole trace simulated per probe)")
+    p.add_argument("--goodput-tolerance", type=float, default=0.05,
+                   help="--goodput-goal: stop when the highest passing and the lowest failing rate are this "
+                        "close (relative)")
     g = p.add_argument_group("replica engine (default: the cost model's)")
     g.add_argument("--kv-tokens", type=int, default=None, help="KV-cache capacity of each replica, tokens")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (must divide 512)")
@@ -43,6 +50,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
 
 def run_simulate(args: argparse.Namespace) -> None:
     from infera.sim.cost_model import load_cost_model, measure_local
+    from infera.sim.goodput import goodput_table, max_goodput, trace_rate
     from infera.sim.report import summarize, table
     from infera.sim.simulator import Simulator
     from infera.sim.trace import ideal_hit_rate, read_mooncake
@@ -63,8 +71,24 @@ def run_simulate(args: argparse.Namespace) -> None:
     print(f"{len(requests)} requests from {args.trace} (time scale {args.time_scale:g}); {args.replicas} replicas; "
           f"ideal hit rate (unbounded shared cache) {100 * ideal:.1f}%\ncost model: {model.source}\n"
           f"replica: {limits}", file=sys.stderr)
+    policies = POLICIES if args.policy == "all" else [args.policy]
+    if args.goodput_goal is not None:
+        searches = [max_goodput(requests, args.replicas, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl,
+                                goal=args.goodput_goal, tolerance=args.goodput_tolerance, limits=limits,
+                                balance_abs_threshold=args.balance_abs_threshold, seed=args.seed)
+                    for policy in policies]
+        print(goodput_table(searches))
+        if args.json:
+            out = {"trace": str(args.trace), "num_requests": len(requests), "time_scale": args.time_scale,
+                   "trace_rate_req_s": trace_rate(requests),
+                   "slo": {"ttft_s": args.slo_ttft, "mean_itl_s": args.slo_itl},
+                   "cost_model": model.to_dict(), "replica": dataclasses.asdict(limits),
+                   "goodput": [g.to_dict() for g in searches]}
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+            print(f"wrote {args.json}", file=sys.stderr)
+        return
     summaries = []
-    for policy in POLICIES if args.policy == "all" else [args.policy]:
+    for policy in policies:
         result = Simulator(requests, args.replicas, policy, model, limits=limits,
                            balance_abs_threshold=args.balance_abs_threshold, seed=args.seed).run()
         summaries.append(summarize(result, args.slo_ttft, args.slo_itl))

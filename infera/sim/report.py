@@ -45,6 +45,7 @@ def summarize(result: SimResult, slo_ttft: float, slo_itl: float) -> dict:
         "throughput_tok_s": output_tokens / span if span else 0.0,
         "slo": {"ttft_s": slo_ttft, "mean_itl_s": slo_itl},
         "goodput_req_s": good / span if span else 0.0,
+        "slo_met": good,
         "slo_attainment": good / len(done) if done else 0.0,
         "hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
         "router_hit_rate": result.router.hit_rate,
