@@ -89,12 +89,12 @@ using namespace infera_vec;
 
 // This level's vector operations, W floats to a register. The vector paths below are written
 // once over them; AVX-512 and AVX2 results differ only where the lane count orders the
-// arithmetic (tiles of W positions, dot-product and lane sums), each deterministic.
+// arithmetic (tiles of T = U * W positions, dot-product and lane sums), each deterministic.
 #if defined(__AVX512F__)
 struct Vec {
   using reg = __m512;
   using mask = __mmask16;
-  static constexpr int64_t W = 16;
+  static constexpr int64_t W = 16, U = 2;  // tiles of U * W positions (one softmax update each)
   static constexpr int64_t RB = 4, KB = 4;  // V accumulation: RB query rows x KB column vectors in registers
   template <typename T> static reg load(const T* p) { return load16(p); }
   template <typename T> static void store(T* p, reg x) { store16(p, round16<T>(x)); }
@@ -135,7 +135,7 @@ struct Vec {
 struct Vec {
   using reg = __m256;
   using mask = __m256;
-  static constexpr int64_t W = 8;
+  static constexpr int64_t W = 8, U = 4;  // tiles of U * W positions (one softmax update each)
   static constexpr int64_t RB = 2, KB = 4;  // V accumulation: RB query rows x KB column vectors in registers
   template <typename T> static reg load(const T* p) { return load8(p); }
   template <typename T> static void store(T* p, reg x) { store8(p, round8<T>(x)); }
@@ -180,19 +180,20 @@ struct Vec {
 constexpr int64_t CHUNK = 128;
 
 // acc[j] = acc[j] * corr[j] + sum over i < most of p[j][i] * V row i, for NR query rows and the KB
-// column vectors acc and vt point at; p is 0 at positions a row does not see (so adding them
-// changes nothing), V rows are the float tile vt (D floats apart).
+// column vectors acc and vrow[i] + k0 point at; p is 0 at positions a row does not see (so adding
+// them changes nothing), V rows are float rows (the cache's own, or the widened tile's).
 template <int NR, int64_t KB, int64_t D>
-inline void accumulate_v(float* acc, const float* corr, const float* p, const float* vt, int64_t most) {
-  constexpr int64_t W = Vec::W;
+inline void accumulate_v(float* acc, const float* corr, const float* p, const float* const* vrow, int64_t k0,
+                         int64_t most) {
+  constexpr int64_t W = Vec::W, T = W * Vec::U;
   Vec::reg a[NR][KB];
   for (int j = 0; j < NR; ++j)
     for (int k = 0; k < KB; ++k) a[j][k] = Vec::mul(Vec::load(acc + j * D + W * k), Vec::set1(corr[j]));
   for (int64_t i = 0; i < most; ++i) {
     Vec::reg v[KB];
-    for (int k = 0; k < KB; ++k) v[k] = Vec::load(vt + i * D + W * k);
+    for (int k = 0; k < KB; ++k) v[k] = Vec::load(vrow[i] + k0 + W * k);
     for (int j = 0; j < NR; ++j) {
-      const Vec::reg pi = Vec::set1(p[j * W + i]);
+      const Vec::reg pi = Vec::set1(p[j * T + i]);
       for (int k = 0; k < KB; ++k) a[j][k] = Vec::fmadd(pi, v[k], a[j][k]);
     }
   }
@@ -204,14 +205,15 @@ inline void accumulate_v(float* acc, const float* corr, const float* p, const fl
 // position first + r / G), head r % G, at q + (r / G) * Hq * D + (r % G) * D. Writes, per row,
 // the max score m, the sum l of e^(s - m) and acc = sum of e^(s - m) v, as
 // part = [m: rows][l: rows][acc: rows x D]. With AVX512-BF16, a bfloat16 cache's K rows are
-// multiplied as they are (pair dot products: exact products, float sums); otherwise K rows are
-// widened to a float tile first. V rows are widened once per tile and accumulated into a few query
-// rows at a time, in registers (accumulate_v). `tmp` is scratch of at least rows * (W + 1) floats.
+// multiplied as they are (pair dot products: exact products, float sums); float caches' rows are
+// read in place; other K and V rows are widened to a float tile first. V rows are accumulated into
+// a few query rows at a time, in registers (accumulate_v). The online softmax updates a row's max
+// and sum once a tile of T = U * W positions (U groups of W lanes). `tmp`: rows * (T + 1) floats.
 template <int64_t D, typename scalar_t, typename cache_t>
 void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t* k_cache,
                   const cache_t* v_cache, const float* k_scale, const float* v_scale, const int64_t* table,
                   int64_t c0, int64_t c1, const HeadLayout& L, float scale, float* part, float* tmp) {
-  constexpr int64_t W = Vec::W, NC = D / W, RB = Vec::RB, KB = std::min(NC, Vec::KB);
+  constexpr int64_t W = Vec::W, U = Vec::U, T = W * U, NC = D / W, RB = Vec::RB, KB = std::min(NC, Vec::KB);
 #if defined(__AVX512BF16__)
   constexpr bool bf16_dots = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
                              D % 32 == 0;
@@ -220,11 +222,13 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
 #endif
   float *m = part, *l = part + rows, *acc = part + 2 * rows;
   const int64_t G = L.G, Hq = L.Hq;
-  float *prob = tmp, *corr = tmp + rows * W;  // per row: p * V scale [W], correction
+  float *prob = tmp, *corr = tmp + rows * T;  // per row: p * V scale [T], correction
   for (int64_t r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.f;
   std::fill(acc, acc + rows * D, 0.f);
-  alignas(64) float kt[bf16_dots ? 1 : W * D], vt[W * D];
-  int64_t slots[W];  // this tile's cache slots
+  constexpr bool widen = !std::is_same_v<cache_t, float>;  // float rows are used where they are
+  alignas(64) float kt[widen && !bf16_dots ? T * D : 1], vt[widen ? T * D : 1];
+  const float *kf[T], *vf[T];  // the tile's K and V rows in float (unused: K with bf16_dots)
+  int64_t slots[T];  // this tile's cache slots
   auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
   auto qrow = [&](int64_t r) { return q + (r / G) * Hq * D + (r % G) * D; };
   // positions of the tile at t0 (n of them) that row r sees
@@ -235,61 +239,82 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
       _mm_prefetch(reinterpret_cast<const char*>(v_cache + slot(t) * L.row_stride) + b, _MM_HINT_T1);
     }
   }
-  for (int64_t t0 = c0; t0 < c1; t0 += W) {
-    const int64_t n = std::min(W, c1 - t0);
+  for (int64_t t0 = c0; t0 < c1; t0 += T) {
+    const int64_t n = std::min(T, c1 - t0);
     for (int64_t i = 0; i < n; ++i) slots[i] = slot(t0 + i);
-    alignas(64) float ks[W], vs[W];
-    const cache_t* krow[W];
-    for (int64_t i = 0; i < W; ++i) {
+    alignas(64) float ks[T], vs[T];
+    const cache_t* krow[T];
+    for (int64_t i = 0; i < T; ++i) {
       krow[i] = k_cache + (i < n ? slots[i] : slots[0]) * L.row_stride;  // (lanes past n are masked out)
       const cache_t* v = v_cache + slots[i < n ? i : 0] * L.row_stride;
-      for (int64_t c = 0; c < NC; ++c) {
-        if constexpr (!bf16_dots) Vec::store(kt + i * D + W * c, Vec::load(krow[i] + W * c));
-        if (i < n) Vec::store(vt + i * D + W * c, Vec::load(v + W * c));
+      if constexpr (widen) {
+        for (int64_t c = 0; c < NC; ++c) {
+          if constexpr (!bf16_dots) Vec::store(kt + i * D + W * c, Vec::load(krow[i] + W * c));
+          if (i < n) Vec::store(vt + i * D + W * c, Vec::load(v + W * c));
+        }
+        kf[i] = kt + i * D, vf[i] = vt + i * D;
+      } else {
+        kf[i] = krow[i], vf[i] = v;
       }
       ks[i] = (i < n && k_scale ? k_scale[slots[i] * L.scale_stride] : 1.f) * scale;
       vs[i] = i < n && v_scale ? v_scale[slots[i] * L.scale_stride] : 1.f;
     }
     const int64_t r_first = std::max<int64_t>(0, t0 - first) * G;  // the rows that see position t0
     for (int64_t r = r_first; r < rows; ++r) {
-      const Vec::mask lanes = Vec::first(seen(r, t0, n));
-      Vec::reg dot[W];
-      if constexpr (bf16_dots) {
+      const int64_t sees = seen(r, t0, n);
+      Vec::reg s[U];  // the tile's scores, W a group (-inf where the row does not see)
+      Vec::reg top = Vec::set1(-INFINITY);
+      for (int64_t u = 0; u < U; ++u) {
+        if (sees <= u * W) {
+          s[u] = Vec::set1(-INFINITY);
+          continue;
+        }
+        Vec::reg dot[W];
+        if constexpr (bf16_dots) {
 #if defined(__AVX512BF16__)
-        __m512bh qv[NC / 2];
-        for (int c = 0; c < NC / 2; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qrow(r) + 32 * c);
-        for (int i = 0; i < 16; ++i) {
-          dot[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(krow[i]));
-          for (int c = 1; c < NC / 2; ++c)
-            dot[i] = _mm512_dpbf16_ps(dot[i], qv[c], (__m512bh)_mm512_loadu_si512(krow[i] + 32 * c));
-        }
+          __m512bh qv[NC / 2];
+          for (int c = 0; c < NC / 2; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qrow(r) + 32 * c);
+          for (int i = 0; i < 16; ++i) {
+            const cache_t* k = krow[u * W + i];
+            dot[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(k));
+            for (int c = 1; c < NC / 2; ++c)
+              dot[i] = _mm512_dpbf16_ps(dot[i], qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+          }
 #endif
-      } else {
-        Vec::reg qv[NC];
-        for (int c = 0; c < NC; ++c) qv[c] = Vec::load(qrow(r) + W * c);
-        for (int i = 0; i < W; ++i) {
-          dot[i] = Vec::mul(qv[0], Vec::load(kt + i * D));
-          for (int c = 1; c < NC; ++c) dot[i] = Vec::fmadd(qv[c], Vec::load(kt + i * D + W * c), dot[i]);
+        } else {
+          Vec::reg qv[NC];
+          for (int c = 0; c < NC; ++c) qv[c] = Vec::load(qrow(r) + W * c);
+          for (int i = 0; i < W; ++i) {
+            const float* k = kf[u * W + i];
+            dot[i] = Vec::mul(qv[0], Vec::load(k));
+            for (int c = 1; c < NC; ++c) dot[i] = Vec::fmadd(qv[c], Vec::load(k + W * c), dot[i]);
+          }
         }
+        s[u] = Vec::select(Vec::first(sees - u * W), Vec::mul(Vec::sum(dot), Vec::load(ks + u * W)),
+                           Vec::set1(-INFINITY));
+        top = Vec::max(top, s[u]);
       }
-      const Vec::reg s = Vec::select(lanes, Vec::mul(Vec::sum(dot), Vec::load(ks)), Vec::set1(-INFINITY));
-      const float m_new = std::max(m[r], Vec::hmax(s));
+      const float m_new = std::max(m[r], Vec::hmax(top));
       corr[r] = m_new == m[r] ? 1.f : std::exp(m[r] - m_new);  // 0 before the first tile
-      const Vec::reg e = Vec::select(lanes, Vec::exp(Vec::sub(s, Vec::set1(m_new))), Vec::set1(0.f));
-      l[r] = l[r] * corr[r] + Vec::hsum(e);
+      Vec::reg total = Vec::set1(0.f);
+      for (int64_t u = 0; u < U; ++u) {
+        Vec::reg e = Vec::set1(0.f);
+        if (u * W < sees) e = Vec::select(Vec::first(sees - u * W), Vec::exp(Vec::sub(s[u], Vec::set1(m_new))), e);
+        total = Vec::add(total, e);
+        Vec::store(prob + r * T + u * W, Vec::mul(e, Vec::load(vs + u * W)));
+      }
+      l[r] = l[r] * corr[r] + Vec::hsum(total);
       m[r] = m_new;
-      Vec::store(prob + r * W, Vec::mul(e, Vec::load(vs)));
     }
     for (int64_t r0 = r_first; r0 < rows; r0 += RB) {
       const int64_t nr = std::min(RB, rows - r0), most = seen(r0 + nr - 1, t0, n);
       for (int64_t k0 = 0; k0 < D; k0 += KB * W) {
-        float *a = acc + r0 * D + k0, *c = corr + r0, *p = prob + r0 * W;
-        const float* v = vt + k0;
+        float *a = acc + r0 * D + k0, *c = corr + r0, *p = prob + r0 * T;
         switch (nr) {  // (nr <= RB <= 4)
-          case 1: accumulate_v<1, KB, D>(a, c, p, v, most); break;
-          case 2: accumulate_v<2, KB, D>(a, c, p, v, most); break;
-          case 3: accumulate_v<3, KB, D>(a, c, p, v, most); break;
-          default: accumulate_v<4, KB, D>(a, c, p, v, most); break;
+          case 1: accumulate_v<1, KB, D>(a, c, p, vf, k0, most); break;
+          case 2: accumulate_v<2, KB, D>(a, c, p, vf, k0, most); break;
+          case 3: accumulate_v<3, KB, D>(a, c, p, vf, k0, most); break;
+          default: accumulate_v<4, KB, D>(a, c, p, vf, k0, most); break;
         }
       }
     }
@@ -424,7 +449,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
               const int64_t s = std::upper_bound(item0.begin(), item0.end(), item) - item0.begin() - 1;
               const int64_t h = (item - item0[s]) / chunks[s], c = (item - item0[s]) % chunks[s];
               const int64_t nq = starts[s + 1] - starts[s], rows = nq * L.G;
-              tmp.resize(rows * (Vec::W + 1));
+              tmp.resize(rows * (Vec::W * Vec::U + 1));
               chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, rows, lens[s] - nq, kp + h * D, vp + h * D,
                        ks ? ks + h : nullptr, vs ? vs + h : nullptr, tables + s * max_blocks, c * CHUNK,
                        std::min(lens[s], (c + 1) * CHUNK), L, static_cast<float>(scale),

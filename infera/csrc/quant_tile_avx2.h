@@ -287,8 +287,7 @@ struct RowPanel {
   }
 };
 
-// out[m][r] (16 floats a row): row r of the tile times panel row row0 + m, for m < rows (written,
-// not accumulated into).
+// out[m][r] (16 floats a row): row r of the tile times panel row row0 + m, for m < rows.
 template <int ENC, int SUB>
 inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPanel& P, int64_t row0, int64_t rows,
                         float* out) {
@@ -300,6 +299,7 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPane
   const HighBits<ENC> high_bits;
   const int64_t nb = L.nb, sg = L.sg, nsa = L.nsa, second = L.nsb * TILE, sub1 = nb * TILE;
   const bool has_min = L.has_min, offset = L.offset != 0;
+  std::fill(out, out + rows * TILE, 0.f);
   for (int h = 0; h < 2; ++h) {
     const uint8_t* wq = tile + 32 * h;
     const at::Half* sc = reinterpret_cast<const at::Half*>(tile + L.tile_quant_bytes) + 8 * h;
@@ -368,8 +368,7 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPane
         }
         float* o = out + m * TILE + 8 * h;
         const __m256 dx = _mm256_set1_ps(x.d);
-        const __m256 sum = b == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(o);  // (no zeroing pass over out)
-        __m256 accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(d0, dx), sum);
+        __m256 accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(d0, dx), _mm256_loadu_ps(o));
         if constexpr (HALVES) accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc2), _mm256_mul_ps(d0_hi, dx), accf);
         if (has_min) accf = _mm256_fmadd_ps(d1, _mm256_set1_ps(x.ds), accf);
         _mm256_storeu_ps(o, accf);
