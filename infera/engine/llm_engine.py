@@ -1,7 +1,6 @@
 """The engine loop: requests in, one scheduled step at a time, outputs out."""
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import time
@@ -35,16 +34,6 @@ def check_prompt_length(num_tokens: int, max_model_len: int, generates: bool = T
     if num_tokens + generates > max_model_len:
         raise ValueError(f"the prompt has {num_tokens} tokens but the context length is {max_model_len} "
                          f"tokens" + (" (room must remain for at least one generated token)" if generates else ""))
-
-
-def freeze_heap() -> None:
-    """Put every object alive now (what torch, transformers and the other imports keep, the engine
-    itself) out of the cyclic collector's reach, as vLLM does after start-up: the full collections
-    that a long run of steps triggers then walk only what was made since. Dead cycles are collected
-    first. (A frozen object is still freed when its last reference goes: an engine that is dropped
-    frees its model and KV cache, which no reference cycle holds.)"""
-    gc.collect()
-    gc.freeze()
 
 
 @dataclass
@@ -126,7 +115,6 @@ class LLMEngine:
                     cfg.block_size, self.worker.kv_cache_tokens, self.runner.kv_cache.num_bytes / 2**30,
                     self.max_model_len, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                     "on" if cfg.enable_prefix_caching else "off")
-        freeze_heap()
 
     def add_hook(self, hook: StepHook) -> None:
         """Attach a feature to the named points of every step (see :class:`StepHook`)."""
