@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from infera.router import DEFAULT_CACHE_THRESHOLD
 from infera.sim.command import DEFAULT_COST_MODEL
 from infera.sim.cost_model import load_cost_model
 from infera.sim.goodput import goodput_table, max_goodput, trace_rate
@@ -99,6 +100,8 @@ def main() -> None:
     p.add_argument("--cost-model", default=DEFAULT_COST_MODEL)
     p.add_argument("--block-size", type=int, default=128, help="the replicas' KV block size")
     p.add_argument("--balance-abs-threshold", type=int, default=None, help="cache_aware (default: the router's)")
+    p.add_argument("--cache-threshold", type=float, default=DEFAULT_CACHE_THRESHOLD,
+                   help="cache_aware: the share of a prompt's blocks the best-matching replica must hold")
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-itl", type=float, default=0.1)
     p.add_argument("--json", default=str(ROOT / "docs" / "cluster_sim_goodput.json"))
@@ -122,7 +125,8 @@ def main() -> None:
         for policy in start:
             g = max_goodput(requests, n, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl, goal=args.goal,
                             start=start[policy] * n / base, tolerance=args.tolerance, max_probes=args.max_probes,
-                            limits=limits, balance_abs_threshold=args.balance_abs_threshold)
+                            limits=limits, balance_abs_threshold=args.balance_abs_threshold,
+                            cache_threshold=args.cache_threshold)
             searches.append(g)
             print(goodput_table([g]), file=sys.stderr)
             if g.rate_req_s:
@@ -130,7 +134,8 @@ def main() -> None:
     print(goodput_table(searches))
     out = {"trace": args.trace, "num_requests": len(requests), "trace_rate_req_s": base, "goal": args.goal,
            "tolerance": args.tolerance, "slo": {"ttft_s": args.slo_ttft, "mean_itl_s": args.slo_itl},
-           "balance_abs_threshold": args.balance_abs_threshold, "cost_model": model.to_dict(),
+           "balance_abs_threshold": args.balance_abs_threshold, "cache_threshold": args.cache_threshold,
+           "cost_model": model.to_dict(),
            "replica": dataclasses.asdict(limits), "wall_s": time.perf_counter() - started,
            "goodput": [g.to_dict() for g in searches]}
     for n, r in ratios(out["goodput"]).items():

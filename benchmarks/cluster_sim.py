@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from infera.router import POLICIES
+from infera.router import DEFAULT_CACHE_THRESHOLD, POLICIES
 from infera.sim.command import DEFAULT_COST_MODEL
 from infera.sim.cost_model import load_cost_model
 from infera.sim.report import summarize, table
@@ -82,6 +82,8 @@ def main() -> None:
                    help="the replicas' KV block size (a trace block is 512 tokens: hits are the same for any "
                         "divisor; larger blocks simulate faster)")
     p.add_argument("--balance-abs-threshold", type=int, default=None, help="cache_aware (default: the router's)")
+    p.add_argument("--cache-threshold", type=float, default=DEFAULT_CACHE_THRESHOLD,
+                   help="cache_aware: the share of a prompt's blocks the best-matching replica must hold")
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-itl", type=float, default=0.1)
     p.add_argument("--json", default=str(ROOT / "docs" / "cluster_sim.json"))
@@ -102,7 +104,8 @@ def main() -> None:
         requests = read_mooncake(args.trace, args.limit, scale)
         for policy in POLICIES:
             result = Simulator(requests, n, policy, model, limits=limits,
-                               balance_abs_threshold=args.balance_abs_threshold).run()
+                               balance_abs_threshold=args.balance_abs_threshold,
+                               cache_threshold=args.cache_threshold).run()
             runs.append(summarize(result, args.slo_ttft, args.slo_itl) | {"time_scale": scale})
             print(table(runs[-1:]), file=sys.stderr)
     ideal = ideal_hit_rate(requests)
@@ -116,7 +119,7 @@ def main() -> None:
                   f"{100 * by['cache_aware']['hit_rate']:.1f}% = {by['cache_aware']['hit_rate'] / ideal:.2f} of the "
                   f"unbounded shared cache's {100 * ideal:.1f}%")
     out = {"trace": args.trace, "num_requests": len(requests), "time_scale_at_8": args.time_scale,
-           "balance_abs_threshold": args.balance_abs_threshold,
+           "balance_abs_threshold": args.balance_abs_threshold, "cache_threshold": args.cache_threshold,
            "ideal_hit_rate": ideal, "cost_model": model.to_dict(), "replica": dataclasses.asdict(limits),
            "wall_s": time.perf_counter() - started, "runs": runs}
     if args.json:

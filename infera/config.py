@@ -10,7 +10,7 @@ import torch
 from infera.arg_utils import option
 from infera.kernels import has_bf16_arithmetic
 from infera.quant import QUANTIZATION_METHODS
-from infera.router import POLICIES
+from infera.router import DEFAULT_CACHE_THRESHOLD, POLICIES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -160,6 +160,10 @@ class ParallelConfig:
     routing_policy: str = option("cache_aware", choices=POLICIES,
                                  help="which replica serves a request: cache_aware = the one holding the longest "
                                       "prefix of the prompt unless it is much busier, least_loaded, round_robin")
+    routing_cache_threshold: float = option(DEFAULT_CACHE_THRESHOLD, metavar="0..1",
+                                            help="cache_aware: the share of the prompt's KV blocks the best-matching "
+                                                 "replica must hold for the request to go there; below it the least "
+                                                 "loaded replica (SGLang router's --cache-threshold)")
     ray_address: str | None = option(None, help="the Ray cluster to run the replicas on; None: start a local one "
                                                 "with data-parallel-size x threads-per-replica CPUs")
 
@@ -170,3 +174,5 @@ class ParallelConfig:
             raise ValueError(f"--threads-per-replica must be >= 1, got {self.threads_per_replica}")
         if self.routing_policy not in POLICIES:
             raise ValueError(f"--routing-policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
+        if not 0 <= self.routing_cache_threshold <= 1:
+            raise ValueError(f"--routing-cache-threshold must be in [0, 1], got {self.routing_cache_threshold}")

@@ -227,3 +227,6 @@ def test_bad_data_parallel_size_is_a_cli_error(capsys):
     assert "--data-parallel-size must be >= 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="routing-policy"):
         ParallelConfig(data_parallel_size=2, routing_policy="random")
+    assert main(["serve", "--data-parallel-size", "2", "--routing-cache-threshold", "1.5"]) == 2
+    assert "--routing-cache-threshold must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert ParallelConfig(data_parallel_size=2, routing_cache_threshold=0.25).routing_cache_threshold == 0.25

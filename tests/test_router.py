@@ -1,4 +1,5 @@
-"""The router alone: policies, the balance rule, affinity, replicas going down (pure Python)."""
+"""The router alone: policies, the balance rule, the cache threshold, affinity, replicas going down (pure
+Python)."""
 import pytest
 
 from infera.router import PrefixIndex, RouteRequest, Router, block_hashes
@@ -60,6 +61,35 @@ def test_cache_aware_follows_the_prefix_until_imbalanced():
     # loads 3 vs 0: 3 - 0 > 2 and 3 > 0 * 1.5, so the next one goes to the idle replica
     assert router.route(req("s3", system + [103])) != first
     assert router.hit_rate == pytest.approx((3 + 3) / (4 + 2 + 4 + 4 + 4))
+
+
+def test_cache_threshold_sends_short_matches_to_the_least_loaded():
+    router = Router(2, "cache_aware", cache_threshold=0.5)
+    assert router.route(req("a", [1, 2, 3, 4])) == 0  # all idle and empty: the first
+    # 1 of 4 blocks held by replica 0 (0.25 < 0.5): the least loaded, replica 1
+    assert router.route(req("b", [1, 20, 21, 22])) == 1
+    router.finish("b")  # loads 1 vs 0
+    # 3 of 4 (0.75), and 2 of 4 (0.5 reaches the threshold): the busier replica that holds them
+    assert router.route(req("c", [1, 2, 3, 30])) == 0
+    assert router.route(req("d", [1, 2, 40, 41])) == 0
+    assert router.loads == [3, 0]
+    assert router.route(req("e", [1, 50, 51, 52])) == 1  # 1 of 4 again: the idle one
+    with pytest.raises(ValueError, match="cache_threshold"):
+        Router(2, "cache_aware", cache_threshold=1.5)
+
+
+def test_cache_threshold_spreads_a_burst_sharing_a_short_prefix():
+    # a Mooncake burst: 8 requests at once, each 10 blocks of which only the first is common
+    burst = [req(f"r{i}", [0] + [100 * i + k for k in range(1, 10)]) for i in range(8)]
+    spread = Router(4, "cache_aware", cache_threshold=0.3)
+    placed = [spread.route(r) for r in burst]
+    assert sorted(placed) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # without the threshold every one follows the shared block to replica 0: the balance rule
+    # (32 more outstanding than the least loaded) is far off
+    piled = Router(4, "cache_aware", cache_threshold=0.0)
+    assert [piled.route(r) for r in burst] == [0] * 8
+    # a conversation's next turn (its previous prompt and two blocks more: 10 of 12) finds its replica
+    assert spread.route(req("t", [*burst[5].block_hashes, 999, 998])) == placed[5]
 
 
 def test_affinity_keeps_branches_together_while_one_is_outstanding():

@@ -82,7 +82,7 @@ class ReplicaPool:
         self.replicas = [actor.remote(config, threads, max_waiting_requests) for _ in range(n)]
         self.info: list[dict[str, Any]] = ray.get([r.info.remote() for r in self.replicas])
         self.max_model_len: int = min(i["max_model_len"] for i in self.info)
-        self.router = Router(n, parallel.routing_policy,
+        self.router = Router(n, parallel.routing_policy, cache_threshold=parallel.routing_cache_threshold,
                              block_capacity=min(i["kv_cache_tokens"] for i in self.info) // config.block_size)
         self.replica_stats: list[dict[str, float]] = [{} for _ in range(n)]  # as of each replica's last ping
         self._streams: dict[str, RequestStream] = {}  # touched on the event loop only

@@ -5,9 +5,19 @@ Policies (``--routing-policy``):
 - ``least_loaded``: the less loaded of two replicas drawn at random (power of two choices) by
   outstanding requests;
 - ``cache_aware``: the replica whose :class:`PrefixIndex` holds the longest prefix of the request,
-  unless its load exceeds the least loaded replica's by more than ``balance_abs_threshold`` and
-  ``balance_rel_threshold`` times (SGLang's balance rule): then the least loaded.  A request that
-  matches nowhere goes to the least loaded replica (of equally loaded ones, the one caching least).
+  if that prefix is at least ``cache_threshold`` of the prompt's blocks and its load does not exceed
+  the least loaded replica's by more than ``balance_abs_threshold`` and ``balance_rel_threshold``
+  times (SGLang's balance rule, applied to that replica); otherwise the least loaded (of equally
+  loaded ones, the one caching least).
+
+The cache threshold is SGLang router's ``--cache-threshold`` (sgl-router ``policies/cache_aware.rs``:
+the matched share of the prompt must exceed it; 0.3 on its command line, 0.5 in its library
+default) and Ray Serve's ``PrefixCacheAffinityRouter`` ``match_rate_threshold`` (at least 0.1); here
+the share is of the prompt's blocks and must reach it, and a prompt that matches nowhere never
+counts as a match, so 0 routes every match to its replica (the rule before the threshold).  SGLang
+checks balance globally (the busiest against the least loaded replica, whatever the request
+matches); this router checks the chosen replica only, so one busy replica does not turn every
+request's affinity off.
 
 A request may carry an ``affinity`` key (the branches of one scaling problem, a conversation): while
 a request with that key is outstanding, the others follow it to its replica.  Replicas marked down
@@ -22,6 +32,7 @@ from dataclasses import dataclass
 from infera.router.prefix_index import PrefixIndex
 
 POLICIES = ("round_robin", "least_loaded", "cache_aware")
+DEFAULT_CACHE_THRESHOLD = 0.1  # measured on the Mooncake trace's first 3,000 requests (README, Cluster simulator)
 
 
 @dataclass
@@ -33,14 +44,18 @@ class RouteRequest:
 
 class Router:
     def __init__(self, num_replicas: int, policy: str = "cache_aware", *, block_capacity: int | None = None,
-                 balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5, seed: int = 0):
+                 balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5,
+                 cache_threshold: float = DEFAULT_CACHE_THRESHOLD, seed: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
         if num_replicas < 1:
             raise ValueError(f"need at least one replica, got {num_replicas}")
+        if not 0 <= cache_threshold <= 1:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
         self.policy = policy
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
+        self.cache_threshold = cache_threshold
         self.indexes = [PrefixIndex(block_capacity) for _ in range(num_replicas)]
         self.loads = [0] * num_replicas
         self.up = [True] * num_replicas
@@ -93,9 +108,11 @@ class Router:
             return a if self.loads[a] <= self.loads[b] else b
         # the least loaded; among equals, the one caching least (SGLang's smallest tree): new prefixes spread
         least = min(live, key=lambda r: (self.loads[r], len(self.indexes[r])))
-        matches = {r: self.indexes[r].match(request.block_hashes) for r in live}
+        hashes = request.block_hashes
+        matches = {r: self.indexes[r].match(hashes) for r in live}
         best = max(live, key=lambda r: (matches[r], -self.loads[r]))
-        if matches[best] == 0 or self._imbalanced(self.loads[best], self.loads[least]):
+        if (matches[best] == 0 or matches[best] / len(hashes) < self.cache_threshold
+                or self._imbalanced(self.loads[best], self.loads[least])):
             return least
         return best
 
