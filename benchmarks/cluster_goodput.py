@@ -22,14 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from infera.router import DEFAULT_CACHE_THRESHOLD
-from infera.sim.command import DEFAULT_COST_MODEL
-from infera.sim.cost_model import load_cost_model
-from infera.sim.goodput import goodput_table, max_goodput, trace_rate
-from infera.sim.trace import read_mooncake
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-TRACE = Path("/work/shared/data/traces/mooncake_conversation_trace.jsonl")
+from benchmarks.cluster_sim import add_study_args, save_figure  # noqa: E402
+from infera.sim.cost_model import load_cost_model  # noqa: E402
+from infera.sim.goodput import goodput_table, max_goodput, trace_rate  # noqa: E402
+from infera.sim.trace import read_mooncake  # noqa: E402
+
 COLORS = {"round_robin": "tab:blue", "least_loaded": "tab:orange", "cache_aware": "tab:green"}
 STYLES = (("o", "-"), ("s", "-."), ("^", ":"), ("D", "--"))  # marker, line per cluster size
 
@@ -79,34 +78,18 @@ def plot(saved: dict, path: str) -> None:
     bars.set_title(f"goodput: the highest rate with >= {100 * goal:g}% meeting the SLO\n"
                    f"(above the bars: cache_aware / least_loaded)", fontsize=10)
     bars.legend(fontsize=8, loc="lower right")
-    slo = saved["slo"]
-    fig.suptitle(f"Mooncake conversation trace ({saved['num_requests']:,} requests), Llama-3-8B on H100 per replica; "
-                 f"SLO TTFT <= {slo['ttft_s']:g} s, mean ITL <= {slo['mean_itl_s'] * 1000:g} ms", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, f"Mooncake conversation trace ({saved['num_requests']:,} requests)", saved["slo"], path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trace", default=str(TRACE))
-    p.add_argument("--limit", type=int, default=None, help="only the first N requests of the trace")
-    p.add_argument("--replicas", default="8,32,128", help="cluster sizes, comma-separated")
     p.add_argument("--policies", default="least_loaded,cache_aware", help="comma-separated")
     p.add_argument("--goal", type=float, default=0.9, help="the fraction of requests that must meet the SLO")
     p.add_argument("--tolerance", type=float, default=0.05, help="relative gap between passing and failing rate")
     p.add_argument("--max-probes", type=int, default=10, help="simulations per search at most")
     p.add_argument("--start-per-replica", type=float, default=1.6,
                    help="the first probe's request rate per replica (req/s) at the first size")
-    p.add_argument("--cost-model", default=DEFAULT_COST_MODEL)
-    p.add_argument("--block-size", type=int, default=128, help="the replicas' KV block size")
-    p.add_argument("--balance-abs-threshold", type=int, default=None, help="cache_aware (default: the router's)")
-    p.add_argument("--cache-threshold", type=float, default=DEFAULT_CACHE_THRESHOLD,
-                   help="cache_aware: the share of a prompt's blocks the best-matching replica must hold")
-    p.add_argument("--slo-ttft", type=float, default=2.0)
-    p.add_argument("--slo-itl", type=float, default=0.1)
-    p.add_argument("--json", default=str(ROOT / "docs" / "cluster_sim_goodput.json"))
-    p.add_argument("--plot", default=str(ROOT / "docs" / "cluster_sim_goodput.png"), help="'' for none")
-    p.add_argument("--replot", metavar="FILE.json", default=None, help="only plot the results saved in FILE.json")
+    add_study_args(p, "cluster_sim_goodput")
     args = p.parse_args()
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), args.plot)

@@ -35,6 +35,34 @@ ROOT = Path(__file__).resolve().parent.parent
 TRACE = Path("/work/shared/data/traces/mooncake_conversation_trace.jsonl")
 
 
+def add_study_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The options the scale studies share (the trace, the replicas, the SLO, where results go);
+    ``name``: the docs/ file stem of the results."""
+    p.add_argument("--trace", default=str(TRACE))
+    p.add_argument("--limit", type=int, default=None, help="only the first N requests of the trace")
+    p.add_argument("--replicas", default="8,32,128", help="cluster sizes, comma-separated")
+    p.add_argument("--cost-model", default=DEFAULT_COST_MODEL)
+    p.add_argument("--block-size", type=int, default=128,
+                   help="the replicas' KV block size (a trace block is 512 tokens: hits are the same for any "
+                        "divisor; larger blocks simulate faster)")
+    p.add_argument("--balance-abs-threshold", type=int, default=None, help="cache_aware (default: the router's)")
+    p.add_argument("--cache-threshold", type=float, default=DEFAULT_CACHE_THRESHOLD,
+                   help="cache_aware: the share of a prompt's blocks the best-matching replica must hold")
+    p.add_argument("--slo-ttft", type=float, default=2.0)
+    p.add_argument("--slo-itl", type=float, default=0.1)
+    p.add_argument("--json", default=str(ROOT / "docs" / f"{name}.json"))
+    p.add_argument("--plot", default=str(ROOT / "docs" / f"{name}.png"), help="'' for none")
+    p.add_argument("--replot", metavar="FILE.json", default=None, help="only plot the results saved in FILE.json")
+
+
+def save_figure(fig, trace: str, slo: dict, path: str) -> None:
+    """The studies' title (trace, replica model, SLO) on ``fig``, saved as ``path``."""
+    fig.suptitle(f"{trace}, Llama-3-8B on H100 per replica; SLO TTFT <= {slo['ttft_s']:g} s, "
+                 f"mean ITL <= {slo['mean_itl_s'] * 1000:g} ms", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot(runs: list[dict], ideal: float, path: str) -> None:
     import matplotlib
 
@@ -63,32 +91,14 @@ def plot(runs: list[dict], ideal: float, path: str) -> None:
         if key == "ttft_p50":
             ax.set_yscale("log")
     axes[1].legend(fontsize=8)
-    slo = runs[0]["slo"]
-    fig.suptitle(f"Mooncake conversation trace, Llama-3-8B on H100 per replica; SLO TTFT <= {slo['ttft_s']:g} s, "
-                 f"mean ITL <= {slo['mean_itl_s'] * 1000:g} ms", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, "Mooncake conversation trace", runs[0]["slo"], path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trace", default=str(TRACE))
-    p.add_argument("--limit", type=int, default=None, help="only the first N requests of the trace")
-    p.add_argument("--replicas", default="8,32,128", help="cluster sizes, comma-separated")
     p.add_argument("--time-scale", type=float, default=0.2,
                    help="arrival-time factor at 8 replicas (scaled by 8 / replicas for the other sizes)")
-    p.add_argument("--cost-model", default=DEFAULT_COST_MODEL)
-    p.add_argument("--block-size", type=int, default=128,
-                   help="the replicas' KV block size (a trace block is 512 tokens: hits are the same for any "
-                        "divisor; larger blocks simulate faster)")
-    p.add_argument("--balance-abs-threshold", type=int, default=None, help="cache_aware (default: the router's)")
-    p.add_argument("--cache-threshold", type=float, default=DEFAULT_CACHE_THRESHOLD,
-                   help="cache_aware: the share of a prompt's blocks the best-matching replica must hold")
-    p.add_argument("--slo-ttft", type=float, default=2.0)
-    p.add_argument("--slo-itl", type=float, default=0.1)
-    p.add_argument("--json", default=str(ROOT / "docs" / "cluster_sim.json"))
-    p.add_argument("--plot", default=str(ROOT / "docs" / "cluster_sim.png"), help="'' for none")
-    p.add_argument("--replot", metavar="FILE.json", default=None, help="only plot the results saved in FILE.json")
+    add_study_args(p, "cluster_sim")
     args = p.parse_args()
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
