@@ -1,6 +1,7 @@
 """Read a GGUF file: the HF config, the tensors under HF names, and the tokenizer."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -71,15 +72,24 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path, mtime_ns: int, size: int):
+    """The parsed file (read-only memory map), shared by the engines of one process: parsing the
+    metadata (a vocabulary's strings one by one) takes seconds.  Keyed by the file's stat, so a file
+    written again is read again."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 class GGUFFile:
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: no such file")
+        stat = self.path.stat()
         try:
-            self.reader = gguf.GGUFReader(self.path)
+            self.reader = _reader(self.path.resolve(), stat.st_mtime_ns, stat.st_size)
         except Exception as e:  # the gguf package raises ValueError/struct/IndexError on bad files
             raise ModelLoadError(f"{self.path}: not a readable GGUF file ({e})") from None
         self.arch = self._field("general.architecture")
