@@ -151,12 +151,13 @@ class EngineConfig:
 @dataclass
 class ParallelConfig:
     """Engine replicas behind one server (``infera serve``): more than one runs each replica's engine
-    in a Ray actor (:mod:`infera.distributed`), with requests routed among them by ``routing_policy``."""
+    in a Ray actor (:mod:`infera.distributed`), with requests routed among them by ``routing_policy``;
+    ``prefill_replicas`` and ``decode_replicas`` run prompts and decoding on separate replicas."""
 
     data_parallel_size: int = option(1, flags=("--data-parallel-size", "-dp"),
                                      help="engine replicas, each a Ray actor with the whole model; 1: one engine "
                                           "in the server process (no Ray)")
-    threads_per_replica: int = option(1, help="torch threads of each replica (with --data-parallel-size > 1)")
+    threads_per_replica: int = option(1, help="torch threads of each replica (Ray actors only)")
     routing_policy: str = option("cache_aware", choices=POLICIES,
                                  help="which replica serves a request: cache_aware = the one holding the longest "
                                       "prefix of the prompt unless it is much busier, least_loaded, round_robin")
@@ -164,8 +165,13 @@ class ParallelConfig:
                                             help="cache_aware: the share of the prompt's KV blocks the best-matching "
                                                  "replica must hold for the request to go there; below it the least "
                                                  "loaded replica (SGLang router's --cache-threshold)")
+    prefill_replicas: int = option(0, help="disaggregated prefill and decode: replicas (Ray actors) that compute the "
+                                           "prompts' KV, which moves to a --decode-replicas replica that samples and "
+                                           "streams; chosen by --routing-policy; 0: each replica does both")
+    decode_replicas: int = option(0, help="with --prefill-replicas: replicas that receive the prompts' KV and decode, "
+                                          "chosen by load (least_loaded)")
     ray_address: str | None = option(None, help="the Ray cluster to run the replicas on; None: start a local one "
-                                                "with data-parallel-size x threads-per-replica CPUs")
+                                                "with as many CPUs as the replicas' threads")
 
     def __post_init__(self) -> None:
         if self.data_parallel_size < 1:
@@ -176,3 +182,18 @@ class ParallelConfig:
             raise ValueError(f"--routing-policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
         if not 0 <= self.routing_cache_threshold <= 1:
             raise ValueError(f"--routing-cache-threshold must be in [0, 1], got {self.routing_cache_threshold}")
+        if self.prefill_replicas < 0 or self.decode_replicas < 0 or (self.prefill_replicas > 0) != (self.decode_replicas > 0):
+            raise ValueError("--prefill-replicas and --decode-replicas go together, each >= 1 "
+                             f"(got {self.prefill_replicas} and {self.decode_replicas})")
+        if self.disaggregated and self.data_parallel_size > 1:
+            raise ValueError("--data-parallel-size is for colocated replicas; with --prefill-replicas and "
+                             "--decode-replicas leave it at 1")
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill_replicas > 0
+
+    @property
+    def uses_ray(self) -> bool:
+        """Whether the engines run in Ray actors (more than one, or prefill and decode apart)."""
+        return self.data_parallel_size > 1 or self.disaggregated

@@ -6,25 +6,40 @@ request's outputs wait in a buffer until the front polls them (:meth:`EngineRepl
 poll): outputs are cumulative, so a poll returns only the latest, and a slow front skips the ones
 in between instead of queueing them.  Errors cross the process boundary as :class:`ReplicaError`
 values, not exceptions, so that the front raises the same exception types as the one-process server.
+
+Disaggregated prefill and decode: a prefill replica computes the KV of a prompt's full blocks
+(:meth:`EngineReplica.prefill`, a request of one token whose output is dropped) and returns it as
+a :class:`KVTransfer`; a decode replica is handed a reference to it with the request
+(:meth:`EngineReplica.add_request`), fetches it from Ray's object store (from the prefill replica's,
+not through the front), writes it into its cache and runs the request, which finds the prompt's
+blocks as prefix hits: it computes the rest of the prompt (less than a block and the last token),
+samples and streams.  Sampling, n > 1, structured output and logprobs thus run on the decode side
+only, as on one engine.  If the KV does not arrive (the prefill replica failed), the decode replica
+computes the whole prompt itself.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import torch
 
 from infera.config import EngineConfig
 from infera.engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                         RequestStream, run_on_fresh_thread)
+from infera.engine.kv_connector import KVTransfer
 from infera.engine.llm_engine import LLMEngine
 from infera.outputs import RequestOutput
 from infera.pooling_params import PoolingParams
 from infera.sampling_params import SamplingParams
 from infera.scaling.controller import SearchJob, SearchOutcome
 from infera.scaling.search import Search
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,21 @@ class _Pending:
     task: asyncio.Task | None = None
 
 
+class _SendKV:
+    """An engine job: the KV of a prompt's cached blocks, read on the engine thread."""
+
+    def __init__(self, prompt: list[int]):
+        self.prompt = prompt
+        self.transfer: KVTransfer | None = None
+
+    def start(self, engine: LLMEngine, done: Callable[[], None]) -> None:
+        self.transfer = engine.worker.kv_connector.send(self.prompt)
+        done()
+
+    def cancel(self) -> None:
+        """Nothing to stop: it ends as it starts."""
+
+
 class EngineReplica:
     """An :class:`LLMEngine` built from ``config`` on ``threads`` torch threads, served to a
     :class:`~infera.distributed.replica_pool.ReplicaPool` (run as ``ray.remote(EngineReplica)``)."""
@@ -90,11 +120,13 @@ class EngineReplica:
         engine = self._started()
         return {**engine.stats, "requests": engine.num_requests} if engine.is_running else None
 
-    async def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | PoolingParams
-                          ) -> ReplicaError | None:
-        """Queue a request; its outputs are then polled.  Returns why it was refused, if it was."""
+    async def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | PoolingParams,
+                          kv: tuple[ray.ObjectRef, ...] = ()) -> ReplicaError | None:
+        """Queue a request; its outputs are then polled.  Returns why it was refused, if it was.  ``kv``:
+        a reference to its prompt's KV from a prefill replica (in a tuple, so that Ray passes it unresolved)."""
+        transfer = await self._fetch(request_id, kv[0]) if kv else None
         try:
-            stream = await self._started().add_request(prompt, params, request_id)
+            stream = await self._started().add_request(prompt, params, request_id, transfer)
         except Exception as e:  # noqa: BLE001 - handed to the front as a value
             return ReplicaError.of(e)
         if request_id in self._aborted:
@@ -104,6 +136,33 @@ class EngineReplica:
         pending = self._pending[request_id] = _Pending(stream)
         pending.task = asyncio.create_task(self._drain(pending))
         return None
+
+    @staticmethod
+    async def _fetch(request_id: str, ref: ray.ObjectRef) -> KVTransfer | None:
+        try:
+            transfer = await ref
+        except Exception as e:  # noqa: BLE001 - the prefill replica failed: the prompt is computed here
+            logger.warning("request %s: its KV did not arrive (%s); computing its prompt here", request_id,
+                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return None
+        return transfer if isinstance(transfer, KVTransfer) else None
+
+    async def prefill(self, request_id: str, prompt: list[int]) -> tuple[dict[str, int] | ReplicaError,
+                                                                         KVTransfer | None]:
+        """Compute the KV of ``prompt`` (cached prefix blocks are reused) and return it: ``(sizes,
+        transfer)``, called with ``num_returns=2`` so that the front waits for the small first value and
+        the decode replica fetches the second; ``(error, None)`` when it failed."""
+        engine = self._started()
+        try:
+            stream = await engine.add_request(prompt, SamplingParams(max_tokens=1), request_id)
+            async for _ in stream:
+                pass
+            job = _SendKV(prompt)
+            await engine.run_job(job)
+        except Exception as e:  # noqa: BLE001 - handed to the front as a value
+            return ReplicaError.of(e), None
+        transfer = job.transfer
+        return {"blocks": transfer.num_blocks if transfer else 0, "bytes": transfer.nbytes if transfer else 0}, transfer
 
     async def _drain(self, pending: _Pending) -> None:
         try:

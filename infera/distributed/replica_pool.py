@@ -11,6 +11,14 @@ Either way the router marks it down, and each of its requests is sent again to a
 A request whose outputs had already reached its stream continues only if the new run makes the
 same tokens (greedy or seeded sampling): the stream then goes on where it was; else it ends with a
 500.  The restarted actor (``max_restarts``) is marked up at its first healthy ping.
+
+Disaggregated prefill and decode (``--prefill-replicas P --decode-replicas D``): a generation
+request's prompt goes first to a prefill replica (chosen by ``routing_policy`` among the prefill
+replicas: by cached prefix with cache_aware), which computes the KV of its full blocks but the
+last token's; the request goes at once to a decode replica (the least loaded), which fetches that KV
+from the prefill replica when it is ready (see :mod:`infera.distributed.replica`) and does the rest.
+Embedding requests, prompts shorter than a block and prompt_logprobs requests go to the decode
+replica alone.  A prefill replica that fails costs its requests only the recomputation there.
 """
 from __future__ import annotations
 
@@ -45,6 +53,16 @@ MEAN_STATS = ("kv_cache_usage", "spec_acceptance_rate", "spec_mean_acceptance_le
 
 
 @dataclass(eq=False)
+class _Group:
+    """Replicas of one role, their router and their stats as of their last pings."""
+
+    role: str  # "engine" (colocated), "decode" or "prefill"
+    actors: list[Any]
+    router: Router
+    stats: list[dict[str, float]]
+
+
+@dataclass(eq=False)
 class _Request:
     request_id: str
     prompt: list[int]
@@ -55,6 +73,7 @@ class _Request:
     delivered: RequestOutput | None = None  # the last output handed to the stream
     replaying: bool = False  # sent again after its replica failed, and not caught up with `delivered` yet
     pump: asyncio.Task | None = None
+    prefill: asyncio.Task | None = None  # waits for its prefill replica (disaggregated)
 
 
 class ReplicaPool:
@@ -67,11 +86,13 @@ class ReplicaPool:
 
     def __init__(self, config: EngineConfig, parallel: ParallelConfig, max_waiting_requests: int | None = None,
                  log_to_driver: bool = True):
-        n, threads = parallel.data_parallel_size, parallel.threads_per_replica
+        threads = parallel.threads_per_replica
+        sizes = ({"decode": parallel.decode_replicas, "prefill": parallel.prefill_replicas} if parallel.disaggregated
+                 else {"engine": parallel.data_parallel_size})
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             local = parallel.ray_address is None
-            ray.init(address=parallel.ray_address, num_cpus=n * threads if local else None,
+            ray.init(address=parallel.ray_address, num_cpus=sum(sizes.values()) * threads if local else None,
                      include_dashboard=False, log_to_driver=log_to_driver)
         source = open_model(config.model)
         self.config = config
@@ -79,12 +100,20 @@ class ReplicaPool:
         self.default_sampling_params = sampling_defaults(config.generation_config, source)
         # Ray starts each actor with OMP_NUM_THREADS = its num_cpus, in this process's working directory
         actor = ray.remote(EngineReplica).options(num_cpus=threads, max_restarts=MAX_RESTARTS, max_task_retries=0)
-        self.replicas = [actor.remote(config, threads, max_waiting_requests) for _ in range(n)]
-        self.info: list[dict[str, Any]] = ray.get([r.info.remote() for r in self.replicas])
+        actors = {role: [actor.remote(config, threads, max_waiting_requests) for _ in range(n)]
+                  for role, n in sizes.items()}
+        infos = {role: ray.get([a.info.remote() for a in group]) for role, group in actors.items()}
+        self.info: list[dict[str, Any]] = [i for group in infos.values() for i in group]
         self.max_model_len: int = min(i["max_model_len"] for i in self.info)
-        self.router = Router(n, parallel.routing_policy, cache_threshold=parallel.routing_cache_threshold,
-                             block_capacity=min(i["kv_cache_tokens"] for i in self.info) // config.block_size)
-        self.replica_stats: list[dict[str, float]] = [{} for _ in range(n)]  # as of each replica's last ping
+        self.groups = {role: _Group(role, actors[role], Router(
+            len(actors[role]), "least_loaded" if role == "decode" else parallel.routing_policy,
+            cache_threshold=parallel.routing_cache_threshold,
+            block_capacity=min(i["kv_cache_tokens"] for i in infos[role]) // config.block_size),
+            [{} for _ in actors[role]]) for role in sizes}
+        self.serving = self.groups.get("engine") or self.groups["decode"]  # the replicas that stream outputs
+        self.replicas, self.router = self.serving.actors, self.serving.router
+        self.prefill = self.groups.get("prefill")
+        self.kv_transfers = {"kv_transfer_requests": 0, "kv_transfer_blocks": 0, "kv_transfer_bytes": 0}
         self._streams: dict[str, RequestStream] = {}  # touched on the event loop only
         self._requests: dict[str, _Request] = {}  # likewise: those sent to a replica and not ended yet
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,8 +133,9 @@ class ReplicaPool:
     def shutdown(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
-        for replica in self.replicas:
-            ray.kill(replica, no_restart=True)
+        for group in self.groups.values():
+            for replica in group.actors:
+                ray.kill(replica, no_restart=True)
         if self._owns_ray:
             ray.shutdown()
 
@@ -122,15 +152,22 @@ class ReplicaPool:
         return len(self._streams)
 
     @property
+    def replica_stats(self) -> list[dict[str, float]]:
+        """Each replica's stats as of its last ping (decode replicas, then prefill replicas)."""
+        return [stats for group in self.groups.values() for stats in group.stats]
+
+    @property
     def stats(self) -> dict[str, float]:
-        """The replicas' stats summed (:data:`MEAN_STATS` averaged), as of their last pings."""
-        total: dict[str, float] = {}
-        for stats in self.replica_stats:
+        """The replicas' stats summed (:data:`MEAN_STATS` averaged), as of their last pings, and the
+        KV moved from prefill to decode replicas."""
+        total: dict[str, float] = dict(self.kv_transfers) if self.prefill else {}
+        replica_stats = self.replica_stats
+        for stats in replica_stats:
             for key, value in stats.items():
                 total[key] = total.get(key, 0) + value
         for key in MEAN_STATS:
             if key in total:
-                total[key] /= len(self.replica_stats)
+                total[key] /= len(replica_stats)
         return total
 
     def check_prompt_length(self, num_tokens: int, generates: bool = True) -> None:
@@ -219,8 +256,9 @@ class ReplicaPool:
             except RuntimeError as e:  # none is up
                 raise EngineDeadError(str(e)) from None
             req.replica = replica
+            kv = self._prefill(req)
             try:
-                error = await self.replicas[replica].add_request.remote(req.request_id, req.prompt, req.params)
+                error = await self.replicas[replica].add_request.remote(req.request_id, req.prompt, req.params, kv)
             except RayActorError as e:
                 self._down(replica, e)
                 excluded.add(replica)
@@ -233,6 +271,46 @@ class ReplicaPool:
                     continue
                 raise error.exception()
             return
+
+    def _prefill(self, req: _Request) -> tuple[ray.ObjectRef, ...]:
+        """Start the prefill of ``req``'s prompt on a prefill replica (disaggregated); returns the
+        reference to its KV for the decode replica, or () where the decode replica computes it all."""
+        bs = self.config.block_size
+        n = (len(req.prompt) - 1) // bs * bs  # the blocks a request for the prompt takes from the cache
+        if (self.prefill is None or n == 0 or not isinstance(req.params, SamplingParams)
+                or req.params.prompt_logprobs is not None):
+            return ()
+        if req.prefill is not None:
+            req.prefill.cancel()
+        prefill_id = f"{req.request_id}-prefill"
+        try:
+            replica = self.prefill.router.route(RouteRequest(prefill_id, req.route.block_hashes[:n // bs]))
+        except RuntimeError:  # no prefill replica is up: the decode replica computes the prompt
+            return ()
+        sizes, transfer = self.prefill.actors[replica].prefill.options(num_returns=2).remote(prefill_id,
+                                                                                             req.prompt[:n])
+        req.prefill = asyncio.create_task(self._prefilled(replica, prefill_id, sizes))
+        return (transfer,)
+
+    async def _prefilled(self, replica: int, prefill_id: str, sizes: ray.ObjectRef) -> None:
+        """Wait for a prefill: count what it moves, mark its replica down if it died, cancel it when
+        its request is aborted."""
+        try:
+            got = await sizes
+        except asyncio.CancelledError:
+            ray.cancel(sizes)
+            raise
+        except RayActorError as e:
+            self._down(replica, e, self.prefill)
+        else:
+            if isinstance(got, ReplicaError):
+                logger.warning("prefill of %s failed on prefill replica %d: %s", prefill_id, replica, got.message)
+            else:
+                self.kv_transfers["kv_transfer_requests"] += 1
+                self.kv_transfers["kv_transfer_blocks"] += got["blocks"]
+                self.kv_transfers["kv_transfer_bytes"] += got["bytes"]
+        finally:
+            self.prefill.router.finish(prefill_id)
 
     async def _pump(self, req: _Request) -> None:
         """Hand the replica's outputs to the stream until the request ends; send it again when its
@@ -278,43 +356,46 @@ class ReplicaPool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return
-        if req.pump is not None:
-            req.pump.cancel()
+        for task in (req.pump, req.prefill):
+            if task is not None:
+                task.cancel()
         self.router.finish(request_id)
         if req.replica >= 0:
             self.replicas[req.replica].abort.remote(request_id)
 
     # -- replica health ------------------------------------------------------------------------------
-    def _down(self, replica: int, reason: object) -> None:
-        if self.router.up[replica]:
-            lost = self.router.mark_down(replica)
-            logger.warning("engine replica %d is down (%s); its %d requests go to other replicas", replica,
+    def _down(self, replica: int, reason: object, group: _Group | None = None) -> None:
+        group = group or self.serving
+        if group.router.up[replica]:
+            lost = group.router.mark_down(replica)
+            logger.warning("%s replica %d is down (%s); its %d requests go to other replicas", group.role, replica,
                            str(reason).splitlines()[0] if str(reason) else type(reason).__name__, len(lost))
 
     async def _ping_forever(self) -> None:
         while True:
-            await asyncio.gather(*(self._ping(r) for r in range(len(self.replicas))))
+            await asyncio.gather(*(self._ping(group, r) for group in self.groups.values()
+                                   for r in range(len(group.actors))))
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
-    async def _ping(self, replica: int) -> None:
+    async def _ping(self, group: _Group, replica: int) -> None:
         """Record the replica's stats and mark it up; a dead one down (Ray restarts it); a hung one
         (no answer, or its engine thread stopped) down and killed, to be restarted."""
         try:
-            stats = await asyncio.wait_for(self.replicas[replica].health.remote(), HEALTH_TIMEOUT_S)
+            stats = await asyncio.wait_for(group.actors[replica].health.remote(), HEALTH_TIMEOUT_S)
         except RayActorError as e:
-            self._down(replica, e)
+            self._down(replica, e, group)
             return
         except Exception:  # noqa: BLE001 - no answer in time, or the ping failed there
             stats = None
         if stats is None:
-            if self.router.up[replica]:
-                self._down(replica, "no answer to the health ping, or its engine stopped")
-                ray.kill(self.replicas[replica], no_restart=False)
+            if group.router.up[replica]:
+                self._down(replica, "no answer to the health ping, or its engine stopped", group)
+                ray.kill(group.actors[replica], no_restart=False)
             return
-        self.replica_stats[replica] = stats
-        if not self.router.up[replica]:
-            self.router.mark_up(replica)
-            logger.info("engine replica %d is up again", replica)
+        group.stats[replica] = stats
+        if not group.router.up[replica]:
+            group.router.mark_up(replica)
+            logger.info("%s replica %d is up again", group.role, replica)
 
 
 def _caught_up(out: RequestOutput, delivered: RequestOutput) -> bool | None:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from infera.engine.kv_connector import KVTransfer
 from infera.engine.llm_engine import LLMEngine
 from infera.outputs import RequestOutput
 from infera.pooling_params import PoolingParams
@@ -80,6 +81,7 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams | PoolingParams
     done: asyncio.Future  # settled once the engine has taken the request (or refused it)
+    kv: KVTransfer | None = None  # its prompt's KV computed elsewhere, written into the cache first
 
 
 @dataclass
@@ -202,10 +204,11 @@ class AsyncLLMEngine:
         return self._stats
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams | PoolingParams,
-                          request_id: str) -> RequestStream:
+                          request_id: str, kv: KVTransfer | None = None) -> RequestStream:
         """Queue a request (:class:`PoolingParams`: an embedding request). Raises ValueError (the engine
         refused it), QueueFullError or EngineDeadError before any output, so the caller can answer with
-        an error status."""
+        an error status.  ``kv``: KV blocks of the prompt computed elsewhere (disaggregated prefill),
+        received into the cache just before the request is queued, so it finds them as prefix hits."""
         self._check_accepting()
         try:  # off the engine thread, with a time limit; add_request then finds it compiled
             if isinstance(params, SamplingParams):
@@ -217,7 +220,7 @@ class AsyncLLMEngine:
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         accepted = self._loop.create_future()
-        self._ops.put(_Add(request_id, prompt, params, accepted))
+        self._ops.put(_Add(request_id, prompt, params, accepted, kv))
         try:
             if self.error is not None:  # the thread died after the check above
                 raise EngineDeadError(f"the engine is not running ({self.error})")
@@ -330,6 +333,8 @@ class AsyncLLMEngine:
                 loop, done = self._loop, op.done
                 op.job.start(self.engine, lambda: loop.call_soon_threadsafe(_settle, done, None))
                 return True
+            if op.kv is not None:
+                self._receive(op)
             self.engine.add_request(op.prompt, op.params, op.request_id)
         except (ValueError, QueueFullError) as e:
             error = e
@@ -340,6 +345,17 @@ class AsyncLLMEngine:
             error = ValueError(f"the request could not be accepted ({type(e).__name__}: {e})")
         self._loop.call_soon_threadsafe(_settle, op.done, error)
         return True
+
+    def _receive(self, op: _Add) -> None:
+        """Write a request's KV blocks into the cache; blocks that do not fit, or KV of another layout,
+        are computed here instead."""
+        try:
+            written = self.engine.worker.kv_connector.receive(op.kv)
+        except ValueError as e:
+            logger.warning("request %s: its KV blocks were not taken (%s); its prompt is computed here", op.request_id, e)
+            return
+        logger.debug("request %s: %d of %d KV blocks received (%d bytes)", op.request_id, written,
+                     op.kv.num_blocks, op.kv.nbytes)
 
     def _step(self) -> None:
         try:

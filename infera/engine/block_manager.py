@@ -62,18 +62,55 @@ class BlockManager:
             return []
         if seq.pooling is not None and seq.pooling.needs_every_token:
             return []
+        return self.cached_prefix(seq.token_ids[:(seq.compute_target - 1) // self.block_size * self.block_size])
+
+    def cached_prefix(self, token_ids: list[int]) -> list[int]:
+        """The cached blocks holding the longest prefix of ``token_ids``'s full blocks."""
         bs = self.block_size
-        max_blocks = (seq.compute_target - 1) // bs
         found: list[int] = []
         prev = 0
-        for i in range(max_blocks):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+        for i in range(len(token_ids) // bs):
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
             prev = hash((prev, tokens))
             block_id = self.hash_to_block.get(prev)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             found.append(block_id)
         return found
+
+    def add_cached_blocks(self, token_ids: list[int]) -> list[tuple[int, int]]:
+        """Make the full blocks of ``token_ids`` cached prefix blocks (KV received from elsewhere):
+        returns ``(i, block_id)`` for each block ``i`` of them that was not cached yet, whose KV the
+        caller writes now.  They are taken from the free blocks (evicting the least recently freed)
+        and stay free and findable, most recently freed.  Stops at the first block that does not fit
+        (the rest would be unreachable without it)."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        new: list[tuple[int, int]] = []
+        claimed: set[int] = set()
+        prev = 0
+        for i in range(len(token_ids) // bs):
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            prev = hash((prev, tokens))
+            block_id = self.hash_to_block.get(prev)
+            if block_id is not None and self.blocks[block_id].token_ids == tokens:
+                claimed.add(block_id)
+                if block_id in self.free_ids:
+                    self.free_ids.move_to_end(block_id)  # used again: evicted last
+                continue
+            oldest = next(iter(self.free_ids), None)
+            if oldest is None or oldest in claimed:  # no room: taking it would evict this prefix's own blocks
+                break
+            block_id = self._new_block()
+            block = self.blocks[block_id]
+            block.ref_count = 0
+            block.hash, block.token_ids = prev, tokens
+            self.hash_to_block[prev] = block_id
+            self.free_ids[block_id] = None
+            claimed.add(block_id)
+            new.append((i, block_id))
+        return new
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix; only while no sequence holds blocks."""

@@ -38,6 +38,20 @@ class KVCachePool:
     def num_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
 
+    def read_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies of these blocks' K/V (``[2, layers, len(block_ids), block_size, heads, head_dim]``)
+        and their int8 scales (None for a float cache)."""
+        index = torch.tensor(block_ids, device=self.data.device)
+        return (self.data[:, :, index].contiguous(),
+                None if self.scales is None else self.scales[:, :, index].contiguous())
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Set these blocks' K/V (and int8 scales) to what :meth:`read_blocks` returned elsewhere."""
+        index = torch.tensor(block_ids, device=self.data.device)
+        self.data[:, :, index] = data.to(self.data.device)
+        if self.scales is not None:
+            self.scales[:, :, index] = scales.to(self.scales.device)
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block ``dst`` gets the contents of block ``src`` in every layer."""
         src, dst = (torch.tensor(x, device=self.data.device) for x in zip(*pairs))

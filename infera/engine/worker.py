@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from infera.config import EngineConfig
 from infera.engine.block_manager import BlockManager
 from infera.engine.kv_cache import KVCachePool
+from infera.engine.kv_connector import KVConnector
 from infera.engine.model_runner import ModelRunner
 from infera.layers.attention import Attention
 from infera.loader.generation_config import sampling_defaults
@@ -24,11 +25,12 @@ ModelFactory = Callable[[GGUFFile | SafetensorsDir, PretrainedConfig, torch.dtyp
 
 class Worker:
     """The model at ``config.model`` built from ``config``: its tokenizer, a :class:`ModelRunner` over
-    a KV cache of ``config.kv_cache_memory`` (or of room for ``kv_cache_tokens`` tokens) and a
-    :class:`BlockManager` over that cache.  The engine, a draft model, self-drafting and a reward
-    model each run on one.  ``load_model`` builds a model other than the checkpoint's causal LM (a
-    reward model's head model, say); ``quantization`` is then not applied.  ``default_sampling_params``:
-    the sampling defaults ``config.generation_config`` chooses (SamplingParams fields)."""
+    a KV cache of ``config.kv_cache_memory`` (or of room for ``kv_cache_tokens`` tokens), a
+    :class:`BlockManager` over that cache and a :class:`KVConnector` that moves its blocks.  The
+    engine, a draft model, self-drafting and a reward model each run on one.  ``load_model`` builds
+    a model other than the checkpoint's causal LM (a reward model's head model, say);
+    ``quantization`` is then not applied.  ``default_sampling_params``: the sampling defaults
+    ``config.generation_config`` chooses (SamplingParams fields)."""
 
     def __init__(self, config: EngineConfig, load_model: ModelFactory | None = None,
                  kv_cache_tokens: int | None = None):
@@ -60,6 +62,7 @@ class Worker:
                                   gpu_memory_utilization=config.gpu_memory_utilization,
                                   enforce_eager=config.enforce_eager)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_connector = KVConnector(self.block_manager, self.runner.kv_cache)
         self.max_model_len = min(limit, self.kv_cache_tokens)
 
     @property

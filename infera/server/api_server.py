@@ -359,18 +359,20 @@ class InferaServer(uvicorn.Server):
 
 def run_server(engine_config: EngineConfig, config: ServerConfig, options: ServerOptions,
                log_level: str = "info", parallel: ParallelConfig | None = None) -> None:
-    """``infera serve``: load the model (in ``parallel.data_parallel_size`` replicas), then serve it
+    """``infera serve``: load the model (in one engine, or in the replicas ``parallel`` asks for), then serve it
     until Ctrl-C or SIGTERM."""
     from infera.engine.llm_engine import LLMEngine
     from infera.scaling.reward_model import load_reward_model
 
-    if parallel is not None and parallel.data_parallel_size > 1:
+    if parallel is not None and parallel.uses_ray:
         from infera.distributed.replica_pool import ReplicaPool
 
         front: AsyncLLMEngine | ReplicaPool = ReplicaPool(engine_config, parallel, config.max_waiting_requests)
         info = front.info[0]
+        replicas = (f"{parallel.prefill_replicas} prefill + {parallel.decode_replicas} decode replicas"
+                    if parallel.disaggregated else f"{parallel.data_parallel_size} replicas")
         model_path, where = info["model_path"], (
-            f"{parallel.data_parallel_size} replicas (Ray actors, {parallel.threads_per_replica} threads each, "
+            f"{replicas} (Ray actors, {parallel.threads_per_replica} threads each, "
             f"{parallel.routing_policy} routing), {info['dtype']} on {info['device']}, "
             f"KV cache {info['kv_cache_tokens']} tokens each")
     else:
