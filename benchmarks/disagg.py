@@ -114,16 +114,17 @@ def plot(path: str, results: dict[str, dict[str, float]]) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
+    labels = [n.replace(" (", "\n(") for n in names]
     x = range(len(names))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (key, label) in zip(axes, [("itl", "inter-token latency (ms)"), ("burst_ttft", "burst prompts' TTFT (s)")]):
         unit = "_ms" if key == "itl" else "_s"
         ax.bar([i - 0.2 for i in x], [results[n][f"{key}_p50{unit}"] for n in names], 0.4, label="p50")
         ax.bar([i + 0.2 for i in x], [results[n][f"{key}_p99{unit}"] for n in names], 0.4, label="p99")
-        ax.set_xticks(list(x), names)
+        ax.set_xticks(list(x), labels)
         ax.set_title(label)
         ax.legend()
-    axes[2].bar(names, [results[n]["output_tok_s"] for n in names], color="tab:green")
+    axes[2].bar(labels, [results[n]["output_tok_s"] for n in names], color="tab:green")
     axes[2].set_title("output tokens / s")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -132,7 +133,7 @@ def plot(path: str, results: dict[str, dict[str, float]]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, default=4, help="chat streams decoding from the start")
-    p.add_argument("--stream-len", type=int, default=320, help="new tokens of each stream")
+    p.add_argument("--stream-len", type=int, default=800, help="new tokens of each stream")
     p.add_argument("--bursts", type=int, default=4)
     p.add_argument("--burst-size", type=int, default=3, help="long prompts per burst")
     p.add_argument("--first-burst", type=float, default=2.0, help="seconds before the first burst")

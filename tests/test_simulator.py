@@ -48,6 +48,29 @@ def test_hand_computed_schedule():
     assert s["hit_rate"] == 512 / 1700
 
 
+def test_hand_computed_disaggregated_schedule():
+    # 1 prefill + 1 decode replica, steps of 1 s, 600 tokens per step, blocks of 16, 1 ms per token of KV moved.
+    # A (t=0, 1000 tokens, 3 out), B (t=0.5, 100 tokens, 2 out); the prefill replica computes their full
+    # blocks but the last token's: 992 and 96 tokens.
+    # prefill [0,1): A's first 600; [1,2): A's last 392 + B's 96 -> KV sent at 2: B's lands at 2.096, A's at 2.992
+    # decode [2.096,3.096): B's last 4 tokens -> first token, TTFT 2.596; [3.096,4.096): B decodes (finishes)
+    # + A's last 8 -> TTFT 4.096; [4.096,5.096), [5.096,6.096): A decodes, finishes at 6.096.
+    trace = [TraceRequest(0.0, 1000, 3, (0, 1)), TraceRequest(0.5, 100, 2, (2,))]
+    result = Simulator(trace, 2, "cache_aware", constant_model(), prefill_replicas=1, kv_transfer_s_per_token=1e-3,
+                       progress=False).run()
+    a, b = result.records
+    assert [a.ttft, b.ttft] == pytest.approx([4.096, 2.596])
+    assert [a.finish, b.finish] == pytest.approx([6.096, 4.096])
+    assert [a.replica, b.replica] == [0, 0] and [a.cached_tokens, b.cached_tokens] == [0, 0]
+    assert list(result.itls) == pytest.approx([1.0] * 3)
+    decode, prefill = result.replicas
+    assert (prefill.num_steps, decode.num_steps) == (2, 4)
+    assert prefill.output_tokens == 0 and decode.output_tokens == 5
+    assert all(rep.block_manager.num_free_blocks == rep.block_manager.num_blocks for rep in result.replicas)
+    with pytest.raises(ValueError, match="at least one decode replica"):
+        Simulator(trace, 1, "cache_aware", constant_model(), prefill_replicas=1)
+
+
 def test_prefix_hits_equal_the_traces_shared_blocks():
     # arrivals far apart: each request runs alone, after every earlier one finished
     trace = shared_prefix_trace(num_prefixes=2, requests_per_prefix=3, prefix_blocks=2, suffix_tokens=100,
@@ -200,3 +223,8 @@ def test_cli(tmp_path, capsys):
     assert g["converged"] and g["rate_req_s"] < g["failed_req_s"] <= 1.05 * g["rate_req_s"]
     assert g["per_replica_req_s"] == g["rate_req_s"] / 2
     assert "least_loaded" in capsys.readouterr().out
+    split = ["simulate", "--trace", str(trace), "--replicas", "2", "--cost-model", str(cost), "--policy", "cache_aware",
+             "--prefill-replicas", "1", "--json", str(out)]
+    assert main(split) == 2 and "--kv-bytes-per-token" in capsys.readouterr().err  # the model does not say
+    assert main([*split, "--kv-bytes-per-token", "131072"]) == 0
+    assert json.loads(out.read_text())["runs"][0]["finished"] == 8

@@ -250,13 +250,15 @@ class ReplicaPool:
     async def _send(self, req: _Request, exclude: tuple[int, ...] = ()) -> None:
         """Send ``req`` to the replica the router picks, skipping those that fail as it is sent."""
         excluded = set(exclude)
+        kv: tuple[ray.ObjectRef, ...] | None = None  # the prompt's KV from a prefill replica, started once
         while True:
             try:
                 replica = self.router.route(req.route, excluded)
             except RuntimeError as e:  # none is up
                 raise EngineDeadError(str(e)) from None
             req.replica = replica
-            kv = self._prefill(req)
+            if kv is None:
+                kv = self._prefill(req)
             try:
                 error = await self.replicas[replica].add_request.remote(req.request_id, req.prompt, req.params, kv)
             except RayActorError as e:

@@ -40,6 +40,13 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (must divide 512)")
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--kv-bytes-per-token", type=int, default=None,
+                   help="bytes of one token's K and V in all layers (what --prefill-replicas move)")
+    d = p.add_argument_group("disaggregated prefill and decode (as infera serve --prefill-replicas)")
+    d.add_argument("--prefill-replicas", type=int, default=0,
+                   help="of --replicas, how many only prefill (routed by --policy); the rest decode (least loaded)")
+    d.add_argument("--kv-transfer-bandwidth", type=float, default=25.0,
+                   help="GB/s a prompt's KV moves at from its prefill to its decode replica")
     p.add_argument("--balance-abs-threshold", type=int, default=None,
                    help="cache_aware: how many more outstanding requests than the least loaded replica the "
                         "best-matching one may hold (default: the router's, 32 as SGLang)")
@@ -67,8 +74,13 @@ def run_simulate(args: argparse.Namespace) -> None:
         raise ValueError("--trace is required (or --fit FILE to measure a cost model)")
     model = load_cost_model(args.cost_model)
     overrides = {"num_kv_tokens": args.kv_tokens, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
-                 "max_num_batched_tokens": args.max_num_batched_tokens}
+                 "max_num_batched_tokens": args.max_num_batched_tokens, "kv_bytes_per_token": args.kv_bytes_per_token}
     limits = dataclasses.replace(model.replica, **{k: v for k, v in overrides.items() if v is not None})
+    split = {"prefill_replicas": args.prefill_replicas,
+             "kv_transfer_s_per_token": limits.kv_bytes_per_token / (args.kv_transfer_bandwidth * 1e9)}
+    if args.prefill_replicas and not limits.kv_bytes_per_token:
+        raise ValueError("--prefill-replicas: the cost model does not say how many bytes a token's KV takes; "
+                         "give --kv-bytes-per-token")
     requests = read_mooncake(args.trace, args.limit, args.time_scale)
     ideal = ideal_hit_rate(requests)
     print(f"{len(requests)} requests from {args.trace} (time scale {args.time_scale:g}); {args.replicas} replicas; "
@@ -79,7 +91,7 @@ def run_simulate(args: argparse.Namespace) -> None:
         searches = [max_goodput(requests, args.replicas, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl,
                                 goal=args.goodput_goal, tolerance=args.goodput_tolerance, limits=limits,
                                 balance_abs_threshold=args.balance_abs_threshold,
-                                cache_threshold=args.cache_threshold, seed=args.seed)
+                                cache_threshold=args.cache_threshold, seed=args.seed, **split)
                     for policy in policies]
         print(goodput_table(searches))
         if args.json:
@@ -95,7 +107,7 @@ def run_simulate(args: argparse.Namespace) -> None:
     for policy in policies:
         result = Simulator(requests, args.replicas, policy, model, limits=limits,
                            balance_abs_threshold=args.balance_abs_threshold, cache_threshold=args.cache_threshold,
-                           seed=args.seed).run()
+                           seed=args.seed, **split).run()
         summaries.append(summarize(result, args.slo_ttft, args.slo_itl))
     print(table(summaries))
     if args.json:

@@ -55,6 +55,7 @@ class ReplicaLimits:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 1024
+    kv_bytes_per_token: int = 0  # K and V of one token in all layers (what a KV transfer moves); 0: unknown
 
 
 @dataclass
@@ -177,7 +178,7 @@ def measure_local(output: str | Path | None = None, progress: bool = True, **eng
     coefficients, error = fit(samples)
     cfg = engine.config
     limits = ReplicaLimits(engine.worker.kv_cache_tokens, cfg.block_size, cfg.max_num_seqs,
-                           cfg.max_num_batched_tokens)
+                           cfg.max_num_batched_tokens, engine.runner.kv_cache.bytes_per_block // cfg.block_size)
     source = f"measured: {Path(engine.model_path).name} on {_device_signature(engine.device)}"
     model = CostModel(coefficients, limits, source, error, len(samples),
                       {"samples": [[*features, seconds] for features, seconds in samples]})
@@ -225,7 +226,8 @@ def roofline_model(config: str = "llama-3-8b", hardware: str = "h100-sxm", memor
         raise ValueError(f"{config} ({weight_bytes / 1e9:.1f} GB of weights) leaves no KV cache in {memory_gb} GB")
     samples = roofline_samples(config, hardware, dtype)
     coefficients, error = fit(samples)
-    limits = ReplicaLimits(kv_tokens // block_size * block_size, block_size, max_num_seqs, max_num_batched_tokens)
+    limits = ReplicaLimits(kv_tokens // block_size * block_size, block_size, max_num_seqs, max_num_batched_tokens,
+                           kv_bytes_per_token)
     source = (f"roofline: {config} {dtype} on {hardware} ({memory_gb:g} GB x {memory_utilization:g}: "
               f"{weight_bytes / 1e9:.1f} GB weights, KV {kv_bytes_per_token // 1024} KiB/token)")
     return CostModel(coefficients, limits, source, error, len(samples))

@@ -6,6 +6,12 @@ block manager commits the batch's tokens; a sequence that reached its end sample
 synthetic one, unique to its request so that generated blocks are never shared) and finishes at
 its trace's output length.  Replicas step independently: a heap holds each busy replica's step end,
 and arrivals (routed by the :class:`Router` when they arrive) wake idle replicas.
+
+Disaggregated prefill and decode (``prefill_replicas`` > 0, as ``infera serve --prefill-replicas``):
+the last ``prefill_replicas`` replicas compute prompts (their full blocks but the last token's,
+routed by ``policy``), the others decode (routed least-loaded).  When a prompt's prefill ends, its
+KV takes ``kv_transfer_s_per_token`` seconds per token to reach the decode replica, which receives
+its blocks as cached prefix blocks, computes the rest of the prompt and samples the first token.
 """
 from __future__ import annotations
 
@@ -73,7 +79,7 @@ class SimResult:
     records: list[RequestRecord]
     itls: array  # every inter-token latency, seconds
     replicas: list[Replica]
-    router: Router
+    router: Router  # the one routing by cached prefix (the prefill replicas' when disaggregated)
     wall_s: float  # real seconds the simulation took
 
 
@@ -81,22 +87,31 @@ class Simulator:
     def __init__(self, requests: Seq[TraceRequest], num_replicas: int, policy: str, cost_model: CostModel,
                  *, limits: ReplicaLimits | None = None, router_capacity: int | None = None,
                  balance_abs_threshold: int | None = None, cache_threshold: float | None = None, seed: int = 0,
-                 progress: bool = True):
+                 prefill_replicas: int = 0, kv_transfer_s_per_token: float = 0.0, progress: bool = True):
         """``limits``: each replica's engine (default: the one the cost model describes);
         ``router_capacity``: trace blocks each replica's router index keeps (default: its KV cache);
-        ``balance_abs_threshold``, ``cache_threshold``: the cache-aware router's (default: the Router's)."""
+        ``balance_abs_threshold``, ``cache_threshold``: the cache-aware router's (default: the Router's);
+        ``prefill_replicas`` of the ``num_replicas`` only prefill (disaggregated; 0: colocated)."""
         limits = limits or cost_model.replica
         if TRACE_BLOCK % limits.block_size:
             raise ValueError(f"the block size ({limits.block_size}) must divide the trace's {TRACE_BLOCK}-token blocks")
+        if not 0 <= prefill_replicas < num_replicas:
+            raise ValueError(f"prefill replicas must leave at least one decode replica: {prefill_replicas} of "
+                             f"{num_replicas}")
         self.requests = sorted(requests, key=lambda r: r.arrival)
         self.policy = policy
         self.cost_model = cost_model
-        self.replicas = [Replica(limits) for _ in range(num_replicas)]
+        self.replicas = [Replica(limits) for _ in range(num_replicas)]  # decode (or colocated), then prefill
+        self.num_decode = num_replicas - prefill_replicas
+        self.kv_transfer_s_per_token = kv_transfer_s_per_token
         self.max_tokens = self.replicas[0].block_manager.num_blocks * limits.block_size
         capacity = router_capacity or max(1, self.max_tokens // TRACE_BLOCK)
         options = {k: v for k, v in (("balance_abs_threshold", balance_abs_threshold),
                                      ("cache_threshold", cache_threshold)) if v is not None}
-        self.router = Router(num_replicas, policy, block_capacity=capacity, seed=seed, **options)
+        self.router = Router(self.num_decode, "least_loaded" if prefill_replicas else policy, block_capacity=capacity,
+                             seed=seed, **options)
+        self.prefill_router = (Router(prefill_replicas, policy, block_capacity=capacity, seed=seed, **options)
+                               if prefill_replicas else None)
         self.records = [RequestRecord(r.arrival, r.input_length, r.output_length) for r in self.requests]
         self.itls = array("d")
         self.progress = progress
@@ -104,6 +119,7 @@ class Simulator:
         self._clock: list[tuple[float, int, int]] = []  # (time, tie-break, replica) of step boundaries
         self._ticks = 0
         self._live: dict[int, tuple[int, RequestRecord]] = {}  # seq_id -> (request index, record)
+        self._prefilling: set[int] = set()  # seq_ids of prompts on prefill replicas
 
     def run(self) -> SimResult:
         started = time.perf_counter()
@@ -118,12 +134,16 @@ class Simulator:
                 i += 1
             else:
                 now, _, r = heapq.heappop(clock)
-                self._step(self.replicas[r], r, now)
+                if r < 0:  # a prompt's KV reached the decode side
+                    self._admit(-1 - r, now)
+                else:
+                    self._step(self.replicas[r], r, now)
         self._bar.close()
-        return SimResult(self.policy, self.records, self.itls, self.replicas, self.router,
+        return SimResult(self.policy, self.records, self.itls, self.replicas, self.prefill_router or self.router,
                          time.perf_counter() - started)
 
     def _wake(self, r: int, now: float) -> None:
+        """Put replica ``r``'s next step start (or, for r = -1 - i, request i's KV arrival) on the clock."""
         heapq.heappush(self._clock, (now, self._ticks, r))
         self._ticks += 1
 
@@ -132,16 +152,34 @@ class Simulator:
         if req.input_length + req.output_length > self.max_tokens:
             self._bar.update()
             return
+        bs = self.replicas[0].block_manager.block_size
+        prefix = (req.input_length - 1) // bs * bs  # what a prefill replica computes and sends
+        if self.prefill_router is None or prefix == 0:
+            self._admit(i, req.arrival)
+            return
+        p = self.prefill_router.route(RouteRequest(f"prefill-{i}", req.route_hashes()))
+        seq = Sequence(req.prompt_tokens()[:prefix], PARAMS, str(i))
+        self._prefilling.add(seq.seq_id)
+        self._add(self.num_decode + p, seq, i, req.arrival)
+
+    def _admit(self, i: int, now: float) -> None:
+        """Route request ``i`` to a (decode) replica, its prompt's KV received there if it was prefilled."""
+        req, rec = self.requests[i], self.records[i]
         r = self.router.route(RouteRequest(str(i), req.route_hashes()))
         rec.replica = r
+        seq = Sequence(req.prompt_tokens(), PARAMS, str(i))
+        if self.prefill_router is not None:
+            self.replicas[r].block_manager.add_cached_blocks(seq.token_ids[:seq.num_tokens - 1])
+        self._add(r, seq, i, now)
+
+    def _add(self, r: int, seq: Sequence, i: int, now: float) -> None:
         replica = self.replicas[r]
         replica.num_requests += 1
-        seq = Sequence(req.prompt_tokens(), PARAMS, str(i))
-        self._live[seq.seq_id] = (i, rec)
+        self._live[seq.seq_id] = (i, self.records[i])
         replica.scheduler.add(seq)
         if replica.batch is None and not replica.woken:
             replica.woken = True
-            self._wake(r, req.arrival)
+            self._wake(r, now)
 
     def _step(self, replica: Replica, r: int, now: float) -> None:
         """End the step in flight on ``replica`` (if any) at ``now`` and start its next one."""
@@ -169,6 +207,13 @@ class Simulator:
                 rec.cached_tokens = seq.num_cached_tokens
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk: no token sampled
+            if seq.seq_id in self._prefilling:  # its KV goes to a decode replica
+                self._prefilling.discard(seq.seq_id)
+                replica.scheduler.finish(seq)
+                self.prefill_router.finish(f"prefill-{i}")
+                del self._live[seq.seq_id]
+                self._wake(-1 - i, now + seq.num_tokens * self.kv_transfer_s_per_token)
+                continue
             if rec.first_token is None:
                 rec.first_token = now
             else:
