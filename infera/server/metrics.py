@@ -37,6 +37,10 @@ ENGINE_STATS = {
                              "gauge"),
     "spec_mean_acceptance_length": ("infera:spec_decode_mean_acceptance_length",
                                     "Tokens per verification: 1 + accepted drafts per verification.", "gauge"),
+    "kv_transfer_requests": ("infera:kv_transfer_requests", "Prompts whose KV moved from a prefill to a decode "
+                             "replica (disaggregated).", "counter"),
+    "kv_transfer_blocks": ("infera:kv_transfer_blocks", "KV blocks moved from prefill to decode replicas.", "counter"),
+    "kv_transfer_bytes": ("infera:kv_transfer_bytes", "KV bytes moved from prefill to decode replicas.", "counter"),
 }
 
 
