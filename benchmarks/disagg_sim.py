@@ -9,7 +9,7 @@ SLO (:func:`infera.sim.goodput.max_goodput`), under two SLOs: the study's (TTFT 
 <= 100 ms) and a tight-ITL one (mean ITL <= 20 ms), where decoding apart from prefill chunks pays.
 
     python benchmarks/disagg_sim.py                      # first 3,000 requests, 8 replicas, ~10 min
-    python benchmarks/disagg_sim.py --limit 0 --prefill 0,2,3,4 --json /tmp/d.json
+    python benchmarks/disagg_sim.py --limit 0 --prefill 0,2,4 --json /tmp/d.json
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--trace", default=str(TRACE))
     p.add_argument("--limit", type=int, default=3000, help="the trace's first N requests (0: all)")
     p.add_argument("--replicas", type=int, default=8)
-    p.add_argument("--prefill", default="0,2,3,4", help="prefill replicas to try (0: colocated)")
+    p.add_argument("--prefill", default="0,3,4,5,6", help="prefill replicas to try (0: colocated)")
     p.add_argument("--kv-bandwidth", type=float, default=25.0, help="GB/s of a KV transfer")
     p.add_argument("--start-per-replica", type=float, default=1.5, help="first probe's rate, req/s per replica")
     p.add_argument("--json", default="docs/disagg_sim.json")
