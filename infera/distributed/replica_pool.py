@@ -83,6 +83,7 @@ class ReplicaPool:
         self.info: list[dict[str, Any]] = ray.get([r.info.remote() for r in self.replicas])
         self.max_model_len: int = min(i["max_model_len"] for i in self.info)
         self.router = Router(n, parallel.routing_policy, cache_threshold=parallel.routing_cache_threshold,
+                             prefill_weight=parallel.routing_prefill_weight,
                              block_capacity=min(i["kv_cache_tokens"] for i in self.info) // config.block_size)
         self.replica_stats: list[dict[str, float]] = [{} for _ in range(n)]  # as of each replica's last ping
         self._streams: dict[str, RequestStream] = {}  # touched on the event loop only
@@ -254,6 +255,7 @@ class ReplicaPool:
                     raise error.exception()
                 if out is None:
                     continue
+                self.router.prefill_done(req.request_id)  # an output came: its prompt is in (a no-op after once)
                 if req.replaying:
                     caught_up = _caught_up(out, req.delivered)
                     if caught_up is None:
