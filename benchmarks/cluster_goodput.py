@@ -29,7 +29,8 @@ from infera.sim.cost_model import load_cost_model  # noqa: E402
 from infera.sim.goodput import goodput_table, max_goodput, trace_rate  # noqa: E402
 from infera.sim.trace import read_mooncake  # noqa: E402
 
-COLORS = {"round_robin": "tab:blue", "least_loaded": "tab:orange", "cache_aware": "tab:green"}
+COLORS = {"round_robin": "tab:blue", "least_loaded": "tab:orange", "cache_aware": "tab:green",
+          "longest_prefix": "tab:red"}
 STYLES = (("o", "-"), ("s", "-."), ("^", ":"), ("D", "--"))  # marker, line per cluster size
 
 
@@ -109,7 +110,7 @@ def main() -> None:
             g = max_goodput(requests, n, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl, goal=args.goal,
                             start=start[policy] * n / base, tolerance=args.tolerance, max_probes=args.max_probes,
                             limits=limits, balance_abs_threshold=args.balance_abs_threshold,
-                            cache_threshold=args.cache_threshold)
+                            cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight)
             searches.append(g)
             print(goodput_table([g]), file=sys.stderr)
             if g.rate_req_s:
@@ -118,7 +119,7 @@ def main() -> None:
     out = {"trace": args.trace, "num_requests": len(requests), "trace_rate_req_s": base, "goal": args.goal,
            "tolerance": args.tolerance, "slo": {"ttft_s": args.slo_ttft, "mean_itl_s": args.slo_itl},
            "balance_abs_threshold": args.balance_abs_threshold, "cache_threshold": args.cache_threshold,
-           "cost_model": model.to_dict(),
+           "prefill_weight": args.prefill_weight, "cost_model": model.to_dict(),
            "replica": dataclasses.asdict(limits), "wall_s": time.perf_counter() - started,
            "goodput": [g.to_dict() for g in searches]}
     for n, r in ratios(out["goodput"]).items():

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from infera.router import DEFAULT_CACHE_THRESHOLD, POLICIES
+from infera.router import DEFAULT_CACHE_THRESHOLD, DEFAULT_PREFILL_WEIGHT, POLICIES
 from infera.sim.command import DEFAULT_COST_MODEL
 from infera.sim.cost_model import load_cost_model
 from infera.sim.report import summarize, table
@@ -45,9 +45,11 @@ def add_study_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--block-size", type=int, default=128,
                    help="the replicas' KV block size (a trace block is 512 tokens: hits are the same for any "
                         "divisor; larger blocks simulate faster)")
-    p.add_argument("--balance-abs-threshold", type=int, default=None, help="cache_aware (default: the router's)")
+    p.add_argument("--balance-abs-threshold", type=int, default=None, help="longest_prefix (default: the router's)")
     p.add_argument("--cache-threshold", type=float, default=DEFAULT_CACHE_THRESHOLD,
-                   help="cache_aware: the share of a prompt's blocks the best-matching replica must hold")
+                   help="longest_prefix: the share of a prompt's blocks the best-matching replica must hold")
+    p.add_argument("--prefill-weight", type=float, default=DEFAULT_PREFILL_WEIGHT,
+                   help="cache_aware: the weight of the prompt blocks a replica would prefill against its load")
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-itl", type=float, default=0.1)
     p.add_argument("--json", default=str(ROOT / "docs" / f"{name}.json"))
@@ -81,7 +83,7 @@ def plot(runs: list[dict], ideal: float, path: str) -> None:
             values = [by_size[n]["ttft_s"]["p50"] if key == "ttft_p50" else by_size[n][key] * scale for n in sizes]
             if key == "goodput_req_s":
                 values = [v / n for v, n in zip(values, sizes)]
-            ax.bar([i + (k - 1) * width for i in range(len(sizes))], values, width, label=policy)
+            ax.bar([i + (k - (len(POLICIES) - 1) / 2) * width for i in range(len(sizes))], values, width, label=policy)
         scales = {r["replicas"]: r["time_scale"] for r in runs}
         ax.set_xticks(range(len(sizes)), [f"{n} replicas\n(arrival times x{scales[n]:.3g})" for n in sizes])
         ax.set_title(title, fontsize=10)
@@ -115,7 +117,7 @@ def main() -> None:
         for policy in POLICIES:
             result = Simulator(requests, n, policy, model, limits=limits,
                                balance_abs_threshold=args.balance_abs_threshold,
-                               cache_threshold=args.cache_threshold).run()
+                               cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight).run()
             runs.append(summarize(result, args.slo_ttft, args.slo_itl) | {"time_scale": scale})
             print(table(runs[-1:]), file=sys.stderr)
     ideal = ideal_hit_rate(requests)
@@ -130,8 +132,8 @@ def main() -> None:
                   f"unbounded shared cache's {100 * ideal:.1f}%")
     out = {"trace": args.trace, "num_requests": len(requests), "time_scale_at_8": args.time_scale,
            "balance_abs_threshold": args.balance_abs_threshold, "cache_threshold": args.cache_threshold,
-           "ideal_hit_rate": ideal, "cost_model": model.to_dict(), "replica": dataclasses.asdict(limits),
-           "wall_s": time.perf_counter() - started, "runs": runs}
+           "prefill_weight": args.prefill_weight, "ideal_hit_rate": ideal, "cost_model": model.to_dict(),
+           "replica": dataclasses.asdict(limits), "wall_s": time.perf_counter() - started, "runs": runs}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)

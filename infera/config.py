@@ -10,7 +10,7 @@ import torch
 from infera.arg_utils import option
 from infera.kernels import has_bf16_arithmetic
 from infera.quant import QUANTIZATION_METHODS
-from infera.router import DEFAULT_CACHE_THRESHOLD, POLICIES
+from infera.router import DEFAULT_CACHE_THRESHOLD, DEFAULT_PREFILL_WEIGHT, POLICIES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -159,12 +159,19 @@ class ParallelConfig:
                                           "in the server process (no Ray)")
     threads_per_replica: int = option(1, help="torch threads of each replica (Ray actors only)")
     routing_policy: str = option("cache_aware", choices=POLICIES,
-                                 help="which replica serves a request: cache_aware = the one holding the longest "
-                                      "prefix of the prompt unless it is much busier, least_loaded, round_robin")
+                                 help="which replica serves a request: cache_aware = the one of least estimated "
+                                      "cost (the prompt blocks it would prefill, weighted, plus its queued prefill "
+                                      "and outstanding requests), longest_prefix = the one holding the longest "
+                                      "prefix of the prompt unless it is much busier (SGLang's rule), least_loaded, "
+                                      "round_robin")
     routing_cache_threshold: float = option(DEFAULT_CACHE_THRESHOLD, metavar="0..1",
-                                            help="cache_aware: the share of the prompt's KV blocks the best-matching "
-                                                 "replica must hold for the request to go there; below it the least "
-                                                 "loaded replica (SGLang router's --cache-threshold)")
+                                            help="longest_prefix: the share of the prompt's KV blocks the "
+                                                 "best-matching replica must hold for the request to go there; below "
+                                                 "it the least loaded replica (SGLang router's --cache-threshold)")
+    routing_prefill_weight: float = option(DEFAULT_PREFILL_WEIGHT, metavar=">=0",
+                                           help="cache_aware: the weight of each prompt block a replica does not "
+                                                "cache against each block of prefill queued there (Dynamo's KV "
+                                                "router overlap weight); higher follows the cache more")
     prefill_replicas: int = option(0, help="disaggregated prefill and decode: replicas (Ray actors) that compute the "
                                            "prompts' KV, which moves to a --decode-replicas replica that samples and "
                                            "streams; chosen by --routing-policy; 0: each replica does both")
@@ -182,6 +189,8 @@ class ParallelConfig:
             raise ValueError(f"--routing-policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
         if not 0 <= self.routing_cache_threshold <= 1:
             raise ValueError(f"--routing-cache-threshold must be in [0, 1], got {self.routing_cache_threshold}")
+        if self.routing_prefill_weight < 0:
+            raise ValueError(f"--routing-prefill-weight must be >= 0, got {self.routing_prefill_weight}")
         if self.prefill_replicas < 0 or self.decode_replicas < 0 or (self.prefill_replicas > 0) != (self.decode_replicas > 0):
             raise ValueError("--prefill-replicas and --decode-replicas go together, each >= 1 "
                              f"(got {self.prefill_replicas} and {self.decode_replicas})")

@@ -230,3 +230,6 @@ def test_bad_data_parallel_size_is_a_cli_error(capsys):
     assert main(["serve", "--data-parallel-size", "2", "--routing-cache-threshold", "1.5"]) == 2
     assert "--routing-cache-threshold must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert ParallelConfig(data_parallel_size=2, routing_cache_threshold=0.25).routing_cache_threshold == 0.25
+    assert main(["serve", "--data-parallel-size", "2", "--routing-prefill-weight", "-1"]) == 2
+    assert "--routing-prefill-weight must be >= 0, got -1.0" in capsys.readouterr().err
+    assert ParallelConfig(data_parallel_size=2, routing_prefill_weight=2.0).routing_prefill_weight == 2.0

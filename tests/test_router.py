@@ -1,5 +1,5 @@
-"""The router alone: policies, the balance rule, the cache threshold, affinity, replicas going down (pure
-Python)."""
+"""The router alone: policies, the cost rule, the balance rule, the cache threshold, affinity, replicas going
+down (pure Python)."""
 import pytest
 
 from infera.router import PrefixIndex, RouteRequest, Router, block_hashes
@@ -50,8 +50,8 @@ def test_least_loaded_picks_the_lighter_of_two():
     assert router.route(req("x")) == light
 
 
-def test_cache_aware_follows_the_prefix_until_imbalanced():
-    router = Router(2, "cache_aware", balance_abs_threshold=2, balance_rel_threshold=1.5)
+def test_longest_prefix_follows_the_prefix_until_imbalanced():
+    router = Router(2, "longest_prefix", balance_abs_threshold=2, balance_rel_threshold=1.5)
     system = [11, 12, 13]
     first = router.route(req("s0", system + [100]))
     assert router.route(req("other", [50, 51])) != first  # no match anywhere: the least loaded
@@ -64,7 +64,7 @@ def test_cache_aware_follows_the_prefix_until_imbalanced():
 
 
 def test_cache_threshold_sends_short_matches_to_the_least_loaded():
-    router = Router(2, "cache_aware", cache_threshold=0.5)
+    router = Router(2, "longest_prefix", cache_threshold=0.5)
     assert router.route(req("a", [1, 2, 3, 4])) == 0  # all idle and empty: the first
     # 1 of 4 blocks held by replica 0 (0.25 < 0.5): the least loaded, replica 1
     assert router.route(req("b", [1, 20, 21, 22])) == 1
@@ -75,21 +75,45 @@ def test_cache_threshold_sends_short_matches_to_the_least_loaded():
     assert router.loads == [3, 0]
     assert router.route(req("e", [1, 50, 51, 52])) == 1  # 1 of 4 again: the idle one
     with pytest.raises(ValueError, match="cache_threshold"):
-        Router(2, "cache_aware", cache_threshold=1.5)
+        Router(2, "longest_prefix", cache_threshold=1.5)
 
 
 def test_cache_threshold_spreads_a_burst_sharing_a_short_prefix():
     # a Mooncake burst: 8 requests at once, each 10 blocks of which only the first is common
     burst = [req(f"r{i}", [0] + [100 * i + k for k in range(1, 10)]) for i in range(8)]
-    spread = Router(4, "cache_aware", cache_threshold=0.3)
+    spread = Router(4, "longest_prefix", cache_threshold=0.3)
     placed = [spread.route(r) for r in burst]
     assert sorted(placed) == [0, 0, 1, 1, 2, 2, 3, 3]
     # without the threshold every one follows the shared block to replica 0: the balance rule
     # (32 more outstanding than the least loaded) is far off
-    piled = Router(4, "cache_aware", cache_threshold=0.0)
+    piled = Router(4, "longest_prefix", cache_threshold=0.0)
     assert [piled.route(r) for r in burst] == [0] * 8
     # a conversation's next turn (its previous prompt and two blocks more: 10 of 12) finds its replica
     assert spread.route(req("t", [*burst[5].block_hashes, 999, 998])) == placed[5]
+
+
+def test_cache_aware_weighs_the_prefill_it_adds_against_the_queued_prefill():
+    router, sglang = Router(2, "cache_aware", prefill_weight=8), Router(2, "longest_prefix")
+    a = req("a", [1, 2, 3] + list(range(100, 137)))
+    assert router.route(a) == 0 and sglang.route(a) == 0  # idle and empty: the first
+    assert router.prefill_blocks == [40, 0] and router.loads == [1, 0]
+    # replica 0 holds 3 of x's 5 blocks but has 40 to prefill: 8 * 2 + 40 + 1 = 57 against 8 * 5 = 40 on
+    # the idle replica 1, so x goes there (SGLang's rule would follow the prefix: 3 of 5 blocks, loads 1 vs 0)
+    x = req("x", [1, 2, 3, 4, 5])
+    assert router.route(x) == 1 and sglang.route(x) == 0
+    assert router.prefill_blocks == [40, 5]
+    router.prefill_done("a")  # a's first token: its blocks leave replica 0's queue, a stays outstanding
+    assert router.prefill_blocks == [0, 5] and router.loads == [1, 1]
+    # both hold 3 blocks of y: 8 * 2 + 0 + 1 = 17 on replica 0 against 8 * 2 + 5 + 1 = 22 on replica 1
+    assert router.route(req("y", [1, 2, 3, 8, 9])) == 0
+    router.finish("x"), router.finish("y"), router.finish("a")
+    assert router.prefill_blocks == [0, 0] and router.loads == [0, 0]
+    # weight 0: the load alone (queued blocks and requests), the cache ignored
+    flat = Router(2, "cache_aware", prefill_weight=0)
+    flat.route(req("b", [1, 2, 3, 4]))
+    assert flat.route(req("c", [1, 2, 3, 4])) == 1
+    with pytest.raises(ValueError, match="prefill_weight"):
+        Router(2, "cache_aware", prefill_weight=-1)
 
 
 def test_affinity_keeps_branches_together_while_one_is_outstanding():

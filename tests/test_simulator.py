@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from infera.cli import main
+from infera.router import POLICIES, Router
 from infera.sim.cost_model import FEATURES, CostModel, ReplicaLimits, fit, roofline_model, step_features
 from infera.sim.goodput import at_rate, max_goodput, trace_rate
 from infera.sim.report import summarize
@@ -82,15 +83,20 @@ def test_prefix_hits_equal_the_traces_shared_blocks():
     assert all(r.finish is not None for r in result.records)
 
 
-def test_cache_aware_keeps_prefixes_together():
+def test_cache_aware_keeps_prefixes_together(monkeypatch):
     # 3 prefixes over 4 replicas: round robin scatters each prefix over every replica
     trace = shared_prefix_trace(num_prefixes=3, requests_per_prefix=16, prefix_blocks=4, suffix_tokens=200,
                                 output_length=8, interval=0.05)
     model = CostModel({"step": 0.002, "tokens": 1e-5}, ReplicaLimits(num_kv_tokens=65536))
-    rates = {p: summarize(Simulator(trace, 4, p, model, progress=False).run(), 1.0, 1.0)["hit_rate"]
-             for p in ("round_robin", "least_loaded", "cache_aware")}
-    assert rates["cache_aware"] >= rates["least_loaded"]
+    prefilled = []  # the router hears of each request's first token, when it comes
+    done = Router.prefill_done
+    monkeypatch.setattr(Router, "prefill_done", lambda self, rid: (prefilled.append(rid), done(self, rid)))
+    results = {p: Simulator(trace, 4, p, model, progress=False).run() for p in POLICIES}
+    assert sorted(prefilled) == sorted([str(i) for i in range(len(trace))] * len(POLICIES))
+    rates = {p: summarize(result, 1.0, 1.0)["hit_rate"] for p, result in results.items()}
+    assert rates["cache_aware"] >= rates["least_loaded"] and rates["longest_prefix"] >= rates["least_loaded"]
     assert rates["cache_aware"] > rates["round_robin"] + 0.1
+    assert results["cache_aware"].router.prefill_blocks == [0] * 4
 
 
 def test_too_long_requests_are_rejected_and_block_size_must_divide_the_trace_block():
@@ -211,7 +217,7 @@ def test_cli(tmp_path, capsys):
     assert main(["simulate", "--trace", str(trace), "--replicas", "2", "--cost-model", str(cost), "--time-scale", "2",
                  "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert [r["policy"] for r in data["runs"]] == ["round_robin", "least_loaded", "cache_aware"]
+    assert [r["policy"] for r in data["runs"]] == ["round_robin", "least_loaded", "cache_aware", "longest_prefix"]
     assert all(r["finished"] == 8 and r["replicas"] == 2 for r in data["runs"])
     assert data["cost_model"]["coefficients"] == {"step": 0.01}
     assert "cache_aware" in capsys.readouterr().out

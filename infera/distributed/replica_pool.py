@@ -107,7 +107,7 @@ class ReplicaPool:
         self.max_model_len: int = min(i["max_model_len"] for i in self.info)
         self.groups = {role: _Group(role, actors[role], Router(
             len(actors[role]), "least_loaded" if role == "decode" else parallel.routing_policy,
-            cache_threshold=parallel.routing_cache_threshold,
+            cache_threshold=parallel.routing_cache_threshold, prefill_weight=parallel.routing_prefill_weight,
             block_capacity=min(i["kv_cache_tokens"] for i in infos[role]) // config.block_size),
             [{} for _ in actors[role]]) for role in sizes}
         self.serving = self.groups.get("engine") or self.groups["decode"]  # the replicas that stream outputs
@@ -334,6 +334,7 @@ class ReplicaPool:
                     raise error.exception()
                 if out is None:
                     continue
+                self.router.prefill_done(req.request_id)  # an output came: its prompt is in (a no-op after once)
                 if req.replaying:
                     caught_up = _caught_up(out, req.delivered)
                     if caught_up is None:

@@ -48,11 +48,14 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--kv-transfer-bandwidth", type=float, default=25.0,
                    help="GB/s a prompt's KV moves at from its prefill to its decode replica")
     p.add_argument("--balance-abs-threshold", type=int, default=None,
-                   help="cache_aware: how many more outstanding requests than the least loaded replica the "
+                   help="longest_prefix: how many more outstanding requests than the least loaded replica the "
                         "best-matching one may hold (default: the router's, 32 as SGLang)")
     p.add_argument("--cache-threshold", type=float, default=None,
-                   help="cache_aware: the share of a prompt's blocks the best-matching replica must hold for the "
+                   help="longest_prefix: the share of a prompt's blocks the best-matching replica must hold for the "
                         "request to go there, else the least loaded (default: the router's)")
+    p.add_argument("--prefill-weight", type=float, default=None,
+                   help="cache_aware: the weight of the prompt blocks a replica does not cache against its queued "
+                        "prefill and outstanding requests (default: the router's)")
     p.add_argument("--seed", type=int, default=0, help="the router's seed (least_loaded draws replicas)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING")
@@ -91,7 +94,8 @@ def run_simulate(args: argparse.Namespace) -> None:
         searches = [max_goodput(requests, args.replicas, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl,
                                 goal=args.goodput_goal, tolerance=args.goodput_tolerance, limits=limits,
                                 balance_abs_threshold=args.balance_abs_threshold,
-                                cache_threshold=args.cache_threshold, seed=args.seed, **split)
+                                cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight,
+                                seed=args.seed, **split)
                     for policy in policies]
         print(goodput_table(searches))
         if args.json:
@@ -107,7 +111,7 @@ def run_simulate(args: argparse.Namespace) -> None:
     for policy in policies:
         result = Simulator(requests, args.replicas, policy, model, limits=limits,
                            balance_abs_threshold=args.balance_abs_threshold, cache_threshold=args.cache_threshold,
-                           seed=args.seed, **split).run()
+                           prefill_weight=args.prefill_weight, seed=args.seed, **split).run()
         summaries.append(summarize(result, args.slo_ttft, args.slo_itl))
     print(table(summaries))
     if args.json:

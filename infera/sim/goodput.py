@@ -93,7 +93,8 @@ def max_goodput(requests: Sequence[TraceRequest], num_replicas: int, policy: str
                 slo_ttft: float, slo_itl: float, goal: float = 0.9, start: float = 1.0, step: float = 2.0,
                 tolerance: float = 0.05, max_probes: int = 16, limits: ReplicaLimits | None = None,
                 balance_abs_threshold: int | None = None, cache_threshold: float | None = None,
-                seed: int = 0, prefill_replicas: int = 0, kv_transfer_s_per_token: float = 0.0) -> Goodput:
+                prefill_weight: float | None = None, seed: int = 0, prefill_replicas: int = 0,
+                kv_transfer_s_per_token: float = 0.0) -> Goodput:
     """The highest rate at which at least ``goal`` of ``requests`` meet TTFT <= ``slo_ttft`` and mean
     inter-token latency <= ``slo_itl`` (seconds), searched from ``start`` times the trace's rate (the
     other options: :class:`Simulator`'s)."""
@@ -105,9 +106,9 @@ def max_goodput(requests: Sequence[TraceRequest], num_replicas: int, policy: str
     factor = start
     while len(out.probes) < max_probes:
         result = Simulator(at_rate(requests, factor), num_replicas, policy, cost_model, limits=limits,
-                           balance_abs_threshold=balance_abs_threshold, cache_threshold=cache_threshold, seed=seed,
-                           prefill_replicas=prefill_replicas, kv_transfer_s_per_token=kv_transfer_s_per_token,
-                           progress=False).run()
+                           balance_abs_threshold=balance_abs_threshold, cache_threshold=cache_threshold,
+                           prefill_weight=prefill_weight, seed=seed, prefill_replicas=prefill_replicas,
+                           kv_transfer_s_per_token=kv_transfer_s_per_token, progress=False).run()
         s = summarize(result, slo_ttft, slo_itl)
         probe = Probe(factor, factor * base, s["slo_met"] / s["requests"], s["hit_rate"], result.wall_s)
         out.probes.append(probe)

@@ -86,11 +86,12 @@ class SimResult:
 class Simulator:
     def __init__(self, requests: Seq[TraceRequest], num_replicas: int, policy: str, cost_model: CostModel,
                  *, limits: ReplicaLimits | None = None, router_capacity: int | None = None,
-                 balance_abs_threshold: int | None = None, cache_threshold: float | None = None, seed: int = 0,
-                 prefill_replicas: int = 0, kv_transfer_s_per_token: float = 0.0, progress: bool = True):
+                 balance_abs_threshold: int | None = None, cache_threshold: float | None = None,
+                 prefill_weight: float | None = None, seed: int = 0, prefill_replicas: int = 0,
+                 kv_transfer_s_per_token: float = 0.0, progress: bool = True):
         """``limits``: each replica's engine (default: the one the cost model describes);
         ``router_capacity``: trace blocks each replica's router index keeps (default: its KV cache);
-        ``balance_abs_threshold``, ``cache_threshold``: the cache-aware router's (default: the Router's);
+        ``balance_abs_threshold``, ``cache_threshold``, ``prefill_weight``: the router's (default: the Router's);
         ``prefill_replicas`` of the ``num_replicas`` only prefill (disaggregated; 0: colocated)."""
         limits = limits or cost_model.replica
         if TRACE_BLOCK % limits.block_size:
@@ -107,7 +108,8 @@ class Simulator:
         self.max_tokens = self.replicas[0].block_manager.num_blocks * limits.block_size
         capacity = router_capacity or max(1, self.max_tokens // TRACE_BLOCK)
         options = {k: v for k, v in (("balance_abs_threshold", balance_abs_threshold),
-                                     ("cache_threshold", cache_threshold)) if v is not None}
+                                     ("cache_threshold", cache_threshold), ("prefill_weight", prefill_weight))
+                   if v is not None}
         self.router = Router(self.num_decode, "least_loaded" if prefill_replicas else policy, block_capacity=capacity,
                              seed=seed, **options)
         self.prefill_router = (Router(prefill_replicas, policy, block_capacity=capacity, seed=seed, **options)
@@ -216,6 +218,7 @@ class Simulator:
                 continue
             if rec.first_token is None:
                 rec.first_token = now
+                self.router.prefill_done(str(i))
             else:
                 self.itls.append(now - rec.last_token)
                 rec.itl_sum += now - rec.last_token
