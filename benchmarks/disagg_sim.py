@@ -2,8 +2,8 @@
 prefill + (N - P) decode replicas against N colocated ones, on the Mooncake conversation trace.
 
 Replicas as the scale study's (``benchmarks/cluster_sim.py``: Llama-3-8B bf16 on an H100 SXM 80 GB,
-128-token KV blocks), cache-aware routing (of prompts, to prefill replicas when disaggregated;
-decode replicas are chosen least loaded); a prompt's KV moves at ``--kv-bandwidth`` GB/s (128 KiB
+128-token KV blocks), routing by ``--policy`` (SGLang's longest-prefix rule by default; of prompts
+to prefill replicas when disaggregated, decode replicas chosen least loaded); a prompt's KV moves at ``--kv-bandwidth`` GB/s (128 KiB
 per token).  Goodput is DistServe's: the highest request rate at which 90% of the requests meet the
 SLO (:func:`infera.sim.goodput.max_goodput`), under two SLOs: the study's (TTFT <= 2 s, mean ITL
 <= 100 ms) and a tight-ITL one (mean ITL <= 20 ms), where decoding apart from prefill chunks pays.
@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--prefill", default="0,3,4,5,6", help="prefill replicas to try (0: colocated)")
     p.add_argument("--kv-bandwidth", type=float, default=25.0, help="GB/s of a KV transfer")
+    p.add_argument("--policy", default="longest_prefix", help="routing (of prompts to prefill replicas when apart)")
     p.add_argument("--start-per-replica", type=float, default=1.5, help="first probe's rate, req/s per replica")
     p.add_argument("--json", default="docs/disagg_sim.json")
     args = p.parse_args()
@@ -49,7 +50,7 @@ def main() -> None:
     results = []
     for slo, (ttft, itl) in SLOS.items():
         for prefill in (int(x) for x in args.prefill.split(",")):
-            g = max_goodput(requests, args.replicas, "cache_aware", model, slo_ttft=ttft, slo_itl=itl,
+            g = max_goodput(requests, args.replicas, args.policy, model, slo_ttft=ttft, slo_itl=itl,
                             start=args.start_per_replica * args.replicas / base, limits=limits,
                             prefill_replicas=prefill, kv_transfer_s_per_token=per_token)
             results.append({"slo": slo, "prefill_replicas": prefill, "decode_replicas": args.replicas - prefill,
@@ -62,7 +63,7 @@ def main() -> None:
         split = max((r for r in results if r["slo"] == slo and r["prefill_replicas"]), key=lambda r: r["rate_req_s"])
         best[slo] = {"best_prefill_replicas": split["prefill_replicas"],
                      "vs_colocated": split["rate_req_s"] / colocated if colocated else None}
-    save_json(args.json, {"trace": args.trace, "limit": args.limit, "replicas": args.replicas,
+    save_json(args.json, {"trace": args.trace, "limit": args.limit, "replicas": args.replicas, "policy": args.policy,
                           "kv_bandwidth_gb_s": args.kv_bandwidth, "cost_model": model.source,
                           "results": results, "best": best})
     print(json.dumps(best, indent=1))
