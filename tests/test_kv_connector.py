@@ -3,6 +3,8 @@ bit-exactly, are found there as prefix hits, and leave the receiver's output tok
 engine that computed the prompt itself (greedy and seeded sampling, float and int8 caches)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,6 +81,9 @@ def test_transfer_of_another_layout_is_refused(pairs):
     with pytest.raises(ValueError, match="do not fit this cache"):
         q8.engine.worker.kv_connector.receive(transfer)
     assert q8.engine.block_manager.cached_prefix(ids) == []
+    cut = dataclasses.replace(transfer, token_ids=transfer.token_ids + list(range(flt.engine.config.block_size)))
+    with pytest.raises(ValueError, match="expected"):  # a block more than its bytes
+        flt.engine.worker.kv_connector.receive(cut)
     assert flt.engine.worker.kv_connector.send([1, 2, 3]) is None  # nothing cached: nothing to send
 
 

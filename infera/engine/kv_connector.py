@@ -63,7 +63,6 @@ class KVConnector:
     def __init__(self, block_manager: BlockManager, kv_cache: KVCachePool):
         self.block_manager = block_manager
         self.kv_cache = kv_cache
-        self.blocks_sent = self.blocks_received = 0
 
     def send(self, token_ids: list[int]) -> KVTransfer | None:
         """The cached KV of the longest prefix of ``token_ids`` held here in full blocks, or None
@@ -74,7 +73,6 @@ class KVConnector:
         bs = self.block_manager.block_size
         dtype, shape = _layout(self.kv_cache)
         data, scales = self.kv_cache.read_blocks(block_ids)
-        self.blocks_sent += len(block_ids)
         return KVTransfer(list(token_ids[:len(block_ids) * bs]), bs, dtype, shape,
                           data.view(torch.uint8).cpu().numpy(), None if scales is None else scales.cpu().numpy())
 
@@ -86,15 +84,18 @@ class KVConnector:
         if (transfer.block_size, transfer.dtype, tuple(transfer.block_shape)) != (bs, dtype, shape):
             raise ValueError(f"KV blocks of {transfer.dtype} {tuple(transfer.block_shape)} (block size "
                              f"{transfer.block_size}) do not fit this cache: {dtype} {shape} (block size {bs})")
+        n = transfer.num_blocks
+        expected = n * (int(np.prod(shape)) * self.kv_cache.data.element_size()
+                        + (int(np.prod(shape[:4])) * 4 if self.kv_cache.scales is not None else 0))
+        if transfer.nbytes != expected or (transfer.scales is None) != (self.kv_cache.scales is None):
+            raise ValueError(f"KV transfer of {n} blocks carries {transfer.nbytes} bytes, expected {expected}")
         new = self.block_manager.add_cached_blocks(transfer.token_ids)
         if not new:
             return 0
-        n = transfer.num_blocks
         data = _tensor(transfer.data, self.kv_cache.dtype, (shape[0], shape[1], n, *shape[2:]))
         scales = None if transfer.scales is None else _tensor(transfer.scales, torch.float32,
                                                               (shape[0], shape[1], n, *shape[2:4]))
         index = torch.tensor([i for i, _ in new])
         self.kv_cache.write_blocks([block_id for _, block_id in new], data[:, :, index],
                                    None if scales is None else scales[:, :, index])
-        self.blocks_received += len(new)
         return len(new)
