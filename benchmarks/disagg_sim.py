@@ -3,12 +3,12 @@ prefill + (N - P) decode replicas against N colocated ones, on the Mooncake conv
 
 Replicas as the scale study's (``benchmarks/cluster_sim.py``: Llama-3-8B bf16 on an H100 SXM 80 GB,
 128-token KV blocks), routing by ``--policy`` (SGLang's longest-prefix rule by default; of prompts
-to prefill replicas when disaggregated, decode replicas chosen least loaded); a prompt's KV moves at ``--kv-bandwidth`` GB/s (128 KiB
-per token).  Goodput is DistServe's: the highest request rate at which 90% of the requests meet the
+to prefill replicas when disaggregated, decode replicas chosen least loaded); a prompt's KV moves
+at ``--kv-bandwidth`` GB/s (128 KiB per token).  Goodput is DistServe's: the highest request rate at which 90% of the requests meet the
 SLO (:func:`infera.sim.goodput.max_goodput`), under two SLOs: the study's (TTFT <= 2 s, mean ITL
 <= 100 ms) and a tight-ITL one (mean ITL <= 20 ms), where decoding apart from prefill chunks pays.
 
-    python benchmarks/disagg_sim.py                      # first 3,000 requests, 8 replicas, ~10 min
+    python benchmarks/disagg_sim.py                      # first 3,000 requests, 8 replicas, ~16 min
     python benchmarks/disagg_sim.py --limit 0 --prefill 0,2,4 --json /tmp/d.json
 """
 from __future__ import annotations

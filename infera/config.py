@@ -191,7 +191,7 @@ class ParallelConfig:
             raise ValueError(f"--routing-cache-threshold must be in [0, 1], got {self.routing_cache_threshold}")
         if self.routing_prefill_weight < 0:
             raise ValueError(f"--routing-prefill-weight must be >= 0, got {self.routing_prefill_weight}")
-        if self.prefill_replicas < 0 or self.decode_replicas < 0 or (self.prefill_replicas > 0) != (self.decode_replicas > 0):
+        if min(self.prefill_replicas, self.decode_replicas) < 0 or (self.prefill_replicas > 0) != (self.decode_replicas > 0):
             raise ValueError("--prefill-replicas and --decode-replicas go together, each >= 1 "
                              f"(got {self.prefill_replicas} and {self.decode_replicas})")
         if self.disaggregated and self.data_parallel_size > 1:

@@ -352,7 +352,8 @@ class AsyncLLMEngine:
         try:
             written = self.engine.worker.kv_connector.receive(op.kv)
         except ValueError as e:
-            logger.warning("request %s: its KV blocks were not taken (%s); its prompt is computed here", op.request_id, e)
+            logger.warning("request %s: its KV blocks were not taken (%s); its prompt is computed here",
+                           op.request_id, e)
             return
         logger.debug("request %s: %d of %d KV blocks received (%d bytes)", op.request_id, written,
                      op.kv.num_blocks, op.kv.nbytes)
