@@ -11,6 +11,7 @@ from infera.arg_utils import option
 from infera.kernels import has_bf16_arithmetic
 from infera.quant import QUANTIZATION_METHODS
 from infera.router import DEFAULT_CACHE_THRESHOLD, DEFAULT_PREFILL_WEIGHT, POLICIES
+from infera.sampling_params import DEFAULT_SINK_TOKENS, KV_POLICIES, check_kv_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -68,6 +69,16 @@ class EngineConfig:
     kv_cache_dtype: str = option("auto", choices=KV_CACHE_DTYPES,
                                  help="auto = the model's dtype; int8 = per-token-and-head scaled int8, about half "
                                       "the memory")
+    kv_policy: str = option(
+        "none", choices=KV_POLICIES,
+        help="which KV a long sequence keeps: none = all of it; streaming = the first --kv-sink-tokens tokens "
+             "(attention sinks) and a recent window, about --kv-budget tokens in all (StreamingLLM): the blocks "
+             "between are evicted and freed. Requests may bring their own (kv_policy, kv_budget, kv_sink_tokens)")
+    kv_budget: float | None = option(
+        None, help="the KV a sequence keeps under --kv-policy: tokens (an integer > 1), or a fraction of the prompt "
+                   "in (0, 1] (the generated tokens are kept on top; 1 = full KV)")
+    kv_sink_tokens: int = option(DEFAULT_SINK_TOKENS, help="--kv-policy streaming: the first tokens always kept "
+                                                          "(rounded up to whole KV blocks)")
     quantization: str | None = option(
         None, choices=QUANTIZATION_METHODS,
         help="quantize the weights at load (CPU kernels): gguf = a GGUF file's own tensors (the default for GGUF "
@@ -107,6 +118,9 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; "
                              f"got {self.quantization!r}")
+        check_kv_policy(self.kv_policy, self.kv_budget, self.kv_sink_tokens)
+        if self.kv_policy != "none" and self.kv_budget is None:
+            raise ValueError(f"kv_policy {self.kv_policy} needs a kv_budget (tokens, or a fraction of the prompt)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -7,6 +7,8 @@ from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # biases are clamped to [-100, 100], as OpenAI's range
+KV_POLICIES = ("none", "streaming")  # infera.engine.kv_policy
+DEFAULT_SINK_TOKENS = 4
 
 
 @dataclass
@@ -43,6 +45,8 @@ class SamplingParams:
     ``max_tokens=0`` generates nothing: the prompt is only computed (and scored, with ``prompt_logprobs``).
     ``max_thinking_tokens``: a reasoning model that has thought (inside ``<think>``) for this many
     tokens gets ``</think>`` appended (budget forcing) and goes on to answer.
+    ``kv_policy``, ``kv_budget``, ``kv_sink_tokens``: this request's KV policy (see
+    :mod:`infera.engine.kv_policy`; None: the engine's ``--kv-policy`` settings).
     """
 
     n: int = 1
@@ -65,6 +69,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     max_thinking_tokens: int | None = None
+    kv_policy: str | None = None
+    kv_budget: float | None = None
+    kv_sink_tokens: int | None = None
     structured: StructuredOutputParams | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +107,7 @@ class SamplingParams:
         self.logit_bias = _clamped_bias(self.logit_bias)
         _check(self.max_thinking_tokens is None or (type(self.max_thinking_tokens) is int and self.max_thinking_tokens >= 1),
                "max_thinking_tokens", "must be a positive integer", self.max_thinking_tokens)
+        check_kv_policy(self.kv_policy, self.kv_budget, self.kv_sink_tokens)
         _check(self.structured is None or isinstance(self.structured, StructuredOutputParams),
                "structured", "must be a StructuredOutputParams", self.structured)
 
@@ -122,6 +130,16 @@ def _clamped_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                "logit_bias", f"values must be finite numbers (token {token})", value)
     return {token: min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, float(value))) for token, value in bias.items()}
+
+
+def check_kv_policy(name: str | None, budget: float | None, sink_tokens: int | None) -> None:
+    """ValueError naming the bad field of a KV policy's settings (None: the engine's default)."""
+    _check(name is None or name in KV_POLICIES, "kv_policy", f"must be one of {', '.join(KV_POLICIES)}", name)
+    _check(budget is None or (not isinstance(budget, bool) and isinstance(budget, (int, float)) and math.isfinite(budget)
+                              and (0 < budget <= 1 or (budget > 1 and budget == int(budget)))),
+           "kv_budget", "must be a token count (an integer > 1) or a fraction of the prompt in (0, 1]", budget)
+    _check(sink_tokens is None or (type(sink_tokens) is int and sink_tokens >= 0),
+           "kv_sink_tokens", "must be a non-negative integer", sink_tokens)
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

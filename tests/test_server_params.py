@@ -215,6 +215,23 @@ def test_structured_outputs_conflicts_are_400s(server, extra, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_kv_policy_per_request(server):
+    """A request's own KV policy: full budget = the same tokens; bad settings are 400s naming them."""
+    prompt = " ".join([PROMPT] * 12)
+    plain = completion_ids(server, prompt, max_tokens=24)
+    assert completion_ids(server, prompt, max_tokens=24, kv_policy="streaming", kv_budget=1.0) == plain
+    assert len(completion_ids(server, prompt, max_tokens=24, kv_policy="streaming", kv_budget=32,
+                              kv_sink_tokens=4)) == 24
+    for extra, param in (({"kv_policy": "h2o"}, "kv_policy"), ({"kv_budget": 0}, "kv_budget"),
+                         ({"kv_policy": "streaming", "kv_budget": 2.5}, "kv_budget"),
+                         ({"kv_sink_tokens": -1}, "kv_sink_tokens")):
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 2, **extra})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param, r.text
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 2, "kv_policy": "streaming"})
+    assert r.status_code == 400 and "needs a kv_budget" in r.json()["error"]["message"], r.text
+
+
 # -- unknown fields -------------------------------------------------------------------------------
 def test_unknown_fields_are_logged_once_and_ignored(server, caplog):
     client = server.client()

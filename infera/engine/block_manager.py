@@ -142,8 +142,7 @@ class BlockManager:
         return block_id
 
     def _needs_cow(self, seq: Sequence) -> bool:
-        pos = seq.num_computed_tokens
-        idx = pos // self.block_size
+        idx = seq.num_kv_tokens // self.block_size
         return idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count > 1
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None,
@@ -157,7 +156,7 @@ class BlockManager:
         if computed_blocks and seq.block_table:
             raise ValueError("prefix hits are only taken by a sequence that holds no blocks")
         num_table = len(seq.block_table) + len(computed_blocks)
-        computed = max(seq.num_computed_tokens, len(computed_blocks) * self.block_size)
+        computed = max(seq.num_kv_tokens, len(computed_blocks) * self.block_size)
         needed = max(0, self.blocks_for(computed + num_new_tokens) - num_table)
         needed += sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
         cow = not computed_blocks and self._needs_cow(seq)
@@ -172,21 +171,22 @@ class BlockManager:
         if computed_blocks:
             seq.num_computed_tokens = seq.num_cached_tokens = len(computed_blocks) * self.block_size
         if cow:
-            idx = seq.num_computed_tokens // self.block_size
+            idx = seq.num_kv_tokens // self.block_size
             src = seq.block_table[idx]
             dst = self._new_block()
             self.blocks[src].ref_count -= 1
             seq.block_table[idx] = dst
             self.pending_copies.append((src, dst))
-        for _ in range(self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)):
+        for _ in range(self.blocks_for(seq.num_kv_tokens + num_new_tokens) - len(seq.block_table)):
             seq.block_table.append(self._new_block())
         return True
 
     def commit(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Mark ``num_new_tokens`` more tokens of ``seq`` as computed and cache the full blocks."""
+        """Mark ``num_new_tokens`` more tokens of ``seq`` as computed and cache the full blocks
+        (not after an eviction: their KV was computed without the evicted context)."""
         start = seq.num_computed_tokens
         seq.num_computed_tokens += num_new_tokens
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not seq.num_evicted_tokens:
             self._cache_full_blocks(seq, start)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -197,16 +197,21 @@ class BlockManager:
             self.blocks[block_id].ref_count += 1
         child.block_table = list(parent.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.num_evicted_tokens, child.evicted_from = parent.num_evicted_tokens, parent.evicted_from
 
     def free(self, seq: Sequence) -> None:
         """Release all blocks of ``seq`` (tail first, so prefixes are evicted last)."""
         self._release(seq.block_table)
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_evicted_tokens = seq.evicted_from = 0
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
-        """Keep KV for the first ``num_tokens`` tokens only (speculative-decoding rollback)."""
-        keep = self.blocks_for(num_tokens)
+        """Keep KV for the first ``num_tokens`` tokens only (speculative-decoding rollback); a cut
+        at or before the end of an evicted hole keeps only the tokens before the hole."""
+        if seq.num_evicted_tokens and num_tokens < seq.evicted_from + seq.num_evicted_tokens:
+            num_tokens = min(num_tokens, seq.evicted_from)
+            seq.num_evicted_tokens = seq.evicted_from = 0
+        keep = self.blocks_for(num_tokens - seq.num_evicted_tokens)
         self._release(seq.block_table[keep:])
         del seq.block_table[keep:]
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
@@ -214,6 +219,21 @@ class BlockManager:
             last = self.blocks[seq.block_table[-1]]
             if last.ref_count == 1:
                 self._unhash(last)  # it will be written again (a shared one is copied first)
+
+    def evict(self, seq: Sequence, first: int, count: int) -> None:
+        """Drop blocks ``first .. first + count - 1`` of ``seq``'s table (full blocks after any
+        earlier hole's start: the hole grows) and free those no other sequence holds; they stay
+        findable in the prefix cache."""
+        if count <= 0:
+            return
+        if first < 0 or first + count >= len(seq.block_table) or \
+                (seq.num_evicted_tokens and first * self.block_size != seq.evicted_from):
+            raise ValueError(f"cannot evict blocks {first}-{first + count - 1} of a table of "
+                             f"{len(seq.block_table)} (hole at token {seq.evicted_from})")
+        self._release(seq.block_table[first:first + count])
+        del seq.block_table[first:first + count]
+        seq.evicted_from = first * self.block_size
+        seq.num_evicted_tokens += count * self.block_size
 
     def _release(self, block_ids: list[int]) -> None:
         for block_id in reversed(block_ids):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from infera.config import EngineConfig
+from infera.engine.kv_policy import KVPolicy
 from infera.engine.model_runner import StepOutput
 from infera.engine.output_processor import OutputProcessor
 from infera.engine.scheduler import Scheduler
@@ -81,7 +82,10 @@ class LLMEngine:
         self.block_manager, self.max_model_len = self.worker.block_manager, self.worker.max_model_len
         self.device, self.dtype = self.worker.device, self.worker.dtype
         self.default_sampling_params = self.worker.default_sampling_params  # --generation-config
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   kv_policy=KVPolicy(cfg.kv_policy, cfg.kv_budget, cfg.kv_sink_tokens))
+        if cfg.kv_policy != "none":
+            logger.info("KV policy %s: budget %s, %d sink tokens", cfg.kv_policy, cfg.kv_budget, cfg.kv_sink_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.hooks: list[StepHook] = []
         self.structured = StructuredOutputManager(self.tokenizer, self.runner.vocab_size, self.output_processor)
@@ -159,6 +163,7 @@ class LLMEngine:
             raise ValueError(f"logit_bias: token ids must be in [0, {vocab}), got {bad[:3]}")
         if parent is not None and params.structured is not None:
             raise ValueError("structured output cannot continue from a parent sequence")
+        self.scheduler.kv_policy.for_request(params.kv_policy, params.kv_budget, params.kv_sink_tokens)  # ValueError
         grammar = self.structured.grammar_for(params)  # ValueError for a bad schema/regex/grammar
         req = Request(request_id, text, token_ids, params, retain=retain)
         if parent is not None:

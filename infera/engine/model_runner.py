@@ -223,14 +223,14 @@ class ModelRunner:
                 ids += s.spec_token_ids[first:first + n - len(ids)]
             input_ids.extend(ids)
             positions.extend(range(start, start + n))
-            table = s.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            table, kv_start = s.block_table, start - s.num_evicted_tokens  # (past an evicted hole)
+            slots.extend(table[p // bs] * bs + p % bs for p in range(kv_start, kv_start + n))
             if n <= self.max_batched_query_len:
                 decode_tables.append(table)
-                decode_lens.append(start + n)
+                decode_lens.append(kv_start + n)
                 decode_starts.append(decode_starts[-1] + n)
             else:
-                prefills.append(PrefillChunk(len(input_ids) - n, n, start + n,
+                prefills.append(PrefillChunk(len(input_ids) - n, n, kv_start + n,
                                              device_tensor(table, self.device, torch.long)))
         meta = AttentionMetadata(slot_mapping=device_tensor(slots, self.device, torch.long),
                                  num_decode_tokens=decode_starts[-1], prefills=prefills)

@@ -4,7 +4,8 @@ Each step spends a token budget: first one token for every running sequence that
 then chunks of prompts already running, then new prompts from the waiting queue.  When KV
 blocks run out, the most recently admitted sequence is preempted: its blocks are freed and
 it goes back to the front of the queue, to be recomputed later (its prefix usually comes
-back from the prefix cache).
+back from the prefix cache).  A KV policy (:mod:`infera.engine.kv_policy`) evicts blocks of long
+sequences before their next tokens are allocated.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from infera.engine.block_manager import BlockManager
+from infera.engine.kv_policy import KVPolicy
 from infera.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -36,13 +38,15 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 watermark: float = 0.01):
+                 watermark: float = 0.01, kv_policy: KVPolicy = KVPolicy()):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.reserve = int(watermark * block_manager.num_blocks)
+        self.kv_policy = kv_policy  # the default; a request may bring its own settings
+        self.num_evicted_blocks = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -75,6 +79,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             if n <= 0:
                 continue
+            self._evict(seq)
             while not self.block_manager.allocate_slots(seq, n):
                 if seq.spec_token_ids:
                     n -= len(seq.spec_token_ids)
@@ -111,6 +116,15 @@ class Scheduler:
         batch.block_copies = self.block_manager.pending_copies
         self.block_manager.pending_copies = []
         return batch
+
+    def _evict(self, seq: Sequence) -> None:
+        """Apply ``seq``'s KV policy before its next tokens get slots."""
+        p = seq.params
+        policy = self.kv_policy.for_request(p.kv_policy, p.kv_budget, p.kv_sink_tokens)
+        first, count = policy.blocks_to_evict(seq, self.block_manager.block_size)
+        if count:
+            self.block_manager.evict(seq, first, count)
+            self.num_evicted_blocks += count
 
     def _preempt(self, seq: Sequence) -> None:
         logger.info("preempting sequence %d (%d tokens) for lack of KV blocks; it will be recomputed",

@@ -24,6 +24,9 @@ class Sequence:
     forks it there so that the ``n`` samples of a request share the prompt's KV blocks.
     ``spec_token_ids`` are draft tokens of speculative decoding: not part of the sequence yet,
     but computed with it (the compute target includes them) and verified by the next step.
+    A KV policy (:mod:`infera.engine.kv_policy`) may have evicted ``num_evicted_tokens`` tokens'
+    KV from token ``evicted_from`` on (whole blocks): the block table then holds the tokens before
+    and after that hole, and token ``i`` after it is at slot ``i - num_evicted_tokens`` of the table.
     """
 
     _ids = itertools.count()
@@ -36,6 +39,8 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
+        self.num_evicted_tokens = 0
+        self.evicted_from = 0
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.params = params
@@ -64,6 +69,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Computed tokens whose KV is still in the cache."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

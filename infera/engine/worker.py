@@ -63,7 +63,8 @@ class Worker:
                                   enforce_eager=config.enforce_eager)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_connector = KVConnector(self.block_manager, self.runner.kv_cache)
-        self.max_model_len = min(limit, self.kv_cache_tokens)
+        # a sequence fits the KV cache, unless the engine's KV policy evicts (then the model's limit)
+        self.max_model_len = limit if config.kv_policy != "none" else min(limit, self.kv_cache_tokens)
 
     @property
     def kv_cache_tokens(self) -> int:

@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {  # task (the part of --task before any ":") -> module
     "perplexity": "infera.eval.perplexity",
     "arithmetic": "infera.eval.scaling",
     "jsonl": "infera.eval.scaling",
+    "passkey": "infera.eval.passkey",
 }
 
 
@@ -19,5 +20,5 @@ def task_module(name: str) -> ModuleType:
     """The module of task ``name`` (``jsonl:FILE`` is task ``jsonl``)."""
     kind = name.split(":", 1)[0]
     if kind not in TASKS or (kind == "jsonl") != (":" in name):
-        raise ValueError(f"unknown eval task {name!r}; choose from perplexity, arithmetic, jsonl:FILE")
+        raise ValueError(f"unknown eval task {name!r}; choose from perplexity, arithmetic, passkey, jsonl:FILE")
     return importlib.import_module(TASKS[kind])

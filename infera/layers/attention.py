@@ -33,7 +33,8 @@ class LayerKVCache:
 @dataclass
 class PrefillChunk:
     """A multi-token query of one sequence: tokens ``[query_start, query_start + query_len)``
-    of the flat batch are positions ``[context_len - query_len, context_len)`` of the sequence."""
+    of the flat batch are slots ``[context_len - query_len, context_len)`` of its block table (its
+    positions, unless a KV policy evicted tokens before them)."""
 
     query_start: int
     query_len: int

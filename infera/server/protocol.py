@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, PrivateAttr, StringConstraints,
                       field_validator, model_serializer, model_validator)
 
-from infera.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputParams
+from infera.sampling_params import KV_POLICIES, MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 from infera.structured.bounds import check_schema_value
 
 MAX_N = 128
@@ -165,6 +165,9 @@ class SamplingRequest(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     max_thinking_tokens: int | None = Field(None, ge=1)  # budget forcing of a reasoning model's <think>
+    kv_policy: Literal[KV_POLICIES] | None = None  # this request's KV policy (--kv-policy)
+    kv_budget: float | None = Field(None, gt=0.0)
+    kv_sink_tokens: int | None = Field(None, ge=0)
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     structured_outputs: StructuredOutputsRequest | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, and the top k
@@ -249,7 +252,8 @@ class SamplingRequest(OpenAIModel):
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
-            max_thinking_tokens=self.max_thinking_tokens, structured=self.structured())
+            max_thinking_tokens=self.max_thinking_tokens, kv_policy=self.kv_policy,
+            kv_budget=self.kv_budget, kv_sink_tokens=self.kv_sink_tokens, structured=self.structured())
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -50,6 +50,7 @@ class DraftPass:
     token_ids: list[int]
     block_table: list[int]
     num_computed_tokens: int
+    num_evicted_tokens: int
     spec_token_ids: list[int] = field(default_factory=list)
 
 
@@ -71,7 +72,7 @@ class SelfDraftProposer(Proposer):
                 continue
             self.block_manager.truncate(seq, seq.num_computed_tokens)  # slots of drafts never verified
             if self.block_manager.allocate_slots(seq, seq.num_uncomputed_tokens + k - 1):
-                passes[i] = DraftPass(seq.token_ids, seq.block_table, seq.num_computed_tokens)
+                passes[i] = DraftPass(seq.token_ids, seq.block_table, seq.num_computed_tokens, seq.num_evicted_tokens)
         self.target.copy_pending_blocks()  # the draft reads the blocks split copy-on-write
         generators = {i: self._generator(seqs[i]) for i in passes}
         probs: dict[int, list] = {i: [] for i in passes}

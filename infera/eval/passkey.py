@@ -1,0 +1,158 @@
+"""Passkey retrieval under KV policies (``infera eval --task passkey``).
+
+Each problem hides "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a depth of a
+haystack of the standard library's ``pydoc_data/topics.py`` prose, cut to a total length in
+tokens, and ends with "What is the pass key? The pass key is"; the answer is right when the greedy
+continuation holds the key's digits.  Every (length, depth, sample) problem runs under each KV
+policy of ``--kv-policies`` (``none``, or ``streaming:BUDGET`` with BUDGET a fraction of the prompt
+or tokens).  Per policy and length: accuracy, the KV bytes a sequence held when it answered
+(measured: its block table at its last step; a prompt's chunk is computed before the blocks
+beyond the budget go), and the wall time of the policy's batch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+
+from infera.engine.llm_engine import LLMEngine
+from infera.eval.perplexity import corpus
+from infera.sampling_params import SamplingParams
+
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+         "memorize it. I will quiz you about it.\n\n")
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def needle(key: int) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def problem(tokenizer, haystack: list[int], length: int, depth: float, key: int, offset: int) -> list[int]:
+    """Token ids of one problem: ``length`` tokens in all, the needle ``depth`` of the way in."""
+    intro, question = tokenizer.encode(INTRO), tokenizer.encode(QUESTION, add_special_tokens=False)
+    hidden = tokenizer.encode(needle(key), add_special_tokens=False)
+    fill = length - len(intro) - len(question) - len(hidden)
+    if fill < 1:
+        raise ValueError(f"passkey: length {length} is too short for the question")
+    text = [haystack[(offset + i) % len(haystack)] for i in range(fill)]
+    at = int(depth * fill)
+    return intro + text[:at] + hidden + text[at:] + question
+
+
+def parse_policy(spec: str) -> dict:
+    """``none`` or ``streaming:BUDGET`` -> SamplingParams fields."""
+    name, _, budget = spec.partition(":")
+    if name == "none":
+        return {"kv_policy": "none"}
+    if not budget:
+        raise ValueError(f"passkey: policy {spec!r} needs a budget, e.g. {name}:0.25 or {name}:1024")
+    value = float(budget)
+    return {"kv_policy": name, "kv_budget": int(value) if value > 1 else value}
+
+
+@dataclass
+class Row:
+    policy: str
+    length: int
+    problems: int
+    accuracy: float
+    kv_bytes: float  # mean over problems of the KV a sequence held when it answered
+    kv_fraction: float  # kv_bytes / the full KV of the prompt and answer
+    seconds: float
+
+
+def evaluate(engine: LLMEngine, policy: str, problems: dict[int, list[tuple[list[int], int]]],
+             answer_tokens: int) -> list[Row]:
+    fields = parse_policy(policy)
+    block = engine.runner.kv_cache.bytes_per_block
+    rows = []
+    for length, items in problems.items():
+        params = SamplingParams(temperature=0.0, max_tokens=answer_tokens, **fields)
+        started = time.perf_counter()
+        ids = {engine.add_request(tokens, params): key for tokens, key in items}
+        held = {rid: 0 for rid in ids}
+        texts = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    texts[out.request_id] = out.outputs[0].text
+            for seq in engine.scheduler.running:
+                if seq.request_id in held:
+                    held[seq.request_id] = len(seq.block_table)
+        seconds = time.perf_counter() - started
+        right = sum(str(key) in texts[rid] for rid, key in ids.items())
+        kv = sum(held.values()) / len(held) * block
+        full = -(-(length + answer_tokens) // engine.block_manager.block_size) * block
+        rows.append(Row(policy, length, len(items), right / len(items), kv, kv / full, seconds))
+    return rows
+
+
+def run(args: argparse.Namespace, engine_kwargs: dict) -> None:
+    engine = LLMEngine(**dict(engine_kwargs, enable_prefix_caching=False))  # every policy computes its own KV
+    haystack = engine.tokenizer.encode(corpus(), add_special_tokens=False)
+    rng = random.Random(args.passkey_seed)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    problems = {n: [] for n in lengths}
+    for n in lengths:
+        for depth in depths:
+            for _ in range(args.samples):
+                key = rng.randrange(10000, 100000)
+                problems[n].append((problem(engine.tokenizer, haystack, n, depth, key,
+                                            rng.randrange(len(haystack))), key))
+    results: list[Row] = []
+    for policy in args.kv_policies.split(","):
+        for row in evaluate(engine, policy, problems, args.answer_tokens):
+            results.append(row)
+            if not args.json:
+                print(f"{row.policy:>16} {row.length:>6} tokens: passkey {row.accuracy:6.1%} of {row.problems}  "
+                      f"KV {row.kv_bytes / 2**20:7.1f} MiB ({row.kv_fraction:5.1%} of full)  {row.seconds:6.1f} s",
+                      flush=True)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=1))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in results)
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Accuracy against KV bytes, one line per prompt length (points: the policies)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for length in sorted({r.length for r in rows}):
+        points = sorted((r.kv_bytes / 2**20, r.accuracy, r.policy) for r in rows if r.length == length)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{length} tokens")
+        for x, y, name in points:
+            ax.annotate(name, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log")
+    ax.set_xlabel("KV held per sequence (MiB, log)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend()
+    ax.set_title("Passkey retrieval against KV kept")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens (comma list)")
+    g.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths in [0, 1] (comma list)")
+    g.add_argument("--samples", type=int, default=2, help="problems (keys) per length and depth")
+    g.add_argument("--kv-policies", default="none,streaming:0.5,streaming:0.25,streaming:0.125",
+                   help="KV policies compared: none or streaming:BUDGET (a fraction of the prompt, or tokens)")
+    g.add_argument("--answer-tokens", type=int, default=8, help="tokens generated for the answer")
+    g.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    g.add_argument("--plot", default=None, help="write accuracy against KV bytes to this PNG")
+    g.add_argument("--passkey-seed", type=int, default=0, help="seed of the keys and haystack offsets")

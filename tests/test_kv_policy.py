@@ -1,0 +1,256 @@
+"""KV policies (infera/engine/kv_policy.py): which blocks a long sequence keeps, that evicted blocks
+are freed, that attention after an eviction is attention over the kept tokens (against HF
+transformers with the same tokens dropped from its cache), and that the policies compose with
+prefix caching, preemption, forks and speculative decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infera import LLM, SamplingParams
+from infera.engine.block_manager import BlockManager
+from infera.engine.kv_policy import KVPolicy
+from infera.engine.sequence import Sequence
+
+BS = 16
+
+
+def seq_with(num_prompt: int, num_output: int = 0, computed: int | None = None) -> Sequence:
+    seq = Sequence(list(range(num_prompt + num_output)), SamplingParams())
+    seq.num_prompt_tokens = num_prompt
+    seq.num_computed_tokens = num_prompt + num_output if computed is None else computed
+    return seq
+
+
+def test_blocks_to_evict():
+    policy = KVPolicy("streaming", budget=64, sink_tokens=4)  # 1 sink block + 3 window blocks
+    assert policy.blocks_to_evict(seq_with(64), BS) == (1, 0)
+    assert policy.blocks_to_evict(seq_with(65), BS) == (1, 1)  # 5 blocks held: the second goes
+    assert policy.blocks_to_evict(seq_with(200), BS) == (1, 13 - 4)
+    assert KVPolicy("streaming", budget=64, sink_tokens=20).blocks_to_evict(seq_with(200), BS) == (2, 13 - 4)
+    # no sinks: a sliding window of whole blocks
+    assert KVPolicy("streaming", budget=64, sink_tokens=0).blocks_to_evict(seq_with(200), BS) == (0, 13 - 4)
+    # a budget below the sinks keeps the sinks and the block being written
+    assert KVPolicy("streaming", budget=2, sink_tokens=4).blocks_to_evict(seq_with(200), BS) == (1, 11)
+    # a fraction budgets the prompt; generated tokens are kept on top
+    half = KVPolicy("streaming", budget=0.5)
+    assert half.budget_tokens(seq_with(200, 10)) == 110
+    assert half.blocks_to_evict(seq_with(200, 10), BS) == (1, 14 - 7)
+    assert KVPolicy("streaming", budget=1.0).blocks_to_evict(seq_with(500, 300), BS) == (1, 0)
+    assert KVPolicy().blocks_to_evict(seq_with(5000), BS) == (0, 0)
+    # counted in held blocks: after an eviction the hole no longer counts
+    seq = seq_with(200)
+    seq.num_evicted_tokens, seq.evicted_from = 9 * BS, BS
+    assert policy.blocks_to_evict(seq, BS) == (1, 0)
+
+
+def test_bad_settings_are_refused():
+    for kw in (dict(kv_policy="h2o"), dict(kv_budget=0), dict(kv_budget=1.5), dict(kv_budget=float("nan")),
+               dict(kv_sink_tokens=-1), dict(kv_budget=True)):
+        with pytest.raises(ValueError, match="kv_"):
+            SamplingParams(**kw)
+    with pytest.raises(ValueError, match="needs a kv_budget"):
+        KVPolicy("streaming")
+    # a request's policy without a budget where the engine has none: refused when added
+    assert KVPolicy().for_request(None, None, None) == KVPolicy()
+    with pytest.raises(ValueError, match="needs a kv_budget"):
+        KVPolicy().for_request("streaming", None, 8)
+    assert KVPolicy("streaming", 64).for_request(None, 0.5, None) == KVPolicy("streaming", 0.5)
+    assert KVPolicy("streaming", 64).for_request("none", None, None).budget_tokens(seq_with(9)) is None
+
+
+def test_block_manager_evict_frees_unshared_blocks():
+    bm = BlockManager(num_blocks=20, block_size=BS, enable_prefix_caching=False)
+    seq = seq_with(100, computed=0)
+    assert bm.allocate_slots(seq, 100)
+    bm.commit(seq, 100)
+    child = Sequence(seq.token_ids, seq.params)
+    bm.fork(seq, child)
+    table = list(seq.block_table)
+    bm.evict(seq, 1, 3)
+    assert seq.block_table == [table[0]] + table[4:]
+    assert (seq.num_evicted_tokens, seq.evicted_from, seq.num_kv_tokens) == (48, 16, 52)
+    assert bm.num_free_blocks == 20 - 7  # the child still holds them all
+    bm.evict(child, 1, 3)
+    assert bm.num_free_blocks == 20 - 4
+    with pytest.raises(ValueError, match="cannot evict"):
+        bm.evict(seq, 2, 1)  # not at the hole: it would make two
+    with pytest.raises(ValueError, match="cannot evict"):
+        bm.evict(seq, 1, 3)  # the block being written stays
+    # a new token goes after the hole
+    seq.token_ids.append(7)
+    assert bm.allocate_slots(seq, 1)
+    assert len(seq.block_table) == 4
+    bm.commit(seq, 1)
+    # rolling back past the hole keeps only the tokens before it
+    bm.truncate(seq, 40)
+    assert (seq.block_table, seq.num_computed_tokens, seq.num_evicted_tokens) == ([table[0]], 16, 0)
+    bm.free(seq)
+    bm.free(child)
+    assert bm.num_free_blocks == 20
+
+
+def test_full_budget_is_identical(tiny_llm):
+    prompt = list(range(1000, 1300))
+    plain = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = tiny_llm.generate([prompt], plain, use_tqdm=False)[0].outputs[0].token_ids
+    for kw in (dict(kv_budget=1.0), dict(kv_budget=340)):
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, kv_policy="streaming", **kw)
+        got = tiny_llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == want
+    evicting = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, kv_policy="streaming", kv_budget=64)
+    assert tiny_llm.generate([prompt], evicting, use_tqdm=False)[0].outputs[0].token_ids != want
+
+
+def test_attention_after_eviction_matches_hf(tiny_model):
+    """Prompt of 100 tokens prefilled whole; before the next step, streaming (budget 48, 4 sinks)
+    drops tokens 16-79: the next token's log-probabilities equal HF's with those positions cut
+    from its cache and the query at its true position (float32, 1e-4)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    path = tiny_model("llama")
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", enable_prefix_caching=False)
+    prompt = [(37 * i) % 5000 + 100 for i in range(100)]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=5, kv_policy="streaming",
+                            kv_budget=48, kv_sink_tokens=4)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert llm.engine.scheduler.num_evicted_blocks == 4
+    first, second = out.token_ids
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        full = hf(torch.tensor([prompt]), use_cache=True)
+        cache = full.past_key_values
+        assert int(full.logits[0, -1].argmax()) == first
+        keep = list(range(16)) + list(range(80, 100))
+        cut = DynamicCache()
+        for i, layer in enumerate(cache.layers):
+            cut.update(layer.keys[:, :, keep], layer.values[:, :, keep], i)
+        nxt = hf(torch.tensor([[first]]), cache=cut, position_ids=torch.tensor([[100]]),
+                 cache_position=torch.tensor([len(keep)]))
+    ref = torch.log_softmax(nxt.logits[0, -1].float(), dim=-1)
+    assert int(ref.argmax()) == second
+    top = out.logprobs[1].top
+    assert len(top) == 5
+    for token, logprob in top:
+        assert abs(logprob - float(ref[token])) < 1e-4, token
+
+
+def test_blocks_stay_bounded_and_are_freed(tiny_llm):
+    engine = tiny_llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, kv_policy="streaming", kv_budget=64)
+    engine.add_request(list(range(2000, 2150)), params, "long")
+    most, evicted = 0, engine.scheduler.num_evicted_blocks
+    while engine.has_unfinished_requests():
+        engine.step()
+        held = [len(s.block_table) for s in engine.scheduler.running]
+        if engine.scheduler.num_evicted_blocks > evicted:  # after the prompt's one chunk (10 blocks)
+            most = max([most] + held)
+    # 4 blocks kept (1 sink + 3 window) and the block of the step's new token
+    assert most == 4 + 1
+    assert_idle(engine)
+
+
+def assert_idle(engine) -> None:
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+
+
+def test_long_prompt_evicts_between_chunks(tiny_model):
+    """A prompt of 600 tokens in chunks of 128 under a budget of 64: never more than the budget, a
+    chunk and a block; the blocks computed before the first eviction stay cached, the later ones
+    are not (their KV saw a cut context)."""
+    llm = LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB", max_num_batched_tokens=128)
+    engine = llm.engine
+    prompt = list(range(3000, 3600))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, kv_policy="streaming", kv_budget=64)
+    engine.add_request(prompt, params, "p")
+    most = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        most = max([most] + [len(s.block_table) for s in engine.scheduler.running])
+    assert most <= 4 + 128 // BS + 1
+    assert engine.block_manager.cached_prefix(prompt) == engine.block_manager.cached_prefix(prompt[:128])
+    assert len(engine.block_manager.cached_prefix(prompt)) == 128 // BS
+    assert_idle(engine)
+
+
+def test_composes_with_prefix_caching_forks_preemption_and_speculation(tiny_model):
+    path = str(tiny_model("llama"))
+    prompts = [list(range(4000 + 100 * i, 4000 + 100 * i + 150)) for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, kv_policy="streaming", kv_budget=64)
+    base = LLM(path, dtype="float32", kv_cache_memory="16MiB", enable_prefix_caching=False)
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+    # prefix hits (the same prompts again) and a batch: the same tokens
+    cached = LLM(path, dtype="float32", kv_cache_memory="16MiB")
+    for _ in range(2):
+        assert [o.outputs[0].token_ids for o in cached.generate(prompts, params, use_tqdm=False)] == want
+    assert cached.engine.scheduler.prefix_hits > 0
+    assert_idle(cached.engine)
+    # a KV cache too small for four sequences at once: preempted and recomputed, all finish
+    # (8 KiB a block; 12 blocks, while a sequence holds up to 9; the engine's policy lets a sequence
+    # outgrow the cache)
+    small = LLM(path, dtype="float32", kv_cache_memory=12 * 8192, max_num_batched_tokens=64, kv_policy="streaming",
+                kv_budget=64)
+    assert small.engine.block_manager.num_blocks == 12 and small.engine.max_model_len == 2048
+    outs = small.generate(prompts, params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 60 for o in outs)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert_idle(small.engine)
+    # n samples share the prompt's blocks and evict on their own
+    forked = base.generate([prompts[0]], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=60, ignore_eos=True,
+                                                         kv_policy="streaming", kv_budget=64), use_tqdm=False)
+    assert len({tuple(c.token_ids) for c in forked[0].outputs}) > 1
+    assert_idle(base.engine)
+    # speculative decoding (prompt lookup) runs under the policy and frees everything
+    spec = LLM(path, dtype="float32", kv_cache_memory="16MiB", speculative="ngram")
+    outs = spec.generate(prompts, params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 60 for o in outs)
+    assert spec.engine.scheduler.num_evicted_blocks > 0
+    assert_idle(spec.engine)
+
+
+def test_engine_default_policy_and_request_override(tiny_model):
+    llm = LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB", kv_policy="streaming",
+              kv_budget=48)
+    prompt = list(range(5000, 5200))
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate([prompt], greedy, use_tqdm=False)
+    evicted = llm.engine.scheduler.num_evicted_blocks
+    assert evicted > 0
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, kv_policy="none"),
+                 use_tqdm=False)
+    assert llm.engine.scheduler.num_evicted_blocks == evicted
+    with pytest.raises(ValueError, match="needs a kv_budget"):
+        LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB", kv_policy="streaming")
+
+
+def test_passkey_task(tiny_model, tmp_path):
+    """`infera eval --task passkey`: problems of the asked length with the needle at its depth; rows
+    per policy and length with the KV held measured (a tiny random model answers nothing right)."""
+    import argparse
+
+    from infera.eval import passkey
+
+    engine = LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB").engine
+    tok = engine.tokenizer
+    hay = list(range(500, 900))
+    tokens = passkey.problem(tok, hay, 300, 0.5, 12345, 7)
+    assert len(tokens) == 300
+    hidden = tok.encode(passkey.needle(12345), add_special_tokens=False)
+    at = next(i for i in range(len(tokens)) if tokens[i:i + len(hidden)] == hidden)
+    assert 0.4 < at / 300 < 0.6
+    assert passkey.parse_policy("streaming:0.25") == {"kv_policy": "streaming", "kv_budget": 0.25}
+    assert passkey.parse_policy("streaming:512") == {"kv_policy": "streaming", "kv_budget": 512}
+    with pytest.raises(ValueError, match="needs a budget"):
+        passkey.parse_policy("streaming")
+    problems = {300: [(tokens, 12345)]}
+    full, = passkey.evaluate(engine, "none", problems, 4)
+    cut, = passkey.evaluate(engine, "streaming:0.25", problems, 4)
+    assert full.kv_fraction == 1.0 and cut.kv_fraction < 0.4
+    args = argparse.Namespace(lengths="200", depths="0.5", samples=1, kv_policies="none,streaming:64",
+                              answer_tokens=3, passkey_seed=0, json=True, csv=str(tmp_path / "p.csv"),
+                              plot=str(tmp_path / "p.png"))
+    passkey.run(args, dict(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB"))
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 3
