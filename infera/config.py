@@ -71,9 +71,10 @@ class EngineConfig:
                                       "the memory")
     kv_policy: str = option(
         "none", choices=KV_POLICIES,
-        help="which KV a long sequence keeps: none = all of it; streaming = the first --kv-sink-tokens tokens "
-             "(attention sinks) and a recent window, about --kv-budget tokens in all (StreamingLLM): the blocks "
-             "between are evicted and freed. Requests may bring their own (kv_policy, kv_budget, kv_sink_tokens)")
+        help="which KV a long sequence keeps, about --kv-budget tokens of it: none = all; streaming = the first "
+             "--kv-sink-tokens tokens (attention sinks) and a recent window (StreamingLLM); snapkv = after the "
+             "prompt, the sinks, its last 32 tokens and the blocks they attend to most (SnapKV, whole blocks). "
+             "Evicted blocks are freed. Requests may bring their own (kv_policy, kv_budget, kv_sink_tokens)")
     kv_budget: float | None = option(
         None, help="the KV a sequence keeps under --kv-policy: tokens (an integer > 1), or a fraction of the prompt "
                    "in (0, 1] (the generated tokens are kept on top; 1 = full KV)")

@@ -7,7 +7,7 @@ from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # biases are clamped to [-100, 100], as OpenAI's range
-KV_POLICIES = ("none", "streaming")  # infera.engine.kv_policy
+KV_POLICIES = ("none", "streaming", "snapkv")  # infera.engine.kv_policy
 DEFAULT_SINK_TOKENS = 4
 
 

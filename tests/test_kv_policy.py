@@ -24,24 +24,66 @@ def seq_with(num_prompt: int, num_output: int = 0, computed: int | None = None) 
 
 def test_blocks_to_evict():
     policy = KVPolicy("streaming", budget=64, sink_tokens=4)  # 1 sink block + 3 window blocks
-    assert policy.blocks_to_evict(seq_with(64), BS) == (1, 0)
-    assert policy.blocks_to_evict(seq_with(65), BS) == (1, 1)  # 5 blocks held: the second goes
-    assert policy.blocks_to_evict(seq_with(200), BS) == (1, 13 - 4)
-    assert KVPolicy("streaming", budget=64, sink_tokens=20).blocks_to_evict(seq_with(200), BS) == (2, 13 - 4)
+    assert policy.blocks_to_evict(seq_with(64), BS) == []
+    assert policy.blocks_to_evict(seq_with(65), BS) == [1]  # 5 blocks held: the second goes
+    assert policy.blocks_to_evict(seq_with(200), BS) == list(range(1, 10))
+    assert KVPolicy("streaming", budget=64, sink_tokens=20).blocks_to_evict(seq_with(200), BS) == list(range(2, 11))
     # no sinks: a sliding window of whole blocks
-    assert KVPolicy("streaming", budget=64, sink_tokens=0).blocks_to_evict(seq_with(200), BS) == (0, 13 - 4)
+    assert KVPolicy("streaming", budget=64, sink_tokens=0).blocks_to_evict(seq_with(200), BS) == list(range(9))
     # a budget below the sinks keeps the sinks and the block being written
-    assert KVPolicy("streaming", budget=2, sink_tokens=4).blocks_to_evict(seq_with(200), BS) == (1, 11)
+    assert KVPolicy("streaming", budget=2, sink_tokens=4).blocks_to_evict(seq_with(200), BS) == list(range(1, 12))
     # a fraction budgets the prompt; generated tokens are kept on top
     half = KVPolicy("streaming", budget=0.5)
     assert half.budget_tokens(seq_with(200, 10)) == 110
-    assert half.blocks_to_evict(seq_with(200, 10), BS) == (1, 14 - 7)
-    assert KVPolicy("streaming", budget=1.0).blocks_to_evict(seq_with(500, 300), BS) == (1, 0)
-    assert KVPolicy().blocks_to_evict(seq_with(5000), BS) == (0, 0)
+    assert half.blocks_to_evict(seq_with(200, 10), BS) == list(range(1, 8))
+    assert KVPolicy("streaming", budget=1.0).blocks_to_evict(seq_with(500, 300), BS) == []
+    assert KVPolicy().blocks_to_evict(seq_with(5000), BS) == []
     # counted in held blocks: after an eviction the hole no longer counts
     seq = seq_with(200)
-    seq.num_evicted_tokens, seq.evicted_from = 9 * BS, BS
-    assert policy.blocks_to_evict(seq, BS) == (1, 0)
+    seq.num_evicted_tokens, seq.evicted_from, seq.kept_from = 9 * BS, BS, 10 * BS
+    assert policy.blocks_to_evict(seq, BS) == []
+    # blocks a policy chose to keep go after the recent ones, while there is room
+    seq = seq_with(200)
+    seq.kv_pinned = 2
+    assert policy.blocks_to_evict(seq, BS) == list(range(3, 12))
+
+
+def test_snapkv_ranks_blocks_by_window_attention():
+    policy = KVPolicy("snapkv", budget=96, sink_tokens=4)  # 6 blocks: 1 sink, 3 recent, 2 chosen
+    seq = seq_with(200, computed=150)
+    assert policy.observation_window(seq) == 32 and policy.blocks_to_evict(seq, BS) == []  # waits for the prompt
+    seq = seq_with(200)
+    assert policy.observation_window(seq) == 0
+    scores = [0.0] * 200
+    scores[5 * BS + 3] = 2.0  # block 5
+    scores[8 * BS] = 1.0  # block 8 (and, pooled over 7 positions, the end of block 7)
+    seq.kv_scores = scores
+    # 13 blocks: sink 0, recent 10-12, middle 1-9 ranked: 5 first, then 8 (7 ties 8 below it)
+    assert policy.blocks_to_evict(seq, BS) == [1, 2, 3, 4, 6, 7, 9]
+    bm = BlockManager(num_blocks=20, block_size=BS, enable_prefix_caching=False)
+    seq.num_computed_tokens = 0
+    assert bm.allocate_slots(seq, 200)
+    bm.commit(seq, 200)
+    table = list(seq.block_table)
+    assert policy.evict(seq, bm) == 7
+    assert seq.block_table == [table[i] for i in (0, 5, 8, 10, 11, 12)]
+    assert (seq.kv_scores, seq.kv_pinned, seq.evicted_from, seq.kept_from) == (None, 2, BS, 10 * BS)
+    # a prompt the budget covers is not observed (no eviction, no scores)
+    assert KVPolicy("snapkv", budget=1.0).observation_window(seq_with(200, computed=0)) == 0
+
+
+def test_window_attention_is_the_summed_softmax():
+    from infera.layers.paged_attention import window_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(5, 4, 8, generator=g), torch.randn(20, 2, 8, generator=g)
+    want = torch.zeros(20)
+    for h in range(4):
+        for j in range(5):
+            pos = 20 - 5 + j
+            logits = (k[:pos + 1, h // 2] @ q[j, h]) * 0.3
+            want[:pos + 1] += logits.softmax(0)
+    assert torch.allclose(window_attention(q, k, 0.3), want, atol=1e-5)
 
 
 def test_bad_settings_are_refused():
@@ -67,16 +109,24 @@ def test_block_manager_evict_frees_unshared_blocks():
     child = Sequence(seq.token_ids, seq.params)
     bm.fork(seq, child)
     table = list(seq.block_table)
-    bm.evict(seq, 1, 3)
+    bm.evict(seq, [1, 2, 3])
     assert seq.block_table == [table[0]] + table[4:]
-    assert (seq.num_evicted_tokens, seq.evicted_from, seq.num_kv_tokens) == (48, 16, 52)
+    assert (seq.num_evicted_tokens, seq.evicted_from, seq.kept_from, seq.num_kv_tokens) == (48, 16, 64, 52)
     assert bm.num_free_blocks == 20 - 7  # the child still holds them all
-    bm.evict(child, 1, 3)
+    bm.evict(child, [1, 2, 3])
     assert bm.num_free_blocks == 20 - 4
     with pytest.raises(ValueError, match="cannot evict"):
-        bm.evict(seq, 2, 1)  # not at the hole: it would make two
-    with pytest.raises(ValueError, match="cannot evict"):
-        bm.evict(seq, 1, 3)  # the block being written stays
+        bm.evict(seq, [3])  # the block being written stays
+    # holes anywhere: tokens before the first at their slots, the tail after the last
+    other = seq_with(100, computed=0)
+    assert bm.allocate_slots(other, 100)
+    bm.commit(other, 100)
+    bm.evict(other, [3])
+    bm.evict(other, [1, 4])  # (table entry 4 is block 5)
+    assert (other.evicted_from, other.kept_from, other.num_evicted_tokens) == (16, 96, 48)
+    bm.evict(other, [1])  # block 2, before the tail: the tail stays where it was
+    assert (other.evicted_from, other.kept_from, other.num_kv_tokens, len(other.block_table)) == (16, 96, 36, 3)
+    bm.free(other)
     # a new token goes after the hole
     seq.token_ids.append(7)
     assert bm.allocate_slots(seq, 1)
@@ -254,3 +304,46 @@ def test_passkey_task(tiny_model, tmp_path):
     passkey.run(args, dict(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB"))
     assert (tmp_path / "p.png").stat().st_size > 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 3
+
+
+def test_snapkv_scores_match_hf_attention(tiny_model):
+    """The runner's window scores of a prompt prefilled in chunks (the last holding the window) are
+    HF transformers' attention weights of the last 32 positions, summed over queries, heads and
+    layers; the blocks ranked from them are evicted before the first decode."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model("llama")
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", enable_prefix_caching=False,
+              max_num_batched_tokens=128)
+    engine = llm.engine
+    prompt = [(53 * i) % 7000 + 100 for i in range(150)]  # chunks 118 + 32 (the window stays whole)
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, kv_policy="snapkv",
+                                              kv_budget=64), "s")
+    seq = engine.requests["s"].seqs[0]
+    scores, chunks = None, []
+    while scores is None:
+        engine.step()
+        chunks.append(seq.num_computed_tokens)
+        scores = seq.kv_scores
+    assert chunks == [118, 150]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        att = hf(torch.tensor([prompt]), output_attentions=True).attentions
+    want = sum(a[0, :, -32:, :].sum(dim=(0, 1)) for a in att)
+    assert torch.allclose(torch.tensor(scores), want, atol=1e-4)
+    engine.step()
+    assert seq.kv_scores is None and len(seq.block_table) <= 4 + 1 and seq.num_evicted_tokens > 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_idle(engine)
+
+
+def test_snapkv_full_budget_is_identical(tiny_llm):
+    prompt = list(range(1000, 1300))
+    plain = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    want = tiny_llm.generate([prompt], plain, use_tqdm=False)[0].outputs[0].token_ids
+    same = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, kv_policy="snapkv", kv_budget=1.0)
+    assert tiny_llm.generate([prompt], same, use_tqdm=False)[0].outputs[0].token_ids == want
+    cut = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, kv_policy="snapkv", kv_budget=0.25)
+    assert len(tiny_llm.generate([prompt], cut, use_tqdm=False)[0].outputs[0].token_ids) == 30
+    assert_idle(tiny_llm.engine)

@@ -198,19 +198,20 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_evicted_tokens, child.evicted_from = parent.num_evicted_tokens, parent.evicted_from
+        child.kept_from, child.kv_pinned = parent.kept_from, parent.kv_pinned
 
     def free(self, seq: Sequence) -> None:
         """Release all blocks of ``seq`` (tail first, so prefixes are evicted last)."""
         self._release(seq.block_table)
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_evicted_tokens = seq.evicted_from = 0
+        seq.num_computed_tokens = seq.num_evicted_tokens = seq.evicted_from = seq.kept_from = seq.kv_pinned = 0
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Keep KV for the first ``num_tokens`` tokens only (speculative-decoding rollback); a cut
-        at or before the end of an evicted hole keeps only the tokens before the hole."""
-        if seq.num_evicted_tokens and num_tokens < seq.evicted_from + seq.num_evicted_tokens:
+        before the kept tail of an evicted sequence keeps only the tokens before its first hole."""
+        if seq.num_evicted_tokens and num_tokens < seq.kept_from:
             num_tokens = min(num_tokens, seq.evicted_from)
-            seq.num_evicted_tokens = seq.evicted_from = 0
+            seq.num_evicted_tokens = seq.evicted_from = seq.kept_from = seq.kv_pinned = 0
         keep = self.blocks_for(num_tokens - seq.num_evicted_tokens)
         self._release(seq.block_table[keep:])
         del seq.block_table[keep:]
@@ -220,20 +221,26 @@ class BlockManager:
             if last.ref_count == 1:
                 self._unhash(last)  # it will be written again (a shared one is copied first)
 
-    def evict(self, seq: Sequence, first: int, count: int) -> None:
-        """Drop blocks ``first .. first + count - 1`` of ``seq``'s table (full blocks after any
-        earlier hole's start: the hole grows) and free those no other sequence holds; they stay
-        findable in the prefix cache."""
-        if count <= 0:
+    def evict(self, seq: Sequence, indices: list[int]) -> None:
+        """Drop the blocks at ``indices`` of ``seq``'s table (full blocks: never its last) and free
+        those no other sequence holds; they stay findable in the prefix cache."""
+        if not indices:
             return
-        if first < 0 or first + count >= len(seq.block_table) or \
-                (seq.num_evicted_tokens and first * self.block_size != seq.evicted_from):
-            raise ValueError(f"cannot evict blocks {first}-{first + count - 1} of a table of "
-                             f"{len(seq.block_table)} (hole at token {seq.evicted_from})")
-        self._release(seq.block_table[first:first + count])
-        del seq.block_table[first:first + count]
-        seq.evicted_from = first * self.block_size
-        seq.num_evicted_tokens += count * self.block_size
+        bs, e = self.block_size, seq.num_evicted_tokens
+        drop = sorted(set(indices))
+        if drop[0] < 0 or drop[-1] >= len(seq.block_table) - 1:
+            raise ValueError(f"cannot evict blocks {drop} of a table of {len(seq.block_table)}: only full blocks "
+                             "before the last")
+        natural = seq.evicted_from // bs if e else len(seq.block_table)  # entries at their own slots before it
+        tail = (seq.kept_from - e) // bs if e else 0  # entries of the kept tail from here (token = slot + e)
+        if drop[0] < natural:
+            seq.evicted_from = drop[0] * bs
+        if drop[-1] >= tail:
+            seq.kept_from = (drop[-1] + 1) * bs + e
+        self._release([seq.block_table[i] for i in drop])
+        for i in reversed(drop):
+            del seq.block_table[i]
+        seq.num_evicted_tokens += len(drop) * bs
 
     def _release(self, block_ids: list[int]) -> None:
         for block_id in reversed(block_ids):

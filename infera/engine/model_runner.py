@@ -173,7 +173,12 @@ class ModelRunner:
         if use_graphs and not skip_layers and self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
         with attention_metadata(meta):
-            return self.model(input_ids, positions, skip_layers)
+            hidden = self.model(input_ids, positions, skip_layers)
+        chunks = iter(meta.prefills)  # (one per long query, in order)
+        for seq, n in zip(seqs, counts):
+            if n > self.max_batched_query_len and (chunk := next(chunks)).scores is not None:
+                seq.kv_scores = chunk.scores.tolist()
+        return hidden
 
     def _forward_any_order(self, seqs: list[Sequence], counts: list[int], use_graphs: bool,
                            skip_layers: frozenset[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
@@ -230,8 +235,11 @@ class ModelRunner:
                 decode_lens.append(kv_start + n)
                 decode_starts.append(decode_starts[-1] + n)
             else:
-                prefills.append(PrefillChunk(len(input_ids) - n, n, kv_start + n,
-                                             device_tensor(table, self.device, torch.long)))
+                chunk = PrefillChunk(len(input_ids) - n, n, kv_start + n, device_tensor(table, self.device, torch.long))
+                if s.kv_observe and start + n >= s.num_prompt_tokens:  # a KV policy ranks the prompt's blocks
+                    chunk.observe = min(s.kv_observe, n)
+                    chunk.scores = torch.zeros(kv_start + n, dtype=torch.float32, device=self.device)
+                prefills.append(chunk)
         meta = AttentionMetadata(slot_mapping=device_tensor(slots, self.device, torch.long),
                                  num_decode_tokens=decode_starts[-1], prefills=prefills)
         if decode_lens:

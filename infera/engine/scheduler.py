@@ -79,7 +79,9 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             if n <= 0:
                 continue
-            self._evict(seq)
+            policy = self._policy(seq)
+            self.num_evicted_blocks += policy.evict(seq, self.block_manager)
+            n = self._observe(seq, policy, seq.num_computed_tokens, n)
             while not self.block_manager.allocate_slots(seq, n):
                 if seq.spec_token_ids:
                     n -= len(seq.spec_token_ids)
@@ -97,8 +99,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             hits = self.block_manager.get_computed_blocks(seq)
+            policy = self._policy(seq)
+            if window := policy.observation_window(seq):  # its last chunk must hold the window
+                hits = hits[:max(0, (seq.num_prompt_tokens - window) // self.block_manager.block_size)]
             cached = len(hits) * self.block_manager.block_size
-            n = min(seq.compute_target - cached, budget)
+            n = self._observe(seq, policy, cached, min(seq.compute_target - cached, budget))
             if not self.block_manager.allocate_slots(seq, n, hits, self.reserve):
                 # Take a smaller first chunk if that fits; otherwise wait for blocks.
                 room = (self.block_manager.num_free_blocks - self.reserve - len(hits)) * self.block_manager.block_size
@@ -117,14 +122,23 @@ class Scheduler:
         self.block_manager.pending_copies = []
         return batch
 
-    def _evict(self, seq: Sequence) -> None:
-        """Apply ``seq``'s KV policy before its next tokens get slots."""
+    def _policy(self, seq: Sequence) -> KVPolicy:
         p = seq.params
-        policy = self.kv_policy.for_request(p.kv_policy, p.kv_budget, p.kv_sink_tokens)
-        first, count = policy.blocks_to_evict(seq, self.block_manager.block_size)
-        if count:
-            self.block_manager.evict(seq, first, count)
-            self.num_evicted_blocks += count
+        return self.kv_policy.for_request(p.kv_policy, p.kv_budget, p.kv_sink_tokens)
+
+    @staticmethod
+    def _observe(seq: Sequence, policy: KVPolicy, computed: int, n: int) -> int:
+        """The size of ``seq``'s next prompt chunk (``n`` tokens after ``computed``) when its policy
+        ranks blocks by the attention of the prompt's last tokens: the last chunk keeps them all,
+        and is marked to report that attention (``seq.kv_observe``)."""
+        seq.kv_observe = 0
+        if window := policy.observation_window(seq):
+            remaining = seq.num_prompt_tokens - computed
+            if n < remaining and remaining - n < window < remaining:
+                n = remaining - window
+            if n >= remaining:
+                seq.kv_observe = window
+        return n
 
     def _preempt(self, seq: Sequence) -> None:
         logger.info("preempting sequence %d (%d tokens) for lack of KV blocks; it will be recomputed",

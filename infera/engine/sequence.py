@@ -25,8 +25,11 @@ class Sequence:
     ``spec_token_ids`` are draft tokens of speculative decoding: not part of the sequence yet,
     but computed with it (the compute target includes them) and verified by the next step.
     A KV policy (:mod:`infera.engine.kv_policy`) may have evicted ``num_evicted_tokens`` tokens'
-    KV from token ``evicted_from`` on (whole blocks): the block table then holds the tokens before
-    and after that hole, and token ``i`` after it is at slot ``i - num_evicted_tokens`` of the table.
+    KV (whole blocks) between token ``evicted_from`` (the first evicted) and ``kept_from`` (the
+    first of the contiguous kept tail): the block table holds the kept blocks in order, tokens
+    before ``evicted_from`` at their own slots and token ``i >= kept_from`` at slot
+    ``i - num_evicted_tokens``.  ``kv_observe``/``kv_scores``: a policy's request for the attention
+    the prompt's last tokens pay to each cached position, and the model runner's answer.
     """
 
     _ids = itertools.count()
@@ -41,6 +44,10 @@ class Sequence:
         self.num_cached_tokens = 0
         self.num_evicted_tokens = 0
         self.evicted_from = 0
+        self.kept_from = 0
+        self.kv_observe = 0
+        self.kv_scores: list[float] | None = None
+        self.kv_pinned = 0  # table entries after the sinks a policy chose to keep (evicted last)
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.params = params

@@ -4,8 +4,8 @@ Each problem hides "The pass key is NNNNN. Remember it. NNNNN is the pass key." 
 haystack of the standard library's ``pydoc_data/topics.py`` prose, cut to a total length in
 tokens, and ends with "What is the pass key? The pass key is"; the answer is right when the greedy
 continuation holds the key's digits.  Every (length, depth, sample) problem runs under each KV
-policy of ``--kv-policies`` (``none``, or ``streaming:BUDGET`` with BUDGET a fraction of the prompt
-or tokens).  Per policy and length: accuracy, the KV bytes a sequence held when it answered
+policy of ``--kv-policies`` (``none``, or ``POLICY:BUDGET`` with BUDGET a fraction of the prompt
+or tokens, e.g. ``snapkv:0.25``).  Per policy and length: accuracy, the KV bytes a sequence held when it answered
 (measured: its block table at its last step; a prompt's chunk is computed before the blocks
 beyond the budget go), and the wall time of the policy's batch.
 """
@@ -44,7 +44,7 @@ def problem(tokenizer, haystack: list[int], length: int, depth: float, key: int,
 
 
 def parse_policy(spec: str) -> dict:
-    """``none`` or ``streaming:BUDGET`` -> SamplingParams fields."""
+    """``none`` or ``POLICY:BUDGET`` -> SamplingParams fields."""
     name, _, budget = spec.partition(":")
     if name == "none":
         return {"kv_policy": "none"}
@@ -150,8 +150,10 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens (comma list)")
     g.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths in [0, 1] (comma list)")
     g.add_argument("--samples", type=int, default=2, help="problems (keys) per length and depth")
-    g.add_argument("--kv-policies", default="none,streaming:0.5,streaming:0.25,streaming:0.125",
-                   help="KV policies compared: none or streaming:BUDGET (a fraction of the prompt, or tokens)")
+    g.add_argument("--kv-policies",
+                   default="none,streaming:0.5,streaming:0.25,streaming:0.125,snapkv:0.5,snapkv:0.25,snapkv:0.125",
+                   help="KV policies compared: none or POLICY:BUDGET (streaming or snapkv; BUDGET a fraction of the "
+                        "prompt, or tokens)")
     g.add_argument("--answer-tokens", type=int, default=8, help="tokens generated for the answer")
     g.add_argument("--csv", default=None, help="write the rows to this CSV file")
     g.add_argument("--plot", default=None, help="write accuracy against KV bytes to this PNG")

@@ -40,6 +40,10 @@ class PrefillChunk:
     query_len: int
     context_len: int
     block_table: torch.Tensor
+    # the attention of the chunk's last ``observe`` queries to each cached position is added here
+    # (summed over queries, heads and layers: :func:`paged_attention.window_attention`)
+    observe: int = 0
+    scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -108,4 +112,6 @@ class Attention(nn.Module):
             else:
                 ck, cv = paged_attention.gather_kv(kv, chunk.block_table, chunk.context_len, q.dtype)
             out[s:s + n] = paged_attention.prefill_attention(q[s:s + n], ck, cv, self.scale)
+            if chunk.observe:
+                chunk.scores += paged_attention.window_attention(q[s + n - chunk.observe:s + n], ck, self.scale)
         return out.flatten(1)

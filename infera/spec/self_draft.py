@@ -52,6 +52,7 @@ class DraftPass:
     num_computed_tokens: int
     num_evicted_tokens: int
     spec_token_ids: list[int] = field(default_factory=list)
+    kv_observe: int = 0
 
 
 class SelfDraftProposer(Proposer):
