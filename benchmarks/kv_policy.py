@@ -4,8 +4,8 @@ one run (infera's own full KV is the baseline).
 - decode: ``--batch`` sequences of ``--context``-token prompts (cut from the pydoc text), greedy,
   ``--new-tokens`` each; output tok/s after every sequence has its first token, and the KV a
   sequence holds while decoding.
-- fit: ``--fit-requests`` such sequences against a ``--fit-memory`` KV cache: the most that
-  decode at once (past their prompts), and whether any was preempted.
+- fit: ``--fit-requests`` such sequences, ``--fit-new-tokens`` each, against a ``--fit-memory`` KV
+  cache: the most that decode at once (past their prompts), and whether any was preempted.
 
     python benchmarks/kv_policy.py [--context 4096] [--policies none,streaming:0.25,snapkv:0.25] [--json FILE]
 """
@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--policies", default="none,streaming:0.25,snapkv:0.25",
                         help="none or POLICY:BUDGET (a fraction of the prompt, or tokens)")
     parser.add_argument("--fit-memory", default="1GiB", help="KV cache of the fit run")
-    parser.add_argument("--fit-requests", type=int, default=32, help="sequences submitted in the fit run")
+    parser.add_argument("--fit-requests", type=int, default=24, help="sequences submitted in the fit run")
+    parser.add_argument("--fit-new-tokens", type=int, default=256,
+                        help="tokens each generates in the fit run (long enough for the prompts to pile up)")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
     print(f"machine: {machine()}; bundled SmolLM2-135M-Instruct, {args.batch} x {args.context}-token prompts, "
@@ -88,7 +90,7 @@ def main() -> None:
         fit = LLMEngine(kv_cache_memory=args.fit_memory, enable_prefix_caching=False)
         row.update(fit_run(fit, make_workload(fit.tokenizer, "fit", args.fit_requests, args.context, args.context, 1,
                                               seed=1).prompts,
-                           SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, **fields)))
+                           SamplingParams(temperature=0.0, max_tokens=args.fit_new_tokens, ignore_eos=True, **fields)))
         del fit
         base = base or row
         row["decode_vs_full"] = row["decode_tok_s"] / base["decode_tok_s"]

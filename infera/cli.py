@@ -306,16 +306,17 @@ def run_quantize(args: argparse.Namespace) -> None:
 
 
 @command("eval", "evaluate the model on a task: perplexity (fixed slices of pydoc_data/topics.py text), passkey "
-                 "retrieval under KV policies, or inference-time scaling methods on arithmetic word problems or a "
-                 "jsonl:FILE of questions")
+                 "retrieval and long-window perplexity under KV policies, or inference-time scaling methods on "
+                 "arithmetic word problems or a jsonl:FILE of questions")
 def _eval(p: argparse.ArgumentParser) -> None:
     import importlib
 
     from infera.eval import TASKS
 
     p.add_argument("--task", default="perplexity",
-                   help="perplexity, arithmetic, passkey (retrieval under KV policies), or jsonl:FILE (one "
-                        "{\"question\": ..., \"answer\": ...} per line)")
+                   help="perplexity, arithmetic, passkey (retrieval under KV policies), longppl (perplexity late "
+                        "in long windows under KV policies), or jsonl:FILE (one {\"question\": ..., \"answer\": ...} "
+                        "per line)")
     p.add_argument("--methods", default=None,
                    help="comma list of what to compare. perplexity: float32, bfloat16 (dequantized / unquantized) and "
                         "quantization methods (gguf, q8_0, int4, ...), default: the engine options as given; "

@@ -135,8 +135,8 @@ def _clamped_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
 def check_kv_policy(name: str | None, budget: float | None, sink_tokens: int | None) -> None:
     """ValueError naming the bad field of a KV policy's settings (None: the engine's default)."""
     _check(name is None or name in KV_POLICIES, "kv_policy", f"must be one of {', '.join(KV_POLICIES)}", name)
-    _check(budget is None or (not isinstance(budget, bool) and isinstance(budget, (int, float)) and math.isfinite(budget)
-                              and (0 < budget <= 1 or (budget > 1 and budget == int(budget)))),
+    number = not isinstance(budget, bool) and isinstance(budget, (int, float)) and math.isfinite(budget)
+    _check(budget is None or (number and (0 < budget <= 1 or (budget > 1 and budget == int(budget)))),
            "kv_budget", "must be a token count (an integer > 1) or a fraction of the prompt in (0, 1]", budget)
     _check(sink_tokens is None or (type(sink_tokens) is int and sink_tokens >= 0),
            "kv_sink_tokens", "must be a non-negative integer", sink_tokens)

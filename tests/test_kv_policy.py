@@ -77,13 +77,13 @@ def test_window_attention_is_the_summed_softmax():
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(5, 4, 8, generator=g), torch.randn(20, 2, 8, generator=g)
-    want = torch.zeros(20)
+    want = torch.zeros(4, 20)
     for h in range(4):
         for j in range(5):
             pos = 20 - 5 + j
             logits = (k[:pos + 1, h // 2] @ q[j, h]) * 0.3
-            want[:pos + 1] += logits.softmax(0)
-    assert torch.allclose(window_attention(q, k, 0.3), want, atol=1e-5)
+            want[h, :pos + 1] += logits.softmax(0)
+    assert torch.allclose(window_attention(q, k, 0.3), want.amax(dim=0), atol=1e-5)
 
 
 def test_bad_settings_are_refused():
@@ -308,8 +308,8 @@ def test_passkey_task(tiny_model, tmp_path):
 
 def test_snapkv_scores_match_hf_attention(tiny_model):
     """The runner's window scores of a prompt prefilled in chunks (the last holding the window) are
-    HF transformers' attention weights of the last 32 positions, summed over queries, heads and
-    layers; the blocks ranked from them are evicted before the first decode."""
+    HF transformers' attention weights of the last 32 positions, summed over the queries, the most
+    of any head and layer; the blocks ranked from them are evicted before the first decode."""
     from transformers import AutoModelForCausalLM
 
     path = tiny_model("llama")
@@ -329,7 +329,7 @@ def test_snapkv_scores_match_hf_attention(tiny_model):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         att = hf(torch.tensor([prompt]), output_attentions=True).attentions
-    want = sum(a[0, :, -32:, :].sum(dim=(0, 1)) for a in att)
+    want = torch.stack([a[0, :, -32:, :].sum(dim=1).amax(dim=0) for a in att]).amax(dim=0)
     assert torch.allclose(torch.tensor(scores), want, atol=1e-4)
     engine.step()
     assert seq.kv_scores is None and len(seq.block_table) <= 4 + 1 and seq.num_evicted_tokens > 0
@@ -347,3 +347,23 @@ def test_snapkv_full_budget_is_identical(tiny_llm):
     cut = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, kv_policy="snapkv", kv_budget=0.25)
     assert len(tiny_llm.generate([prompt], cut, use_tqdm=False)[0].outputs[0].token_ids) == 30
     assert_idle(tiny_llm.engine)
+
+
+def test_longppl_task(tiny_model, capsys):
+    """`infera eval --task longppl`: the second half of a window scored with full KV and under a
+    streaming budget that evicts between the prompt's chunks (a different score); snapkv skipped."""
+    import argparse
+    import json
+
+    from infera.eval import longppl
+
+    args = argparse.Namespace(windows=1, window_len=400, score_from=None, json=True,
+                              kv_policies="none,streaming:64,snapkv:0.5")
+    longppl.run(args, dict(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB",
+                           max_num_batched_tokens=128))
+    out = capsys.readouterr().out
+    assert "snapkv:0.5: skipped" in out
+    full, cut = json.loads(out[out.index("["):])
+    assert (full["policy"], full["score_from"], full["tokens"]) == ("none", 200, 200)
+    assert cut["policy"] == "streaming:64" and cut["perplexity"] != full["perplexity"]
+    assert cut["vs_full"] == pytest.approx(cut["perplexity"] / full["perplexity"])

@@ -6,8 +6,9 @@
   by chunk and never holds more than the budget and one chunk.
 - ``snapkv`` (SnapKV, Li et al. 2024), block-granular: the whole prompt is prefilled, and the
   attention its last ``OBSERVATION_WINDOW`` tokens pay to every cached position (summed over the
-  window's queries, the heads and the layers, max-pooled over 7 positions) ranks the prompt's
-  blocks; the sinks, the blocks of the window and the best-ranked others up to the budget stay.
+  window's queries, the most of any head and layer, max-pooled over 7 positions) ranks the
+  prompt's blocks; the sinks, the blocks of the window and the best-ranked others up to the budget
+  stay.
   Every layer and head keeps the same blocks (the block table is the sequence's).  Tokens that
   come later are evicted as ``streaming`` does, oldest first after the sinks and the chosen blocks.
 

@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {  # task (the part of --task before any ":") -> module
     "arithmetic": "infera.eval.scaling",
     "jsonl": "infera.eval.scaling",
     "passkey": "infera.eval.passkey",
+    "longppl": "infera.eval.longppl",
 }
 
 
@@ -20,5 +21,6 @@ def task_module(name: str) -> ModuleType:
     """The module of task ``name`` (``jsonl:FILE`` is task ``jsonl``)."""
     kind = name.split(":", 1)[0]
     if kind not in TASKS or (kind == "jsonl") != (":" in name):
-        raise ValueError(f"unknown eval task {name!r}; choose from perplexity, arithmetic, passkey, jsonl:FILE")
+        raise ValueError(f"unknown eval task {name!r}; choose from perplexity, arithmetic, passkey, longppl, "
+                         "jsonl:FILE")
     return importlib.import_module(TASKS[kind])

@@ -40,8 +40,8 @@ class PrefillChunk:
     query_len: int
     context_len: int
     block_table: torch.Tensor
-    # the attention of the chunk's last ``observe`` queries to each cached position is added here
-    # (summed over queries, heads and layers: :func:`paged_attention.window_attention`)
+    # the attention of the chunk's last ``observe`` queries to each cached position, the most of any
+    # layer (:func:`paged_attention.window_attention`: summed over the queries, the most of any head)
     observe: int = 0
     scores: torch.Tensor | None = None
 
@@ -113,5 +113,6 @@ class Attention(nn.Module):
                 ck, cv = paged_attention.gather_kv(kv, chunk.block_table, chunk.context_len, q.dtype)
             out[s:s + n] = paged_attention.prefill_attention(q[s:s + n], ck, cv, self.scale)
             if chunk.observe:
-                chunk.scores += paged_attention.window_attention(q[s + n - chunk.observe:s + n], ck, self.scale)
+                window = paged_attention.window_attention(q[s + n - chunk.observe:s + n], ck, self.scale)
+                torch.maximum(chunk.scores, window, out=chunk.scores)
         return out.flatten(1)

@@ -102,12 +102,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """The attention the last ``len(q)`` positions pay to each of ``len(k)`` positions, summed over
-    those queries and the heads (causal; float32): [len(k)].  SnapKV's observation window."""
+    those queries, the most of any head (causal; float32): [len(k)].  SnapKV's observation window;
+    a head that retrieves a position speaks for it (a sum over heads drowns it)."""
     w, ctx, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
     keys = k.float().repeat_interleave(group, dim=1)  # [ctx, Hq, D]
     logits = torch.einsum("whd,chd->hwc", q.float(), keys) * scale
     hidden = torch.ones(w, ctx, dtype=torch.bool, device=q.device).triu_(ctx - w + 1)
-    return logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1).sum(dim=(0, 1))
+    return logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1).sum(dim=1).amax(dim=0)
 
 
 def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
