@@ -30,8 +30,11 @@ prompt's last token), the setting infera's policies run in.
 
 A problem is right when ``str(key)`` is in the decoded answer (as in infera's eval).  Per (press,
 ratio, length): accuracy, the context tokens kvpress kept (mean), the KV fraction held when it
-answered ((kept + question + answer tokens) / (prompt + answer tokens), infera's ``kv_fraction``)
-and the wall seconds of the batch (the pipeline answers one problem at a time).
+answered ((kept + question + answer tokens) / (prompt + answer tokens), infera's ``kv_fraction``;
+``kv_bytes``: float32, as transformers holds it) and the seconds of the batch (the pipeline answers
+one problem at a time): ``seconds`` is the wall time less the stretches the process was stopped or
+starved (:class:`PauseClock`; ``wall_seconds`` and ``paused_seconds`` as measured), ``cpu_seconds``
+the process's CPU time.
 
     PYTHONPATH=. .venv/bin/python benchmarks/kvpress_peer.py --make-problems /tmp/passkey.json
     .venv-kvpress/bin/python benchmarks/kvpress_peer.py --run /tmp/passkey.json --save-json docs/kvpress_peer.json
@@ -44,6 +47,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +78,25 @@ def make_problems_file(args: argparse.Namespace) -> None:
     Path(args.make_problems).write_text(json.dumps(out))
     print(f"{sum(len(v) for v in problems.values())} problems ({', '.join(map(str, lengths))} tokens) "
           f"-> {args.make_problems}")
+
+
+class PauseClock:
+    """Seconds this process was held off the CPU altogether (stopped with SIGSTOP, or starved by
+    other processes): a thread wakes every ``tick`` seconds, and a wake-up more than ``late``
+    seconds behind counts as paused.  Wall time less these is the time the batch ran."""
+
+    def __init__(self, tick: float = 0.05, late: float = 0.5):
+        self.tick, self.late, self.paused = tick, late, 0.0
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while True:
+            time.sleep(self.tick)
+            now = time.monotonic()
+            if now - last - self.tick > self.late:
+                self.paused += now - last - self.tick
+            last = now
 
 
 def cpu_name() -> str:
@@ -130,6 +153,7 @@ def run_file(args: argparse.Namespace) -> None:
 
     lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else data["lengths"]
     answer(data["problems"][str(lengths[0])][0]["token_ids"], None)  # warm-up, untimed
+    clock = PauseClock()
     configs = [(name, ratio) for name in wanted for ratio in ([0.0] if name == "none" else ratios)]
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
@@ -145,12 +169,12 @@ def run_file(args: argparse.Namespace) -> None:
         print(f"# {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
               f"{meta['transformers']}, kvpress {meta['kvpress']}; model loaded in {load_seconds:.1f} s", flush=True)
         print(f"{'press':>18} {'ratio':>6} {'length':>6} {'accuracy':>9} {'kept ctx':>9} {'KV frac':>8} "
-              f"{'seconds':>8} {'CPU s':>8}", flush=True)
+              f"{'seconds':>8} {'CPU s':>8} {'paused':>8}", flush=True)
     for name, ratio in configs:
         for n in lengths:
             items = data["problems"][str(n)]
             right, kept, answers, by_depth = 0, 0, [], {}
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, p0 = time.perf_counter(), time.process_time(), clock.paused
             for item in items:
                 tokens = item["token_ids"]
                 assert tokens[-len(question):] == question, "problem does not end with the question"
@@ -161,19 +185,20 @@ def run_file(args: argparse.Namespace) -> None:
                 right += ok
                 by_depth.setdefault(str(item["depth"]), []).append(int(ok))
                 answers.append(text)
-            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+            wall, cpu_seconds, paused = time.perf_counter() - t0, time.process_time() - c0, clock.paused - p0
+            seconds = wall - paused
             context = n - q_len
             kept_mean = kept / len(items)
             fraction = (kept_mean + q_len + args.answer_tokens) / (n + args.answer_tokens)
             row = {"press": name, "compression_ratio": ratio, "length": n, "problems": len(items),
                    "accuracy": right / len(items), "context_tokens": context, "kept_context_tokens": kept_mean,
                    "kv_fraction": fraction, "kv_bytes": (kept_mean + q_len + args.answer_tokens) * kv_bytes_per_token,
-                   "seconds": seconds, "cpu_seconds": cpu_seconds,
+                   "seconds": seconds, "wall_seconds": wall, "paused_seconds": paused, "cpu_seconds": cpu_seconds,
                    "accuracy_by_depth": {d: sum(v) / len(v) for d, v in by_depth.items()}, "answers": answers}
             rows.append(row)
             if not args.quiet:
                 print(f"{name:>18} {ratio:>6.3f} {n:>6} {row['accuracy']:>9.1%} {kept_mean:>9.0f} "
-                      f"{fraction:>8.1%} {seconds:>8.1f} {cpu_seconds:>8.1f}", flush=True)
+                      f"{fraction:>8.1%} {seconds:>8.1f} {cpu_seconds:>8.1f} {paused:>8.1f}", flush=True)
             if args.save_json:  # after every row: a long run that stops keeps what it measured
                 _save(args.save_json, meta, rows)
     if args.json:
