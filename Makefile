@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test bench install models clean
+.PHONY: run test bench bench-kvpress install models clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -59,5 +59,25 @@ $(LLAMA_AVX2)/.built: $(BENCH_STAMP)
 bench-cpu: $(BENCH_STAMP) $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),$(LLAMA_AVX2)/.built)
 	$(PY) benchmarks/cpu.py $(ARGS)
 
+# kvpress (NVIDIA's KV-cache compression on HF transformers) against the passkey eval's KV policies:
+# kvpress 0.5.5 wants transformers<5.3, so it gets its own venv.  Infera's venv writes the problems
+# `infera eval --task passkey` asks, the kvpress venv answers them (benchmarks/kvpress_peer.py);
+# ARGS="..." goes to both (e.g. --lengths 512 --samples 1, --compress-question, --save-json FILE).
+KVPRESS_VENV     := .venv-kvpress
+KVPRESS_STAMP    := $(KVPRESS_VENV)/.installed
+KVPRESS_PROBLEMS ?= benchmarks/results/kvpress_problems.json
+
+$(KVPRESS_STAMP):
+	test -x $(KVPRESS_VENV)/bin/python || python3 -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check kvpress==0.5.5 \
+		'transformers<5.3' gguf
+	touch $@
+
+bench-kvpress: $(STAMP) $(KVPRESS_STAMP)
+	mkdir -p $(dir $(KVPRESS_PROBLEMS))
+	PYTHONPATH=. $(PY) benchmarks/kvpress_peer.py --make-problems $(KVPRESS_PROBLEMS) $(ARGS)
+	$(KVPRESS_VENV)/bin/python benchmarks/kvpress_peer.py --run $(KVPRESS_PROBLEMS) $(ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(KVPRESS_VENV) build *.egg-info

@@ -91,19 +91,25 @@ def evaluate(engine: LLMEngine, policy: str, problems: dict[int, list[tuple[list
     return rows
 
 
-def run(args: argparse.Namespace, engine_kwargs: dict) -> None:
-    engine = LLMEngine(**dict(engine_kwargs, enable_prefix_caching=False))  # every policy computes its own KV
-    haystack = engine.tokenizer.encode(corpus(), add_special_tokens=False)
-    rng = random.Random(args.passkey_seed)
-    lengths = [int(n) for n in args.lengths.split(",")]
-    depths = [float(d) for d in args.depths.split(",")]
+def make_problems(tokenizer, lengths: list[int], depths: list[float], samples: int,
+                  seed: int) -> dict[int, list[tuple[list[int], int]]]:
+    """The problems of a run: per length, ``(token ids, key)`` for each depth and sample, the keys and
+    haystack offsets drawn from ``random.Random(seed)`` (benchmarks/kvpress_peer.py asks the same)."""
+    haystack = tokenizer.encode(corpus(), add_special_tokens=False)
+    rng = random.Random(seed)
     problems = {n: [] for n in lengths}
     for n in lengths:
         for depth in depths:
-            for _ in range(args.samples):
+            for _ in range(samples):
                 key = rng.randrange(10000, 100000)
-                problems[n].append((problem(engine.tokenizer, haystack, n, depth, key,
-                                            rng.randrange(len(haystack))), key))
+                problems[n].append((problem(tokenizer, haystack, n, depth, key, rng.randrange(len(haystack))), key))
+    return problems
+
+
+def run(args: argparse.Namespace, engine_kwargs: dict) -> None:
+    engine = LLMEngine(**dict(engine_kwargs, enable_prefix_caching=False))  # every policy computes its own KV
+    problems = make_problems(engine.tokenizer, [int(n) for n in args.lengths.split(",")],
+                             [float(d) for d in args.depths.split(",")], args.samples, args.passkey_seed)
     results: list[Row] = []
     for policy in args.kv_policies.split(","):
         for row in evaluate(engine, policy, problems, args.answer_tokens):
