@@ -87,9 +87,10 @@ def test_trit_planes_refinement_lowers_the_error():
     assert int((codes & 3).max()) <= 2 and int((codes >> 6).max()) <= 2  # trits + 1 in 0..2
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x with each block of 32 rounded to int8 as the kernel does (scale max|x| / 127)."""
-    b = x.float().reshape(x.shape[0], -1, 32)
+def quantize_activations(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x with each block of ``block`` inputs rounded to int8 as the kernel does (scale max|x| / 127):
+    32, or a scale group's inputs for layouts with sub-scales (``BlockLayout.activation_block``)."""
+    b = x.float().reshape(x.shape[0], -1, block)
     amax = b.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), torch.zeros_like(amax))  # not 127 / t:
     q = torch.round(b * inv)  # that is reciprocal(t) * 127, rounded differently from the kernel's division

@@ -46,6 +46,10 @@ struct BlockLayout {
     TORCH_CHECK(false INFERA_BLOCK_KINDS(INFERA_KIND), "no kernel for encoding ", enc, " with sub-scales ", sub);
 #undef INFERA_KIND
     TORCH_CHECK(sub == SUB_NONE || nsa > 0, "sub-scales multiply scales: none here");
+    // (the integer sums of a group's sub-scales fit int32 for up to 8 blocks; SUB_BLOCK's offset
+    // and SUB_HALF's min would need one more integer sum per group)
+    TORCH_CHECK(sub == SUB_NONE || (sg % 2 == 0 && sg <= 8 && (sub == SUB_HALF ? !has_min : offset == 0)),
+                "sub-scales take scale groups of 2, 4, 6 or 8 blocks, and no offset (SUB_BLOCK) or min (SUB_HALF)");
     nsb = nb / sg;
     nsub = sub == SUB_BLOCK ? nsa : sub == SUB_HALF ? 2 : 0;
     bbytes = block_quant_bytes(enc);
@@ -54,6 +58,8 @@ struct BlockLayout {
     tile_scale_bytes = TILE * nsa * nsb * 2;
     tile_bytes = TILE * row_bytes;
   }
+  // int8 quant sums per block the activations keep beside their quants (Activations::bsum)
+  int64_t nsub_sums() const { return sub == SUB_BLOCK ? 1 : sub == SUB_HALF ? 2 : 0; }
   // scale `a` of block b for the 16 rows of a tile
   const at::Half* scales(const uint8_t* tile, int64_t a, int64_t b) const {
     return reinterpret_cast<const at::Half*>(tile + tile_quant_bytes) + (a * nsb + b / sg) * TILE;

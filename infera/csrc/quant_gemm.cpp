@@ -20,8 +20,11 @@
 // the fp16 scales times the block's int8 sub-scales (SUB_BLOCK: d * s0, m * s1; SUB_HALF: d * s0
 // for values 0-15, d * s1 for 16-31), products exact in float for GGUF's 6- and 8-bit sub-scales.
 //
-// Activations are quantized to int8 per block of 32 (as llama.cpp's q8 path), so block b adds
-// d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row. Batches of
+// Activations are quantized to int8 per block of 32 (as llama.cpp's q8_0), so block b adds
+// d_w * d_x * (sum q_w q_x - offset * sum q_x) [+ m * d_x * sum q_x] to each row; for layouts with
+// sub-scales (K-quants) per scale group of sg blocks (as its q8_K), so a group adds
+// d0 * d_x * sum_b s0_b dot_b + d1 * d_x * sum_b s1_b sum_b (SUB_BLOCK's min; SUB_HALF: the offset
+// times the sub-scaled quant sums comes off the first term), the sub-scales applied to integers. Batches of
 // AMX_MIN_ROWS rows or more go to quant_gemm_amx.cpp where the CPU has AMX. The tile kernels:
 // quant_tile_avx512.h (VNNI) and quant_tile_avx2.h (maddubs, a tile as two halves of 8 rows; for
 // batches its rows kernel: a block unpacked once for up to 96 activation rows); the scalar build
@@ -101,31 +104,39 @@ inline void load_block(const at::BFloat16* x, float* out) {
 #endif
 }
 
-// int8 quants of 32 floats (round to nearest even); returns the scale, the quant sum in *sum.
-inline float quantize_block(const float* v, int8_t* out, int32_t* sum) {
+// The largest |v| of 32 floats.
+inline float block_amax(const float* v) {
 #if defined(INFERA_VNNI)
-  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-  const __m512 id = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
-  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(qa));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(qb));
-  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-  return amax / 127.f;
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(v)), _mm512_abs_ps(_mm512_loadu_ps(v + 16))));
 #elif defined(INFERA_AVX2)
   const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 x[4], m = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {
-    x[i] = _mm256_loadu_ps(v + 8 * i);
-    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, x[i]));
-  }
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8 * i)));
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-  const __m256 id = _mm256_set1_ps(amax > 0 ? 127.f / amax : 0.f);
+  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#else
+  float amax = 0.f;
+  for (int e = 0; e < 32; ++e) amax = std::max(amax, std::fabs(v[e]));
+  return amax;
+#endif
+}
+
+// int8 quants of 32 floats at scale amax / 127 (round to nearest even); returns their sum.
+inline int32_t quantize_block(const float* v, float amax, int8_t* out) {
+  const float inv = amax > 0 ? 127.f / amax : 0.f;
+#if defined(INFERA_VNNI)
+  const __m512 id = _mm512_set1_ps(inv);
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v), id));
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + 16), id));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(qb));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#elif defined(INFERA_AVX2)
+  const __m256 id = _mm256_set1_ps(inv);
   __m256i q[4], total = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
-    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], id));  // (rounds to nearest even, as nearbyint)
+    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * i), id));  // (nearest even, as nearbyint)
     total = _mm256_add_epi32(total, q[i]);
   }
   // packs interleave 4-value groups across the 128-bit lanes: put them back in order
@@ -134,75 +145,107 @@ inline float quantize_block(const float* v, int8_t* out, int32_t* sum) {
                       _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   t4 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
-  *sum = _mm_cvtsi128_si32(_mm_add_epi32(t4, _mm_shuffle_epi32(t4, 1)));
-  return amax / 127.f;
+  return _mm_cvtsi128_si32(_mm_add_epi32(t4, _mm_shuffle_epi32(t4, 1)));
 #else
-  float amax = 0.f;
-  for (int e = 0; e < 32; ++e) amax = std::max(amax, std::fabs(v[e]));
-  const float id = amax > 0 ? 127.f / amax : 0.f;
   int32_t total = 0;
   for (int e = 0; e < 32; ++e) {
-    const int q = int(std::nearbyint(v[e] * id));
+    const int q = int(std::nearbyint(v[e] * inv));
     out[e] = int8_t(q);
     total += q;
   }
-  *sum = total;
-  return amax / 127.f;
+  return total;
 #endif
 }
 
-// Quantize activation row x into row m of A; `mul` (per input, optional) scales it first.
+// Quantize activation row x into row m of A (one scale per block, or per scale group where L has
+// sub-scales); `mul` (per input, optional) scales it first.
 template <typename T>
-void quantize_row(const T* x, const float* mul, int64_t m, float threshold, int64_t offset, Activations& A) {
-  const int64_t K = A.K, nb = A.nb;
+void quantize_row(const T* x, const float* mul, int64_t m, float threshold, const Layout& L, Activations& A) {
+  const int64_t K = A.K, nb = A.nb, group = L.sub == SUB_NONE ? 1 : L.sg, nsums = L.nsub_sums();
   int8_t* q = A.q.data() + m * K;
   float* xf = A.xf.empty() ? nullptr : A.xf.data() + m * K;
-  alignas(64) float blk[32];
-  for (int64_t b = 0; b < nb; ++b) {
-    load_block(x + b * 32, blk);
-    if (mul) {
-      for (int e = 0; e < 32; ++e) blk[e] *= mul[b * 32 + e];
-    }
-    if (xf) std::memcpy(xf + b * 32, blk, sizeof blk);
-    if (threshold > 0) {
-      for (int e = 0; e < 32; ++e) {
-        if (std::fabs(blk[e]) > threshold) {
-          A.outliers[m].push_back(int32_t(b * 32 + e));
-          blk[e] = 0.f;
+  alignas(64) float blk[8 * 32];
+  for (int64_t b0 = 0; b0 < nb; b0 += group) {
+    float amax = 0.f;
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t b = b0 + j;
+      float* v = blk + 32 * j;
+      load_block(x + b * 32, v);
+      if (mul) {
+        for (int e = 0; e < 32; ++e) v[e] *= mul[b * 32 + e];
+      }
+      if (xf) std::memcpy(xf + b * 32, v, 32 * sizeof(float));
+      if (threshold > 0) {
+        for (int e = 0; e < 32; ++e) {
+          if (std::fabs(v[e]) > threshold) {
+            A.outliers[m].push_back(int32_t(b * 32 + e));
+            v[e] = 0.f;
+          }
         }
       }
+      amax = std::max(amax, block_amax(v));
     }
-    int32_t sum;
-    const float d = quantize_block(blk, q + b * 32, &sum);
-    A.d[m * nb + b] = d;
-    A.ds[m * nb + b] = d * float(sum);
-    A.init[m * nb + b] = int32_t(-offset * sum);
-    A.sum[m * nb + b] = sum;
-    if (!A.init_half.empty()) {
-      int32_t low = 0;
-      for (int e = 0; e < 16; ++e) low += q[b * 32 + e];
-      A.init_half[2 * (m * nb + b)] = int32_t(-offset * low);
-      A.init_half[2 * (m * nb + b) + 1] = int32_t(-offset * (sum - low));
+    const float d = amax / 127.f;
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t b = b0 + j, i = m * nb + b;
+      const int32_t sum = quantize_block(blk + 32 * j, amax, q + b * 32);
+      A.d[i] = d;
+      A.ds[i] = d * float(sum);
+      A.init[i] = int32_t(-L.offset * sum);
+      A.sum[i] = sum;
+      if (nsums == 1) A.bsum[i] = int16_t(sum);
+      if (nsums == 2) {
+        int32_t low = 0;
+        for (int e = 0; e < 16; ++e) low += q[b * 32 + e];
+        A.bsum[2 * i] = int16_t(low);
+        A.bsum[2 * i + 1] = int16_t(sum - low);
+      }
     }
   }
+}
+
+// Sub-scale layouts, row r of a tile, in the tile kernels' op order: per scale group, the sum in
+// float of each block's (SUB_HALF: half block's) integer dot times its sub-scale (exact: below
+// 2^24), and the int32 sum of the min's sub-scales (SUB_BLOCK) or of the sub-scales (SUB_HALF,
+// times the offset) times the quant sums; then the group's two products.
+float row_dot_groups(const Layout& L, const uint8_t* tile, int64_t r, const Activations& A, int64_t m) {
+  const bool halves = L.sub == SUB_HALF;
+  const int64_t ns = L.nsub_sums();
+  float total = 0.f;
+  for (int64_t b0 = 0; b0 < L.nb; b0 += L.sg) {
+    float dots = 0.f;
+    int32_t sums = 0;
+    for (int64_t b = b0; b < b0 + L.sg; ++b) {
+      int32_t dot[2] = {0, 0};
+      for (int e = 0; e < 32; ++e) dot[halves && e >= 16] += quant(L, tile, r, b, e) * A.q[m * L.K + b * 32 + e];
+      const int32_t s0 = L.sub_scales(tile, 0, b)[r], s1 = L.nsub > 1 ? L.sub_scales(tile, 1, b)[r] : 0;
+      const int16_t* bs = A.bsum.data() + (m * L.nb + b) * ns;
+      dots = std::fma(float(dot[0]), float(s0), dots);
+      if (halves) dots = std::fma(float(dot[1]), float(s1), dots);
+      sums += halves ? s0 * bs[0] + s1 * bs[1] : L.has_min ? s1 * bs[0] : 0;
+    }
+    if (halves) dots = std::fma(-float(sums), float(L.offset), dots);
+    const float dx = A.d[m * L.nb + b0];
+    total = std::fma(dots, float(L.scales(tile, 0, b0)[r]) * dx, total);
+    if (L.has_min) total = std::fma(float(sums), float(L.scales(tile, 1, b0)[r]) * dx, total);
+  }
+  return total;
 }
 
 // The same sums for CPUs without AVX2 or AVX512-VNNI, one row at a time.
 float row_dot_generic(const Layout& L, const uint8_t* w, int64_t n, const Activations& A, int64_t m) {
   const uint8_t* tile = w + (n / TILE) * L.tile_bytes;
   const int64_t r = n % TILE;
-  const bool halves = L.sub == SUB_HALF;  // dot1 over values 0-15, dot2 over 16-31
+  if (L.sub != SUB_NONE) return row_dot_groups(L, tile, r, A, m);
   float total = 0.f;
   for (int64_t b = 0; b < L.nb; ++b) {
     const int64_t i = m * L.nb + b;
-    int32_t dot1 = halves ? A.init_half[2 * i] : A.init[i], dot2 = halves ? A.init_half[2 * i + 1] : dot1;
+    int32_t dot1 = A.init[i], dot2 = dot1;  // T2: the first and second trits
     for (int e = 0; e < 32; ++e) {
       const int x = A.q[m * L.K + b * 32 + e], q = quant(L, tile, r, b, e);
       if (L.enc == T2) {
         dot1 += (q & 3) * x;
         dot2 += (q >> 2) * x;
-      } else if (halves && e >= 16) {
-        dot2 += q * x;
       } else {
         dot1 += q * x;
       }
@@ -211,7 +254,6 @@ float row_dot_generic(const Layout& L, const uint8_t* w, int64_t n, const Activa
     const float d0 = L.nsa > 0 ? scale(L, tile, 0, r, b, 0) : 1.f;
     total += d0 * dx * float(dot1);
     if (L.enc == T2) total += scale(L, tile, 1, r, b, 0) * dx * float(dot2);
-    else if (halves) total += scale(L, tile, 0, r, b, 16) * dx * float(dot2);
     if (L.has_min) total += scale(L, tile, 1, r, b, 0) * A.ds[i];
   }
   return total;
@@ -289,8 +331,6 @@ inline void call_tile_kernel(const Layout& L, const uint8_t* const* tiles, const
 #endif
 
 #ifdef INFERA_AVX2
-constexpr int64_t CHUNK_MAX = 96;
-
 // Batches on AVX2 (rows_kernel_has(L.enc, L.sub)): the activation rows in chunks of up to 96 (a
 // chunk's float sums stay in L1) and about 1 MiB, each copied block-major into a panel (which stays
 // in L2), then the threads' tiles, one at a time, against the panel.
@@ -298,7 +338,8 @@ template <typename OutT>
 void run_tile_rows(const Layout& L, const uint8_t* w, const Activations& A, const Extras& ex, int64_t M, int64_t N,
                    OutT* y) {
   const int64_t ntiles = (N + TILE - 1) / TILE, groups = ex.ic_group ? (N + ex.ic_group - 1) / ex.ic_group : 1;
-  const int64_t chunk = std::clamp<int64_t>((1 << 20) / (groups * (L.K + L.nb * int64_t(sizeof(RowBlock)))), 4, CHUNK_MAX);
+  const int64_t row_bytes = L.K + L.nb * int64_t(sizeof(RowBlock) + L.nsub_sums() * sizeof(int16_t));
+  const int64_t chunk = std::clamp<int64_t>((1 << 20) / (groups * row_bytes), 4, RowPanel::MAX_ROWS);
   static thread_local RowPanel buffer;  // reused between calls
   RowPanel& panel = buffer;             // (the caller's, in every thread)
   for (int64_t mc = 0; mc < M; mc += chunk) {
@@ -306,7 +347,7 @@ void run_tile_rows(const Layout& L, const uint8_t* w, const Activations& A, cons
     panel.resize(L, groups * rows);
     at::parallel_for(0, L.nb, 1, [&](int64_t b0, int64_t b1) { panel.fill(L, A, M, mc, rows, b0, b1); });
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      alignas(64) float sums[CHUNK_MAX * TILE];
+      alignas(64) float sums[RowPanel::MAX_ROWS * TILE];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row0 = ex.ic_group ? (t * TILE / ex.ic_group) * rows : 0;  // this group's activations
 #define INFERA_KIND(ENC, SUB)                                                                          \
@@ -416,13 +457,13 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const BlockLayout& L, 
     TORCH_CHECK(threshold == 0 && !sparse, "per-IC groups take no outliers or sparse terms");
     shift = at::matmul(icm, xc.to(at::kFloat).t()).contiguous();  // [G, M]
   }
-  A.resize(groups * M, K, threshold > 0 || sparse, L.sub == SUB_HALF);
+  A.resize(groups * M, L, threshold > 0 || sparse);
   at::parallel_for(0, groups * M, 4, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t g = i / M, m = i % M;
       const float* mul = ic ? ics.data_ptr<float>() + g * K : nullptr;
-      if (bf16) quantize_row(xc.data_ptr<at::BFloat16>() + m * K, mul, i, float(threshold), L.offset, A);
-      else quantize_row(xc.data_ptr<float>() + m * K, mul, i, float(threshold), L.offset, A);
+      if (bf16) quantize_row(xc.data_ptr<at::BFloat16>() + m * K, mul, i, float(threshold), L, A);
+      else quantize_row(xc.data_ptr<float>() + m * K, mul, i, float(threshold), L, A);
     }
   });
   Extras ex;

@@ -78,6 +78,12 @@ class BlockLayout:
         return {SUB_NONE: 0, SUB_BLOCK: self.num_scale_arrays, SUB_HALF: 2}[self.sub_scales]
 
     @property
+    def activation_block(self) -> int:
+        """Inputs per int8 activation scale in the kernels: a block, or with sub-scales a scale group
+        (csrc/quant_gemm.h, Activations)."""
+        return BLOCK * (self.scale_group if self.sub_scales != SUB_NONE else 1)
+
+    @property
     def row_bytes(self) -> int:
         return (self.quant_bytes + 2 * self.num_scale_arrays * (self.num_blocks // self.scale_group)
                 + self.num_sub_scales * self.num_blocks)
