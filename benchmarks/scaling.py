@@ -39,7 +39,8 @@ from serve import launch
 from tqdm.auto import tqdm
 
 from infera import LLM
-from infera.eval.scaling import EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, parse_stops, read_rows
+from infera.eval.scaling import (EVAL_METHODS, evaluate_all, parse_budgets, parse_methods, parse_options,
+                                 parse_stops, read_rows)
 from infera.eval.tasks import Task, load_tasks
 from infera.scaling.answers import answers_equal
 from infera.scaling.api import build_search, run_searches
@@ -203,6 +204,8 @@ def main() -> None:
     p.add_argument("--http-problems", type=int, default=None, help="problems of that run (default: --problems)")
     p.add_argument("--http-concurrency", type=int, default=1,
                    help="problems in flight over HTTP (1: one at a time, as the HTTP libraries' loops do)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another method option (repeatable), e.g. stop_window=4 stop_confidence=0.8")
     p.add_argument("--out", default="benchmarks/results/scaling", help="output directory")
     p.add_argument("--plot", default="docs/scaling_arithmetic.png",
                    help="accuracy plot of every reward's results under --out")
@@ -210,7 +213,8 @@ def main() -> None:
     tasks, examples = load_tasks("arithmetic", args.problems, args.problem_seed, args.fewshot)
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
     rewards = args.rewards.split(",") if args.rewards else []
-    options = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed}
+    options = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
+               **parse_options(args.option)}
     if examples:
         options["examples"] = examples
     out = Path(args.out)

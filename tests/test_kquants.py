@@ -1,8 +1,9 @@
 """GGUF Q5_0, Q5_1, Q4_K, Q5_K and Q6_K run natively from their blocks, at every ISA level.
 
 Packed rows dequantize to exactly gguf's values. Products: against the kernel's own math (int8
-activations per block of 32, per super-block of 256 for the K-quants, or bf16 on AMX) within 1e-4 of max |y|, against float activations
-times the dequantized weights within 2.5% of max |y| (as test_quant.py's bounds).
+activations per block of 32, per super-block of 256 for the K-quants, or bf16 on AMX) within 1e-4
+of max |y|, against float activations times the dequantized weights within 2.5% of max |y| (as
+test_quant.py's bounds).
 """
 from __future__ import annotations
 

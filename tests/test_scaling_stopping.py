@@ -237,3 +237,24 @@ def test_problems_share_a_token_budget(tiny_llm):
         solve(tiny_llm, prompts, "beam_search", reward="arithmetic", token_budget=20, **options)
     engine = tiny_llm.engine
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.requests
+
+
+def test_replay_of_a_full_run_stops_where_each_rule_says():
+    """benchmarks/stopping_tune.py replays recorded samples: windows in launch order, each window's
+    samples finishing shortest first, the running ones charged up to the stopping sample."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.stopping_tune import Sample, replay
+
+    samples = [Sample(a, t, None) for a, t in zip("abaaca", (10, 20, 30, 40, 50, 60))]
+    sc = {"self_consistency": "a", "weighted_best_of_n": "a"}  # (no scores: the weighted vote ties on weight 0)
+    assert replay(samples, None, 6) == (sc, 210)
+    assert replay(samples, StoppingRule.make("esc", window=2), 6) == (sc, 10 + 20 + 30 + 40)
+    # beta(1 vote, 0) = 0.75 >= 0.6: stops at the first finished sample, 3 others running 10 tokens each
+    assert replay(samples, StoppingRule.make("beta", window=4, confidence=0.6), 6) == (sc, 10 + 3 * 10)
+    # short_m: the whole budget at once, stop at the second finished; a 1-1 tie goes to the first launched
+    assert replay(samples, StoppingRule.make("short_m", m=2), 6) == (sc, 10 + 20 + 4 * 20)
+    scored = [Sample(a, 10, s) for a, s in (("a", 0.1), ("b", 0.9), ("a", 0.2))]
+    assert replay(scored, None, 3) == ({"self_consistency": "a", "weighted_best_of_n": "b"}, 30)

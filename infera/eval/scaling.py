@@ -8,7 +8,9 @@ adds the sampling methods under adaptive stopping rules (rows ``self_consistency
 A pair already in the CSV is skipped, so an interrupted run resumes where it stopped.  The three
 sampling methods (best-of-N, self-consistency, weighted best-of-N) choose from one shared set of
 samples per budget, so they report the same tokens and time.  Each pair starts with an empty
-prefix cache.  ``OUT/details.jsonl`` holds every problem's answer; ``OUT/accuracy.png`` plots
+prefix cache.  ``OUT/details.jsonl`` holds every problem's answer (the sampling methods' records
+also their finished samples as ``[answer, tokens, score]`` in launch order, which
+``benchmarks/stopping_tune.py`` replays to tune the stopping rules); ``OUT/accuracy.png`` plots
 accuracy against budget and against tokens, one line per method.
 """
 from __future__ import annotations
@@ -159,7 +161,9 @@ def evaluate(engine: LLMEngine, tasks: list[Task], methods: list[str], budget: i
                             "ci_high": high, "tokens": tokens, "prefill_tokens": prefill, "wall_s": round(wall, 2)}
             details += [{"method": tagged, "budget": budget, "question": t.question, "reference": t.answer,
                          "answer": r.answer, "correct": c, "generated_tokens": r.generated_tokens,
-                         "prefill_tokens": r.prefill_tokens} for t, r, c in zip(tasks, results, correct)]
+                         "prefill_tokens": r.prefill_tokens,
+                         "samples": [[k.answer, k.num_tokens, k.score] for k in r.candidates] if shared else None}
+                        for t, r, c in zip(tasks, results, correct)]
     return rows, details
 
 

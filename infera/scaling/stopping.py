@@ -17,6 +17,7 @@ the method chooses among the finished ones.  Rules (the ``stop`` option):
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ CONFIDENCE_TOP_K = 5  # candidates whose log-probabilities make a token's confid
 CONFIDENCE_GROUP = 32  # tokens per sliding group
 
 
+@functools.lru_cache(maxsize=4096)
 def beta_confidence(v1: int, v2: int) -> float:
     """P(p > 1/2) for p ~ Beta(v1 + 1, v2 + 1): for integer parameters, P(Binomial(v1 + v2 + 1,
     1/2) <= v1)."""
