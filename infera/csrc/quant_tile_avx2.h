@@ -37,11 +37,6 @@ inline __m256i bcast4(const int8_t* p) {
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
-// 8 int8 sub-scales (one per row of a half tile), in float
-inline __m256 int8x8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
 // Sub-scales as int16 pairs, one pair per row lane (8 rows of a half tile): (a[r], b[r]). With
 // a == b, madd of the rows' int16 sums by it multiplies both by the row's sub-scale.
 inline __m256i subscale_pairs(const int8_t* a, const int8_t* b) {
