@@ -14,7 +14,7 @@ from infera.router import DEFAULT_CACHE_THRESHOLD, DEFAULT_PREFILL_WEIGHT, POLIC
 from infera.sampling_params import DEFAULT_SINK_TOKENS, KV_POLICIES, check_kv_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8")
 DEFAULT_KV_CACHE_MEMORY = 2 * 2**30  # on CPU, when kv_cache_memory is not given
 SPECULATIVE_METHODS = ("ngram", "recycle", "self", "self:LAYERS", "draft:PATH")  # infera.spec's proposers
 
@@ -67,8 +67,10 @@ class EngineConfig:
         help="memory for the KV cache, e.g. 2GiB, 512MB or bytes; None: 2GiB on CPU and, on CUDA, what "
              "--gpu-memory-utilization leaves after a warm-up pass of the largest step")
     kv_cache_dtype: str = option("auto", choices=KV_CACHE_DTYPES,
-                                 help="auto = the model's dtype; int8 = per-token-and-head scaled int8, about half "
-                                      "the memory")
+                                 help="auto = the model's dtype; float16 / bfloat16 = K and V rounded to 16 bits "
+                                      "under float32 activations (half the memory and the bytes attention reads, "
+                                      "as llama.cpp's default f16 cache); int8 = per-token-and-head scaled int8, "
+                                      "about half the memory of a 16-bit cache")
     kv_policy: str = option(
         "none", choices=KV_POLICIES,
         help="which KV a long sequence keeps, about --kv-budget tokens of it: none = all; streaming = the first "
@@ -123,7 +125,7 @@ class EngineConfig:
         if self.kv_policy != "none" and self.kv_budget is None:
             raise ValueError(f"kv_policy {self.kv_policy} needs a kv_budget (tokens, or a fraction of the prompt)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory"):

@@ -1,6 +1,7 @@
 """The native decoder stack (csrc/decoder_layer.cpp) against the modules it replaces: the same
 hidden states and KV cache contents, bit for bit, on decode batches of single- and multi-token
-queries, for each model variant, dtype, int8 KV cache and quantized weight format, at every ISA level."""
+queries, for each model variant, dtype, int8 or 16-bit KV cache and quantized weight format, at every ISA
+level."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,7 @@ CASES = [  # kind, dtype, options
     ("qwen2", "float32", {}),  # QKV bias
     ("qwen3", "bfloat16", {}),  # per-head q/k norms
     ("llama3_rope", "bfloat16", {"kv_cache_dtype": "int8"}),
+    ("qwen2", "float32", {"kv_cache_dtype": "float16"}),  # a 16-bit cache under float32 activations
     ("llama", "float32", {"quantization": "q4_0"}),
     ("llama", "bfloat16", {"quantization": "llm_int8"}),  # outliers kept in float
     ("llama", "float32", {"quantization": "dense_sparse"}),  # exact sparse term

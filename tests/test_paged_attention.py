@@ -20,12 +20,14 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def paged_layout(lens, num_blocks=128, block_size=4, hkv=2, d=16, dtype=torch.float32, int8=False, seed=0):
-    """A random cache (float, or int8 written through store_kv) and block tables for ``lens``."""
+def paged_layout(lens, num_blocks=128, block_size=4, hkv=2, d=16, dtype=torch.float32, cache=None, seed=0):
+    """A random cache of ``dtype`` values (stored as ``cache``: int8 or a 16-bit float, written through
+    store_kv; None: as they are) and block tables for ``lens``."""
     g = torch.Generator().manual_seed(seed)
-    if int8:
-        kv = LayerKVCache(*(torch.zeros(num_blocks, block_size, hkv, d, dtype=torch.int8) for _ in range(2)),
-                          *(torch.ones(num_blocks, block_size, hkv) for _ in range(2)))
+    if cache is not None:
+        int8 = cache == torch.int8
+        kv = LayerKVCache(*(torch.zeros(num_blocks, block_size, hkv, d, dtype=cache) for _ in range(2)),
+                          *((torch.ones(num_blocks, block_size, hkv) for _ in range(2)) if int8 else ()))
         k, v = (torch.randn(num_blocks * block_size, hkv, d, generator=g).to(dtype) for _ in range(2))
         pa.store_kv(kv, k, v, torch.arange(num_blocks * block_size))
     else:
@@ -36,17 +38,19 @@ def paged_layout(lens, num_blocks=128, block_size=4, hkv=2, d=16, dtype=torch.fl
     return kv, tables
 
 
-SHORT_QUERY_CASES = [(torch.float32, False, 1e-5), (torch.bfloat16, False, 2e-2), (torch.float32, True, 1e-5),
-                     (torch.bfloat16, True, 2e-2)]
+SHORT_QUERY_CASES = [  # query dtype, cache (None: the query's dtype), tolerance
+    (torch.float32, None, 1e-5), (torch.bfloat16, None, 2e-2), (torch.float32, torch.int8, 1e-5),
+    (torch.bfloat16, torch.int8, 2e-2), (torch.float32, torch.float16, 1e-5), (torch.float32, torch.bfloat16, 1e-5),
+    (torch.bfloat16, torch.float16, 2e-2)]
 
 
-def short_query_case(dtype, int8, queries, d):
+def short_query_case(dtype, cache, queries, d):
     """Contexts that span several 16-token tiles and end inside one, and several 128-token chunks
     (merged); one query row per sequence, or several: (q, kv, tables, starts, context lengths)."""
     lens = [1, 5, 16, 23, 50, 300]
     nq = [1] * 6 if queries == "one token each" else [1, 3, 16, 4, 9, 7]
     hq, hkv = 6, 2
-    kv, tables = paged_layout(lens, num_blocks=512, hkv=hkv, d=d, dtype=dtype, int8=int8)
+    kv, tables = paged_layout(lens, num_blocks=512, hkv=hkv, d=d, dtype=dtype, cache=cache)
     starts = torch.tensor([0, *torch.tensor(nq).cumsum(0).tolist()])
     q = torch.randn(int(starts[-1]), hq, d).to(dtype)
     return q, kv, tables, starts, torch.tensor(lens)
@@ -60,38 +64,39 @@ def check_against_dense(out, q, kv, tables, starts, ctx, tol):
         assert (out[a:b].double() - ref).abs().max() < tol
 
 
-@pytest.mark.parametrize("dtype,int8,tol", SHORT_QUERY_CASES)
+@pytest.mark.parametrize("dtype,cache,tol", SHORT_QUERY_CASES)
 @pytest.mark.parametrize("queries", ["one token each", "varlen"])
 @pytest.mark.parametrize("d", [16, 64, 24])
-def test_short_query_attention(dtype, int8, tol, queries, d):
+def test_short_query_attention(dtype, cache, tol, queries, d):
     """The PyTorch reference against dense causal attention over the cache's (dequantized) contents."""
-    q, kv, tables, starts, ctx = short_query_case(dtype, int8, queries, d)
+    q, kv, tables, starts, ctx = short_query_case(dtype, cache, queries, d)
     out = pa.decode_attention_reference(q, kv, tables, ctx, 0.25, None if queries == "one token each" else starts)
     check_against_dense(out, q, kv, tables, starts, ctx, tol)
 
 
-@pytest.mark.parametrize("dtype,int8,tol", SHORT_QUERY_CASES)
+@pytest.mark.parametrize("dtype,cache,tol", SHORT_QUERY_CASES)
 @pytest.mark.parametrize("queries", ["one token each", "varlen"])
 @pytest.mark.parametrize("d", [16, 64, 24])  # the vector paths take 16 * {1, 2, 4, 8}; 24 the scalar one
-def test_native_short_query_attention(ext, dtype, int8, tol, queries, d):
+def test_native_short_query_attention(ext, dtype, cache, tol, queries, d):
     """The native kernel of each ISA level against dense causal attention, to the same tolerances
     at every level. AVX2 tiles 8 positions where AVX-512 tiles 16, sums 8 lanes wide, and widens
     bf16 K rows where AVX512-BF16 takes pair dot products: the two levels' rows differ by rounding
     only (measured: at most 2e-6 in float32, one bfloat16 step in bfloat16), each level bitwise
-    deterministic (test_native_rows_do_not_depend_on_the_batch)."""
-    q, kv, tables, starts, ctx = short_query_case(dtype, int8, queries, d)
+    deterministic (test_native_rows_do_not_depend_on_the_batch). A 16-bit cache under float32
+    queries is widened as it is read."""
+    q, kv, tables, starts, ctx = short_query_case(dtype, cache, queries, d)
     out = ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, tables, starts, ctx, 0.25)
     check_against_dense(out, q, kv, tables, starts, ctx, tol)
 
 
-@pytest.mark.parametrize("dtype,int8", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True),
-                                        (torch.float32, True)])
-def test_native_rows_do_not_depend_on_the_batch(ext, dtype, int8):
+@pytest.mark.parametrize("dtype,cache", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, torch.int8),
+                                         (torch.float32, torch.int8), (torch.float32, torch.float16)])
+def test_native_rows_do_not_depend_on_the_batch(ext, dtype, cache):
     """A query row's output is bitwise the same alone (a decode step), in a batch of other
     sequences, and as one row of a multi-token verification query at the same position, at every
     ISA level: what keeps speculative decoding and batching exactly lossless under greedy decoding."""
     lens, hq, hkv, d = [290, 7, 140], 6, 2, 64
-    kv, tables = paged_layout(lens, num_blocks=512, hkv=hkv, d=d, dtype=dtype, int8=int8)
+    kv, tables = paged_layout(lens, num_blocks=512, hkv=hkv, d=d, dtype=dtype, cache=cache)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(5, hq, d, generator=g).to(dtype)  # 5 queries of sequence 0: positions 285..289
     ctx = torch.tensor(lens)
@@ -133,24 +138,26 @@ def test_store_and_gather_roundtrip():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("int8_cache", [False, True])
+@pytest.mark.parametrize("cache", [None, torch.int8, torch.float16])
 @pytest.mark.parametrize("d", [4, 72])  # 72: vectors (of 8 or 16) and a scalar tail at AVX-512
-def test_native_store_kv_matches_pytorch(ext, dtype, int8_cache, d):
-    """The native writer of each ISA level against index_copy_ (and, for an int8 cache,
-    quantize_int8: the same quants and scales to the bit), on strided K/V (views into a fused QKV
-    output) with a skipped slot (-1); and what the cache's readers see equals as_cached."""
+def test_native_store_kv_matches_pytorch(ext, dtype, cache, d):
+    """The native writer of each ISA level against index_copy_ (for an int8 cache, of quantize_int8's
+    quants and scales to the bit; for a 16-bit one, of the rows rounded by Tensor.to), on strided
+    K/V (views into a fused QKV output) with a skipped slot (-1); and what the cache's readers see
+    equals as_cached."""
     g = torch.Generator().manual_seed(0)
     qkv = (torch.randn(5, 3 * 2 * d, generator=g) * 50).to(dtype)
     qkv[1, 2 * d:3 * d] = 0  # an all-zero head row: the scale's floor
     k, v = qkv[:, 2 * d:4 * d].view(5, 2, d), qkv[:, 4 * d:].view(5, 2, d)  # token rows 6 d apart
     slots = torch.tensor([9, 0, -1, 31, 4])
-    cache_dtype = torch.int8 if int8_cache else dtype
+    int8_cache = cache == torch.int8
+    cache_dtype = cache or dtype
     kv = LayerKVCache(*(torch.zeros(8, 4, 2, d, dtype=cache_dtype) for _ in range(2)),
                       *((torch.zeros(8, 4, 2), torch.zeros(8, 4, 2)) if int8_cache else (None, None)))
     ext.store_kv(kv.k, kv.v, k, v, slots, kv.k_scale, kv.v_scale)
     keep = slots >= 0
     for cache, scales, x in ((kv.k, kv.k_scale, k), (kv.v, kv.v_scale, v)):
-        rows, row_scales = pa.quantize_int8(x[keep]) if int8_cache else (x[keep], None)
+        rows, row_scales = pa.quantize_int8(x[keep]) if int8_cache else (x[keep].to(cache_dtype), None)
         expect = torch.zeros_like(cache).view(-1, 2, d).index_copy_(0, slots[keep], rows)
         assert torch.equal(cache.view_as(expect), expect)
         if int8_cache:

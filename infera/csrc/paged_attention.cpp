@@ -2,7 +2,8 @@
 // small prefill chunks): K/V are read in place from the block-paged cache, no gather copy.
 // Work is split over (sequence, KV head); the G query heads that share a KV head and all the
 // sequence's query positions are processed together, so each K/V row is read once. The cache
-// holds the query's dtype, or int8 with a float scale per token and head.
+// holds the query's dtype, a 16-bit float (float16 or bfloat16, widened as it is read), or int8
+// with a float scale per token and head.
 #include <ATen/Parallel.h>
 
 #include "ops.h"
@@ -178,6 +179,7 @@ struct Vec {
 // the batch or on other query rows, so decoding and speculative verification give bitwise the
 // same rows. An int8 row's scale multiplies its score (K) or its probability (V), not its elements.
 constexpr int64_t CHUNK = 128;
+constexpr int64_t PREFETCH_TILES = 2;  // how far ahead a chunk's K/V rows are fetched (measured: 1-4 alike)
 
 // acc[j] = acc[j] * corr[j] + sum over i < most of p[j][i] * V row i, for NR query rows and the KB
 // column vectors acc and vrow[i] + k0 point at; p is 0 at positions a row does not see (so adding
@@ -228,25 +230,34 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
   constexpr bool widen = !std::is_same_v<cache_t, float>;  // float rows are used where they are
   alignas(64) float kt[widen && !bf16_dots ? T * D : 1], vt[widen ? T * D : 1];
   const float *kf[T], *vf[T];  // the tile's K and V rows in float (unused: K with bf16_dots)
-  int64_t slots[T];  // this tile's cache slots
-  auto slot = [&](int64_t t) { return table[t / L.block_size] * L.block_size + t % L.block_size; };
+  int64_t slots[CHUNK];  // the chunk's cache slots (counted along the block table: no division a position)
+  for (int64_t t = c0, b = c0 / L.block_size, o = c0 % L.block_size; t < c1; ++t) {
+    slots[t - c0] = table[b] * L.block_size + o;
+    if (++o == L.block_size) o = 0, ++b;
+  }
   auto qrow = [&](int64_t r) { return q + (r / G) * Hq * D + (r % G) * D; };
   // positions of the tile at t0 (n of them) that row r sees
   auto seen = [&](int64_t r, int64_t t0, int64_t n) { return std::min(n, first + r / G + 1 - t0); };
-  for (int64_t t = c0; t < c1; ++t) {  // the chunk's K/V rows, into L2, all requests in flight at once
-    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(cache_t)); b += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(k_cache + slot(t) * L.row_stride) + b, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(v_cache + slot(t) * L.row_stride) + b, _MM_HINT_T1);
+  // K/V rows [i0, i1) of the chunk into L2: the first PREFETCH_TILES tiles' at the start, then each
+  // tile's that many tiles ahead, so the rows arrive while earlier tiles compute
+  auto prefetch = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < std::min(i1, c1 - c0); ++i) {
+      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(cache_t)); b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(k_cache + slots[i] * L.row_stride) + b, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(v_cache + slots[i] * L.row_stride) + b, _MM_HINT_T1);
+      }
     }
-  }
+  };
+  prefetch(0, PREFETCH_TILES * T);
   for (int64_t t0 = c0; t0 < c1; t0 += T) {
     const int64_t n = std::min(T, c1 - t0);
-    for (int64_t i = 0; i < n; ++i) slots[i] = slot(t0 + i);
+    prefetch(t0 - c0 + PREFETCH_TILES * T, t0 - c0 + (PREFETCH_TILES + 1) * T);
+    const int64_t* tile_slots = slots + (t0 - c0);
     alignas(64) float ks[T], vs[T];
     const cache_t* krow[T];
     for (int64_t i = 0; i < T; ++i) {
-      krow[i] = k_cache + (i < n ? slots[i] : slots[0]) * L.row_stride;  // (lanes past n are masked out)
-      const cache_t* v = v_cache + slots[i < n ? i : 0] * L.row_stride;
+      krow[i] = k_cache + (i < n ? tile_slots[i] : tile_slots[0]) * L.row_stride;  // (lanes past n are masked out)
+      const cache_t* v = v_cache + tile_slots[i < n ? i : 0] * L.row_stride;
       if constexpr (widen) {
         for (int64_t c = 0; c < NC; ++c) {
           if constexpr (!bf16_dots) Vec::store(kt + i * D + W * c, Vec::load(krow[i] + W * c));
@@ -256,8 +267,8 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
       } else {
         kf[i] = krow[i], vf[i] = v;
       }
-      ks[i] = (i < n && k_scale ? k_scale[slots[i] * L.scale_stride] : 1.f) * scale;
-      vs[i] = i < n && v_scale ? v_scale[slots[i] * L.scale_stride] : 1.f;
+      ks[i] = (i < n && k_scale ? k_scale[tile_slots[i] * L.scale_stride] : 1.f) * scale;
+      vs[i] = i < n && v_scale ? v_scale[tile_slots[i] * L.scale_stride] : 1.f;
     }
     const int64_t r_first = std::max<int64_t>(0, t0 - first) * G;  // the rows that see position t0
     for (int64_t r = r_first; r < rows; ++r) {
@@ -383,7 +394,7 @@ namespace infera {
 // q: [T, Hq, D], the queries of S sequences back to back (sequence s owns rows
 // query_start[s] .. query_start[s + 1], or row s alone without query_start: the last positions
 // of its context_lens[s] tokens);
-// k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, or int8 with
+// k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, float16, bfloat16, or int8 with
 // k_scale, v_scale: [num_blocks, block_size, Hkv] float32; block_tables: [S, max_blocks] int64.
 // Returns [T, Hq, D].
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
@@ -398,7 +409,10 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
     TORCH_CHECK(t.scalar_type() == at::kLong, "block tables, query starts and context lengths must be int64");
   const bool quantized = k_cache.scalar_type() == at::kChar;
   TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs its scales");
-  TORCH_CHECK(quantized || q.scalar_type() == k_cache.scalar_type(), "query and cache dtypes differ");
+  const at::ScalarType cache_type = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == cache_type, "K and V caches must share a dtype");
+  TORCH_CHECK(quantized || cache_type == q.scalar_type() || cache_type == at::kHalf || cache_type == at::kBFloat16,
+              "a ", cache_type, " cache cannot serve ", q.scalar_type(), " queries");
   TORCH_CHECK(!quantized || (k_scale->is_contiguous() && v_scale->is_contiguous() &&
                              k_scale->scalar_type() == at::kFloat), "scales must be contiguous float32");
   q = q.contiguous();
@@ -479,8 +493,12 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
     };
     if (quantized) {
       run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
-    } else {
+    } else if (cache_type == q.scalar_type()) {
       run(k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>());
+    } else if (cache_type == at::kHalf) {
+      run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>());
+    } else {
+      run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
     }
   });
   return out;
@@ -488,7 +506,8 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
 
 // Token i's K/V rows (k, v: [T, Hkv, D], each token's row contiguous) into flat slot
 // slot_mapping[i] of k_cache / v_cache ([num_blocks, block_size, Hkv, D]); a negative slot is
-// skipped. The caches hold k's dtype, or int8 with k_scale / v_scale [num_blocks, block_size, Hkv]:
+// skipped. The caches hold k's dtype, a 16-bit float (k and v rounded to it, to nearest even), or
+// int8 with k_scale / v_scale [num_blocks, block_size, Hkv]:
 // each head's row stored as round(x / s), s = max|x| / 127 (as quantize_int8 in
 // infera/layers/paged_attention.py, to the bit).
 void store_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v,
@@ -501,8 +520,11 @@ void store_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v
   const bool quantized = k_scale.has_value();
   TORCH_CHECK(quantized == v_scale.has_value() && quantized == (k_cache.scalar_type() == at::kChar),
               "an int8 cache takes both scale tensors, other caches none");
-  TORCH_CHECK(k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type() &&
-              (quantized || k.scalar_type() == k_cache.scalar_type()), "k, v and the caches must share a shape and dtype");
+  const at::ScalarType cache_type = k_cache.scalar_type();
+  TORCH_CHECK(k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type() && v_cache.scalar_type() == cache_type &&
+              (quantized || k.scalar_type() == cache_type || cache_type == at::kHalf || cache_type == at::kBFloat16),
+              "k, v and the caches must share a shape and dtype (or the caches a 16-bit float)");
+  if (!quantized && k.scalar_type() != cache_type) k = k.to(cache_type), v = v.to(cache_type);
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
               slot_mapping.size(0) == k.size(0), "slot_mapping must be int64 [T]");
   for (const auto& t : {k, v})

@@ -349,6 +349,8 @@ void run_tile_rows(const Layout& L, const uint8_t* w, const Activations& A, cons
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       alignas(64) float sums[RowPanel::MAX_ROWS * TILE];
       for (int64_t t = t0; t < t1; ++t) {
+        // the output lines this tile writes, fetched while it computes (a large y misses the caches)
+        for (int64_t m = 0; m < rows; ++m) _mm_prefetch(reinterpret_cast<const char*>(y + (mc + m) * N + t * TILE), _MM_HINT_T0);
         const int64_t row0 = ex.ic_group ? (t * TILE / ex.ic_group) * rows : 0;  // this group's activations
 #define INFERA_KIND(ENC, SUB)                                                                          \
   if constexpr (rows_kernel_has(ENC, SUB)) {                                                          \

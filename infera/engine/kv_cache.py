@@ -6,16 +6,23 @@ import torch
 from infera.layers.attention import Attention, LayerKVCache
 
 
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}  # else the model's
+
+
 class KVCachePool:
     """``[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]`` of the model's dtype,
-    or int8 plus a float32 scale per token and head (``kv_cache_dtype='int8'``: about half the
-    bytes of bfloat16)."""
+    of a 16-bit float (``kv_cache_dtype='float16'`` or ``'bfloat16'``: K and V rounded as they are
+    stored), or int8 plus a float32 scale per token and head (``kv_cache_dtype='int8'``: about
+    half the bytes of a 16-bit cache)."""
 
     def __init__(self, layers: list[Attention], block_size: int, memory: int, dtype: torch.dtype,
                  kv_cache_dtype: str, device: torch.device):
         first = layers[0]
         self.quantized = kv_cache_dtype == "int8"
-        self.dtype = torch.int8 if self.quantized else dtype
+        self.dtype = CACHE_DTYPES.get(kv_cache_dtype, dtype)
+        if device.type == "cuda" and not self.quantized and self.dtype != dtype:
+            raise ValueError(f"a {kv_cache_dtype} KV cache needs a {kv_cache_dtype} model on CUDA (the Triton "
+                             f"kernels read the cache in the queries' dtype); use --dtype {kv_cache_dtype} or auto")
         self.bytes_per_block = self.block_bytes(layers, block_size, dtype, kv_cache_dtype)
         self.num_blocks = memory // self.bytes_per_block
         if self.num_blocks < 1:
@@ -30,8 +37,8 @@ class KVCachePool:
     @staticmethod
     def block_bytes(layers: list[Attention], block_size: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
         """Bytes of one block in all layers, K and V (and int8 scales)."""
-        quantized = kv_cache_dtype == "int8"
-        per_token_head = layers[0].head_dim * (1 if quantized else dtype.itemsize) + (4 if quantized else 0)
+        stored = CACHE_DTYPES.get(kv_cache_dtype, dtype)
+        per_token_head = layers[0].head_dim * stored.itemsize + (4 if stored == torch.int8 else 0)
         return 2 * len(layers) * block_size * layers[0].num_kv_heads * per_token_head
 
     @property

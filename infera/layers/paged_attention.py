@@ -3,9 +3,9 @@ native CPU kernel for short queries (csrc/paged_attention.cpp) where it compiled
 Triton kernels of :mod:`infera.layers.triton_attention` (prefill there too unless
 ``INFERA_PREFILL_ATTENTION=torch`` picks PyTorch's SDPA).
 
-An int8 cache stores ``round(x / s)`` with ``s = max|x| / 127`` per token and head; every reader
-sees the dequantized values, fresh K/V included, so results do not depend on whether a prefix
-came from the cache.
+An int8 cache stores ``round(x / s)`` with ``s = max|x| / 127`` per token and head, a 16-bit cache
+under float32 activations K and V rounded to float16 or bfloat16; every reader sees the stored
+values, fresh K/V included, so results do not depend on whether a prefix came from the cache.
 """
 from __future__ import annotations
 
@@ -26,6 +26,15 @@ if PREFILL_BACKEND not in PREFILL_BACKENDS:
     raise ValueError(f"INFERA_PREFILL_ATTENTION must be triton or torch, got {PREFILL_BACKEND!r}")
 
 
+NATIVE_QUERY_DTYPES = (torch.float32, torch.bfloat16)
+HALF_CACHE_DTYPES = (torch.float16, torch.bfloat16)  # caches of any native query dtype
+
+
+def native_cache(kv: LayerKVCache, dtype: torch.dtype) -> bool:
+    """Whether the native CPU kernels serve queries (and K/V) of ``dtype`` from this cache."""
+    return dtype in NATIVE_QUERY_DTYPES and (kv.quantized or kv.k.dtype == dtype or kv.k.dtype in HALF_CACHE_DTYPES)
+
+
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 over the last dimension: (int8 values, float32 scales of shape x.shape[:-1])."""
     scale = x.float().abs().amax(dim=-1).clamp_(min=1e-8) / 127.0
@@ -41,7 +50,7 @@ def store_kv(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: t
     """Write token ``i``'s K/V into flat slot ``slot_mapping[i]`` (block * block_size + offset).
 
     Slot -1 skips a token (the padded rows of a CUDA-graph batch; not on the PyTorch fallback)."""
-    if not k.is_cuda and (kv.quantized or k.dtype == kv.k.dtype) and (ext := load_cpu_extension()):
+    if not k.is_cuda and native_cache(kv, k.dtype) and (ext := load_cpu_extension()):
         ext.store_kv(kv.k, kv.v, k, v, slot_mapping, kv.k_scale, kv.v_scale)
         return
     if not kv.quantized:
@@ -53,9 +62,10 @@ def store_kv(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: t
 
 
 def as_cached(kv: LayerKVCache, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh K/V as later readers of the cache see them (dequantized for an int8 cache)."""
+    """Fresh K/V as later readers of the cache see them (dequantized for an int8 cache, rounded to a
+    16-bit cache's dtype)."""
     if not kv.quantized:
-        return k, v
+        return k.to(kv.k.dtype).to(k.dtype), v.to(kv.v.dtype).to(v.dtype)
     return dequantize_int8(*quantize_int8(k), k.dtype), dequantize_int8(*quantize_int8(v), v.dtype)
 
 
@@ -124,8 +134,7 @@ def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tens
         if query_start is not None:
             raise ValueError("multi-token queries go through prefill attention on CUDA")
         return triton_attention.decode_attention(q, kv, block_tables, context_lens, scale)
-    native = kv.quantized or q.dtype == kv.k.dtype
-    if native and (ext := load_cpu_extension()):
+    if native_cache(kv, q.dtype) and (ext := load_cpu_extension()):
         return ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, query_start, context_lens,
                                    scale)
     return decode_attention_reference(q, kv, block_tables, context_lens, scale, query_start)

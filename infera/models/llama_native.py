@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from infera.kernels import load_cpu_extension
+from infera.layers import paged_attention
 from infera.layers.attention import AttentionMetadata
 from infera.layers.linear import Linear
 from infera.layers.moe import SparseMoeBlock
@@ -65,7 +66,7 @@ def build_stack(ext: ModuleType, model: nn.Module, dtype: torch.dtype, skip_laye
             mlp_taken = None not in dense
         kv = attn.attn.kv_cache
         if (None in attention or not mlp_taken or kv is None or any(n.weight.dtype != dtype for n in norms)
-                or not (kv.quantized or kv.k.dtype == dtype)):
+                or not paged_attention.native_cache(kv, dtype)):
             return None
         q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
         layers.append(ext.DecoderLayer(
