@@ -385,6 +385,10 @@ inline void rows_kernel(const BlockLayout& L, const uint8_t* tile, const RowPane
     const int8_t* sub = reinterpret_cast<const int8_t*>(tile + L.tile_quant_bytes + L.tile_scale_bytes) + 8 * h;
     for (int64_t b = 0, sb = 0, in_group = 0; b < nb; ++b) {
       const uint8_t* block = wq + b * BLOCK;
+      if (h == 0) {  // the next tile's block b (and a share of its scales) while this one computes
+        for (int64_t j = 0; j < BLOCK; j += 64) prefetch(block + L.tile_bytes + j);
+        for (int64_t j = L.tile_quant_bytes + 64 * b; j < L.tile_bytes; j += 64 * nb) prefetch(tile + L.tile_bytes + j);
+      }
       // Q8: |w| and w of the signed quants w = q xor 0x80 (more than the registers hold: L1);
       // else the low then high nibbles (high bits in) of vector p
       __m256i u[8], w[ENC == Q8 ? 8 : 1];
