@@ -2,9 +2,10 @@
 the bundled model (SmolLM2-135M, Q4_1) and Qwen2.5-Coder-1.5B (Q4_K, Q6_K), for 1 to 512 activation
 rows; optionally against the same kernels built from another git revision (``--baseline REF``),
 the two timed interleaved in one process (medians of ``--repeats`` rounds), so a shared machine's
-noise hits both alike.
+noise hits both alike. ``--copies N`` cycles through N copies of each weight, so that (for N large
+enough) the weights stream from memory as a model's layers do, instead of staying in cache.
 
-    python benchmarks/quant_gemm_micro.py [--level avx2] [--baseline main] [--rows 1,16,64,512]
+    python benchmarks/quant_gemm_micro.py [--level avx2] [--baseline main] [--rows 1,16,64,512] [--copies 40]
 """
 from __future__ import annotations
 
@@ -68,13 +69,16 @@ def build_revision(ref: str, level: str) -> ModuleType:
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
-def seconds(module: ModuleType, x: torch.Tensor, w: torch.Tensor, layout, n: int, budget_s: float, clock) -> float:
-    """Median time of one product by ``clock``, over calls filling about ``budget_s``."""
+def seconds(module: ModuleType, x: torch.Tensor, ws: list[torch.Tensor], layout, n: int, budget_s: float,
+            clock) -> float:
+    """Median time of one product by ``clock``, over calls (through the weights ``ws`` in turn) filling
+    about ``budget_s``."""
     times = []
     while sum(times) < budget_s or len(times) < 3:
         start = clock()
-        module.gemm(x, w, layout, n)
-        times.append(clock() - start)
+        for w in ws:
+            module.gemm(x, w, layout, n)
+        times.append((clock() - start) / len(ws))
     return statistics.median(times)
 
 
@@ -88,6 +92,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
     parser.add_argument("--shapes", default=None, help="indices into the shape list (comma list; default all)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="copies of each weight to cycle through (e.g. 40: larger than the caches)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
@@ -100,9 +106,10 @@ def main() -> None:
           f"{'CPU' if args.threads == 1 else 'wall'} time (median of "
           f"{args.repeats} interleaved rounds)")
     print(f"{'type':<5} {'N':>5} {'K':>5} {'where':<17} {'rows':>4} " + " ".join(f"{k:>8}" for k in modules)
-          + ("  new/old" if args.baseline else ""))
+          + ("  new/old" if args.baseline else "") + (f"  ({args.copies} weight copies)" if args.copies > 1 else ""))
     for type_name, n, k, where in shapes:
         packed = pack_blocks(random_blocks(type_name, n, k, g), type_name, k, n)
+        ws = [packed.data] + [packed.data.clone() for _ in range(args.copies - 1)]
         lay = packed.layout
         layouts = {name: m.Layout(lay.encoding, k, lay.scale_group, lay.num_scale_arrays, lay.has_min, lay.offset,
                                   lay.sub_scales)
@@ -117,7 +124,7 @@ def main() -> None:
             rounds = {name: [] for name in modules}
             for _ in range(args.repeats):
                 for name, m in modules.items():
-                    rounds[name].append(seconds(m, x, packed.data, layouts[name], n, budget, clock))
+                    rounds[name].append(seconds(m, x, ws, layouts[name], n, budget, clock))
             gmacs = {name: rows * n * k / statistics.median(t) / 1e9 for name, t in rounds.items()}
             line = f"{type_name:<5} {n:>5} {k:>5} {where:<17} {rows:>4} " + " ".join(f"{v:>8.1f}" for v in gmacs.values())
             if args.baseline:
