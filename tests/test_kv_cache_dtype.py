@@ -19,29 +19,28 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "Water boils at", "List
 CASES = {"int8": (3.6, 0.01, 0.05), "float16": (2.0, 1e-5, 1e-4), "bfloat16": (2.0, 5e-4, 5e-3)}
 
 
-def make_pair(path, kv_cache_dtype: str) -> tuple[LLM, LLM]:
-    """A float32-cache and a ``kv_cache_dtype``-cache LLM of the model at ``path``."""
-    kw = dict(dtype="float32", kv_cache_memory="64MiB")
-    return LLM(str(path), **kw), LLM(str(path), kv_cache_dtype=kv_cache_dtype, **kw)
+def make_llm(path, kv_cache_dtype: str = "auto") -> LLM:
+    return LLM(str(path), dtype="float32", kv_cache_memory="64MiB", kv_cache_dtype=kv_cache_dtype)
 
 
 @pytest.fixture(scope="module")
-def pairs() -> dict[tuple[str, str], tuple[LLM, LLM]]:
-    """The pairs built so far, by ISA level and cache dtype (each holds its level's native objects)."""
+def llms() -> dict[tuple[str, str], LLM]:
+    """The LLMs built so far, by ISA level and cache dtype (each holds its level's native objects)."""
     return {}
 
 
 @pytest.fixture(params=list(CASES))
-def pair(request, isa, bundled_model_path, pairs):
-    """The pair of each cache dtype at each ISA level in turn, built once (tests leave them idle)."""
-    if (isa, request.param) not in pairs:
-        pairs[isa, request.param] = make_pair(bundled_model_path, request.param)
-    return request.param, *pairs[isa, request.param]
+def pair(request, isa, bundled_model_path, llms):
+    """(cache dtype, the float32-cache LLM, the LLM with that cache) at each ISA level in turn, each
+    LLM built once (tests leave them idle)."""
+    for dtype in ("auto", request.param):
+        if (isa, dtype) not in llms:
+            llms[isa, dtype] = make_llm(bundled_model_path, dtype)
+    return request.param, llms[isa, "auto"], llms[isa, request.param]
 
 
-@pytest.mark.parametrize("kv_cache_dtype", list(CASES))
-def test_cache_bytes(bundled_model_path, kv_cache_dtype):
-    flt, small = make_pair(bundled_model_path, kv_cache_dtype)
+def test_cache_bytes(pair):
+    kv_cache_dtype, flt, small = pair
     ratio = flt.engine.runner.kv_cache.bytes_per_block / small.engine.runner.kv_cache.bytes_per_block
     assert ratio >= CASES[kv_cache_dtype][0]  # int8: 1 byte + a 4-byte scale per 64 values
     assert small.engine.runner.num_blocks >= int(0.9 * ratio * flt.engine.runner.num_blocks)
