@@ -15,8 +15,11 @@ transformers (float32 from the GGUF, one single-stream run: it loads the file fo
 CPU with AVX-512, `make bench-cpu` also builds llama.cpp for AVX2 only (``--llama-avx2 DIR``, a
 child process imports it): the peer of infera's avx2 level, what an AVX2 machine (AMD Zen 1-3,
 Intel client CPUs) runs; infera's avx2 row is compared with it, the other levels with the native build.
+``--rounds N`` measures infera and the llama.cpp peers N times, one after another in turn (a shared
+machine drifts by more than some of the differences): each figure is the median over the rounds, and
+each ratio the median of the rounds' ratios, printed with their range.
 
-    python benchmarks/cpu.py [--models smollm2,qwen2.5-coder-1.5b] [--levels avx2,amx] [--no-hf] [--json FILE]
+    python benchmarks/cpu.py [--models smollm2,qwen2.5-coder-1.5b] [--levels avx2,amx] [--no-hf] [--rounds 3] [--json FILE]
 """
 from __future__ import annotations
 
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     parser.add_argument("--llama-avx2", type=Path, default=Path(".venv/llama-avx2"),
                         help="llama-cpp-python built for AVX2 only (a pip --target folder; skipped if absent)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure infera and the llama.cpp peers this many times in turn (medians, ranges)")
     parser.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,31 +113,41 @@ def main() -> None:
         print(f"{'engine':<26} {'dtype':>8} " + " ".join(f"{c:>9}" for c in COLUMNS) + f" {'bound':>6}")
         rows: dict[str, dict[str, float]] = {}
 
-        def show(label: str) -> None:
-            r = rows[label]
-            r["bound"] = size * r["decode"] / bandwidth
-            print(f"{label:<26} {r.get('dtype', ''):>8} " + " ".join(f"{r[c]:>9.1f}" for c in COLUMNS)
-                  + f" {r['bound']:>6.0%}", flush=True)
+        def show(label: str, row: dict[str, float], note: str = "") -> None:
+            row["bound"] = size * row["decode"] / bandwidth
+            print(f"{label + note:<26} {row.get('dtype', ''):>8} " + " ".join(f"{row[c]:>9.1f}" for c in COLUMNS)
+                  + f" {row['bound']:>6.0%}", flush=True)
 
-        for level in args.levels.split(","):
-            rows[f"infera {level}"] = infera_row(path, level, w, args.threads)
-            show(f"infera {level}")
-        if have("llama_cpp"):
-            from benchmarks.peers import llama_cpp_quantize, run_llama_cpp, run_llama_cpp_build
+        with tempfile.TemporaryDirectory() as tmp:
+            measures = {f"infera {level}": lambda level=level: infera_row(path, level, w, args.threads)
+                        for level in args.levels.split(",")}
+            if have("llama_cpp"):
+                from benchmarks.peers import llama_cpp_quantize, run_llama_cpp, run_llama_cpp_build
 
-            runs = {"llama.cpp": run_llama_cpp}
-            if avx2_build:
-                runs["llama.cpp avx2"] = lambda *a: run_llama_cpp_build(args.llama_avx2, *a)
-            with tempfile.TemporaryDirectory() as tmp:
+                runs = {"llama.cpp": run_llama_cpp}
+                if avx2_build:
+                    runs["llama.cpp avx2"] = lambda *a: run_llama_cpp_build(args.llama_avx2, *a)
                 files = {"": path}
                 if name == "smollm2":
                     files[" Q4_0"] = llama_cpp_quantize(path, Path(tmp) / "q4_0.gguf")
                 for suffix, file in files.items():
                     for label, run in runs.items():
-                        rows[label + suffix] = figures(lambda wl: run(file, wl, args.threads), w)
-                        show(label + suffix)
-        else:
-            print("llama.cpp: llama-cpp-python is not installed (make bench installs it)")
+                        measures[label + suffix] = lambda run=run, file=file: figures(
+                            lambda wl: run(file, wl, args.threads), w)
+            else:
+                print("llama.cpp: llama-cpp-python is not installed (make bench installs it)")
+            rounds: dict[str, list[dict[str, float]]] = {label: [] for label in measures}
+            for i in range(args.rounds):
+                for label, measure in measures.items():
+                    rounds[label].append(measure())
+                    show(label, rounds[label][-1], f" ({i + 1}/{args.rounds})" if args.rounds > 1 else "")
+        for label, measured in rounds.items():
+            rows[label] = {c: statistics.median(r[c] for r in measured) for c in COLUMNS}
+            rows[label].update({"dtype": measured[0].get("dtype", ""), "rounds": measured})
+        if args.rounds > 1:
+            print(f"medians of {args.rounds} rounds:")
+            for label in rounds:
+                show(label, rows[label])
         if not args.no_hf:
             from benchmarks.peers import run_hf
 
@@ -140,13 +155,17 @@ def main() -> None:
             rows["HF transformers"] = figures(lambda wl: run_hf(path, wl, torch.float32, pad), w, repeats=1,
                                              batches=False)
             rows["HF transformers"]["dtype"] = "float32"
-            show("HF transformers")
+            show("HF transformers", rows["HF transformers"])
         for level in args.levels.split(","):
             r = rows[f"infera {level}"]
             peers = ["llama.cpp avx2" if level == "avx2" and avx2_build else "llama.cpp"]
             peers += [p + " Q4_0" for p in peers]
             for peer in (p for p in peers if p in rows):
-                print(f"infera {level} / {peer}: " + ", ".join(f"{c} {r[c] / rows[peer][c]:.2f}x" for c in COLUMNS))
+                ratios = {c: sorted(a[c] / b[c] for a, b in zip(r["rounds"], rows[peer]["rounds"])) for c in COLUMNS}
+                r.setdefault("ratios", {})[peer] = ratios
+                print(f"infera {level} / {peer}: " + ", ".join(
+                    f"{c} {statistics.median(v):.2f}x" + (f" ({v[0]:.2f}-{v[-1]:.2f})" if len(v) > 1 else "")
+                    for c, v in ratios.items()))
         print()
         report[path.name] = {"size": size, "rows": rows}
     save_json(args.json, {"machine": machine(), "bandwidth": bandwidth, "threads": args.threads, "llama.cpp": builds,

@@ -38,6 +38,7 @@ SHAPES = [  # (GGUF type, out_features, in_features, where)
     ("Q4_K", 1536, 1536, "qwen1.5b q/o"),
     ("Q4_K", 8960, 1536, "qwen1.5b gate/up"),
     ("Q6_K", 1536, 8960, "qwen1.5b down"),
+    ("Q6_K", 151936, 1536, "qwen1.5b lm head"),
 ]
 SCALE_FIELDS = {"Q8_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}  # byte offsets of a block's fp16 scales
 
