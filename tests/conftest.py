@@ -49,6 +49,19 @@ TINY_CONFIGS = {
                       num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
                       mlp_only_layers=[1], tie_word_embeddings=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # local layers see 16 positions (the tests' prompts run past that), with their own RoPE base
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_size=64,
+                   intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"], tie_word_embeddings=True,
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # what a gemma3 GGUF file can say: llama.cpp's layer pattern (five local, one global) and query scale
+    "gemma3_gguf": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_size=64,
+                        intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+                        head_dim=32, query_pre_attn_scalar=32, sliding_window=16, tie_word_embeddings=True,
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
 }
 
 
@@ -93,9 +106,10 @@ def make_tiny_model(root: Path, kind: str, tokenizer_dir: Path, seed: int = 0) -
                                   bos_token_id=1, eos_token_id=2, **spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gain = -1.0 if model_type.startswith("gemma") else 0.0  # Gemma's norms scale by 1 + w: the same gains
     with torch.no_grad():  # larger weights than the default init, so logits are not all near zero
-        for p in model.parameters():
-            p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.8, 1.2).add_(gain if "norm" in name else 0.0)
     model.save_pretrained(path)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, path / f.name)
@@ -115,6 +129,18 @@ def tiny_llm(tiny_model):
     from infera import LLM
 
     return LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="64MiB")
+
+
+def hf_gguf_logits(name: str):
+    """``ids -> float32 logits`` of HF transformers loading the cached GGUF of model ``name``
+    (a short name of infera.loader.model_store), dequantized to float32."""
+    from transformers import AutoModelForCausalLM
+
+    from infera.loader.model_store import cached_path
+
+    path = cached_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return lambda ids: model(torch.tensor([ids])).logits[0].float()
 
 
 def engine_logits(engine, token_ids: list[int], chunks: list[int]) -> torch.Tensor:

@@ -88,7 +88,7 @@ def test_unsupported_hf_architecture(tiny_model, tmp_path):
         LLMEngine(model=str(path), dtype="float32", kv_cache_memory="8MiB")
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma3_gguf"])
 def test_gguf_written_from_hf_matches_hf(tiny_model, bundled_model_path, tmp_path, kind):
     """write_gguf lays a model out as llama.cpp does (permuted Q/K rows, expert stacks); loading it
     back gives HF's logits on the original weights, whatever the architecture."""
@@ -112,6 +112,8 @@ def test_writing_an_unsupported_model_type_as_gguf_is_refused(tiny_model, bundle
 
     with pytest.raises(ValueError, match="qwen2_moe"):
         write_gguf(tiny_model("qwen2_moe"), tmp_path / "x.gguf", bundled_model_path)
+    with pytest.raises(ValueError, match="layer pattern"):  # a Gemma 3 that the format cannot describe
+        write_gguf(tiny_model("gemma3"), tmp_path / "g.gguf", bundled_model_path)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

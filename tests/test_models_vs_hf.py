@@ -34,7 +34,7 @@ def chunkings(n: int) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3_rope", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe",
-                                  "qwen3_moe"])
+                                  "qwen3_moe", "gemma3"])
 def test_tiny_fp32_matches_hf(tiny_model, kind):
     path = tiny_model(kind)
     engine = LLMEngine(model=str(path), dtype="float32", kv_cache_memory="32MiB")
@@ -46,7 +46,7 @@ def test_tiny_fp32_matches_hf(tiny_model, kind):
         assert diff <= 1e-4, f"{kind} {name}: max |diff| {diff:.2e}"
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # mixtures of experts: test_moe.py
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])  # mixtures of experts: test_moe.py
 def test_tiny_bf16_matches_hf(tiny_model, kind):
     path = tiny_model(kind)
     engine = LLMEngine(model=str(path), dtype="bfloat16", kv_cache_memory="32MiB")

@@ -8,14 +8,16 @@ from infera.layers import paged_attention as pa
 from infera.layers.attention import LayerKVCache
 
 
-def dense_attention(q, k, v, scale):
-    """Plain softmax(q k^T) v with GQA, in float64: q [Tq, Hq, D], k/v [Tk, Hkv, D], causal at the end."""
+def dense_attention(q, k, v, scale, window=0):
+    """Plain softmax(q k^T) v with GQA, in float64: q [Tq, Hq, D], k/v [Tk, Hkv, D], causal at the end
+    (with ``window``: each query over its last ``window`` positions)."""
     g = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(g, dim=1)
     v = v.double().repeat_interleave(g, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
     tq, tk = q.shape[0], k.shape[0]
-    mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    query = torch.arange(tk - tq, tk)[:, None]
+    mask = (torch.arange(tk) <= query) & ((torch.arange(tk) > query - window) if window else True)
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
@@ -56,11 +58,11 @@ def short_query_case(dtype, cache, queries, d):
     return q, kv, tables, starts, torch.tensor(lens)
 
 
-def check_against_dense(out, q, kv, tables, starts, ctx, tol):
+def check_against_dense(out, q, kv, tables, starts, ctx, tol, window=0):
     for i, n in enumerate(ctx.tolist()):
         k, v = pa.gather_kv(kv, tables[i], n, torch.float32)
         a, b = int(starts[i]), int(starts[i + 1])
-        ref = dense_attention(q[a:b], k, v, 0.25)
+        ref = dense_attention(q[a:b], k, v, 0.25, window)
         assert (out[a:b].double() - ref).abs().max() < tol
 
 
@@ -89,6 +91,21 @@ def test_native_short_query_attention(ext, dtype, cache, tol, queries, d):
     check_against_dense(out, q, kv, tables, starts, ctx, tol)
 
 
+@pytest.mark.parametrize("dtype,cache,tol", [SHORT_QUERY_CASES[i] for i in (0, 1, 2, 4)])
+@pytest.mark.parametrize("queries", ["one token each", "varlen"])
+@pytest.mark.parametrize("window", [1, 6, 40])
+def test_sliding_window_attention(ext, dtype, cache, tol, queries, window):
+    """A sliding-window layer's queries (each over its last ``window`` positions: windows inside one
+    block, across blocks, longer than some contexts), natively at each ISA level and in PyTorch,
+    against dense windowed attention."""
+    q, kv, tables, starts, ctx = short_query_case(dtype, cache, queries, 64)
+    starts_arg = None if queries == "one token each" else starts
+    out = ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, tables, starts_arg, ctx, 0.25, window)
+    check_against_dense(out, q, kv, tables, starts, ctx, tol, window)
+    ref = pa.decode_attention_reference(q, kv, tables, ctx, 0.25, starts_arg, window)
+    check_against_dense(ref, q, kv, tables, starts, ctx, tol, window)
+
+
 @pytest.mark.parametrize("dtype,cache", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, torch.int8),
                                          (torch.float32, torch.int8), (torch.float32, torch.float16)])
 def test_native_rows_do_not_depend_on_the_batch(ext, dtype, cache):
@@ -111,6 +128,13 @@ def test_native_rows_do_not_depend_on_the_batch(ext, dtype, cache):
         assert torch.equal(alone[0], verify[i])
     assert torch.equal(attend(batch, [0, 1, 2], None, ctx)[0], verify[4])
     assert torch.equal(attend(batch, [0, 1, 2], None, ctx), attend(batch, [0, 1, 2], None, ctx))  # deterministic
+
+
+@pytest.mark.parametrize("tq,tk,window", [(12, 12, 5), (5, 12, 3), (1, 9, 4), (6, 6, 10)])
+def test_windowed_prefill_attention(tq, tk, window):
+    q, k, v = torch.randn(tq, 4, 8), torch.randn(tk, 2, 8), torch.randn(tk, 2, 8)
+    out = pa.prefill_attention(q, k, v, 0.3, window)
+    assert (out.double() - dense_attention(q, k, v, 0.3, window)).abs().max() < 1e-5
 
 
 def test_int8_roundtrip_error():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import engine_logits
+from conftest import engine_logits, hf_gguf_logits
 from infera import LLM, SamplingParams
 from infera.engine.llm_engine import LLMEngine
 from infera.loader.model_store import cached_path
@@ -27,11 +27,7 @@ EDITS = ["def add(a, b):\n    return a + b\n# the same function with type hints:
 
 @pytest.fixture(scope="module")
 def hf_reference():
-    from transformers import AutoModelForCausalLM
-
-    path = cached_path(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return lambda ids: model(torch.tensor([ids])).logits[0].float()
+    return hf_gguf_logits(MODEL)
 
 
 def test_dequantized_logits_match_hf(hf_reference):

@@ -57,7 +57,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual), in place");
   m.def("rotary", &rotary, "rotate-half RoPE on q and k, in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-  m.def("paged_attention", &paged_attention, "paged attention over short causal queries");
+  m.def("paged_attention", &paged_attention, "paged attention over short causal queries (window > 0: each "
+        "query sees its last `window` positions)", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("k_scale"), py::arg("v_scale"), py::arg("block_tables"), py::arg("query_starts"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("window") = 0);
   m.def("store_kv", &store_kv, "write K/V rows into paged cache slots (int8 caches: quantized)", py::arg("k_cache"),
         py::arg("v_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"), py::arg("k_scale") = py::none(),
         py::arg("v_scale") = py::none());

@@ -106,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor> top_tokens(at::Tensor logits, bool with_probs
 
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, c10::optional<at::Tensor> k_scale,
                            c10::optional<at::Tensor> v_scale, at::Tensor block_tables,
-                           c10::optional<at::Tensor> query_starts, at::Tensor context_lens, double scale);
+                           c10::optional<at::Tensor> query_starts, at::Tensor context_lens, double scale,
+                           int64_t window = 0);
 void store_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping,
               c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale);
 

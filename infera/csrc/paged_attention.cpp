@@ -37,12 +37,18 @@ struct HeadLayout {
 };
 
 // One sequence and KV head: queries at positions [ctx - nq, ctx) over cache positions [0, ctx),
-// causal. q and out point at the sequence's first query row, head h * G.
+// causal; with window > 0 the query at p sees positions (p - window, p] only (a sliding-window
+// layer). q and out point at the sequence's first query row, head h * G.
 template <typename scalar_t, typename cache_t>
 void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, const float* k_scale,
-            const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, scalar_t* out, const HeadLayout& L,
-            float scale, std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc) {
+            const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, int64_t window, scalar_t* out,
+            const HeadLayout& L, float scale, std::vector<float>& qf, std::vector<float>& scores,
+            std::vector<float>& acc) {
   const int64_t G = L.G, D = L.D, rows = nq * G, first = ctx - nq;
+  // the first position row r sees, and the rows that see position t: [r_begin(t), r_end(t))
+  auto lo = [&](int64_t r) { return window > 0 ? std::max<int64_t>(0, first + r / G + 1 - window) : 0; };
+  auto r_begin = [&](int64_t t) { return std::max<int64_t>(0, t - first) * G; };
+  auto r_end = [&](int64_t t) { return window > 0 ? std::min(rows, (t - first + window) * G) : rows; };
   qf.resize(rows * D);
   scores.assign(rows * ctx, 0.f);
   acc.assign(rows * D, 0.f);
@@ -50,10 +56,10 @@ void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, c
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d) qf[(i * G + g) * D + d] = static_cast<float>(q[i * L.Hq * D + g * D + d]) * scale;
   float kf[256], vf[256];
-  for (int64_t t = 0; t < ctx; ++t) {
+  for (int64_t t = lo(0); t < ctx; ++t) {
     load_row(k_cache, k_scale, table[t / L.block_size] * L.block_size + t % L.block_size, L.row_stride,
              L.scale_stride, D, kf);
-    for (int64_t r = std::max<int64_t>(0, t - first) * G; r < rows; ++r) {  // queries that see position t
+    for (int64_t r = r_begin(t); r < r_end(t); ++r) {  // queries that see position t
       const float* qr = qf.data() + r * D;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -64,16 +70,16 @@ void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, c
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t visible = first + r / G + 1;
     float* s = scores.data() + r * ctx;
-    const float m = *std::max_element(s, s + visible);
+    const float m = *std::max_element(s + lo(r), s + visible);
     float sum = 0.f;
-    for (int64_t t = 0; t < visible; ++t) sum += (s[t] = std::exp(s[t] - m));
+    for (int64_t t = lo(r); t < visible; ++t) sum += (s[t] = std::exp(s[t] - m));
     const float inv = 1.f / sum;
-    for (int64_t t = 0; t < visible; ++t) s[t] *= inv;
+    for (int64_t t = lo(r); t < visible; ++t) s[t] *= inv;
   }
-  for (int64_t t = 0; t < ctx; ++t) {
+  for (int64_t t = lo(0); t < ctx; ++t) {
     load_row(v_cache, v_scale, table[t / L.block_size] * L.block_size + t % L.block_size, L.row_stride,
              L.scale_stride, D, vf);
-    for (int64_t r = std::max<int64_t>(0, t - first) * G; r < rows; ++r) {
+    for (int64_t r = r_begin(t); r < r_end(t); ++r) {
       const float p = scores[r * ctx + t];
       float* a = acc.data() + r * D;
 #pragma omp simd
@@ -396,11 +402,13 @@ namespace infera {
 // of its context_lens[s] tokens);
 // k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, float16, bfloat16, or int8 with
 // k_scale, v_scale: [num_blocks, block_size, Hkv] float32; block_tables: [S, max_blocks] int64.
-// Returns [T, Hq, D].
+// window > 0: each query sees its last `window` positions (a sliding-window layer; the scalar
+// path). Returns [T, Hq, D].
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                               c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
                               at::Tensor block_tables, c10::optional<at::Tensor> query_starts,
-                              at::Tensor context_lens, double scale) {
+                              at::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   // no query_starts: one query row per sequence (a decode step)
@@ -440,12 +448,14 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
 #if defined(PA_VECTOR)
       if constexpr (lanes::loads<scalar_t>) {
         decltype(&attend_chunk<16, scalar_t, cache_t>) chunk_fn = nullptr;
-        switch (D) {
-          case 16: chunk_fn = &attend_chunk<16, scalar_t, cache_t>; break;
-          case 32: chunk_fn = &attend_chunk<32, scalar_t, cache_t>; break;
-          case 64: chunk_fn = &attend_chunk<64, scalar_t, cache_t>; break;
-          case 128: chunk_fn = &attend_chunk<128, scalar_t, cache_t>; break;
-          default: break;
+        if (window == 0) {  // (sliding windows take the scalar path)
+          switch (D) {
+            case 16: chunk_fn = &attend_chunk<16, scalar_t, cache_t>; break;
+            case 32: chunk_fn = &attend_chunk<32, scalar_t, cache_t>; break;
+            case 64: chunk_fn = &attend_chunk<64, scalar_t, cache_t>; break;
+            case 128: chunk_fn = &attend_chunk<128, scalar_t, cache_t>; break;
+            default: break;
+          }
         }
         if (chunk_fn) {
           // items (s, h, c) in order; sequence s owns items [item0[s], item0[s + 1]) and partial
@@ -487,7 +497,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
           const int64_t s = item / Hkv, h = item % Hkv, row = starts[s] * Hq + h * L.G;
           attend<scalar_t, cache_t>(qp + row * D, kp + h * D, vp + h * D, ks ? ks + h : nullptr,
                                     vs ? vs + h : nullptr, tables + s * max_blocks, starts[s + 1] - starts[s], lens[s],
-                                    op + row * D, L, static_cast<float>(scale), qf, scores, scratch);
+                                    window, op + row * D, L, static_cast<float>(scale), qf, scores, scratch);
         }
       });
     };

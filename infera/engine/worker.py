@@ -18,6 +18,7 @@ from infera.loader.gguf_file import GGUFFile
 from infera.loader.model_loader import build_model, open_model, resolve_quantization
 from infera.loader.safetensors_dir import SafetensorsDir
 from infera.loader.tokenizer import Tokenizer
+from infera.models.registry import runs_sliding_windows
 
 # (opened source, its HF config, dtype, device, context length) -> the model with its weights loaded
 ModelFactory = Callable[[GGUFFile | SafetensorsDir, PretrainedConfig, torch.dtype, torch.device, int], nn.Module]
@@ -43,8 +44,8 @@ class Worker:
         self.device, self.dtype = config.torch_device, config.torch_dtype
         limit = config.max_model_len or self.hf_config.max_position_embeddings
         window = getattr(self.hf_config, "sliding_window", None)
-        if window and getattr(self.hf_config, "use_sliding_window", True):
-            limit = min(limit, window)  # sliding-window attention is not implemented: stay inside the window
+        if window and getattr(self.hf_config, "use_sliding_window", True) and not runs_sliding_windows(self.hf_config):
+            limit = min(limit, window)  # this model's sliding-window attention does not run: stay inside the window
         self.quantization = None
         if load_model is None:
             self.quantization = resolve_quantization(source, config.quantization, config.dtype, self.device)

@@ -84,12 +84,13 @@ class Attention(nn.Module):
     """Multi-head attention with grouped K/V heads over a paged KV cache (``kv_cache``, a view
     into the pool handed over by the model runner)."""
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, sliding_window: int = 0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        self.sliding_window = sliding_window  # > 0: each query sees its last sliding_window cached tokens
         self.kv_cache: LayerKVCache | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -97,22 +98,22 @@ class Attention(nn.Module):
         meta = get_attention_metadata()
         kv = self.kv_cache
         paged_attention.store_kv(kv, k, v, meta.slot_mapping)
-        d = meta.num_decode_tokens
+        d, window = meta.num_decode_tokens, self.sliding_window
         if not meta.prefills:  # short queries only (every decode step): no output copy
             return paged_attention.decode_attention(q, kv, meta.decode_block_tables, meta.decode_context_lens,
-                                                    self.scale, meta.decode_query_start).flatten(1)
+                                                    self.scale, meta.decode_query_start, window).flatten(1)
         out = torch.empty_like(q)
         if d:
             out[:d] = paged_attention.decode_attention(q[:d], kv, meta.decode_block_tables, meta.decode_context_lens,
-                                                       self.scale, meta.decode_query_start)
+                                                       self.scale, meta.decode_query_start, window)
         for chunk in meta.prefills:
             s, n = chunk.query_start, chunk.query_len
             if n == chunk.context_len:  # nothing cached before this chunk: attend to the fresh K/V
                 ck, cv = paged_attention.as_cached(kv, k[s:s + n], v[s:s + n])
             else:
                 ck, cv = paged_attention.gather_kv(kv, chunk.block_table, chunk.context_len, q.dtype)
-            out[s:s + n] = paged_attention.prefill_attention(q[s:s + n], ck, cv, self.scale)
+            out[s:s + n] = paged_attention.prefill_attention(q[s:s + n], ck, cv, self.scale, window)
             if chunk.observe:
-                window = paged_attention.window_attention(q[s + n - chunk.observe:s + n], ck, self.scale)
-                torch.maximum(chunk.scores, window, out=chunk.scores)
+                paid = paged_attention.window_attention(q[s + n - chunk.observe:s + n], ck, self.scale)
+                torch.maximum(chunk.scores, paid, out=chunk.scores)
         return out.flatten(1)

@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from infera.kernels import cpu_kernels
+from infera.layers.linear import default_weight_loader
 
 
 class RMSNorm(nn.Module):
@@ -30,3 +31,18 @@ class RMSNorm(nn.Module):
             return x, residual
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm, ``x * (1 + w)`` in float32 then cast back, as HF transformers computes it: the
+    weight holds ``1 + w`` in float32, ``w`` the checkpoint's rounded to the model's dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps)
+        dtype = self.weight.dtype
+        self.weight.data = self.weight.data.float()
+        self.weight.weight_loader = lambda param, w: default_weight_loader(param, w.to(dtype).float() + 1)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)

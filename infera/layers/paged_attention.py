@@ -92,17 +92,22 @@ def gather_kv(kv: LayerKVCache, block_table: torch.Tensor, context_len: int,
     return k.to(dtype), v.to(dtype)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of the last ``len(q)`` positions over ``len(k)`` positions: [Tq, Hq, D]."""
-    if q.is_cuda and PREFILL_BACKEND == "triton":
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      window: int = 0) -> torch.Tensor:
+    """Causal attention of the last ``len(q)`` positions over ``len(k)`` positions: [Tq, Hq, D].
+    With ``window`` > 0 the query at position p sees positions (p - window, p] only."""
+    n, ctx = q.shape[0], k.shape[0]
+    windowed = 0 < window < ctx
+    if q.is_cuda and PREFILL_BACKEND == "triton" and not windowed:
         from infera.layers import triton_attention
 
         return triton_attention.chunk_attention(q, k, v, scale)
-    n, ctx = q.shape[0], k.shape[0]
-    if n == ctx:
+    if n == ctx and not windowed:
         mask, causal = None, True
     else:
         mask, causal = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_(ctx - n), False
+        if windowed:
+            mask.triu_(ctx - n - window + 1)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), k.to(q.dtype).transpose(0, 1).unsqueeze(0),
         v.to(q.dtype).transpose(0, 1).unsqueeze(0),
@@ -122,40 +127,45 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
 
 
 def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     scale: float, query_start: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, query_start: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Short causal queries over paged contexts, batched: q [T, Hq, D] -> [T, Hq, D].
 
     Sequence ``s`` owns query rows ``query_start[s]:query_start[s + 1]`` (one row each when
     ``query_start`` is None: a decode step), the last positions of its ``context_lens[s]`` tokens.
+    With ``window`` > 0 each query sees its last ``window`` positions (a sliding-window layer; on
+    CUDA through the PyTorch reference).
     """
-    if q.is_cuda:
+    if q.is_cuda and not window:
         from infera.layers import triton_attention
 
         if query_start is not None:
             raise ValueError("multi-token queries go through prefill attention on CUDA")
         return triton_attention.decode_attention(q, kv, block_tables, context_lens, scale)
-    if native_cache(kv, q.dtype) and (ext := load_cpu_extension()):
+    if not q.is_cuda and native_cache(kv, q.dtype) and (ext := load_cpu_extension()):
         return ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, query_start, context_lens,
-                                   scale)
-    return decode_attention_reference(q, kv, block_tables, context_lens, scale, query_start)
+                                   scale, window)
+    return decode_attention_reference(q, kv, block_tables, context_lens, scale, query_start, window)
 
 
 def decode_attention_reference(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor,
                                context_lens: torch.Tensor, scale: float,
-                               query_start: torch.Tensor | None = None) -> torch.Tensor:
+                               query_start: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """:func:`decode_attention` in PyTorch: one padded SDPA call for single-token queries,
     else one call per sequence over its gathered context."""
     if query_start is not None:
         out = torch.empty_like(q)
         for s, (a, b) in enumerate(zip(query_start[:-1].tolist(), query_start[1:].tolist())):
             k, v = gather_kv(kv, block_tables[s], int(context_lens[s]), q.dtype)
-            out[a:b] = prefill_attention(q[a:b], k, v, scale)
+            out[a:b] = prefill_attention(q[a:b], k, v, scale, window)
         return out
     k, v = kv.k[block_tables].flatten(1, 2), kv.v[block_tables].flatten(1, 2)  # [B, L, Hkv, D]
     if kv.quantized:
         k = dequantize_int8(k, kv.k_scale[block_tables].flatten(1, 2), q.dtype)
         v = dequantize_int8(v, kv.v_scale[block_tables].flatten(1, 2), q.dtype)
-    mask = torch.arange(k.shape[1], device=q.device) < context_lens[:, None]
+    position = torch.arange(k.shape[1], device=q.device)
+    mask = position < context_lens[:, None]
+    if window:
+        mask &= position >= context_lens[:, None] - window
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
         attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)

@@ -9,24 +9,28 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from infera.kernels import cpu_kernels
 
 
-def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the cos/sin scale for ``config``'s RoPE type."""
+def rope_inv_freq(config: PretrainedConfig, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale for ``config``'s RoPE type (of the layers of
+    ``layer_type`` where the config has RoPE parameters per layer type, as Gemma 3's)."""
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported RoPE type {rope_type!r}")
-    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
     return inv_freq.float(), float(scale)
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: PretrainedConfig, head_dim: int, max_position: int,
-                 freq_factors: torch.Tensor | None = None):
+                 freq_factors: torch.Tensor | None = None, layer_type: str | None = None):
         super().__init__()
-        inv_freq, scale = rope_inv_freq(config, head_dim)
+        inv_freq, scale = rope_inv_freq(config, head_dim, layer_type)
         if freq_factors is not None:  # GGUF's rope_freqs tensor (Llama 3.1 style scaling)
             inv_freq = inv_freq / freq_factors.float()
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)

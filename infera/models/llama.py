@@ -27,7 +27,9 @@ def head_dim_of(config: PretrainedConfig) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding):
+    norm = RMSNorm  # of the query and key heads (Qwen3, Gemma 3)
+
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, sliding_window: int = 0):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -36,12 +38,13 @@ class LlamaAttention(nn.Module):
         bias = getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", config.model_type == "qwen2")
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
-        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe", "gemma3_text")
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = self.norm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = self.norm(self.head_dim, config.rms_norm_eps)
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
+        scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, scale, sliding_window)
         self.sizes = [q_size, kv_size, kv_size]
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -56,11 +59,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act: nn.Module | None = None):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-        self.act = SiluAndMul()
+        self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -82,6 +85,12 @@ def mlp_of(config: PretrainedConfig, layer: int) -> nn.Module:
                           shared_expert=LlamaMLP(hidden, shared) if shared else None)
 
 
+def add_and_norm(norm: RMSNorm, hidden: torch.Tensor,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``norm`` of the residual stream with ``hidden`` added, that stream); the first layer starts it."""
+    return (norm(hidden), hidden) if residual is None else norm(hidden, residual)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, layer: int):
         super().__init__()
@@ -92,13 +101,20 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+def run_layers(model: nn.Module, positions: torch.Tensor, hidden: torch.Tensor,
+               skip_layers: frozenset[int]) -> torch.Tensor:
+    """``model.layers`` but ``skip_layers`` one by one, then the final norm ``model.norm``."""
+    residual = None
+    for i, layer in enumerate(model.layers):
+        if i not in skip_layers:
+            hidden, residual = layer(positions, hidden, residual)
+    return model.norm(hidden, residual)[0]
 
 
 class LlamaModel(nn.Module):
@@ -115,14 +131,8 @@ class LlamaModel(nn.Module):
         """Final hidden states; the layers in ``skip_layers`` do not run (a self-drafting pass)."""
         hidden = self.embed_tokens(input_ids)
         if (out := self.native_decoder(hidden, positions, get_attention_metadata(), skip_layers)) is not None:
-            hidden, residual = out
-        else:
-            residual = None
-            for i, layer in enumerate(self.layers):
-                if i not in skip_layers:
-                    hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+            return self.norm(*out)[0]
+        return run_layers(self, positions, hidden, skip_layers)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -131,11 +141,13 @@ class LlamaForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
+    base_model = LlamaModel
+    sliding_window_attention = False  # whether the config's sliding windows run (else the engine stays inside one)
 
     def __init__(self, config: PretrainedConfig, max_position: int, rope_freq_factors: torch.Tensor | None = None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position, rope_freq_factors)
+        self.model = self.base_model(config, max_position, rope_freq_factors)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if self.tie_word_embeddings:

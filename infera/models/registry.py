@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from infera.models.gemma3 import Gemma3ForCausalLM
 from infera.models.llama import LlamaForCausalLM, MixtralForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -13,6 +14,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 
@@ -21,3 +23,10 @@ def model_class(architecture: str) -> type[nn.Module]:
         return MODEL_REGISTRY[architecture]
     except KeyError:
         raise ValueError(f"unsupported architecture {architecture!r}; supported: {', '.join(MODEL_REGISTRY)}") from None
+
+
+def runs_sliding_windows(config) -> bool:
+    """Whether ``config``'s model class runs its sliding-window layers (else the engine keeps every
+    sequence inside the window)."""
+    cls = MODEL_REGISTRY.get((config.architectures or ["?"])[0])
+    return bool(getattr(cls, "sliding_window_attention", False))
