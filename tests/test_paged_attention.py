@@ -93,12 +93,13 @@ def test_native_short_query_attention(ext, dtype, cache, tol, queries, d):
 
 @pytest.mark.parametrize("dtype,cache,tol", [SHORT_QUERY_CASES[i] for i in (0, 1, 2, 4)])
 @pytest.mark.parametrize("queries", ["one token each", "varlen"])
-@pytest.mark.parametrize("window", [1, 6, 40])
-def test_sliding_window_attention(ext, dtype, cache, tol, queries, window):
+@pytest.mark.parametrize("window", [1, 6, 40, 200])
+@pytest.mark.parametrize("d", [64, 256, 24])  # the vector paths (Gemma's 256 too), the scalar one
+def test_sliding_window_attention(ext, dtype, cache, tol, queries, window, d):
     """A sliding-window layer's queries (each over its last ``window`` positions: windows inside one
-    block, across blocks, longer than some contexts), natively at each ISA level and in PyTorch,
-    against dense windowed attention."""
-    q, kv, tables, starts, ctx = short_query_case(dtype, cache, queries, 64)
+    block, across blocks and 128-position chunks, longer than some contexts), natively at each ISA
+    level and in PyTorch, against dense windowed attention."""
+    q, kv, tables, starts, ctx = short_query_case(dtype, cache, queries, d)
     starts_arg = None if queries == "one token each" else starts
     out = ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, tables, starts_arg, ctx, 0.25, window)
     check_against_dense(out, q, kv, tables, starts, ctx, tol, window)
@@ -108,10 +109,12 @@ def test_sliding_window_attention(ext, dtype, cache, tol, queries, window):
 
 @pytest.mark.parametrize("dtype,cache", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, torch.int8),
                                          (torch.float32, torch.int8), (torch.float32, torch.float16)])
-def test_native_rows_do_not_depend_on_the_batch(ext, dtype, cache):
+@pytest.mark.parametrize("window", [0, 150])
+def test_native_rows_do_not_depend_on_the_batch(ext, dtype, cache, window):
     """A query row's output is bitwise the same alone (a decode step), in a batch of other
     sequences, and as one row of a multi-token verification query at the same position, at every
-    ISA level: what keeps speculative decoding and batching exactly lossless under greedy decoding."""
+    ISA level (in a sliding-window layer too): what keeps speculative decoding and batching exactly
+    lossless under greedy decoding."""
     lens, hq, hkv, d = [290, 7, 140], 6, 2, 64
     kv, tables = paged_layout(lens, num_blocks=512, hkv=hkv, d=d, dtype=dtype, cache=cache)
     g = torch.Generator().manual_seed(1)
@@ -119,7 +122,8 @@ def test_native_rows_do_not_depend_on_the_batch(ext, dtype, cache):
     ctx = torch.tensor(lens)
 
     def attend(rows, seqs, starts, lengths):
-        return ext.paged_attention(rows, kv.k, kv.v, kv.k_scale, kv.v_scale, tables[seqs], starts, lengths, 0.125)
+        return ext.paged_attention(rows, kv.k, kv.v, kv.k_scale, kv.v_scale, tables[seqs], starts, lengths, 0.125,
+                                   window)
 
     verify = attend(q, [0], torch.tensor([0, 5]), ctx[:1])
     batch = torch.cat([q[4:5], torch.randn(2, hq, d, generator=g).to(dtype)])

@@ -122,6 +122,7 @@ struct Vec {
   static float hsum(reg x) { return _mm512_reduce_add_ps(x); }
   static float hmax(reg x) { return _mm512_reduce_max_ps(x); }
   static mask first(int64_t n) { return first_lanes(n); }  // lanes [0, n)
+  static mask range(int64_t a, int64_t b) { return first(b) & ~first(a); }  // lanes [a, b)
   static reg select(mask m, reg a, reg b) { return _mm512_mask_blend_ps(m, b, a); }  // a where m, else b
 
   // The sums of v[0], ..., v[15] as one vector: interleave-and-add at 32 bits, 64 bits, then 128-bit lanes.
@@ -163,6 +164,7 @@ struct Vec {
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))),
                                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
   }
+  static mask range(int64_t a, int64_t b) { return _mm256_andnot_ps(first(a), first(b)); }  // lanes [a, b)
   static reg select(mask m, reg a, reg b) { return _mm256_blendv_ps(b, a, m); }  // a where m, else b
 
   // The sums of v[0], ..., v[7] as one vector: pairwise horizontal adds, then the 128-bit halves.
@@ -175,7 +177,7 @@ struct Vec {
 };
 #endif
 
-// Vector path for head sizes 16, 32, 64 and 128 (a K/V row is D / W vectors of floats), split along
+// Vector path for head sizes 16, 32, 64, 128 and 256 (a K/V row is D / W vectors of floats), split along
 // the context: positions go in chunks of CHUNK (at absolute positions), each (sequence, KV head,
 // chunk) an independent work item, so one long sequence still keeps every thread busy
 // (flash-decoding). An item runs an online softmax over tiles of W positions (the chunk's K/V rows
@@ -216,9 +218,13 @@ inline void accumulate_v(float* acc, const float* corr, const float* p, const fl
 // multiplied as they are (pair dot products: exact products, float sums); float caches' rows are
 // read in place; other K and V rows are widened to a float tile first. V rows are accumulated into
 // a few query rows at a time, in registers (accumulate_v). The online softmax updates a row's max
-// and sum once a tile of T = U * W positions (U groups of W lanes). `tmp`: rows * (T + 1) floats.
+// and sum once a tile of T = U * W positions (U groups of W lanes). With window > 0 row r sees
+// positions (its position - window, its position] only: tiles no row's window reaches are skipped
+// (on the chunk's grid of tiles, so a row's arithmetic still depends on its position alone), and a
+// tile's lanes before a row's window are masked like those after its position. `tmp`: rows * (T + 1)
+// floats.
 template <int64_t D, typename scalar_t, typename cache_t>
-void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t* k_cache,
+void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, int64_t window, const cache_t* k_cache,
                   const cache_t* v_cache, const float* k_scale, const float* v_scale, const int64_t* table,
                   int64_t c0, int64_t c1, const HeadLayout& L, float scale, float* part, float* tmp) {
   constexpr int64_t W = Vec::W, U = Vec::U, T = W * U, NC = D / W, RB = Vec::RB, KB = std::min(NC, Vec::KB);
@@ -233,6 +239,8 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
   float *prob = tmp, *corr = tmp + rows * T;  // per row: p * V scale [T], correction
   for (int64_t r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.f;
   std::fill(acc, acc + rows * D, 0.f);
+  // a window: from the first tile (on the chunk's grid) that row 0's window reaches
+  if (window > 0) c0 += std::max<int64_t>(0, first + 1 - window - c0) / T * T;
   constexpr bool widen = !std::is_same_v<cache_t, float>;  // float rows are used where they are
   alignas(64) float kt[widen && !bf16_dots ? T * D : 1], vt[widen ? T * D : 1];
   const float *kf[T], *vf[T];  // the tile's K and V rows in float (unused: K with bf16_dots)
@@ -242,8 +250,11 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
     if (++o == L.block_size) o = 0, ++b;
   }
   auto qrow = [&](int64_t r) { return q + (r / G) * Hq * D + (r % G) * D; };
-  // positions of the tile at t0 (n of them) that row r sees
+  // positions of the tile at t0 (n of them) that row r sees: lanes [from, seen)
   auto seen = [&](int64_t r, int64_t t0, int64_t n) { return std::min(n, first + r / G + 1 - t0); };
+  auto from = [&](int64_t r, int64_t t0) {
+    return window > 0 ? std::max<int64_t>(0, first + r / G + 1 - window - t0) : 0;
+  };
   // K/V rows [i0, i1) of the chunk into L2: the first PREFETCH_TILES tiles' at the start, then each
   // tile's that many tiles ahead, so the rows arrive while earlier tiles compute
   auto prefetch = [&](int64_t i0, int64_t i1) {
@@ -276,13 +287,15 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
       ks[i] = (i < n && k_scale ? k_scale[tile_slots[i] * L.scale_stride] : 1.f) * scale;
       vs[i] = i < n && v_scale ? v_scale[tile_slots[i] * L.scale_stride] : 1.f;
     }
-    const int64_t r_first = std::max<int64_t>(0, t0 - first) * G;  // the rows that see position t0
-    for (int64_t r = r_first; r < rows; ++r) {
-      const int64_t sees = seen(r, t0, n);
+    // the rows that see some of the tile: [r_first, r_end) (past its start; their windows reach it)
+    const int64_t r_first = std::max<int64_t>(0, t0 - first) * G;
+    const int64_t r_end = window > 0 ? std::min(rows, (t0 + n - 1 + window - first) * G) : rows;
+    for (int64_t r = r_first; r < r_end; ++r) {
+      const int64_t sees = seen(r, t0, n), skip = from(r, t0);
       Vec::reg s[U];  // the tile's scores, W a group (-inf where the row does not see)
       Vec::reg top = Vec::set1(-INFINITY);
       for (int64_t u = 0; u < U; ++u) {
-        if (sees <= u * W) {
+        if (sees <= u * W || skip >= (u + 1) * W) {
           s[u] = Vec::set1(-INFINITY);
           continue;
         }
@@ -307,7 +320,7 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
             for (int c = 1; c < NC; ++c) dot[i] = Vec::fmadd(qv[c], Vec::load(k + W * c), dot[i]);
           }
         }
-        s[u] = Vec::select(Vec::first(sees - u * W), Vec::mul(Vec::sum(dot), Vec::load(ks + u * W)),
+        s[u] = Vec::select(Vec::range(skip - u * W, sees - u * W), Vec::mul(Vec::sum(dot), Vec::load(ks + u * W)),
                            Vec::set1(-INFINITY));
         top = Vec::max(top, s[u]);
       }
@@ -316,15 +329,16 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, const cache_t*
       Vec::reg total = Vec::set1(0.f);
       for (int64_t u = 0; u < U; ++u) {
         Vec::reg e = Vec::set1(0.f);
-        if (u * W < sees) e = Vec::select(Vec::first(sees - u * W), Vec::exp(Vec::sub(s[u], Vec::set1(m_new))), e);
+        if (u * W < sees && skip < (u + 1) * W)
+          e = Vec::select(Vec::range(skip - u * W, sees - u * W), Vec::exp(Vec::sub(s[u], Vec::set1(m_new))), e);
         total = Vec::add(total, e);
         Vec::store(prob + r * T + u * W, Vec::mul(e, Vec::load(vs + u * W)));
       }
       l[r] = l[r] * corr[r] + Vec::hsum(total);
       m[r] = m_new;
     }
-    for (int64_t r0 = r_first; r0 < rows; r0 += RB) {
-      const int64_t nr = std::min(RB, rows - r0), most = seen(r0 + nr - 1, t0, n);
+    for (int64_t r0 = r_first; r0 < r_end; r0 += RB) {
+      const int64_t nr = std::min(RB, r_end - r0), most = seen(r0 + nr - 1, t0, n);
       for (int64_t k0 = 0; k0 < D; k0 += KB * W) {
         float *a = acc + r0 * D + k0, *c = corr + r0, *p = prob + r0 * T;
         switch (nr) {  // (nr <= RB <= 4)
@@ -402,8 +416,7 @@ namespace infera {
 // of its context_lens[s] tokens);
 // k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, float16, bfloat16, or int8 with
 // k_scale, v_scale: [num_blocks, block_size, Hkv] float32; block_tables: [S, max_blocks] int64.
-// window > 0: each query sees its last `window` positions (a sliding-window layer; the scalar
-// path). Returns [T, Hq, D].
+// window > 0: each query sees its last `window` positions (a sliding-window layer). Returns [T, Hq, D].
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                               c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
                               at::Tensor block_tables, c10::optional<at::Tensor> query_starts,
@@ -448,14 +461,13 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
 #if defined(PA_VECTOR)
       if constexpr (lanes::loads<scalar_t>) {
         decltype(&attend_chunk<16, scalar_t, cache_t>) chunk_fn = nullptr;
-        if (window == 0) {  // (sliding windows take the scalar path)
-          switch (D) {
-            case 16: chunk_fn = &attend_chunk<16, scalar_t, cache_t>; break;
-            case 32: chunk_fn = &attend_chunk<32, scalar_t, cache_t>; break;
-            case 64: chunk_fn = &attend_chunk<64, scalar_t, cache_t>; break;
-            case 128: chunk_fn = &attend_chunk<128, scalar_t, cache_t>; break;
-            default: break;
-          }
+        switch (D) {
+          case 16: chunk_fn = &attend_chunk<16, scalar_t, cache_t>; break;
+          case 32: chunk_fn = &attend_chunk<32, scalar_t, cache_t>; break;
+          case 64: chunk_fn = &attend_chunk<64, scalar_t, cache_t>; break;
+          case 128: chunk_fn = &attend_chunk<128, scalar_t, cache_t>; break;
+          case 256: chunk_fn = &attend_chunk<256, scalar_t, cache_t>; break;
+          default: break;
         }
         if (chunk_fn) {
           // items (s, h, c) in order; sequence s owns items [item0[s], item0[s + 1]) and partial
@@ -474,7 +486,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
               const int64_t h = (item - item0[s]) / chunks[s], c = (item - item0[s]) % chunks[s];
               const int64_t nq = starts[s + 1] - starts[s], rows = nq * L.G;
               tmp.resize(rows * (Vec::W * Vec::U + 1));
-              chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, rows, lens[s] - nq, kp + h * D, vp + h * D,
+              chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, rows, lens[s] - nq, window, kp + h * D, vp + h * D,
                        ks ? ks + h : nullptr, vs ? vs + h : nullptr, tables + s * max_blocks, c * CHUNK,
                        std::min(lens[s], (c + 1) * CHUNK), L, static_cast<float>(scale),
                        parts.data() + part0[s] + (h * chunks[s] + c) * rows * (D + 2), tmp.data());
