@@ -168,14 +168,18 @@ def triton_dispatch(monkeypatch):
     def write_slots(k_cache, v_cache, k, v, slot_mapping):
         ta.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
-    def decode(q, kv, block_tables, context_lens, scale, query_start=None):
-        assert query_start is None, "CUDA runs one-token decode queries only"
+    def decode(q, kv, block_tables, context_lens, scale, query_start=None, window=0):
+        assert query_start is None and not window, "CUDA runs one-token decode queries only, without windows"
         return ta.decode_attention(q, kv, block_tables, context_lens, scale, num_splits=2, block_n=16)
+
+    def prefill(q, k, v, scale, window=0):
+        assert not window, "CUDA runs windowed attention through PyTorch"
+        return ta.chunk_attention(q, k, v, scale)
 
     monkeypatch.setattr(pa, "_write_slots", write_slots)
     monkeypatch.setattr(pa, "load_cpu_extension", lambda: None)
     monkeypatch.setattr(llama_native, "ENABLED", False)
-    monkeypatch.setattr(pa, "prefill_attention", ta.chunk_attention)
+    monkeypatch.setattr(pa, "prefill_attention", prefill)
     monkeypatch.setattr(pa, "decode_attention", decode)
 
 
