@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cluster_sim import add_study_args, save_figure  # noqa: E402
+from infera.sim.command import kv_offload_options  # noqa: E402
 from infera.sim.cost_model import load_cost_model  # noqa: E402
 from infera.sim.goodput import goodput_table, max_goodput, trace_rate  # noqa: E402
 from infera.sim.trace import read_mooncake  # noqa: E402
@@ -79,7 +80,9 @@ def plot(saved: dict, path: str) -> None:
     bars.set_title(f"goodput: the highest rate with >= {100 * goal:g}% meeting the SLO\n"
                    f"(above the bars: cache_aware / least_loaded)", fontsize=10)
     bars.legend(fontsize=8, loc="lower right")
-    save_figure(fig, f"Mooncake conversation trace ({saved['num_requests']:,} requests)", saved["slo"], path)
+    host = saved.get("kv_offloading_size_gb")
+    save_figure(fig, f"Mooncake conversation trace ({saved['num_requests']:,} requests)"
+                + (f", host KV tier {host:g} GB per replica" if host else ""), saved["slo"], path)
 
 
 def main() -> None:
@@ -110,7 +113,8 @@ def main() -> None:
             g = max_goodput(requests, n, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl, goal=args.goal,
                             start=start[policy] * n / base, tolerance=args.tolerance, max_probes=args.max_probes,
                             limits=limits, balance_abs_threshold=args.balance_abs_threshold,
-                            cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight)
+                            cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight,
+                            **kv_offload_options(args, limits))
             searches.append(g)
             print(goodput_table([g]), file=sys.stderr)
             if g.rate_req_s:
@@ -119,7 +123,8 @@ def main() -> None:
     out = {"trace": args.trace, "num_requests": len(requests), "trace_rate_req_s": base, "goal": args.goal,
            "tolerance": args.tolerance, "slo": {"ttft_s": args.slo_ttft, "mean_itl_s": args.slo_itl},
            "balance_abs_threshold": args.balance_abs_threshold, "cache_threshold": args.cache_threshold,
-           "prefill_weight": args.prefill_weight, "cost_model": model.to_dict(),
+           "prefill_weight": args.prefill_weight, "kv_offloading_size_gb": args.kv_offloading_size,
+           "kv_load_bandwidth_gb_s": args.kv_load_bandwidth, "cost_model": model.to_dict(),
            "replica": dataclasses.asdict(limits), "wall_s": time.perf_counter() - started,
            "goodput": [g.to_dict() for g in searches]}
     for n, r in ratios(out["goodput"]).items():

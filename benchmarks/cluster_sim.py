@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from infera.router import DEFAULT_CACHE_THRESHOLD, DEFAULT_PREFILL_WEIGHT, POLICIES
-from infera.sim.command import DEFAULT_COST_MODEL
+from infera.sim.command import DEFAULT_COST_MODEL, add_kv_offload_args, kv_offload_options
 from infera.sim.cost_model import load_cost_model
 from infera.sim.report import summarize, table
 from infera.sim.simulator import Simulator
@@ -52,6 +52,7 @@ def add_study_args(p: argparse.ArgumentParser, name: str) -> None:
                    help="cache_aware: the weight of the prompt blocks a replica would prefill against its load")
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-itl", type=float, default=0.1)
+    add_kv_offload_args(p)
     p.add_argument("--json", default=str(ROOT / "docs" / f"{name}.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / f"{name}.png"), help="'' for none")
     p.add_argument("--replot", metavar="FILE.json", default=None, help="only plot the results saved in FILE.json")
@@ -117,7 +118,8 @@ def main() -> None:
         for policy in POLICIES:
             result = Simulator(requests, n, policy, model, limits=limits,
                                balance_abs_threshold=args.balance_abs_threshold,
-                               cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight).run()
+                               cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight,
+                               **kv_offload_options(args, limits)).run()
             runs.append(summarize(result, args.slo_ttft, args.slo_itl) | {"time_scale": scale})
             print(table(runs[-1:]), file=sys.stderr)
     ideal = ideal_hit_rate(requests)

@@ -90,6 +90,10 @@ class EngineConfig:
              "features), dense_sparse (int4 + exact sparse outliers), trit_planes (two ternary planes)")
     enable_prefix_caching: bool = option(True, flags=("--enable-prefix-caching", "--prefix-caching"),
                                          help="reuse the KV cache of shared prompt prefixes")
+    kv_offloading_size: float | None = option(
+        None, help="GiB of host memory for a second tier of the prefix cache: cached KV blocks evicted from the "
+                   "KV cache are copied there and copied back on a prefix hit instead of recomputed (vLLM's "
+                   "native KV offloading; pinned memory on CUDA)")
     seed: int = option(0, help="seed for requests that bring none")
     gpu_memory_utilization: float = option(
         0.9, help="CUDA: the share of the GPU's memory that weights, activations and the KV cache may take, "
@@ -131,6 +135,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_offloading_size is not None and self.kv_offloading_size <= 0:
+            raise ValueError(f"kv_offloading_size must be > 0 GiB, got {self.kv_offloading_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:

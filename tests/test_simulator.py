@@ -10,7 +10,8 @@ import pytest
 
 from infera.cli import main
 from infera.router import POLICIES, Router
-from infera.sim.cost_model import FEATURES, CostModel, ReplicaLimits, fit, roofline_model, step_features
+from infera.sim.cost_model import FEATURES, CostModel, ReplicaLimits, fit, measure_engine, roofline_model, \
+    step_features
 from infera.sim.goodput import at_rate, max_goodput, trace_rate
 from infera.sim.report import summarize
 from infera.sim.simulator import Simulator
@@ -72,6 +73,27 @@ def test_hand_computed_disaggregated_schedule():
         Simulator(trace, 1, "cache_aware", constant_model(), prefill_replicas=1)
 
 
+def test_hand_computed_schedule_with_a_host_tier():
+    # One replica of 64 blocks of 16 tokens, a host tier of 256 blocks, steps of 1 s plus 1 ms per token loaded.
+    # A (t=0, 600 tokens, 1 out): [0,1), its 37 full blocks cached, then free (the tail first in line).
+    # B (t=2, 1000 tokens, no shared block, 1 out): [2,3) takes the 26 never-used blocks and 37 of A's, all
+    # but A's first: the 36 full ones among them are copied to the host first.
+    # C (t=4, 600 tokens, A's first trace block of 512 tokens, then its own): its first KV block is still
+    # on the device, the next 31 come back from the host: [4,5.496), TTFT 1.496 (without the tier: 16 cached);
+    # its 37 new blocks are B's last, 36 of them full: copied to the host too.
+    trace = [TraceRequest(0.0, 600, 1, (0, 1)), TraceRequest(2.0, 1000, 1, (2, 3)), TraceRequest(4.0, 600, 1, (0, 4))]
+    model = constant_model(num_kv_tokens=1024, max_num_batched_tokens=2048)
+    result = Simulator(trace, 1, "round_robin", model, host_kv_tokens=4096, kv_load_s_per_token=1e-3,
+                       progress=False).run()
+    assert [r.cached_tokens for r in result.records] == [0, 0, 512]
+    assert [r.ttft for r in result.records] == pytest.approx([1.0, 1.0, 1.496])
+    bm = result.replicas[0].block_manager
+    assert (bm.num_offloaded_blocks, bm.num_loaded_blocks) == (72, 31)
+    without = Simulator(trace, 1, "round_robin", model, progress=False).run()
+    assert [r.cached_tokens for r in without.records] == [0, 0, 16]
+    assert without.records[2].ttft == 1.0
+
+
 def test_prefix_hits_equal_the_traces_shared_blocks():
     # arrivals far apart: each request runs alone, after every earlier one finished
     trace = shared_prefix_trace(num_prefixes=2, requests_per_prefix=3, prefix_blocks=2, suffix_tokens=100,
@@ -120,6 +142,18 @@ def test_fit_recovers_known_coefficients():
     coefficients, error = fit(samples)
     assert coefficients == pytest.approx(truth, rel=1e-6)
     assert error < 1e-9
+
+
+def test_measured_steps_include_a_lone_prompts_first_step(tiny_model):
+    from infera.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(model=str(tiny_model("llama")), dtype="float32")
+    hooks = list(engine.hooks)
+    samples = measure_engine(engine, workloads=((1, 40, 3), (2, 8, 2)), progress=False)
+    # a lone 40-token prompt: its prefill step, then 2 decode steps; two 8-token prompts: 1 + 1 steps
+    assert [f for f, _ in samples] == [step_features([(0, 40)]), step_features([(40, 1)]), step_features([(41, 1)]),
+                                       step_features([(0, 8), (0, 8)]), step_features([(8, 1), (8, 1)])]
+    assert all(seconds > 0 for _, seconds in samples) and engine.hooks == hooks  # its recorder removed
 
 
 def test_roofline_model_of_an_8b_on_an_h100():
@@ -234,3 +268,13 @@ def test_cli(tmp_path, capsys):
     assert main(split) == 2 and "--kv-bytes-per-token" in capsys.readouterr().err  # the model does not say
     assert main([*split, "--kv-bytes-per-token", "131072"]) == 0
     assert json.loads(out.read_text())["runs"][0]["finished"] == 8
+    offload = ["simulate", "--trace", str(trace), "--cost-model", str(cost), "--policy", "round_robin",
+               "--kv-tokens", "640", "--kv-offloading-size", "0.5", "--json", str(out)]
+    assert main(offload) == 2 and "--kv-bytes-per-token" in capsys.readouterr().err
+    assert main([*offload, "--kv-bytes-per-token", "131072"]) == 0  # 0.5 GB: a host tier of 3,814 tokens
+    [run] = json.loads(out.read_text())["runs"]  # the two prefixes take turns; the device holds one
+    assert run["finished"] == 8 and run["host_loaded_tokens"] > 0
+    assert run["hit_rate"] == 6 * 512 / (8 * 562)  # every request after the first two finds its prefix
+    assert main(offload[:-4] + offload[-2:]) == 0  # no host tier
+    [run] = json.loads(out.read_text())["runs"]
+    assert run["host_loaded_tokens"] == 0 and run["hit_rate"] < 0.5 * 6 * 512 / (8 * 562)

@@ -113,6 +113,7 @@ class EngineReplica:
         engine = self.engine.engine
         return {"model_path": engine.model_path, "dtype": str(engine.dtype).removeprefix("torch."),
                 "device": str(engine.device), "kv_cache_tokens": engine.worker.kv_cache_tokens,
+                "prefix_cache_tokens": engine.worker.prefix_cache_tokens,
                 "max_model_len": engine.max_model_len}
 
     async def health(self) -> dict[str, float] | None:

@@ -108,7 +108,7 @@ class ReplicaPool:
         self.groups = {role: _Group(role, actors[role], Router(
             len(actors[role]), "least_loaded" if role == "decode" else parallel.routing_policy,
             cache_threshold=parallel.routing_cache_threshold, prefill_weight=parallel.routing_prefill_weight,
-            block_capacity=min(i["kv_cache_tokens"] for i in infos[role]) // config.block_size),
+            block_capacity=min(i["prefix_cache_tokens"] for i in infos[role]) // config.block_size),
             [{} for _ in actors[role]]) for role in sizes}
         self.serving = self.groups.get("engine") or self.groups["decode"]  # the replicas that stream outputs
         self.replicas, self.router = self.serving.actors, self.serving.router

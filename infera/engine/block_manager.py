@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from infera.engine.kv_offload import HostBlockPool
 from infera.engine.sequence import Sequence
 
 
@@ -28,17 +29,29 @@ class BlockManager:
     Sharing is by reference count: prefix hits and :meth:`fork` never copy KV; the one block a
     sequence writes into while another still reads it is copied first (copy-on-write), and
     the (src, dst) pairs wait in :attr:`pending_copies` for the model runner.
+
+    With ``num_host_blocks`` the prefix cache has a second tier in host memory
+    (:mod:`infera.engine.kv_offload`): cached blocks are copied there when evicted, and prefix hits
+    there are copied back into new blocks; those copies are ``pending_copies`` too, a host block ``h``
+    written ``~h``, to be done in order.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
+        if num_host_blocks and not enable_prefix_caching:
+            raise ValueError("--kv-offloading-size makes a host tier of the prefix cache: it needs prefix caching "
+                             "(drop --no-enable-prefix-caching)")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.pending_copies: list[tuple[int, int]] = []
+        self.host = HostBlockPool(num_host_blocks) if num_host_blocks else None
+        self.num_offloaded_blocks = 0  # copied to the host tier
+        self.num_loaded_blocks = 0  # copied back from it
 
     @property
     def num_blocks(self) -> int:
@@ -62,10 +75,12 @@ class BlockManager:
             return []
         if seq.pooling is not None and seq.pooling.needs_every_token:
             return []
-        return self.cached_prefix(seq.token_ids[:(seq.compute_target - 1) // self.block_size * self.block_size])
+        return self.cached_prefix(seq.token_ids[:(seq.compute_target - 1) // self.block_size * self.block_size],
+                                  host=True)
 
-    def cached_prefix(self, token_ids: list[int]) -> list[int]:
-        """The cached blocks holding the longest prefix of ``token_ids``'s full blocks."""
+    def cached_prefix(self, token_ids: list[int], host: bool = False) -> list[int]:
+        """The cached blocks holding the longest prefix of ``token_ids``'s full blocks; with ``host``,
+        blocks of the host tier continue it (``~h`` for host block h)."""
         bs = self.block_size
         found: list[int] = []
         prev = 0
@@ -73,9 +88,12 @@ class BlockManager:
             tokens = tuple(token_ids[i * bs:(i + 1) * bs])
             prev = hash((prev, tokens))
             block_id = self.hash_to_block.get(prev)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            if block_id is not None and self.blocks[block_id].token_ids == tokens:
+                found.append(block_id)
+            elif host and self.host is not None and (slot := self.host.lookup(prev, tokens)) is not None:
+                found.append(~slot)
+            else:
                 break
-            found.append(block_id)
         return found
 
     def add_cached_blocks(self, token_ids: list[int]) -> list[tuple[int, int]]:
@@ -119,6 +137,8 @@ class BlockManager:
         self.hash_to_block.clear()
         for block in self.blocks:
             block.hash = block.token_ids = None
+        if self.host is not None:
+            self.host.clear()
 
     def _cache_full_blocks(self, seq: Sequence, start_token: int) -> None:
         """Hash the blocks that became full and computed since ``start_token``."""
@@ -137,6 +157,11 @@ class BlockManager:
     def _new_block(self) -> int:
         block_id, _ = self.free_ids.popitem(last=False)
         block = self.blocks[block_id]
+        if self.host is not None and block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            slot = self.host.store(block.hash, block.token_ids)  # evicted from the device: keep it on the host
+            if slot is not None:
+                self.pending_copies.append((block_id, ~slot))
+                self.num_offloaded_blocks += 1
         self._unhash(block)
         block.ref_count = 1
         return block_id
@@ -148,7 +173,8 @@ class BlockManager:
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None,
                        reserve: int = 0) -> bool:
         """Give ``seq`` slots for its next ``num_new_tokens`` tokens, taking ``computed_blocks``
-        (prefix hits, only for a sequence with no blocks yet) first.
+        (prefix hits, only for a sequence with no blocks yet; host-tier hits get new blocks their KV
+        is copied into) first.
 
         Returns False and changes nothing if that needs more than ``num_free_blocks - reserve``.
         """
@@ -158,16 +184,24 @@ class BlockManager:
         num_table = len(seq.block_table) + len(computed_blocks)
         computed = max(seq.num_kv_tokens, len(computed_blocks) * self.block_size)
         needed = max(0, self.blocks_for(computed + num_new_tokens) - num_table)
-        needed += sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+        needed += sum(1 for b in computed_blocks if b < 0 or self.blocks[b].ref_count == 0)
         cow = not computed_blocks and self._needs_cow(seq)
         if needed + cow > self.num_free_blocks - reserve:
             return False
+        for block_id in computed_blocks:  # device hits first: blocks taken for the host hits must not evict them
+            if block_id >= 0:
+                block = self.blocks[block_id]
+                if block.ref_count == 0:
+                    del self.free_ids[block_id]
+                block.ref_count += 1
+        host_slots = [~b for b in computed_blocks if b < 0]
+        held = iter(self.host.hold(host_slots) if host_slots else ())
         for block_id in computed_blocks:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.free_ids[block_id]
-            block.ref_count += 1
+            if block_id < 0:
+                block_id = self._load(~block_id, *next(held))
             seq.block_table.append(block_id)
+        if host_slots:
+            self.host.release(host_slots)
         if computed_blocks:
             seq.num_computed_tokens = seq.num_cached_tokens = len(computed_blocks) * self.block_size
         if cow:
@@ -180,6 +214,16 @@ class BlockManager:
         for _ in range(self.blocks_for(seq.num_kv_tokens + num_new_tokens) - len(seq.block_table)):
             seq.block_table.append(self._new_block())
         return True
+
+    def _load(self, slot: int, block_hash: int, token_ids: tuple[int, ...]) -> int:
+        """A new block that gets host block ``slot``'s KV (``block_hash``'s) and is cached under its hash."""
+        block_id = self._new_block()
+        block = self.blocks[block_id]
+        block.hash, block.token_ids = block_hash, token_ids
+        self.hash_to_block[block_hash] = block_id
+        self.pending_copies.append((~slot, block_id))
+        self.num_loaded_blocks += 1
+        return block_id
 
     def commit(self, seq: Sequence, num_new_tokens: int) -> None:
         """Mark ``num_new_tokens`` more tokens of ``seq`` as computed and cache the full blocks

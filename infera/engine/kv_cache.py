@@ -13,10 +13,11 @@ class KVCachePool:
     """``[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]`` of the model's dtype,
     of a 16-bit float (``kv_cache_dtype='float16'`` or ``'bfloat16'``: K and V rounded as they are
     stored), or int8 plus a float32 scale per token and head (``kv_cache_dtype='int8'``: about
-    half the bytes of a 16-bit cache)."""
+    half the bytes of a 16-bit cache).  ``host_memory`` bytes of host blocks of the same layout
+    (pinned on CUDA) are the host tier of the prefix cache (:mod:`infera.engine.kv_offload`)."""
 
     def __init__(self, layers: list[Attention], block_size: int, memory: int, dtype: torch.dtype,
-                 kv_cache_dtype: str, device: torch.device):
+                 kv_cache_dtype: str, device: torch.device, host_memory: int = 0):
         first = layers[0]
         self.quantized = kv_cache_dtype == "int8"
         self.dtype = CACHE_DTYPES.get(kv_cache_dtype, dtype)
@@ -30,6 +31,15 @@ class KVCachePool:
         shape = (2, len(layers), self.num_blocks, block_size, first.num_kv_heads)
         self.data = torch.zeros(*shape, first.head_dim, dtype=self.dtype, device=device)
         self.scales = torch.ones(*shape, dtype=torch.float32, device=device) if self.quantized else None
+        self.num_host_blocks = host_memory // self.bytes_per_block
+        if host_memory and not self.num_host_blocks:
+            raise ValueError(f"kv_offloading_size of {host_memory} bytes holds no block of "
+                             f"{self.bytes_per_block} bytes")
+        host_shape = (2, len(layers), self.num_host_blocks, block_size, first.num_kv_heads)
+        pin = device.type == "cuda"
+        self.host_data = torch.zeros(*host_shape, first.head_dim, dtype=self.dtype, pin_memory=pin)
+        self.host_scales = (torch.ones(*host_shape, dtype=torch.float32, pin_memory=pin)
+                            if self.quantized else None)
         for i, layer in enumerate(layers):
             scales = (self.scales[0, i], self.scales[1, i]) if self.quantized else (None, None)
             layer.kv_cache = LayerKVCache(self.data[0, i], self.data[1, i], *scales)
@@ -60,11 +70,33 @@ class KVCachePool:
             self.scales[:, :, index] = scales.to(self.scales.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write: block ``dst`` gets the contents of block ``src`` in every layer."""
-        src, dst = (torch.tensor(x, device=self.data.device) for x in zip(*pairs))
-        self.data[:, :, dst] = self.data[:, :, src]
-        if self.scales is not None:
-            self.scales[:, :, dst] = self.scales[:, :, src]
+        """Block ``dst`` gets the contents of block ``src`` in every layer, pair after pair: device blocks
+        (copy-on-write), or ``~h`` for host block ``h`` (offloads and loads of the host tier)."""
+        for run in _runs(pairs):
+            src_host, dst_host = run[0][0] < 0, run[0][1] < 0
+            src, dst = ([~i if host else i for i in ids] for ids, host in zip(zip(*run), (src_host, dst_host)))
+            for device, host in ((self.data, self.host_data), (self.scales, self.host_scales)):
+                if device is None:
+                    continue
+                source = host if src_host else device
+                target = host if dst_host else device
+                index = torch.tensor(src, device=source.device)
+                target[:, :, torch.tensor(dst, device=target.device)] = source[:, :, index].to(target.device)
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """``pairs`` cut into runs of one direction (device or host to device or host) in which no block
+    is written twice or read after it is written, so that each run is one gathered copy."""
+    runs: list[list[tuple[int, int]]] = []
+    written: set[int] = set()
+    for src, dst in pairs:
+        if not runs or (src < 0, dst < 0) != (runs[-1][0][0] < 0, runs[-1][0][1] < 0) or src in written \
+                or dst in written:
+            runs.append([])
+            written = set()
+        runs[-1].append((src, dst))
+        written.add(dst)
+    return runs
 
 
 def available_kv_cache_memory(device: torch.device, utilization: float) -> int:

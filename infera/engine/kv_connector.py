@@ -90,6 +90,9 @@ class KVConnector:
         if transfer.nbytes != expected or (transfer.scales is None) != (self.kv_cache.scales is None):
             raise ValueError(f"KV transfer of {n} blocks carries {transfer.nbytes} bytes, expected {expected}")
         new = self.block_manager.add_cached_blocks(transfer.token_ids)
+        if self.block_manager.pending_copies:  # blocks it evicted go to the host tier before they are written
+            self.kv_cache.copy_blocks(self.block_manager.pending_copies)
+            self.block_manager.pending_copies = []
         if not new:
             return 0
         data = _tensor(transfer.data, self.kv_cache.dtype, (shape[0], shape[1], n, *shape[2:]))

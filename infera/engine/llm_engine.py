@@ -119,6 +119,9 @@ class LLMEngine:
                     cfg.block_size, self.worker.kv_cache_tokens, self.runner.kv_cache.num_bytes / 2**30,
                     self.max_model_len, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                     "on" if cfg.enable_prefix_caching else "off")
+        if kv := self.runner.kv_cache.num_host_blocks:
+            logger.info("KV offloading: %d host blocks = %d tokens (%.2f GiB) as a second tier of the prefix cache",
+                        kv, kv * cfg.block_size, kv * self.runner.kv_cache.bytes_per_block / 2**30)
 
     def add_hook(self, hook: StepHook) -> None:
         """Attach a feature to the named points of every step (see :class:`StepHook`)."""
@@ -363,6 +366,8 @@ class LLMEngine:
         waiting = len(s.waiting) + len(self.structured.waiting) + sum(d.num_waiting for d in self.drivers)
         stats = {"running": len(s.running), "waiting": waiting, "kv_cache_usage": bm.usage,
                  "preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits}
+        if bm.host is not None:
+            stats.update(kv_offloaded_blocks=bm.num_offloaded_blocks, kv_loaded_blocks=bm.num_loaded_blocks)
         if self.spec is not None:
             stats.update(self.spec.stats)
         return stats

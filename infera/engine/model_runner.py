@@ -57,7 +57,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, block_size: int, kv_cache_memory: int | None, eos_token_ids: set[int],
                  device: torch.device, seed: int = 0, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 1024, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, kv_offloading_memory: int = 0):
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -81,7 +81,7 @@ class ModelRunner:
                 layer.kv_cache = None
             kv_cache_memory = available_kv_cache_memory(device, gpu_memory_utilization)
         self.kv_cache = KVCachePool(layers, block_size, kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, dtype,
-                                    kv_cache_dtype, device)
+                                    kv_cache_dtype, device, kv_offloading_memory)
         self.num_blocks = self.kv_cache.num_blocks
         self.graphs: CUDAGraphRunner | None = None
         if device.type == "cuda" and not enforce_eager:

@@ -46,7 +46,7 @@ def load_draft_model(path: str, target: Worker) -> Worker:
     """The worker of the draft model at ``path`` (``speculative="draft:PATH"``): the target's settings,
     its own KV pool with room for as many tokens as the target's holds, no prefix caching."""
     config = replace(target.config, model=path, max_model_len=target.max_model_len, quantization=None,
-                     kv_cache_dtype="auto", enable_prefix_caching=False, speculative=None,
+                     kv_cache_dtype="auto", enable_prefix_caching=False, kv_offloading_size=None, speculative=None,
                      generation_config="vllm")
     draft = Worker(config, kv_cache_tokens=target.kv_cache_tokens)
     if draft.tokenizer.hf.get_vocab() != target.tokenizer.hf.get_vocab():

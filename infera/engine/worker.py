@@ -1,6 +1,7 @@
 """A worker: one loaded model and what runs it (tokenizer, model runner with its KV cache, block manager)."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,8 @@ from infera.loader.model_loader import build_model, open_model, resolve_quantiza
 from infera.loader.safetensors_dir import SafetensorsDir
 from infera.loader.tokenizer import Tokenizer
 from infera.models.registry import runs_sliding_windows
+
+logger = logging.getLogger(__name__)
 
 # (opened source, its HF config, dtype, device, context length) -> the model with its weights loaded
 ModelFactory = Callable[[GGUFFile | SafetensorsDir, PretrainedConfig, torch.dtype, torch.device, int], nn.Module]
@@ -61,16 +64,32 @@ class Worker:
                                   self.device, config.seed, config.kv_cache_dtype, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=limit,
                                   gpu_memory_utilization=config.gpu_memory_utilization,
-                                  enforce_eager=config.enforce_eager)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+                                  enforce_eager=config.enforce_eager,
+                                  kv_offloading_memory=self._host_tier_bytes(config))
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.runner.kv_cache.num_host_blocks)
         self.kv_connector = KVConnector(self.block_manager, self.runner.kv_cache)
         # a sequence fits the KV cache, unless the engine's KV policy evicts (then the model's limit)
         self.max_model_len = limit if config.kv_policy != "none" else min(limit, self.kv_cache_tokens)
+
+    @staticmethod
+    def _host_tier_bytes(config: EngineConfig) -> int:
+        if not config.kv_offloading_size:
+            return 0
+        if not config.enable_prefix_caching:  # e.g. an eval that turns the prefix cache off
+            logger.warning("kv_offloading_size ignored: the host tier is part of the prefix cache, which is off")
+            return 0
+        return int(config.kv_offloading_size * 2**30)
 
     @property
     def kv_cache_tokens(self) -> int:
         """Tokens the KV cache holds."""
         return self.runner.num_blocks * self.config.block_size
+
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens the prefix cache can hold: the KV cache's and its host tier's."""
+        return (self.runner.num_blocks + self.runner.kv_cache.num_host_blocks) * self.config.block_size
 
     def copy_pending_blocks(self) -> None:
         """Copy now the blocks the block manager split copy-on-write (the scheduler leaves them to

@@ -28,6 +28,10 @@ ENGINE_STATS = {
     "preemptions": ("infera:num_preemptions", "Sequences preempted for lack of KV blocks.", "counter"),
     "prefix_queries": ("infera:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "counter"),
     "prefix_hits": ("infera:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "counter"),
+    "kv_offloaded_blocks": ("infera:kv_offload_stored_blocks", "Cached KV blocks copied to the host tier when "
+                            "evicted (--kv-offloading-size).", "counter"),
+    "kv_loaded_blocks": ("infera:kv_offload_loaded_blocks", "KV blocks of prefix hits copied back from the host "
+                         "tier instead of recomputed.", "counter"),
     "prompt_tokens": ("infera:prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", "counter"),
     "generation_tokens": ("infera:generation_tokens", "Tokens generated.", "counter"),
     "spec_drafts": ("infera:spec_decode_num_drafts", "Speculative verifications (one sequence, one step).", "counter"),

@@ -6,8 +6,12 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infera.router import POLICIES
+
+if TYPE_CHECKING:
+    from infera.sim.cost_model import ReplicaLimits
 
 DEFAULT_COST_MODEL = "roofline:llama-3-8b@h100-sxm"
 
@@ -47,6 +51,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="of --replicas, how many only prefill (routed by --policy); the rest decode (least loaded)")
     d.add_argument("--kv-transfer-bandwidth", type=float, default=25.0,
                    help="GB/s a prompt's KV moves at from its prefill to its decode replica")
+    add_kv_offload_args(p)
     p.add_argument("--balance-abs-threshold", type=int, default=None,
                    help="longest_prefix: how many more outstanding requests than the least loaded replica the "
                         "best-matching one may hold (default: the router's, 32 as SGLang)")
@@ -59,6 +64,26 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the router's seed (least_loaded draws replicas)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING")
+
+
+def add_kv_offload_args(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("KV offloading (as infera serve --kv-offloading-size)")
+    o.add_argument("--kv-offloading-size", type=float, default=None,
+                   help="GB of host memory per replica for a second tier of its prefix cache (evicted KV blocks "
+                        "copied there and back on a hit); tokens = GB / the KV bytes per token")
+    o.add_argument("--kv-load-bandwidth", type=float, default=25.0,
+                   help="GB/s at which prefix hits of the host tier are copied back (charged to the step)")
+
+
+def kv_offload_options(args: argparse.Namespace, limits: ReplicaLimits) -> dict:
+    """The :class:`Simulator` options of :func:`add_kv_offload_args`' flags."""
+    if not args.kv_offloading_size:
+        return {}
+    if not limits.kv_bytes_per_token:
+        raise ValueError("--kv-offloading-size: the cost model does not say how many bytes a token's KV takes; "
+                         "give --kv-bytes-per-token")
+    return {"host_kv_tokens": int(args.kv_offloading_size * 1e9 / limits.kv_bytes_per_token),
+            "kv_load_s_per_token": limits.kv_bytes_per_token / (args.kv_load_bandwidth * 1e9)}
 
 
 def run_simulate(args: argparse.Namespace) -> None:
@@ -79,23 +104,24 @@ def run_simulate(args: argparse.Namespace) -> None:
     overrides = {"num_kv_tokens": args.kv_tokens, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
                  "max_num_batched_tokens": args.max_num_batched_tokens, "kv_bytes_per_token": args.kv_bytes_per_token}
     limits = dataclasses.replace(model.replica, **{k: v for k, v in overrides.items() if v is not None})
-    split = {"prefill_replicas": args.prefill_replicas,
-             "kv_transfer_s_per_token": limits.kv_bytes_per_token / (args.kv_transfer_bandwidth * 1e9)}
+    options = {"limits": limits, "balance_abs_threshold": args.balance_abs_threshold,
+               "cache_threshold": args.cache_threshold, "prefill_weight": args.prefill_weight, "seed": args.seed,
+               "prefill_replicas": args.prefill_replicas,
+               "kv_transfer_s_per_token": limits.kv_bytes_per_token / (args.kv_transfer_bandwidth * 1e9)}
     if args.prefill_replicas and not limits.kv_bytes_per_token:
         raise ValueError("--prefill-replicas: the cost model does not say how many bytes a token's KV takes; "
                          "give --kv-bytes-per-token")
+    options.update(kv_offload_options(args, limits))
     requests = read_mooncake(args.trace, args.limit, args.time_scale)
     ideal = ideal_hit_rate(requests)
     print(f"{len(requests)} requests from {args.trace} (time scale {args.time_scale:g}); {args.replicas} replicas; "
           f"ideal hit rate (unbounded shared cache) {100 * ideal:.1f}%\ncost model: {model.source}\n"
-          f"replica: {limits}", file=sys.stderr)
+          f"replica: {limits}" + (f"; host KV tier {options['host_kv_tokens']} tokens"
+                                  if args.kv_offloading_size else ""), file=sys.stderr)
     policies = POLICIES if args.policy == "all" else [args.policy]
     if args.goodput_goal is not None:
         searches = [max_goodput(requests, args.replicas, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl,
-                                goal=args.goodput_goal, tolerance=args.goodput_tolerance, limits=limits,
-                                balance_abs_threshold=args.balance_abs_threshold,
-                                cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight,
-                                seed=args.seed, **split)
+                                goal=args.goodput_goal, tolerance=args.goodput_tolerance, **options)
                     for policy in policies]
         print(goodput_table(searches))
         if args.json:
@@ -109,10 +135,8 @@ def run_simulate(args: argparse.Namespace) -> None:
         return
     summaries = []
     for policy in policies:
-        result = Simulator(requests, args.replicas, policy, model, limits=limits,
-                           balance_abs_threshold=args.balance_abs_threshold, cache_threshold=args.cache_threshold,
-                           prefill_weight=args.prefill_weight, seed=args.seed, **split).run()
-        summaries.append(summarize(result, args.slo_ttft, args.slo_itl))
+        summaries.append(summarize(Simulator(requests, args.replicas, policy, model, **options).run(),
+                                   args.slo_ttft, args.slo_itl))
     print(table(summaries))
     if args.json:
         out = {"trace": str(args.trace), "num_requests": len(requests), "time_scale": args.time_scale,

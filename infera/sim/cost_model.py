@@ -121,9 +121,11 @@ def fit(samples: Sequence[tuple[Features, float]]) -> tuple[dict[str, float], fl
 
 # ---- samples: measured on this engine ----------------------------------------------------------
 
-# (concurrent requests, prompt tokens, output tokens): decode-heavy, prefill-heavy and mixed steps
+# (concurrent requests, prompt tokens, output tokens): decode-heavy, prefill-heavy and mixed steps, and
+# prompts alone of the sizes one request brings (a chunk of 100-700 tokens costs more per token than a
+# full one: without them the fit undershoots such requests' first steps by a third)
 MEASURE_WORKLOADS = ((1, 64, 48), (4, 512, 32), (16, 128, 48), (32, 64, 32), (8, 1024, 16), (2, 2048, 8),
-                     (24, 256, 24))
+                     (24, 256, 24), (1, 128, 4), (1, 320, 4), (1, 640, 4), (2, 200, 8))
 
 
 class _StepRecorder:
@@ -139,7 +141,7 @@ class _StepRecorder:
 def measure_engine(engine: LLMEngine, workloads: Sequence[tuple[int, int, int]] = MEASURE_WORKLOADS,
                    seed: int = 0, progress: bool = True) -> list[tuple[Features, float]]:
     """Wall time of each :meth:`LLMEngine.step` (scheduling and bookkeeping included) and its batch's
-    features, over ``workloads`` of random prompts run one after another."""
+    features, over ``workloads`` of random prompts run one after another (after one warm-up request)."""
     from tqdm import tqdm
 
     from infera.sampling_params import SamplingParams
@@ -150,18 +152,20 @@ def measure_engine(engine: LLMEngine, workloads: Sequence[tuple[int, int, int]] 
     vocab = engine.runner.vocab_size
     samples: list[tuple[Features, float]] = []
     try:
+        engine.add_request([rng.randrange(vocab) for _ in range(256)], SamplingParams(max_tokens=4, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
         for batch, prompt_len, output_len in tqdm(workloads, desc="measuring steps", disable=not progress):
             params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
             for _ in range(batch):
                 engine.add_request([rng.randrange(vocab) for _ in range(prompt_len)], params)
-            first = True
             while engine.has_unfinished_requests():
+                recorder.features = None
                 started = time.perf_counter()
                 engine.step()
                 seconds = time.perf_counter() - started
-                if recorder.features is not None and not first:  # the first step of a workload warms up
+                if recorder.features is not None:
                     samples.append((recorder.features, seconds))
-                recorder.features, first = None, False
     finally:
         engine.hooks.remove(recorder)
     return samples

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from infera.sim.cost_model import CostModel, ReplicaLimits
+from infera.sim.cost_model import CostModel
 from infera.sim.report import summarize
 from infera.sim.simulator import Simulator
 from infera.sim.trace import TraceRequest
@@ -91,13 +91,10 @@ def at_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceReques
 
 def max_goodput(requests: Sequence[TraceRequest], num_replicas: int, policy: str, cost_model: CostModel, *,
                 slo_ttft: float, slo_itl: float, goal: float = 0.9, start: float = 1.0, step: float = 2.0,
-                tolerance: float = 0.05, max_probes: int = 16, limits: ReplicaLimits | None = None,
-                balance_abs_threshold: int | None = None, cache_threshold: float | None = None,
-                prefill_weight: float | None = None, seed: int = 0, prefill_replicas: int = 0,
-                kv_transfer_s_per_token: float = 0.0) -> Goodput:
+                tolerance: float = 0.05, max_probes: int = 16, **options) -> Goodput:
     """The highest rate at which at least ``goal`` of ``requests`` meet TTFT <= ``slo_ttft`` and mean
-    inter-token latency <= ``slo_itl`` (seconds), searched from ``start`` times the trace's rate (the
-    other options: :class:`Simulator`'s)."""
+    inter-token latency <= ``slo_itl`` (seconds), searched from ``start`` times the trace's rate
+    (``options``: the :class:`Simulator`'s: limits, router settings, seed, disaggregation, host tier)."""
     if not 0 < goal <= 1 or tolerance <= 0 or step <= 1 or start <= 0:
         raise ValueError("need 0 < goal <= 1, tolerance > 0, step > 1 and start > 0")
     base = trace_rate(requests)
@@ -105,10 +102,8 @@ def max_goodput(requests: Sequence[TraceRequest], num_replicas: int, policy: str
     lo, hi = 0.0, math.inf  # the highest factor that met the goal, the lowest that missed it
     factor = start
     while len(out.probes) < max_probes:
-        result = Simulator(at_rate(requests, factor), num_replicas, policy, cost_model, limits=limits,
-                           balance_abs_threshold=balance_abs_threshold, cache_threshold=cache_threshold,
-                           prefill_weight=prefill_weight, seed=seed, prefill_replicas=prefill_replicas,
-                           kv_transfer_s_per_token=kv_transfer_s_per_token, progress=False).run()
+        result = Simulator(at_rate(requests, factor), num_replicas, policy, cost_model, **options,
+                           progress=False).run()
         s = summarize(result, slo_ttft, slo_itl)
         probe = Probe(factor, factor * base, s["slo_met"] / s["requests"], s["hit_rate"], result.wall_s)
         out.probes.append(probe)

@@ -21,7 +21,8 @@ def summarize(result: SimResult, slo_ttft: float, slo_itl: float) -> dict:
     """The figures of one run.  Goodput counts the finished requests with TTFT <= ``slo_ttft`` and
     mean inter-token latency <= ``slo_itl`` (seconds), per second of the run (first arrival to last
     finish).  The hit rate is the engines': prompt tokens found in the prefix cache when a request
-    was first scheduled, over all prompt tokens."""
+    was first scheduled (host tier included: ``host_loaded_tokens`` of them came from there), over
+    all prompt tokens."""
     served = [r for r in result.records if r.replica >= 0]
     done = [r for r in served if r.finish is not None]
     span = max((r.finish for r in done), default=0.0) - min((r.arrival for r in served), default=0.0)
@@ -30,7 +31,8 @@ def summarize(result: SimResult, slo_ttft: float, slo_itl: float) -> dict:
     prompt_tokens = sum(r.input_length for r in served)
     cached = sum(r.cached_tokens or 0 for r in served)
     per_replica = [{"requests": rep.num_requests, "output_tokens": rep.output_tokens, "steps": rep.num_steps,
-                    "busy": rep.busy_time / span if span else 0.0, "preemptions": rep.scheduler.num_preemptions}
+                    "busy": rep.busy_time / span if span else 0.0, "preemptions": rep.scheduler.num_preemptions,
+                    "host_loaded_blocks": rep.block_manager.num_loaded_blocks}
                    for rep in result.replicas]
     loads = np.array([p["requests"] for p in per_replica], dtype=float)
     return {
@@ -50,6 +52,8 @@ def summarize(result: SimResult, slo_ttft: float, slo_itl: float) -> dict:
         "hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
         "router_hit_rate": result.router.hit_rate,
         "preemptions": sum(p["preemptions"] for p in per_replica),
+        "host_loaded_tokens": sum(rep.block_manager.num_loaded_blocks * rep.block_manager.block_size
+                                  for rep in result.replicas),
         "load_imbalance": float(loads.max() / loads.mean()) if loads.mean() else 0.0,  # max / mean requests
         "load_cv": float(loads.std() / loads.mean()) if loads.mean() else 0.0,
         "per_replica": per_replica,

@@ -12,6 +12,10 @@ the last ``prefill_replicas`` replicas compute prompts (their full blocks but th
 routed by ``policy``), the others decode (routed least-loaded).  When a prompt's prefill ends, its
 KV takes ``kv_transfer_s_per_token`` seconds per token to reach the decode replica, which receives
 its blocks as cached prefix blocks, computes the rest of the prompt and samples the first token.
+
+KV offloading (``host_kv_tokens`` > 0, as ``--kv-offloading-size``): each replica's prefix cache has
+a host tier of that many tokens; a step that loads blocks from it takes ``kv_load_s_per_token``
+seconds per loaded token more (the copies to the host run beside the steps, as on a copy stream).
 """
 from __future__ import annotations
 
@@ -61,9 +65,10 @@ class RequestRecord:
 class Replica:
     """One engine's scheduler and block manager, and the step in flight."""
 
-    def __init__(self, limits: ReplicaLimits):
+    def __init__(self, limits: ReplicaLimits, host_kv_tokens: int = 0):
         num_blocks = limits.num_kv_tokens // limits.block_size
-        self.block_manager = BlockManager(num_blocks, limits.block_size)
+        self.block_manager = BlockManager(num_blocks, limits.block_size, num_host_blocks=host_kv_tokens //
+                                          limits.block_size)
         self.scheduler = Scheduler(self.block_manager, limits.max_num_seqs, limits.max_num_batched_tokens)
         self.batch: ScheduledBatch | None = None
         self.woken = False  # a step start is on the clock
@@ -88,9 +93,11 @@ class Simulator:
                  *, limits: ReplicaLimits | None = None, router_capacity: int | None = None,
                  balance_abs_threshold: int | None = None, cache_threshold: float | None = None,
                  prefill_weight: float | None = None, seed: int = 0, prefill_replicas: int = 0,
-                 kv_transfer_s_per_token: float = 0.0, progress: bool = True):
+                 kv_transfer_s_per_token: float = 0.0, host_kv_tokens: int = 0, kv_load_s_per_token: float = 0.0,
+                 progress: bool = True):
         """``limits``: each replica's engine (default: the one the cost model describes);
-        ``router_capacity``: trace blocks each replica's router index keeps (default: its KV cache);
+        ``router_capacity``: trace blocks each replica's router index keeps (default: its prefix cache,
+        host tier included);
         ``balance_abs_threshold``, ``cache_threshold``, ``prefill_weight``: the router's (default: the Router's);
         ``prefill_replicas`` of the ``num_replicas`` only prefill (disaggregated; 0: colocated)."""
         limits = limits or cost_model.replica
@@ -102,11 +109,12 @@ class Simulator:
         self.requests = sorted(requests, key=lambda r: r.arrival)
         self.policy = policy
         self.cost_model = cost_model
-        self.replicas = [Replica(limits) for _ in range(num_replicas)]  # decode (or colocated), then prefill
+        self.replicas = [Replica(limits, host_kv_tokens) for _ in range(num_replicas)]  # decode, then prefill
         self.num_decode = num_replicas - prefill_replicas
         self.kv_transfer_s_per_token = kv_transfer_s_per_token
+        self.kv_load_s_per_token = kv_load_s_per_token
         self.max_tokens = self.replicas[0].block_manager.num_blocks * limits.block_size
-        capacity = router_capacity or max(1, self.max_tokens // TRACE_BLOCK)
+        capacity = router_capacity or max(1, (self.max_tokens + host_kv_tokens) // TRACE_BLOCK)
         options = {k: v for k, v in (("balance_abs_threshold", balance_abs_threshold),
                                      ("cache_threshold", cache_threshold), ("prefill_weight", prefill_weight))
                    if v is not None}
@@ -195,6 +203,8 @@ class Simulator:
                 raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
             return
         seconds = self.cost_model.step_time(batch_features(batch))
+        if loads := sum(1 for src, _ in batch.block_copies if src < 0):  # blocks of prefix hits on the host
+            seconds += loads * replica.block_manager.block_size * self.kv_load_s_per_token
         replica.batch = batch
         replica.busy_time += seconds
         replica.num_steps += 1
