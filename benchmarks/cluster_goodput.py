@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--goal", type=float, default=0.9, help="the fraction of requests that must meet the SLO")
     p.add_argument("--tolerance", type=float, default=0.05, help="relative gap between passing and failing rate")
     p.add_argument("--max-probes", type=int, default=10, help="simulations per search at most")
+    p.add_argument("--step", type=float, default=2.0,
+                   help="factor of the rate from probe to probe until one passes and one fails")
     p.add_argument("--start-per-replica", type=float, default=1.6,
                    help="the first probe's request rate per replica (req/s) at the first size")
     add_study_args(p, "cluster_sim_goodput")
@@ -111,7 +113,8 @@ def main() -> None:
     for n in (int(x) for x in args.replicas.split(",")):
         for policy in start:
             g = max_goodput(requests, n, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl, goal=args.goal,
-                            start=start[policy] * n / base, tolerance=args.tolerance, max_probes=args.max_probes,
+                            start=start[policy] * n / base, step=args.step, tolerance=args.tolerance,
+                            max_probes=args.max_probes,
                             limits=limits, balance_abs_threshold=args.balance_abs_threshold,
                             cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight,
                             **kv_offload_options(args, limits))
@@ -121,7 +124,8 @@ def main() -> None:
                 start[policy] = g.per_replica
     print(goodput_table(searches))
     out = {"trace": args.trace, "num_requests": len(requests), "trace_rate_req_s": base, "goal": args.goal,
-           "tolerance": args.tolerance, "slo": {"ttft_s": args.slo_ttft, "mean_itl_s": args.slo_itl},
+           "tolerance": args.tolerance, "step": args.step,
+           "slo": {"ttft_s": args.slo_ttft, "mean_itl_s": args.slo_itl},
            "balance_abs_threshold": args.balance_abs_threshold, "cache_threshold": args.cache_threshold,
            "prefill_weight": args.prefill_weight, "kv_offloading_size_gb": args.kv_offloading_size,
            "kv_load_bandwidth_gb_s": args.kv_load_bandwidth, "cost_model": model.to_dict(),

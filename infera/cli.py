@@ -306,7 +306,7 @@ def run_quantize(args: argparse.Namespace) -> None:
 
 
 @command("eval", "evaluate the model on a task: perplexity (fixed slices of pydoc_data/topics.py text), passkey "
-                 "retrieval and long-window perplexity under KV policies, or inference-time scaling methods on "
+                 "and multi-key needle retrieval and long-window perplexity under KV policies, or inference-time scaling methods on "
                  "arithmetic word problems or a jsonl:FILE of questions")
 def _eval(p: argparse.ArgumentParser) -> None:
     import importlib
@@ -314,7 +314,8 @@ def _eval(p: argparse.ArgumentParser) -> None:
     from infera.eval import TASKS
 
     p.add_argument("--task", default="perplexity",
-                   help="perplexity, arithmetic, passkey (retrieval under KV policies), longppl (perplexity late "
+                   help="perplexity, arithmetic, passkey or niah (retrieval of one or of several keyed needles "
+                        "under KV policies), longppl (perplexity late "
                         "in long windows under KV policies), or jsonl:FILE (one {\"question\": ..., \"answer\": ...} "
                         "per line)")
     p.add_argument("--methods", default=None,

@@ -33,8 +33,13 @@ def hf_reference():
     return hf_gguf_logits(MODEL)
 
 
-def test_dequantized_logits_match_hf(hf_reference):
-    engine = LLMEngine(model=MODEL, dtype="float32", kv_cache_memory="256MiB")
+@pytest.fixture(scope="module")
+def dequantized() -> LLM:
+    return LLM(MODEL, dtype="float32", kv_cache_memory="256MiB")
+
+
+def test_dequantized_logits_match_hf(hf_reference, dequantized):
+    engine = dequantized.engine
     assert engine.max_model_len > 512  # (not capped at the sliding window)
     ids = prose(560, engine.tokenizer)
     with torch.inference_mode():
@@ -55,8 +60,8 @@ def test_packed_tensors_agree_with_hf(hf_reference):
     assert agree >= 0.9, f"greedy tokens agree at {agree:.0%} of positions"
 
 
-def test_greedy_identical_alone_and_batched():
-    llm = LLM(MODEL, dtype="float32", kv_cache_memory="256MiB")
+def test_greedy_identical_alone_and_batched(dequantized):
+    llm = dequantized
     text = prose(600, llm.tokenizer)
     prompts = [text[:n] for n in (20, 530, 600)]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

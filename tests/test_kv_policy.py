@@ -4,6 +4,8 @@ transformers with the same tokens dropped from its cache), and that the policies
 prefix caching, preemption, forks and speculative decoding."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -298,12 +300,42 @@ def test_passkey_task(tiny_model, tmp_path):
     full, = passkey.evaluate(engine, "none", problems, 4)
     cut, = passkey.evaluate(engine, "streaming:0.25", problems, 4)
     assert full.kv_fraction == 1.0 and cut.kv_fraction < 0.4
-    args = argparse.Namespace(lengths="200", depths="0.5", samples=1, kv_policies="none,streaming:64",
+    args = argparse.Namespace(task="passkey", lengths="200", depths="0.5", samples=1, kv_policies="none,streaming:64",
                               answer_tokens=3, passkey_seed=0, json=True, csv=str(tmp_path / "p.csv"),
                               plot=str(tmp_path / "p.png"))
     passkey.run(args, dict(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB"))
     assert (tmp_path / "p.png").stat().st_size > 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 3
+
+
+def test_multi_key_niah_task(tiny_model, tmp_path):
+    """`infera eval --task niah`: every key's needle is in the haystack once, the asked one at its depth,
+    the question names the asked key and the answer is its number; the run writes its rows."""
+    import argparse
+
+    from infera.eval import passkey
+
+    tok = LLM(str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB").tokenizer
+    problems = passkey.make_niah_problems(tok, [600], [0.2, 0.8], 3, seed=5, num_keys=4)
+    assert len(problems[600]) == 6
+    for i, (tokens, value) in enumerate(problems[600]):
+        assert len(tokens) == 600
+        text = tok.decode(tokens)
+        found = re.findall(r"The special magic number for ([a-z]+-[a-z]+) is: (\d{7})\.", text)
+        assert len(found) == 4 and len({k for k, _ in found}) == 4
+        asked = dict((v, k) for k, v in found)[str(value)]
+        assert text.endswith(f"What is the special magic number for {asked}? The special magic number for {asked} is")
+        depth = text.index(f"for {asked} is: {value}") / text.index("\n\nWhat is")
+        assert abs(depth - (0.2, 0.8)[i // 3]) < 0.1
+    with pytest.raises(ValueError, match="num-keys"):
+        passkey.make_niah_problems(tok, [600], [0.5], 1, seed=0, num_keys=0)
+    with pytest.raises(ValueError, match="too short"):
+        passkey.make_niah_problems(tok, [60], [0.5], 1, seed=0, num_keys=4)
+    args = argparse.Namespace(task="niah", num_keys=3, lengths="300", depths="0.5", samples=2, kv_policies="none",
+                              answer_tokens=4, passkey_seed=0, json=True, csv=str(tmp_path / "n.csv"), plot=None)
+    passkey.run(args, dict(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB"))
+    rows = (tmp_path / "n.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("none,300,2,")
 
 
 def test_snapkv_scores_match_hf_attention(tiny_model):

@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {  # task (the part of --task before any ":") -> module
     "arithmetic": "infera.eval.scaling",
     "jsonl": "infera.eval.scaling",
     "passkey": "infera.eval.passkey",
+    "niah": "infera.eval.passkey",
     "longppl": "infera.eval.longppl",
 }
 
@@ -21,6 +22,6 @@ def task_module(name: str) -> ModuleType:
     """The module of task ``name`` (``jsonl:FILE`` is task ``jsonl``)."""
     kind = name.split(":", 1)[0]
     if kind not in TASKS or (kind == "jsonl") != (":" in name):
-        raise ValueError(f"unknown eval task {name!r}; choose from perplexity, arithmetic, passkey, longppl, "
+        raise ValueError(f"unknown eval task {name!r}; choose from perplexity, arithmetic, passkey, niah, longppl, "
                          "jsonl:FILE")
     return importlib.import_module(TASKS[kind])
