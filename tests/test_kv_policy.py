@@ -324,7 +324,7 @@ def test_multi_key_niah_task(tiny_model, tmp_path):
         found = re.findall(r"The special magic number for ([a-z]+-[a-z]+) is: (\d{7})\.", text)
         assert len(found) == 4 and len({k for k, _ in found}) == 4
         asked = dict((v, k) for k, v in found)[str(value)]
-        assert text.endswith(f"What is the special magic number for {asked}? The special magic number for {asked} is")
+        assert text.endswith(f"What is the special magic number for {asked}? The special magic number for {asked} is:")
         depth = text.index(f"for {asked} is: {value}") / text.index("\n\nWhat is")
         assert abs(depth - (0.2, 0.8)[i // 3]) < 0.1
     with pytest.raises(ValueError, match="num-keys"):

@@ -32,7 +32,7 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 NIAH_INTRO = ("Special magic numbers are hidden in the text below, each for its own key. Memorize them: you "
               "will be asked for one of them.\n\n")
-NIAH_QUESTION = "\n\nWhat is the special magic number for {key}? The special magic number for {key} is"
+NIAH_QUESTION = "\n\nWhat is the special magic number for {key}? The special magic number for {key} is:"
 KEY_WORDS = (("amber", "brisk", "calm", "dusty", "eager", "frozen", "gentle", "hollow", "ivory", "jolly", "keen",
               "lunar", "misty", "noble", "olive", "proud", "quiet", "rusty", "silver", "tidy"),
              ("anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket",
@@ -164,9 +164,10 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> None:
                                       args.num_keys)
     else:
         problems = make_problems(engine.tokenizer, lengths, depths, args.samples, args.passkey_seed)
+    answer_tokens = args.answer_tokens or (12 if args.task == "niah" else 8)
     results: list[Row] = []
     for policy in args.kv_policies.split(","):
-        for row in evaluate(engine, policy, problems, args.answer_tokens):
+        for row in evaluate(engine, policy, problems, answer_tokens):
             results.append(row)
             if not args.json:
                 print(f"{row.policy:>16} {row.length:>6} tokens: {args.task} {row.accuracy:6.1%} of {row.problems}  "
@@ -214,7 +215,8 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
                    default="none,streaming:0.5,streaming:0.25,streaming:0.125,snapkv:0.5,snapkv:0.25,snapkv:0.125",
                    help="KV policies compared: none or POLICY:BUDGET (streaming or snapkv; BUDGET a fraction of the "
                         "prompt, or tokens)")
-    g.add_argument("--answer-tokens", type=int, default=8, help="tokens generated for the answer")
+    g.add_argument("--answer-tokens", type=int, default=None,
+                   help="tokens generated for the answer (default 8 for passkey's 5 digits, 12 for niah's 7)")
     g.add_argument("--csv", default=None, help="write the rows to this CSV file")
     g.add_argument("--plot", default=None, help="write accuracy against KV bytes to this PNG")
     g.add_argument("--passkey-seed", type=int, default=0, help="seed of the keys and haystack offsets")
