@@ -134,12 +134,22 @@ def tiny_llm(tiny_model):
 def hf_gguf_logits(name: str):
     """``ids -> float32 logits`` of HF transformers loading the cached GGUF of model ``name``
     (a short name of infera.loader.model_store), dequantized to float32."""
+    import functools
+
+    import gguf
     from transformers import AutoModelForCausalLM
 
     from infera.loader.model_store import cached_path
 
     path = cached_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    reader = gguf.GGUFReader
+    # transformers parses the file twice (config, then weights), 15-20 s each for a 150k-260k token
+    # vocabulary in the metadata: once is enough
+    gguf.GGUFReader = functools.cache(reader)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    finally:
+        gguf.GGUFReader = reader
     return lambda ids: model(torch.tensor([ids])).logits[0].float()
 
 
