@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cluster_sim import add_study_args, save_figure  # noqa: E402
-from infera.sim.command import kv_offload_options  # noqa: E402
+from benchmarks.cluster_sim import add_study_args, save_figure, study_options  # noqa: E402
 from infera.sim.cost_model import load_cost_model  # noqa: E402
 from infera.sim.goodput import goodput_table, max_goodput, trace_rate  # noqa: E402
 from infera.sim.trace import read_mooncake  # noqa: E402
@@ -114,10 +113,7 @@ def main() -> None:
         for policy in start:
             g = max_goodput(requests, n, policy, model, slo_ttft=args.slo_ttft, slo_itl=args.slo_itl, goal=args.goal,
                             start=start[policy] * n / base, step=args.step, tolerance=args.tolerance,
-                            max_probes=args.max_probes,
-                            limits=limits, balance_abs_threshold=args.balance_abs_threshold,
-                            cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight,
-                            **kv_offload_options(args, limits))
+                            max_probes=args.max_probes, **study_options(args, limits))
             searches.append(g)
             print(goodput_table([g]), file=sys.stderr)
             if g.rate_req_s:

@@ -58,6 +58,13 @@ def add_study_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--replot", metavar="FILE.json", default=None, help="only plot the results saved in FILE.json")
 
 
+def study_options(args: argparse.Namespace, limits) -> dict:
+    """The :class:`Simulator` options of :func:`add_study_args`' flags (the replicas, the router, the host tier)."""
+    return {"limits": limits, "balance_abs_threshold": args.balance_abs_threshold,
+            "cache_threshold": args.cache_threshold, "prefill_weight": args.prefill_weight,
+            **kv_offload_options(args, limits)}
+
+
 def save_figure(fig, trace: str, slo: dict, path: str) -> None:
     """The studies' title (trace, replica model, SLO) on ``fig``, saved as ``path``."""
     fig.suptitle(f"{trace}, Llama-3-8B on H100 per replica; SLO TTFT <= {slo['ttft_s']:g} s, "
@@ -116,10 +123,7 @@ def main() -> None:
         scale = args.time_scale * 8 / n
         requests = read_mooncake(args.trace, args.limit, scale)
         for policy in POLICIES:
-            result = Simulator(requests, n, policy, model, limits=limits,
-                               balance_abs_threshold=args.balance_abs_threshold,
-                               cache_threshold=args.cache_threshold, prefill_weight=args.prefill_weight,
-                               **kv_offload_options(args, limits)).run()
+            result = Simulator(requests, n, policy, model, **study_options(args, limits)).run()
             runs.append(summarize(result, args.slo_ttft, args.slo_itl) | {"time_scale": scale})
             print(table(runs[-1:]), file=sys.stderr)
     ideal = ideal_hit_rate(requests)

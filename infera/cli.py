@@ -306,8 +306,8 @@ def run_quantize(args: argparse.Namespace) -> None:
 
 
 @command("eval", "evaluate the model on a task: perplexity (fixed slices of pydoc_data/topics.py text), passkey "
-                 "and multi-key needle retrieval and long-window perplexity under KV policies, or inference-time scaling methods on "
-                 "arithmetic word problems or a jsonl:FILE of questions")
+                 "and multi-key needle retrieval and long-window perplexity under KV policies, or inference-time "
+                 "scaling methods on arithmetic word problems or a jsonl:FILE of questions")
 def _eval(p: argparse.ArgumentParser) -> None:
     import importlib
 

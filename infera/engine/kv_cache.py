@@ -75,13 +75,12 @@ class KVCachePool:
         for run in _runs(pairs):
             src_host, dst_host = run[0][0] < 0, run[0][1] < 0
             src, dst = ([~i if host else i for i in ids] for ids, host in zip(zip(*run), (src_host, dst_host)))
+            src = torch.tensor(src, device="cpu" if src_host else self.data.device)
+            dst = torch.tensor(dst, device="cpu" if dst_host else self.data.device)
             for device, host in ((self.data, self.host_data), (self.scales, self.host_scales)):
-                if device is None:
-                    continue
-                source = host if src_host else device
-                target = host if dst_host else device
-                index = torch.tensor(src, device=source.device)
-                target[:, :, torch.tensor(dst, device=target.device)] = source[:, :, index].to(target.device)
+                if device is not None:
+                    target = host if dst_host else device
+                    target[:, :, dst] = (host if src_host else device)[:, :, src].to(target.device)
 
 
 def _runs(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
