@@ -25,25 +25,39 @@ from infera.eval.passkey import parse_policy  # noqa: E402
 from infera.sampling_params import SamplingParams  # noqa: E402
 
 
-def decode_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
-    """Output tok/s once every sequence decodes, and the KV blocks one held then (mean)."""
-    for p in prompts:
-        engine.add_request(p, params)
+def decode_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
+               ) -> tuple[dict[str, float], list[list[int]]]:
+    """Output tok/s once every sequence decodes, and the KV blocks one held then (mean); and the outputs."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs: dict[str, list[int]] = {}
     started = time.perf_counter()
     first = None
     held: list[int] = []
     generated = 0
     while engine.has_unfinished_requests():
-        engine.step()
+        outputs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
         running = engine.scheduler.running
         if first is None and running and all(s.num_output_tokens > 0 for s in running) \
                 and not engine.scheduler.waiting:
             first, generated = time.perf_counter(), sum(s.num_output_tokens for s in running)
-            held = [len(s.block_table) for s in running]
+            held = [engine.block_manager.num_held_blocks(s) for s in running]
     end = time.perf_counter()
     total = len(prompts) * params.max_tokens
-    return {"prefill_s": first - started, "decode_tok_s": (total - generated) / (end - first),
-            "kv_blocks_held": sum(held) / len(held)}
+    return ({"prefill_s": first - started, "decode_tok_s": (total - generated) / (end - first),
+             "kv_blocks_held": sum(held) / len(held)}, [outputs[i] for i in ids])
+
+
+def long_context_run(engine: LLMEngine, batch: int, context: int, params: SamplingParams
+                     ) -> tuple[dict[str, float], list[list[int]], list[list[int]]]:
+    """:func:`decode_run` of ``batch`` ``context``-token prompts after a short warm-up request, with
+    the KV one sequence held in MiB; and the outputs and prompts."""
+    prompts = make_workload(engine.tokenizer, "long", batch, context, context, 1, seed=0).prompts
+    engine.add_request(prompts[0][:64], SamplingParams(max_tokens=2))  # warm-up
+    while engine.has_unfinished_requests():
+        engine.step()
+    row, outputs = decode_run(engine, prompts, params)
+    row["kv_mib_per_seq"] = row.pop("kv_blocks_held") * engine.runner.kv_cache.bytes_per_block / 2**20
+    return row, outputs, prompts
 
 
 def fit_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, int]:
@@ -80,12 +94,7 @@ def main() -> None:
         fields = parse_policy(policy)
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, **fields)
         engine = LLMEngine(kv_cache_memory=need, enable_prefix_caching=False)
-        prompts = make_workload(engine.tokenizer, "long", args.batch, args.context, args.context, 1, seed=0).prompts
-        engine.add_request(prompts[0][:64], SamplingParams(max_tokens=2))  # warm-up
-        while engine.has_unfinished_requests():
-            engine.step()
-        row = decode_run(engine, prompts, params)
-        row["kv_mib_per_seq"] = row.pop("kv_blocks_held") * engine.runner.kv_cache.bytes_per_block / 2**20
+        row, _, _ = long_context_run(engine, args.batch, args.context, params)
         del engine
         fit = LLMEngine(kv_cache_memory=args.fit_memory, enable_prefix_caching=False)
         row.update(fit_run(fit, make_workload(fit.tokenizer, "fit", args.fit_requests, args.context, args.context, 1,

@@ -54,7 +54,8 @@ def _silence_llama_cpp() -> None:
 
 
 class LlamaCpp:
-    def __init__(self, path: Path, n_ctx: int, n_seq: int, n_threads: int = 2, n_batch: int = 512):
+    def __init__(self, path: Path, n_ctx: int, n_seq: int, n_threads: int = 2, n_batch: int = 512,
+                 swa_full: bool = True):
         import llama_cpp
 
         self.lib = llama_cpp
@@ -70,6 +71,7 @@ class LlamaCpp:
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.kv_unified = False  # one KV stream per sequence, n_ctx / n_seq cells each
+        cparams.swa_full = swa_full  # False: sliding-window layers keep a window-sized cache
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         self.n_batch = n_batch
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))

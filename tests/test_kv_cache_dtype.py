@@ -86,4 +86,4 @@ def test_cuda_refuses_a_16_bit_cache_of_another_dtype():
     is a clear error before anything is allocated (no GPU needed to see it)."""
     layers = [Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)]
     with pytest.raises(ValueError, match="needs a float16 model on CUDA"):
-        KVCachePool(layers, 16, 2**20, torch.bfloat16, "float16", torch.device("cuda"))
+        KVCachePool([layers], 16, 2**20, torch.bfloat16, "float16", torch.device("cuda"))

@@ -160,7 +160,8 @@ def test_prompts_evicted_to_the_host_come_back_token_identical(engines, kv_cache
 def test_host_copies_are_bit_exact_and_done_in_order(device, kv_cache_dtype):
     layers = [Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25) for _ in range(3)]
     block = KVCachePool.block_bytes(layers, 4, torch.bfloat16, kv_cache_dtype)
-    kv = KVCachePool(layers, 4, 5 * block, torch.bfloat16, kv_cache_dtype, torch.device(device), host_memory=2 * block)
+    kv = KVCachePool([layers], 4, 5 * block, torch.bfloat16, kv_cache_dtype, torch.device(device),
+                     host_memory=2 * block)
     assert (kv.num_blocks, kv.num_host_blocks) == (5, 2)
     assert kv.host_data.device.type == "cpu" and kv.host_data.is_pinned() == (device == "cuda")
     torch.manual_seed(0)

@@ -61,6 +61,22 @@ def copy_model(src, dst):
     return dst
 
 
+def test_fast_reader_reads_what_gguf_py_reads(bundled_model_path):
+    from infera.loader.gguf_file import FastGGUFReader
+
+    ours, theirs = FastGGUFReader(bundled_model_path), gguf.GGUFReader(bundled_model_path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.offset, mine.data, mine.types) == (field.offset, field.data, field.types), name
+        assert len(mine.parts) == len(field.parts), name
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), name
+        assert mine.contents() == field.contents(), name
+    assert [(t.name, t.tensor_type, t.data_offset) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
+
+
 def test_missing_tensor_named(tiny_model, tmp_path):
     path = copy_model(tiny_model("llama"), tmp_path / "m")
     weights = load_file(path / "model.safetensors")

@@ -32,6 +32,7 @@ ENGINE_VALUES = {
     "quantization": (["--quantization", "int4"], "int4"),
     "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
     "kv_offloading_size": (["--kv-offloading-size", "2.5"], 2.5),
+    "disable_hybrid_kv_cache_manager": (["--disable-hybrid-kv-cache-manager"], True),
     "seed": (["--seed", "7"], 7),
     "gpu_memory_utilization": (["--gpu-memory-utilization", "0.5"], 0.5),
     "enforce_eager": (["--enforce-eager"], True),

@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 from infera.engine.kv_offload import HostBlockPool
 from infera.engine.sequence import Sequence
+from infera.engine.sliding_window import SlidingWindowManager
 
 
 class Block:
@@ -34,15 +35,21 @@ class BlockManager:
     (:mod:`infera.engine.kv_offload`): cached blocks are copied there when evicted, and prefix hits
     there are copied back into new blocks; those copies are ``pending_copies`` too, a host block ``h``
     written ``~h``, to be done in order.
+
+    With ``window_groups`` the pool is a hybrid KV cache's (:mod:`infera.engine.kv_cache`): a
+    sequence's ``block_table`` is its full-attention group's, and :attr:`window` keeps the tables of
+    the sliding-window groups (``sliding_window`` positions) in blocks of the same pool.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_host_blocks: int = 0):
+                 num_host_blocks: int = 0, window_groups: int = 0, sliding_window: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         if num_host_blocks and not enable_prefix_caching:
             raise ValueError("--kv-offloading-size makes a host tier of the prefix cache: it needs prefix caching "
                              "(drop --no-enable-prefix-caching)")
+        if window_groups and num_host_blocks:
+            raise ValueError("a hybrid KV cache (sliding-window groups) has no host tier")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -52,6 +59,7 @@ class BlockManager:
         self.host = HostBlockPool(num_host_blocks) if num_host_blocks else None
         self.num_offloaded_blocks = 0  # copied to the host tier
         self.num_loaded_blocks = 0  # copied back from it
+        self.window = SlidingWindowManager(self, window_groups, sliding_window) if window_groups else None
 
     @property
     def num_blocks(self) -> int:
@@ -68,15 +76,36 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def num_kv_groups(self) -> int:
+        """The KV-cache groups: the blocks of the pool one block of a sequence's context takes while its
+        sliding windows (if any) reach it."""
+        return 1 + (self.window.num_groups if self.window else 0)
+
+    def max_tokens(self, max_new_tokens: int) -> int:
+        """The longest sequence the pool holds while a step adds up to ``max_new_tokens`` tokens."""
+        if self.window is None:
+            return self.num_blocks * self.block_size
+        per_group = self.window.max_blocks(max_new_tokens)  # a long sequence's, in each sliding group
+        if self.num_blocks >= per_group * self.num_kv_groups:
+            return (self.num_blocks - self.window.num_groups * per_group) * self.block_size
+        return self.num_blocks // self.num_kv_groups * self.block_size
+
+    def num_held_blocks(self, seq: Sequence) -> int:
+        """Blocks of the pool ``seq``'s tables hold (shared ones included)."""
+        return len(seq.block_table) + sum(len(t) - seq.window_freed for t in seq.window_tables)
+
     # -- prefix cache -------------------------------------------------------------------
-    def get_computed_blocks(self, seq: Sequence) -> list[int]:
-        """Cached blocks that hold a prefix of ``seq`` (at least one token is left to compute)."""
+    def get_computed_blocks(self, seq: Sequence, limit: int | None = None) -> list[int]:
+        """Cached blocks that hold a prefix of ``seq`` (at least one token is left to compute; at most
+        ``limit`` tokens)."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         if seq.pooling is not None and seq.pooling.needs_every_token:
             return []
-        return self.cached_prefix(seq.token_ids[:(seq.compute_target - 1) // self.block_size * self.block_size],
-                                  host=True)
+        end = seq.compute_target - 1 if limit is None else min(seq.compute_target - 1, limit)
+        found = self.cached_prefix(seq.token_ids[:end // self.block_size * self.block_size], host=True)
+        return found[:self.window.longest_hit(found)] if self.window is not None else found
 
     def cached_prefix(self, token_ids: list[int], host: bool = False) -> list[int]:
         """The cached blocks holding the longest prefix of ``token_ids``'s full blocks; with ``host``,
@@ -139,6 +168,8 @@ class BlockManager:
             block.hash = block.token_ids = None
         if self.host is not None:
             self.host.clear()
+        if self.window is not None:
+            self.window.reset()
 
     def _cache_full_blocks(self, seq: Sequence, start_token: int) -> None:
         """Hash the blocks that became full and computed since ``start_token``."""
@@ -176,24 +207,28 @@ class BlockManager:
         (prefix hits, only for a sequence with no blocks yet; host-tier hits get new blocks their KV
         is copied into) first.
 
-        Returns False and changes nothing if that needs more than ``num_free_blocks - reserve``.
+        Returns False and changes nothing if that needs more than ``num_free_blocks - reserve`` (but
+        the sliding blocks no later query of ``seq`` reads are released either way).
         """
         computed_blocks = computed_blocks or []
         if computed_blocks and seq.block_table:
             raise ValueError("prefix hits are only taken by a sequence that holds no blocks")
+        hit = self.window.hit(computed_blocks) if self.window is not None and computed_blocks else None
         num_table = len(seq.block_table) + len(computed_blocks)
         computed = max(seq.num_kv_tokens, len(computed_blocks) * self.block_size)
         needed = max(0, self.blocks_for(computed + num_new_tokens) - num_table)
         needed += sum(1 for b in computed_blocks if b < 0 or self.blocks[b].ref_count == 0)
         cow = not computed_blocks and self._needs_cow(seq)
+        if self.window is not None:
+            self.window.release(seq)
+            needed += self.window.needed(seq, num_new_tokens, hit)
         if needed + cow > self.num_free_blocks - reserve:
             return False
         for block_id in computed_blocks:  # device hits first: blocks taken for the host hits must not evict them
             if block_id >= 0:
-                block = self.blocks[block_id]
-                if block.ref_count == 0:
-                    del self.free_ids[block_id]
-                block.ref_count += 1
+                self.take(block_id)
+        if hit is not None:
+            self.window.take_hit(seq, hit)
         host_slots = [~b for b in computed_blocks if b < 0]
         held = iter(self.host.hold(host_slots) if host_slots else ())
         for block_id in computed_blocks:
@@ -213,7 +248,16 @@ class BlockManager:
             self.pending_copies.append((src, dst))
         for _ in range(self.blocks_for(seq.num_kv_tokens + num_new_tokens) - len(seq.block_table)):
             seq.block_table.append(self._new_block())
+        if self.window is not None:
+            self.window.allocate(seq, num_new_tokens)
         return True
+
+    def take(self, block_id: int) -> None:
+        """A cached block joins one more table (out of the free blocks if none held it)."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_ids[block_id]
+        block.ref_count += 1
 
     def _load(self, slot: int, block_hash: int, token_ids: tuple[int, ...]) -> int:
         """A new block that gets host block ``slot``'s KV (``block_hash``'s) and is cached under its hash."""
@@ -232,6 +276,8 @@ class BlockManager:
         seq.num_computed_tokens += num_new_tokens
         if self.enable_prefix_caching and not seq.num_evicted_tokens:
             self._cache_full_blocks(seq, start)
+            if self.window is not None:
+                self.window.cache_blocks(seq, start)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """``child`` shares every block of ``parent``; neither KV nor tables are copied twice."""
@@ -243,27 +289,37 @@ class BlockManager:
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_evicted_tokens, child.evicted_from = parent.num_evicted_tokens, parent.evicted_from
         child.kept_from, child.kv_pinned = parent.kept_from, parent.kv_pinned
+        if self.window is not None:
+            self.window.fork(parent, child)
 
     def free(self, seq: Sequence) -> None:
         """Release all blocks of ``seq`` (tail first, so prefixes are evicted last)."""
         self._release(seq.block_table)
         seq.block_table = []
+        if self.window is not None:
+            self.window.free(seq)
         seq.num_computed_tokens = seq.num_evicted_tokens = seq.evicted_from = seq.kept_from = seq.kv_pinned = 0
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Keep KV for the first ``num_tokens`` tokens only (speculative-decoding rollback); a cut
-        before the kept tail of an evicted sequence keeps only the tokens before its first hole."""
+        before the kept tail of an evicted sequence keeps only the tokens before its first hole, one
+        whose sliding windows were released keeps none."""
+        num_tokens = self._window_held(seq, num_tokens)
         if seq.num_evicted_tokens and num_tokens < seq.kept_from:
-            num_tokens = min(num_tokens, seq.evicted_from)
+            num_tokens = self._window_held(seq, min(num_tokens, seq.evicted_from))
             seq.num_evicted_tokens = seq.evicted_from = seq.kept_from = seq.kv_pinned = 0
         keep = self.blocks_for(num_tokens - seq.num_evicted_tokens)
         self._release(seq.block_table[keep:])
         del seq.block_table[keep:]
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+        if self.window is not None:
+            self.window.truncate(seq, num_tokens)
         if num_tokens % self.block_size and seq.block_table:
-            last = self.blocks[seq.block_table[-1]]
-            if last.ref_count == 1:
-                self._unhash(last)  # it will be written again (a shared one is copied first)
+            self.unhash_unshared(seq.block_table[-1])  # it will be written again
+
+    def _window_held(self, seq: Sequence, num_tokens: int) -> int:
+        """``num_tokens``, or 0 if ``seq``'s sliding windows no longer hold what its next query would read."""
+        return num_tokens if self.window is None or self.window.holds_window(seq, num_tokens) else 0
 
     def evict(self, seq: Sequence, indices: list[int]) -> None:
         """Drop the blocks at ``indices`` of ``seq``'s table (full blocks: never its last) and free
@@ -293,8 +349,16 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_ids[block_id] = None
 
+    def unhash_unshared(self, block_id: int) -> None:
+        """Forget the contents of a block about to be written again, unless it is shared (then it is
+        copied first)."""
+        if self.blocks[block_id].ref_count == 1:
+            self._unhash(self.blocks[block_id])
+
     def _unhash(self, block: Block) -> None:
         if block.hash is not None and self.hash_to_block.get(block.hash) == block.block_id:
             del self.hash_to_block[block.hash]
+        if block.hash is not None and self.window is not None:
+            self.window.unhash(block.block_id, block.hash)
         block.hash = None
         block.token_ids = None

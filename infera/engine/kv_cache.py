@@ -1,4 +1,14 @@
-"""The KV-cache pool: one preallocated tensor per K and V for all layers, addressed by block."""
+"""The KV-cache pool: one preallocated tensor per K and V for all layers, addressed by block.
+
+With sliding-window layers (Gemma 3: five local layers per global one) the pool is hybrid, as vLLM's:
+the layers form KV-cache groups of equal size, the full-attention layers one group and the sliding
+ones the others (:func:`kv_cache_groups`), and a block id (a page) holds one block of one group's
+layers.  Each sequence then has a block table per group (:mod:`infera.engine.sliding_window`): the
+full group's holds its whole context, a sliding group's only the blocks its window still reaches,
+all drawn from one pool.  A context of n tokens then holds about (full + sliding * window / n) /
+layers of the KV it holds in a plain pool: Gemma 3 (3 of 18 layers full, a window of 512) about a
+fifth at 32k tokens.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,44 +19,60 @@ from infera.layers.attention import Attention, LayerKVCache
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}  # else the model's
 
 
+def kv_cache_groups(layers: list[Attention], hybrid: bool) -> list[list[Attention]]:
+    """The layers' KV-cache groups: all layers in one, or (``hybrid``, with both kinds of layers and
+    no more full-attention layers than sliding ones) the full-attention layers first, then the
+    sliding layers in groups of as many (the last may be short: its pages' other slots go unused)."""
+    full = [layer for layer in layers if not layer.sliding_window]
+    sliding = [layer for layer in layers if layer.sliding_window]
+    if not hybrid or not full or len(full) > len(sliding) or len({layer.sliding_window for layer in sliding}) > 1:
+        return [layers]
+    return [full] + [sliding[i:i + len(full)] for i in range(0, len(sliding), len(full))]
+
+
 class KVCachePool:
-    """``[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]`` of the model's dtype,
+    """``[2, group_size, num_blocks, block_size, num_kv_heads, head_dim]`` of the model's dtype,
     of a 16-bit float (``kv_cache_dtype='float16'`` or ``'bfloat16'``: K and V rounded as they are
     stored), or int8 plus a float32 scale per token and head (``kv_cache_dtype='int8'``: about
-    half the bytes of a 16-bit cache).  ``host_memory`` bytes of host blocks of the same layout
+    half the bytes of a 16-bit cache); layer ``j`` of each group (:func:`kv_cache_groups`) reads slot
+    ``j``, so a block holds one block of one group's layers.  ``host_memory`` bytes of host blocks of the same layout
     (pinned on CUDA) are the host tier of the prefix cache (:mod:`infera.engine.kv_offload`)."""
 
-    def __init__(self, layers: list[Attention], block_size: int, memory: int, dtype: torch.dtype,
+    def __init__(self, groups: list[list[Attention]], block_size: int, memory: int, dtype: torch.dtype,
                  kv_cache_dtype: str, device: torch.device, host_memory: int = 0):
-        first = layers[0]
+        first, group_size = groups[0][0], len(groups[0])
+        self.num_window_groups = len(groups) - 1
+        self.sliding_window = groups[-1][0].sliding_window if self.num_window_groups else 0
         self.quantized = kv_cache_dtype == "int8"
         self.dtype = CACHE_DTYPES.get(kv_cache_dtype, dtype)
         if device.type == "cuda" and not self.quantized and self.dtype != dtype:
             raise ValueError(f"a {kv_cache_dtype} KV cache needs a {kv_cache_dtype} model on CUDA (the Triton "
                              f"kernels read the cache in the queries' dtype); use --dtype {kv_cache_dtype} or auto")
-        self.bytes_per_block = self.block_bytes(layers, block_size, dtype, kv_cache_dtype)
+        self.bytes_per_block = self.block_bytes(groups[0], block_size, dtype, kv_cache_dtype)
         self.num_blocks = memory // self.bytes_per_block
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory of {memory} bytes holds no block of {self.bytes_per_block} bytes")
-        shape = (2, len(layers), self.num_blocks, block_size, first.num_kv_heads)
+        shape = (2, group_size, self.num_blocks, block_size, first.num_kv_heads)
         self.data = torch.zeros(*shape, first.head_dim, dtype=self.dtype, device=device)
         self.scales = torch.ones(*shape, dtype=torch.float32, device=device) if self.quantized else None
         self.num_host_blocks = host_memory // self.bytes_per_block
         if host_memory and not self.num_host_blocks:
             raise ValueError(f"kv_offloading_size of {host_memory} bytes holds no block of "
                              f"{self.bytes_per_block} bytes")
-        host_shape = (2, len(layers), self.num_host_blocks, block_size, first.num_kv_heads)
+        host_shape = (2, group_size, self.num_host_blocks, block_size, first.num_kv_heads)
         pin = device.type == "cuda"
         self.host_data = torch.zeros(*host_shape, first.head_dim, dtype=self.dtype, pin_memory=pin)
         self.host_scales = (torch.ones(*host_shape, dtype=torch.float32, pin_memory=pin)
                             if self.quantized else None)
-        for i, layer in enumerate(layers):
-            scales = (self.scales[0, i], self.scales[1, i]) if self.quantized else (None, None)
-            layer.kv_cache = LayerKVCache(self.data[0, i], self.data[1, i], *scales)
+        for g, group in enumerate(groups):
+            for i, layer in enumerate(group):
+                scales = (self.scales[0, i], self.scales[1, i]) if self.quantized else (None, None)
+                layer.kv_cache = LayerKVCache(self.data[0, i], self.data[1, i], *scales)
+                layer.kv_group = g
 
     @staticmethod
     def block_bytes(layers: list[Attention], block_size: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
-        """Bytes of one block in all layers, K and V (and int8 scales)."""
+        """Bytes of one block of ``layers``, K and V (and int8 scales)."""
         stored = CACHE_DTYPES.get(kv_cache_dtype, dtype)
         per_token_head = layers[0].head_dim * stored.itemsize + (4 if stored == torch.int8 else 0)
         return 2 * len(layers) * block_size * layers[0].num_kv_heads * per_token_head

@@ -11,7 +11,7 @@ from torch import nn
 
 from infera.config import DEFAULT_KV_CACHE_MEMORY
 from infera.engine.cuda_graph import CUDAGraphRunner
-from infera.engine.kv_cache import KVCachePool, available_kv_cache_memory
+from infera.engine.kv_cache import KVCachePool, available_kv_cache_memory, kv_cache_groups
 from infera.engine.pooler import pool
 from infera.engine.scheduler import ScheduledBatch
 from infera.engine.sequence import Sequence
@@ -51,13 +51,15 @@ class ModelRunner:
     """``kv_cache_memory`` None: 2 GiB on CPU; on CUDA, what ``gpu_memory_utilization`` of the device
     leaves after a warm-up pass of the largest step (``max_num_batched_tokens`` tokens, then
     ``max_num_seqs`` rows sampled). On CUDA, decode steps of up to ``max_num_seqs`` sequences replay
-    CUDA graphs unless ``enforce_eager``.  A pooling sequence (an embedding request) is not sampled:
-    its hidden states are pooled (:func:`infera.engine.pooler.pool`)."""
+    CUDA graphs unless ``enforce_eager`` (or the cache is hybrid).  A pooling sequence (an embedding
+    request) is not sampled: its hidden states are pooled (:func:`infera.engine.pooler.pool`).
+    ``hybrid``: a model with sliding-window layers gets a hybrid KV cache (:mod:`infera.engine.kv_cache`)."""
 
     def __init__(self, model: nn.Module, block_size: int, kv_cache_memory: int | None, eos_token_ids: set[int],
                  device: torch.device, seed: int = 0, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 1024, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, kv_offloading_memory: int = 0):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, kv_offloading_memory: int = 0,
+                 hybrid: bool = False):
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -65,6 +67,7 @@ class ModelRunner:
         # on CUDA the decode kernel and its graphs take one token per sequence)
         self.max_batched_query_len = 1 if device.type == "cuda" else MAX_BATCHED_QUERY_LEN_CPU
         layers = [m for m in model.modules() if isinstance(m, Attention)]
+        groups = kv_cache_groups(layers, hybrid)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # quantized weights are uint8
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler(self.vocab_size, device, eos_token_ids, seed)
@@ -73,31 +76,33 @@ class ModelRunner:
         max_model_len = max_model_len or model.config.max_position_embeddings
         if kv_cache_memory is None and device.type == "cuda":
             # the layers need a cache to run the warm-up: one block, which it does not write
-            KVCachePool(layers, block_size, KVCachePool.block_bytes(layers, block_size, dtype, kv_cache_dtype),
+            KVCachePool(groups, block_size, KVCachePool.block_bytes(groups[0], block_size, dtype, kv_cache_dtype),
                         dtype, kv_cache_dtype, device)
             torch.cuda.reset_peak_memory_stats(device)
-            self._warm_up(max_num_batched_tokens, max_num_seqs, max_model_len)
+            self._warm_up(max_num_batched_tokens, max_num_seqs, max_model_len, len(groups) - 1)
             for layer in layers:
                 layer.kv_cache = None
             kv_cache_memory = available_kv_cache_memory(device, gpu_memory_utilization)
-        self.kv_cache = KVCachePool(layers, block_size, kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, dtype,
+        self.kv_cache = KVCachePool(groups, block_size, kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, dtype,
                                     kv_cache_dtype, device, kv_offloading_memory)
         self.num_blocks = self.kv_cache.num_blocks
         self.graphs: CUDAGraphRunner | None = None
-        if device.type == "cuda" and not enforce_eager:
+        if device.type == "cuda" and not enforce_eager and not self.kv_cache.num_window_groups:
             max_blocks = min(-(-max_model_len // block_size), self.num_blocks)
             self.graphs = CUDAGraphRunner(model, max_num_seqs, max_blocks, model.config.hidden_size, dtype, device)
             self.graphs.capture()
 
     @torch.inference_mode()
-    def _warm_up(self, num_tokens: int, num_rows: int, max_model_len: int) -> None:
+    def _warm_up(self, num_tokens: int, num_rows: int, max_model_len: int, num_window_groups: int) -> None:
         """The largest step: ``num_tokens`` prompt tokens (chunks of at most ``max_model_len``) that
-        write no KV (slot -1), logits for ``num_rows`` of them and buffers as large as the sampler's."""
+        write no KV (slot -1) in any KV-cache group, logits for ``num_rows`` of them and buffers as large
+        as the sampler's."""
         lens = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
         no_table = torch.empty(0, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
                                  prefills=[PrefillChunk(start, n, n, no_table)
                                            for start, n in zip(itertools.accumulate([0] + lens), lens)])
+        meta.window_groups = [meta] * num_window_groups
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         with attention_metadata(meta):
             hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions)
@@ -212,14 +217,8 @@ class ModelRunner:
         return (head or self.model.compute_logits)(hidden[device_tensor(rows, self.device)])
 
     def prepare_inputs(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        decode_starts: list[int] = [0]
-        prefills: list[PrefillChunk] = []
         for s, n in zip(seqs, counts):
             start = s.num_computed_tokens
             ids = s.token_ids[start:start + n]
@@ -228,18 +227,41 @@ class ModelRunner:
                 ids += s.spec_token_ids[first:first + n - len(ids)]
             input_ids.extend(ids)
             positions.extend(range(start, start + n))
-            table, kv_start = s.block_table, start - s.num_evicted_tokens  # (past an evicted hole)
+        # the full-attention group's table starts past an evicted hole, a sliding group's at its window_start
+        meta = self._group_metadata(seqs, counts, [s.block_table for s in seqs],
+                                    [s.num_computed_tokens - s.num_evicted_tokens for s in seqs], observe=True)
+        meta.window_groups = [self._group_metadata(seqs, counts, [s.window_tables[g] for s in seqs],
+                                                   [s.num_computed_tokens - s.window_start for s in seqs])
+                              for g in range(self.kv_cache.num_window_groups)]
+        ids = device_tensor(input_ids, self.device, torch.long)
+        pos = device_tensor(positions, self.device, torch.long)
+        return ids, pos, meta
+
+    def _group_metadata(self, seqs: list[Sequence], counts: list[int], tables: list[list[int]],
+                        kv_starts: list[int], observe: bool = False) -> AttentionMetadata:
+        """One KV-cache group's slots and tables: sequence ``i``'s next ``counts[i]`` tokens go to slots
+        ``kv_starts[i]`` on of ``tables[i]``; ``observe``: prompt chunks report the attention a KV policy
+        ranks blocks by."""
+        bs = self.block_size
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        decode_starts: list[int] = [0]
+        prefills: list[PrefillChunk] = []
+        query_start = 0
+        for s, n, table, kv_start in zip(seqs, counts, tables, kv_starts):
             slots.extend(table[p // bs] * bs + p % bs for p in range(kv_start, kv_start + n))
             if n <= self.max_batched_query_len:
                 decode_tables.append(table)
                 decode_lens.append(kv_start + n)
                 decode_starts.append(decode_starts[-1] + n)
             else:
-                chunk = PrefillChunk(len(input_ids) - n, n, kv_start + n, device_tensor(table, self.device, torch.long))
-                if s.kv_observe and start + n >= s.num_prompt_tokens:  # a KV policy ranks the prompt's blocks
-                    chunk.observe = min(s.kv_observe, n)
+                chunk = PrefillChunk(query_start, n, kv_start + n, device_tensor(table, self.device, torch.long))
+                if observe and s.kv_observe and s.num_computed_tokens + n >= s.num_prompt_tokens:
+                    chunk.observe = min(s.kv_observe, n)  # a KV policy ranks the prompt's blocks
                     chunk.scores = torch.zeros(kv_start + n, dtype=torch.float32, device=self.device)
                 prefills.append(chunk)
+            query_start += n
         meta = AttentionMetadata(slot_mapping=device_tensor(slots, self.device, torch.long),
                                  num_decode_tokens=decode_starts[-1], prefills=prefills)
         if decode_lens:
@@ -249,9 +271,7 @@ class ModelRunner:
             meta.decode_context_lens = device_tensor(decode_lens, self.device, torch.long)
             if decode_starts[-1] > len(decode_lens):
                 meta.decode_query_start = device_tensor(decode_starts, self.device, torch.long)
-        ids = device_tensor(input_ids, self.device, torch.long)
-        pos = device_tensor(positions, self.device, torch.long)
-        return ids, pos, meta
+        return meta
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprobs]:
         """Log-probabilities of the prompt tokens that follow the computed positions."""

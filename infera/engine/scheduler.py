@@ -98,16 +98,16 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            hits = self.block_manager.get_computed_blocks(seq)
             policy = self._policy(seq)
-            if window := policy.observation_window(seq):  # its last chunk must hold the window
-                hits = hits[:max(0, (seq.num_prompt_tokens - window) // self.block_manager.block_size)]
+            window = policy.observation_window(seq)  # its last chunk must hold the window
+            hits = self.block_manager.get_computed_blocks(seq, seq.num_prompt_tokens - window if window else None)
             cached = len(hits) * self.block_manager.block_size
             n = self._observe(seq, policy, cached, min(seq.compute_target - cached, budget))
             if not self.block_manager.allocate_slots(seq, n, hits, self.reserve):
                 # Take a smaller first chunk if that fits; otherwise wait for blocks.
-                room = (self.block_manager.num_free_blocks - self.reserve - len(hits)) * self.block_manager.block_size
-                n = min(n, room - cached % self.block_manager.block_size)
+                bm = self.block_manager
+                room = (bm.num_free_blocks - self.reserve - len(hits)) // bm.num_kv_groups * bm.block_size
+                n = min(n, room - cached % bm.block_size)
                 if n < 1 or not self.block_manager.allocate_slots(seq, n, hits, self.reserve):
                     break
             self.prefix_queries += seq.compute_target

@@ -49,6 +49,11 @@ class Sequence:
         self.kv_scores: list[float] | None = None
         self.kv_pinned = 0  # table entries after the sinks a policy chose to keep (evicted last)
         self.block_table: list[int] = []
+        # a hybrid KV cache's sliding-window groups (infera.engine.sliding_window): a table per group from
+        # position window_start on, its first window_freed entries released
+        self.window_tables: list[list[int]] = []
+        self.window_start = 0
+        self.window_freed = 0
         self.status = SequenceStatus.WAITING
         self.params = params
         self.hold_last_token = False

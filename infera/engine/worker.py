@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 from infera.config import EngineConfig
 from infera.engine.block_manager import BlockManager
-from infera.engine.kv_cache import KVCachePool
+from infera.engine.kv_cache import KVCachePool, kv_cache_groups
 from infera.engine.kv_connector import KVConnector
 from infera.engine.model_runner import ModelRunner
 from infera.layers.attention import Attention
@@ -56,8 +56,9 @@ class Worker:
         else:
             model = load_model(source, self.hf_config, self.dtype, self.device, limit)
         kv_cache_memory = config.kv_cache_memory
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        hybrid = len(kv_cache_groups(layers, not config.disable_hybrid_kv_cache_manager)) > 1
         if kv_cache_tokens is not None:
-            layers = [m for m in model.modules() if isinstance(m, Attention)]
             block_bytes = KVCachePool.block_bytes(layers, config.block_size, self.dtype, config.kv_cache_dtype)
             kv_cache_memory = -(-kv_cache_tokens // config.block_size) * block_bytes
         self.runner = ModelRunner(model, config.block_size, kv_cache_memory, self.tokenizer.eos_token_ids,
@@ -65,31 +66,37 @@ class Worker:
                                   max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=limit,
                                   gpu_memory_utilization=config.gpu_memory_utilization,
                                   enforce_eager=config.enforce_eager,
-                                  kv_offloading_memory=self._host_tier_bytes(config))
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          self.runner.kv_cache.num_host_blocks)
+                                  kv_offloading_memory=self._host_tier_bytes(config, hybrid),
+                                  hybrid=hybrid)
+        kv = self.runner.kv_cache
+        self.block_manager = BlockManager(kv.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          kv.num_host_blocks, kv.num_window_groups, kv.sliding_window)
         self.kv_connector = KVConnector(self.block_manager, self.runner.kv_cache)
         # a sequence fits the KV cache, unless the engine's KV policy evicts (then the model's limit)
         self.max_model_len = limit if config.kv_policy != "none" else min(limit, self.kv_cache_tokens)
 
     @staticmethod
-    def _host_tier_bytes(config: EngineConfig) -> int:
+    def _host_tier_bytes(config: EngineConfig, hybrid: bool) -> int:
         if not config.kv_offloading_size:
             return 0
         if not config.enable_prefix_caching:  # e.g. an eval that turns the prefix cache off
             logger.warning("kv_offloading_size ignored: the host tier is part of the prefix cache, which is off")
             return 0
+        if hybrid:
+            logger.warning("kv_offloading_size ignored: the host tier holds full-attention blocks only, and this "
+                           "model's KV cache is hybrid (--disable-hybrid-kv-cache-manager gives it one)")
+            return 0
         return int(config.kv_offloading_size * 2**30)
 
     @property
     def kv_cache_tokens(self) -> int:
-        """Tokens the KV cache holds."""
-        return self.runner.num_blocks * self.config.block_size
+        """Tokens the KV cache holds (of one sequence, on a hybrid cache)."""
+        return self.block_manager.max_tokens(self.config.max_num_batched_tokens)
 
     @property
     def prefix_cache_tokens(self) -> int:
         """Tokens the prefix cache can hold: the KV cache's and its host tier's."""
-        return (self.runner.num_blocks + self.runner.kv_cache.num_host_blocks) * self.config.block_size
+        return self.kv_cache_tokens + self.runner.kv_cache.num_host_blocks * self.config.block_size
 
     def copy_pending_blocks(self) -> None:
         """Copy now the blocks the block manager split copy-on-write (the scheduler leaves them to

@@ -109,11 +109,12 @@ def evaluate(engine: LLMEngine, policy: str, problems: dict[int, list[tuple[list
                     texts[out.request_id] = out.outputs[0].text
             for seq in engine.scheduler.running:
                 if seq.request_id in held:
-                    held[seq.request_id] = len(seq.block_table)
+                    held[seq.request_id] = engine.block_manager.num_held_blocks(seq)
         seconds = time.perf_counter() - started
         right = sum(str(key) in texts[rid] for rid, key in ids.items())
         kv = sum(held.values()) / len(held) * block
-        full = -(-(length + answer_tokens) // engine.block_manager.block_size) * block
+        bm = engine.block_manager  # (every layer's KV for every token: a block in each KV-cache group)
+        full = bm.blocks_for(length + answer_tokens) * bm.num_kv_groups * block
         rows.append(Row(policy, length, len(items), right / len(items), kv, kv / full, seconds))
     return rows
 

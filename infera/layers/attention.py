@@ -51,7 +51,8 @@ class AttentionMetadata:
     """The first ``num_decode_tokens`` tokens are short queries (decode steps, speculative
     verification, small chunks) whose attention runs batched over the paged cache: one token per
     sequence, or ``decode_query_start[s]:decode_query_start[s + 1]`` for sequence ``s``. The rest
-    are prefill chunks, one sequence each."""
+    are prefill chunks, one sequence each.  A hybrid KV cache's sliding-window groups have their own
+    slots and block tables: ``window_groups[g - 1]`` is KV-cache group ``g``'s metadata."""
 
     slot_mapping: torch.Tensor
     num_decode_tokens: int = 0
@@ -59,6 +60,11 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None
     decode_query_start: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    window_groups: list[AttentionMetadata] = field(default_factory=list)
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        """The metadata KV-cache group ``group``'s layers read."""
+        return self.window_groups[group - 1] if group else self
 
 
 _metadata: AttentionMetadata | None = None
@@ -92,10 +98,11 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window  # > 0: each query sees its last sliding_window cached tokens
         self.kv_cache: LayerKVCache | None = None
+        self.kv_group = 0  # its KV-cache group (set by the KV-cache pool)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q``: [T, Hq, D]; ``k``, ``v``: [T, Hkv, D]; returns [T, Hq * D]."""
-        meta = get_attention_metadata()
+        meta = get_attention_metadata().for_group(self.kv_group)
         kv = self.kv_cache
         paged_attention.store_kv(kv, k, v, meta.slot_mapping)
         d, window = meta.num_decode_tokens, self.sliding_window

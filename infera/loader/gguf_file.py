@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -86,14 +87,51 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-@functools.lru_cache(maxsize=4)
-def _reader(path: Path, mtime_ns: int, size: int):
-    """The parsed file (read-only memory map), shared by the engines of one process: parsing the
-    metadata (a vocabulary's strings one by one) takes seconds.  Keyed by the file's stat, so a file
-    written again is read again."""
-    import gguf
+class FastGGUFReader(gguf.GGUFReader):
+    """gguf-py's reader with the same fields and tensors, parsed about 20x faster: its pieces are
+    sliced from a plain array over the memory map (slicing the ``np.memmap`` itself costs microseconds
+    a piece), and an array field's elements are read in one loop (Gemma 3's 262k-token vocabulary:
+    0.5 s against 9-10 s)."""
 
-    return gguf.GGUFReader(path)
+    def _plain(self) -> np.ndarray:
+        plain = self.__dict__.get("_plain_data")
+        if plain is None:
+            plain = self._plain_data = np.asarray(self.data).view(np.ndarray)
+        return plain
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        arr = self._plain()[offset:offset + dtype.itemsize * int(count)].view(dtype)
+        order = self.byte_order if override_order is None else override_order
+        return arr if order == "I" else arr.view(arr.dtype.newbyteorder(order))
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
+        item = None
+        if raw_type == gguf.GGUFValueType.ARRAY:
+            raw_itype, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            item = gguf.GGUFValueType(raw_itype[0])
+        if item is None or (item != gguf.GGUFValueType.STRING and item not in self.gguf_scalar_to_np):
+            return super()._get_field_parts(orig_offs, raw_type)
+        parts, n, offs = [raw_itype, count], int(count[0]), orig_offs + 12
+        if item == gguf.GGUFValueType.STRING:  # (length, bytes) per element, as gguf-py lays them out
+            for _ in range(n):
+                length = self._get(offs, np.uint64)
+                parts += [length, self._get(offs + 8, np.uint8, length[0])]
+                offs += 8 + int(length[0])
+            data = list(range(3, 2 + 2 * n, 2))
+        else:  # one part per element
+            values = self._get(offs, self.gguf_scalar_to_np[item], n)
+            parts += [values[i:i + 1] for i in range(n)]
+            offs += values.nbytes
+            data = list(range(2, 2 + n))
+        return offs - orig_offs, parts, data, [gguf.GGUFValueType.ARRAY] + ([item] if n else [])
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path, mtime_ns: int, size: int) -> FastGGUFReader:
+    """The parsed file (read-only memory map), shared by the engines of one process.  Keyed by the
+    file's stat, so a file written again is read again."""
+    return FastGGUFReader(path)
 
 
 class GGUFFile:
@@ -175,8 +213,6 @@ class GGUFFile:
     def weights(self, config: PretrainedConfig, native: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, float32 tensor) for every tensor the model uses, dequantized; with ``native``,
         quantized 2-D tensors come as :class:`~infera.quant.gguf_blocks.GGUFTensor` (raw blocks)."""
-        import gguf
-
         from infera.quant.gguf_blocks import FLOAT_TYPES, GGUFTensor
 
         for name, t in self.tensors.items():

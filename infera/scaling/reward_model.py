@@ -143,7 +143,7 @@ class RewardModel(Reward):
             for i in list(todo):
                 seq, positions = wanted[i]
                 first = positions[0] if positions else len(seq) - 1
-                hits = self.blocks.get_computed_blocks(seq)[:first // self.blocks.block_size]
+                hits = self.blocks.get_computed_blocks(seq, first)
                 n = len(seq) - len(hits) * self.blocks.block_size
                 if batch and n > budget:
                     break

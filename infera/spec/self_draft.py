@@ -44,13 +44,15 @@ def parse_layers(spec: str, num_layers: int) -> set[int]:
 
 @dataclass
 class DraftPass:
-    """What the model runner reads of a sequence for one draft pass: its tokens and block table, the
+    """What the model runner reads of a sequence for one draft pass: its tokens and block tables, the
     drafts so far, and where this pass starts."""
 
     token_ids: list[int]
     block_table: list[int]
     num_computed_tokens: int
     num_evicted_tokens: int
+    window_tables: list[list[int]]
+    window_start: int
     spec_token_ids: list[int] = field(default_factory=list)
     kv_observe: int = 0
 
@@ -73,7 +75,8 @@ class SelfDraftProposer(Proposer):
                 continue
             self.block_manager.truncate(seq, seq.num_computed_tokens)  # slots of drafts never verified
             if self.block_manager.allocate_slots(seq, seq.num_uncomputed_tokens + k - 1):
-                passes[i] = DraftPass(seq.token_ids, seq.block_table, seq.num_computed_tokens, seq.num_evicted_tokens)
+                passes[i] = DraftPass(seq.token_ids, seq.block_table, seq.num_computed_tokens, seq.num_evicted_tokens,
+                                      seq.window_tables, seq.window_start)
         self.target.copy_pending_blocks()  # the draft reads the blocks split copy-on-write
         generators = {i: self._generator(seqs[i]) for i in passes}
         probs: dict[int, list] = {i: [] for i in passes}
