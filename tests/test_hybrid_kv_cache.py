@@ -159,6 +159,31 @@ def test_prefix_hits_are_lossless(pair):
     no_leaks(hybrid)
 
 
+def test_kv_policies_evict_from_the_global_layers(pair):
+    """A policy's budget bounds the global group's table; the local groups keep their windows (and
+    a budget covering the prompt changes nothing)."""
+    hybrid, _ = pair
+    engine, bs = hybrid.engine, hybrid.engine.block_manager.block_size
+    batch = prompts(hybrid, (300, 420))
+    greedy = {"temperature": 0.0, "max_tokens": 30, "ignore_eos": True}
+    outs = [[o.outputs[0].token_ids for o in hybrid.generate(batch, SamplingParams(**greedy, **policy),
+                                                              use_tqdm=False)]
+            for policy in ({}, {"kv_policy": "snapkv", "kv_budget": 1.0})]
+    assert outs[0] == outs[1]
+    for policy in ("streaming", "snapkv"):
+        for p in batch:
+            engine.add_request(p, SamplingParams(**greedy, kv_policy=policy, kv_budget=64))
+        most, window = 0, engine.block_manager.window.max_blocks(96)
+        while engine.has_unfinished_requests():
+            engine.step()
+            for s in engine.scheduler.running:
+                assert all(len(t) - s.window_freed <= window for t in s.window_tables)
+                if s.num_output_tokens > 1:
+                    most = max(most, len(s.block_table))
+        assert engine.scheduler.num_evicted_blocks > 0 and most <= 64 // bs + 2, policy
+    no_leaks(hybrid)
+
+
 def block_manager(num_blocks: int = 64, prefix_caching: bool = False) -> BlockManager:
     return BlockManager(num_blocks, 16, enable_prefix_caching=prefix_caching, window_groups=2, sliding_window=WINDOW)
 

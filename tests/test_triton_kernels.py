@@ -112,8 +112,10 @@ def test_store_kv_int8_through_dispatch():
 @pytest.mark.parametrize("dtype,int8", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4)])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_attention(dtype, int8, hq, hkv, num_splits):
-    """Split or not, GQA or not, against the reference; a context of 0 (a padded row) gives zeros."""
+@pytest.mark.parametrize("window", [0, 20])
+def test_decode_attention(dtype, int8, hq, hkv, num_splits, window):
+    """Split or not, GQA or not, a sliding window or not, against the reference; a context of 0 (a
+    padded row) gives zeros."""
     lens = [1, 5, 16, 23, 70, 0]
     block_size, d = 4, 32
     kv = random_cache(128, block_size, hkv, d, dtype, int8)
@@ -121,10 +123,12 @@ def test_decode_attention(dtype, int8, hq, hkv, num_splits):
     q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(1)).to(dtype)
     ctx = torch.tensor(lens)
     out = ta.decode_attention(q.to(DEVICE), to_device(kv), tables.to(DEVICE), ctx.to(DEVICE), 0.3,
-                              num_splits=num_splits, block_n=16)
+                              num_splits=num_splits, block_n=16, window=window)
     assert out.dtype == dtype
     for i, n in enumerate(lens[:-1]):
-        ref = dense_attention(q[i:i + 1], *pa.gather_kv(kv, tables[i], n, dtype), 0.3)
+        k, v = pa.gather_kv(kv, tables[i], n, dtype)
+        first = max(0, n - window) if window else 0
+        ref = dense_attention(q[i:i + 1], k[first:], v[first:], 0.3)
         assert max_error(out[i:i + 1], ref) < TOL[dtype], f"sequence {i}"
     assert not out[-1].any()
 
@@ -169,12 +173,13 @@ def triton_dispatch(monkeypatch):
         ta.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def decode(q, kv, block_tables, context_lens, scale, query_start=None, window=0):
-        assert query_start is None and not window, "CUDA runs one-token decode queries only, without windows"
-        return ta.decode_attention(q, kv, block_tables, context_lens, scale, num_splits=2, block_n=16)
+        assert query_start is None, "CUDA runs one-token decode queries only"
+        return ta.decode_attention(q, kv, block_tables, context_lens, scale, num_splits=2, block_n=16, window=window)
 
-    def prefill(q, k, v, scale, window=0):
-        assert not window, "CUDA runs windowed attention through PyTorch"
-        return ta.chunk_attention(q, k, v, scale)
+    torch_prefill = pa.prefill_attention
+
+    def prefill(q, k, v, scale, window=0):  # (windowed prefill runs through PyTorch on CUDA)
+        return torch_prefill(q, k, v, scale, window) if window else ta.chunk_attention(q, k, v, scale)
 
     monkeypatch.setattr(pa, "_write_slots", write_slots)
     monkeypatch.setattr(pa, "load_cpu_extension", lambda: None)
@@ -186,10 +191,11 @@ def triton_dispatch(monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="covered by tests/test_cuda.py on a GPU")
-@pytest.mark.parametrize("kind,kv_cache_dtype", [("llama", "auto"), ("qwen3", "auto"), ("llama", "int8")])
+@pytest.mark.parametrize("kind,kv_cache_dtype", [("llama", "auto"), ("qwen3", "auto"), ("llama", "int8"),
+                                                 ("gemma3_gguf", "auto")])
 def test_engine_logits_through_triton(tiny_model, kind, kv_cache_dtype, request):
-    """A tiny model's logits (prefill, chunked prefill over a cached prefix, decode) are those of
-    the PyTorch path."""
+    """A tiny model's logits (prefill, chunked prefill over a cached prefix, decode; Gemma 3's
+    sliding windows over a hybrid KV cache) are those of the PyTorch path."""
     from infera.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(model=str(tiny_model(kind)), dtype="float32", kv_cache_memory="8MiB",

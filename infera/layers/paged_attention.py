@@ -132,15 +132,14 @@ def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tens
 
     Sequence ``s`` owns query rows ``query_start[s]:query_start[s + 1]`` (one row each when
     ``query_start`` is None: a decode step), the last positions of its ``context_lens[s]`` tokens.
-    With ``window`` > 0 each query sees its last ``window`` positions (a sliding-window layer; on
-    CUDA through the PyTorch reference).
+    With ``window`` > 0 each query sees its last ``window`` positions (a sliding-window layer).
     """
-    if q.is_cuda and not window:
+    if q.is_cuda:
         from infera.layers import triton_attention
 
         if query_start is not None:
             raise ValueError("multi-token queries go through prefill attention on CUDA")
-        return triton_attention.decode_attention(q, kv, block_tables, context_lens, scale)
+        return triton_attention.decode_attention(q, kv, block_tables, context_lens, scale, window=window)
     if not q.is_cuda and native_cache(kv, q.dtype) and (ext := load_cpu_extension()):
         return ext.paged_attention(q, kv.k, kv.v, kv.k_scale, kv.v_scale, block_tables, query_start, context_lens,
                                    scale, window)

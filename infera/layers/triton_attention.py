@@ -91,19 +91,21 @@ def _load_kv_tile(cache_ptr, scale_ptr, block, offset, kv_head, d, mask, d_mask,
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr,
-                   o_part_ptr, lse_ptr, scale, block_size, num_heads,
+                   o_part_ptr, lse_ptr, scale, block_size, num_heads, window,
                    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                    stride_sb, stride_st, stride_bt,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, QUANT: tl.constexpr, UPCAST: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """Program (sequence, KV head, split): the split's part of the context for the head's group."""
+    """Program (sequence, KV head, split): the split's part of the context (of its last ``window``
+    positions, if > 0) for the head's group."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
+    split_len = tl.cdiv(tl.cdiv(ctx - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, ctx)
 
     h = tl.arange(0, BLOCK_H)
@@ -276,8 +278,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     scale: float, num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
-    """One query token per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D].
+                     scale: float, num_splits: int | None = None, block_n: int | None = None,
+                     window: int = 0) -> torch.Tensor:
+    """One query token per sequence over its paged context (its last ``window`` positions if > 0):
+    q [B, Hq, D] -> [B, Hq, D].
 
     ``context_lens`` may hold 0 (a padded row): its output is zeros."""
     batch, num_heads, head_dim = q.shape
@@ -296,7 +300,7 @@ def decode_attention(q: torch.Tensor, kv: LayerKVCache, block_tables: torch.Tens
     k_scale, v_scale = (kv.k_scale, kv.v_scale) if kv.quantized else (kv.k, kv.v)
     _decode_kernel[(batch, num_kv_heads, splits)](
         q, kv.k, kv.v, k_scale, v_scale, block_tables, context_lens, o_part, lse, scale, kv.k.shape[1], num_heads,
-        q.stride(0), q.stride(1), *_cache_args(q, kv.k, kv.v, kv.k_scale), block_tables.stride(0),
+        window, q.stride(0), q.stride(1), *_cache_args(q, kv.k, kv.v, kv.k_scale), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n or default_block_n, BLOCK_D=block_d, NUM_SPLITS=splits, QUANT=kv.quantized,
         **_dot_options(q), num_warps=num_warps)
