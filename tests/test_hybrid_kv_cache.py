@@ -156,6 +156,9 @@ def test_prefix_hits_are_lossless(pair):
     full.engine.reset_prefix_cache()
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in full.generate(
         batch, params, use_tqdm=False)]
+    # disaggregation sends one group's blocks, no use to a hybrid cache: nothing is sent
+    assert hybrid.engine.worker.kv_connector.send(base) is None
+    assert full.engine.worker.kv_connector.send(base) is not None
     no_leaks(hybrid)
 
 
