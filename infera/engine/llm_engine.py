@@ -116,13 +116,14 @@ class LLMEngine:
         logger.info("KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
                     "up to %d tokens and %d sequences per step; prefix caching %s",
                     str(self.runner.kv_cache.dtype).removeprefix("torch."), self.runner.num_blocks,
-                    cfg.block_size, self.worker.kv_cache_tokens, self.runner.kv_cache.num_bytes / 2**30,
+                    cfg.block_size, self.runner.num_blocks * cfg.block_size, self.runner.kv_cache.num_bytes / 2**30,
                     self.max_model_len, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                     "on" if self.block_manager.enable_prefix_caching else "off")
         if groups := self.runner.kv_cache.num_window_groups:
-            logger.info("hybrid KV cache: a block holds one of %d KV-cache groups (the full-attention layers and %d "
-                        "groups of sliding-window layers, window %d); %d tokens is the longest context",
-                        groups + 1, groups, self.runner.kv_cache.sliding_window, self.worker.kv_cache_tokens)
+            logger.info("hybrid KV cache: a block holds a block of one of %d KV-cache groups (the full-attention "
+                        "layers, and %d groups of sliding-window layers, window %d): one sequence's context may "
+                        "reach %d tokens", groups + 1, groups, self.runner.kv_cache.sliding_window,
+                        self.worker.kv_cache_tokens)
         if kv := self.runner.kv_cache.num_host_blocks:
             logger.info("KV offloading: %d host blocks = %d tokens (%.2f GiB) as a second tier of the prefix cache",
                         kv, kv * cfg.block_size, kv * self.runner.kv_cache.bytes_per_block / 2**30)
