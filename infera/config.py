@@ -14,7 +14,7 @@ from infera.router import DEFAULT_CACHE_THRESHOLD, DEFAULT_PREFILL_WEIGHT, POLIC
 from infera.sampling_params import DEFAULT_SINK_TOKENS, KV_POLICIES, check_kv_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8")
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "kivi2")
 DEFAULT_KV_CACHE_MEMORY = 2 * 2**30  # on CPU, when kv_cache_memory is not given
 SPECULATIVE_METHODS = ("ngram", "recycle", "self", "self:LAYERS", "draft:PATH")  # infera.spec's proposers
 
@@ -70,7 +70,9 @@ class EngineConfig:
                                  help="auto = the model's dtype; float16 / bfloat16 = K and V rounded to 16 bits "
                                       "under float32 activations (half the memory and the bytes attention reads, "
                                       "as llama.cpp's default f16 cache); int8 = per-token-and-head scaled int8, "
-                                      "about half the memory of a 16-bit cache")
+                                      "about half the memory of a 16-bit cache; kivi2 = 2-bit keys per channel and "
+                                      "values per token (KIVI; CPU), about a fourth of a 16-bit cache, combines "
+                                      "with any --kv-policy")
     kv_policy: str = option(
         "none", choices=KV_POLICIES,
         help="which KV a long sequence keeps, about --kv-budget tokens of it: none = all; streaming = the first "

@@ -61,6 +61,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "query sees its last `window` positions)", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("k_scale"), py::arg("v_scale"), py::arg("block_tables"), py::arg("query_starts"),
         py::arg("context_lens"), py::arg("scale"), py::arg("window") = 0);
+  m.def("kivi_paged_attention", &kivi_paged_attention, "paged attention over a 2-bit (kivi2) cache: each query "
+        "reads exact staged rows in block 0 and its residual zone", py::arg("q"), py::arg("k_codes"),
+        py::arg("v_codes"), py::arg("k_params"), py::arg("v_params"), py::arg("staging"), py::arg("block_tables"),
+        py::arg("query_starts"), py::arg("context_lens"), py::arg("stage_slots"), py::arg("scale"),
+        py::arg("residual"), py::arg("window") = 0);
+  m.def("kivi_store_kv", &kivi_store_kv, "write K/V rows into a 2-bit (kivi2) cache: values quantized, staged "
+        "blocks' rows kept exact, full blocks' keys quantized", py::arg("k_codes"), py::arg("v_codes"), py::arg("k_params"),
+        py::arg("v_params"), py::arg("staging"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
+        py::arg("stage_mapping"));
   m.def("store_kv", &store_kv, "write K/V rows into paged cache slots (int8 caches: quantized)", py::arg("k_cache"),
         py::arg("v_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"), py::arg("k_scale") = py::none(),
         py::arg("v_scale") = py::none());

@@ -110,5 +110,16 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                            int64_t window = 0);
 void store_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping,
               c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale);
+at::Tensor kivi_paged_attention(at::Tensor q, at::Tensor k_codes, at::Tensor v_codes, at::Tensor k_params,
+                                at::Tensor v_params, at::Tensor staging, at::Tensor block_tables,
+                                c10::optional<at::Tensor> query_starts, at::Tensor context_lens, at::Tensor stage_slots,
+                                double scale, int64_t residual, int64_t window = 0);
+
+// ---- kivi_cache.cpp: the 2-bit KV cache (infera/layers/kivi.py) ----
+
+// channels of a value group
+constexpr int64_t kivi_group(int64_t head_dim) { return head_dim < 32 ? head_dim : 32; }
+void kivi_store_kv(at::Tensor k_codes, at::Tensor v_codes, at::Tensor k_params, at::Tensor v_params,
+                   at::Tensor staging, at::Tensor k, at::Tensor v, at::Tensor slot_mapping, at::Tensor stage_mapping);
 
 }  // namespace infera

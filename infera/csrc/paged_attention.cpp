@@ -2,8 +2,10 @@
 // small prefill chunks): K/V are read in place from the block-paged cache, no gather copy.
 // Work is split over (sequence, KV head); the G query heads that share a KV head and all the
 // sequence's query positions are processed together, so each K/V row is read once. The cache
-// holds the query's dtype, a 16-bit float (float16 or bfloat16, widened as it is read), or int8
-// with a float scale per token and head.
+// holds the query's dtype, a 16-bit float (float16 or bfloat16, widened as it is read), int8
+// with a float scale per token and head, or 2-bit codes (kivi2, infera/layers/kivi.py: keys per
+// channel of a block, values per token; each query reads the exact keys and values of the staged
+// blocks of its residual zone: the first block, its own and those before it).
 #include <ATen/Parallel.h>
 
 #include "ops.h"
@@ -36,14 +38,53 @@ struct HeadLayout {
   int64_t Hq, G, D, block_size, row_stride, scale_stride;
 };
 
+// A 2-bit cache's other arrays at one KV head and sequence: key parameters per block ([2][D]:
+// scales, minimums), value parameters per slot ([2][D / group]), the staged exact rows
+// ([slots][2: K, V][block_size] rows, 16-bit) and the sequence's staging slots: table block 0's,
+// then those of blocks zone, zone + 1, ..., zone + residual (-1: not staged), zone being the residual
+// zone's first block for its first query.
+template <typename scalar_t>
+struct KiviView {
+  using stage_t = std::conditional_t<std::is_same_v<scalar_t, float>, c10::Half, c10::BFloat16>;
+  const c10::BFloat16* k_params;
+  const c10::BFloat16* v_params;
+  const stage_t* staging;
+  int64_t k_param_stride, v_param_stride, stage_row_stride;
+  const int64_t* stage_slots;
+  int64_t zone, residual;
+  // position t's exact key row (its value row is block_size rows on), or nullptr where it has none
+  const stage_t* exact_row(int64_t t, int64_t bs) const {
+    const int64_t b = t / bs, i = b == 0 ? 0 : (b >= zone && b - zone <= residual ? 1 + b - zone : -1);
+    return i < 0 || stage_slots[i] < 0 ? nullptr : staging + (stage_slots[i] * 2 * bs + t % bs) * stage_row_stride;
+  }
+  // the first position of a query at p's residual zone (it reads exact rows there and in block 0)
+  int64_t zone_start(int64_t p, int64_t bs) const { return std::max<int64_t>(0, p / bs - residual + 1) * bs; }
+};
+
+// A 2-bit row in float: byte j holds channel j + i * D / 4 in bits 2i, 2i + 1; a key's channel d is
+// code * scale[d] + min[d], a value's code * scale[g] + min[g] for its group g.
+inline void kivi_key_row(const uint8_t* codes, const c10::BFloat16* params, int64_t D, float* out) {
+  const int64_t Q = D / 4;
+  for (int64_t d = 0; d < D; ++d)
+    out[d] = static_cast<float>((codes[d % Q] >> (2 * (d / Q))) & 3) * static_cast<float>(params[d]) +
+             static_cast<float>(params[D + d]);
+}
+inline void kivi_value_row(const uint8_t* codes, const c10::BFloat16* params, int64_t D, float* out) {
+  const int64_t Q = D / 4, g = infera::kivi_group(D), groups = D / g;
+  for (int64_t d = 0; d < D; ++d)
+    out[d] = static_cast<float>((codes[d % Q] >> (2 * (d / Q))) & 3) * static_cast<float>(params[d / g]) +
+             static_cast<float>(params[groups + d / g]);
+}
+
 // One sequence and KV head: queries at positions [ctx - nq, ctx) over cache positions [0, ctx),
 // causal; with window > 0 the query at p sees positions (p - window, p] only (a sliding-window
 // layer). q and out point at the sequence's first query row, head h * G.
 template <typename scalar_t, typename cache_t>
 void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, const float* k_scale,
-            const float* v_scale, const int64_t* table, int64_t nq, int64_t ctx, int64_t window, scalar_t* out,
-            const HeadLayout& L, float scale, std::vector<float>& qf, std::vector<float>& scores,
-            std::vector<float>& acc) {
+            const float* v_scale, const KiviView<scalar_t>* kivi, const int64_t* table, int64_t nq, int64_t ctx,
+            int64_t window, scalar_t* out, const HeadLayout& L, float scale, std::vector<float>& qf,
+            std::vector<float>& scores, std::vector<float>& acc) {
+  constexpr bool kivi2 = std::is_same_v<cache_t, uint8_t>;
   const int64_t G = L.G, D = L.D, rows = nq * G, first = ctx - nq;
   // the first position row r sees, and the rows that see position t: [r_begin(t), r_end(t))
   auto lo = [&](int64_t r) { return window > 0 ? std::max<int64_t>(0, first + r / G + 1 - window) : 0; };
@@ -55,15 +96,33 @@ void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, c
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d) qf[(i * G + g) * D + d] = static_cast<float>(q[i * L.Hq * D + g * D + d]) * scale;
-  float kf[256], vf[256];
+  const int64_t bs = L.block_size;
+  float kf[256], vf[256], kx[256], vx[256];
+  auto slot_of = [&](int64_t t) { return table[t / bs] * bs + t % bs; };
+  // (kivi2) t's exact rows into `into` (key, or value with `value`) if it has them
+  auto exact = [&](int64_t t, bool value, float* into) {
+    if constexpr (kivi2) {
+      if (const auto* row = kivi->exact_row(t, bs)) {
+        for (int64_t d = 0; d < D; ++d) into[d] = static_cast<float>(row[(value ? bs * kivi->stage_row_stride : 0) + d]);
+        return true;
+      }
+    }
+    return false;
+  };
+  auto in_zone = [&](int64_t r, int64_t t) { return t < bs || t >= kivi->zone_start(first + r / G, bs); };
   for (int64_t t = lo(0); t < ctx; ++t) {
-    load_row(k_cache, k_scale, table[t / L.block_size] * L.block_size + t % L.block_size, L.row_stride,
-             L.scale_stride, D, kf);
+    const int64_t slot = slot_of(t);
+    if constexpr (kivi2)
+      kivi_key_row(k_cache + slot * L.row_stride, kivi->k_params + slot / bs * kivi->k_param_stride, D, kf);
+    else
+      load_row(k_cache, k_scale, slot, L.row_stride, L.scale_stride, D, kf);
+    const bool has_exact = exact(t, false, kx);
     for (int64_t r = r_begin(t); r < r_end(t); ++r) {  // queries that see position t
       const float* qr = qf.data() + r * D;
+      const float* k = has_exact && in_zone(r, t) ? kx : kf;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < D; ++d) s += qr[d] * kf[d];
+      for (int64_t d = 0; d < D; ++d) s += qr[d] * k[d];
       scores[r * ctx + t] = s;
     }
   }
@@ -77,13 +136,17 @@ void attend(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache, c
     for (int64_t t = lo(r); t < visible; ++t) s[t] *= inv;
   }
   for (int64_t t = lo(0); t < ctx; ++t) {
-    load_row(v_cache, v_scale, table[t / L.block_size] * L.block_size + t % L.block_size, L.row_stride,
-             L.scale_stride, D, vf);
+    if constexpr (kivi2)
+      kivi_value_row(v_cache + slot_of(t) * L.row_stride, kivi->v_params + slot_of(t) * kivi->v_param_stride, D, vf);
+    else
+      load_row(v_cache, v_scale, slot_of(t), L.row_stride, L.scale_stride, D, vf);
+    const bool has_exact = exact(t, true, vx);
     for (int64_t r = r_begin(t); r < r_end(t); ++r) {
       const float p = scores[r * ctx + t];
+      const float* v = has_exact && in_zone(r, t) ? vx : vf;
       float* a = acc.data() + r * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) a[d] += p * vf[d];
+      for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
     }
   }
   for (int64_t i = 0; i < nq; ++i)
@@ -104,6 +167,7 @@ struct Vec {
   static constexpr int64_t W = 16, U = 2;  // tiles of U * W positions (one softmax update each)
   static constexpr int64_t RB = 4, KB = 4;  // V accumulation: RB query rows x KB column vectors in registers
   template <typename T> static reg load(const T* p) { return load16(p); }
+  static reg codes(const uint8_t* p, int shift) { return codes16(p, shift); }  // (p[i] >> shift) & 3
   template <typename T> static void store(T* p, reg x) { store16(p, round16<T>(x)); }
   static void store(int8_t* p, reg x) {  // x already integral
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(x)));
@@ -146,6 +210,7 @@ struct Vec {
   static constexpr int64_t W = 8, U = 4;  // tiles of U * W positions (one softmax update each)
   static constexpr int64_t RB = 2, KB = 4;  // V accumulation: RB query rows x KB column vectors in registers
   template <typename T> static reg load(const T* p) { return load8(p); }
+  static reg codes(const uint8_t* p, int shift) { return codes8(p, shift); }  // (p[i] >> shift) & 3
   template <typename T> static void store(T* p, reg x) { store8(p, round8<T>(x)); }
   static reg set1(float x) { return _mm256_set1_ps(x); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
@@ -187,7 +252,35 @@ struct Vec {
 // the batch or on other query rows, so decoding and speculative verification give bitwise the
 // same rows. An int8 row's scale multiplies its score (K) or its probability (V), not its elements.
 constexpr int64_t CHUNK = 128;
-constexpr int64_t PREFETCH_TILES = 2;  // how far ahead a chunk's K/V rows are fetched (measured: 1-4 alike)
+constexpr int64_t PREFETCH_TILES = 2;
+
+// kivi_key_row / kivi_value_row a vector at a time where a group of W codes' channels share a group
+template <int64_t D>
+inline void kivi_key_row_vec(const uint8_t* codes, const c10::BFloat16* params, float* out) {
+  constexpr int64_t Q = D / 4;
+  if constexpr (Q % Vec::W == 0) {
+    for (int c = 0; c < 4; ++c)
+      for (int64_t j = 0; j < Q; j += Vec::W)
+        Vec::store(out + c * Q + j, Vec::fmadd(Vec::codes(codes + j, 2 * c), Vec::load(params + c * Q + j),
+                                               Vec::load(params + D + c * Q + j)));
+  } else {
+    kivi_key_row(codes, params, D, out);
+  }
+}
+template <int64_t D>
+inline void kivi_value_row_vec(const uint8_t* codes, const c10::BFloat16* params, float* out) {
+  constexpr int64_t Q = D / 4, g = infera::kivi_group(D), groups = D / g;
+  if constexpr (Q % Vec::W == 0 && g % Vec::W == 0) {
+    for (int c = 0; c < 4; ++c)
+      for (int64_t j = 0; j < Q; j += Vec::W) {
+        const int64_t group = (c * Q + j) / g;
+        Vec::store(out + c * Q + j, Vec::fmadd(Vec::codes(codes + j, 2 * c), Vec::set1(static_cast<float>(params[group])),
+                                               Vec::set1(static_cast<float>(params[groups + group]))));
+      }
+  } else {
+    kivi_value_row(codes, params, D, out);
+  }
+}  // how far ahead a chunk's K/V rows are fetched (measured: 1-4 alike)
 
 // acc[j] = acc[j] * corr[j] + sum over i < most of p[j][i] * V row i, for NR query rows and the KB
 // column vectors acc and vrow[i] + k0 point at; p is 0 at positions a row does not see (so adding
@@ -222,12 +315,15 @@ inline void accumulate_v(float* acc, const float* corr, const float* p, const fl
 // positions (its position - window, its position] only: tiles no row's window reaches are skipped
 // (on the chunk's grid of tiles, so a row's arithmetic still depends on its position alone), and a
 // tile's lanes before a row's window are masked like those after its position. `tmp`: rows * (T + 1)
-// floats.
+// floats. A 2-bit cache's (kivi) rows are decoded into the float tiles, and the staged exact rows
+// into two more, which a row reads at the positions of its residual zone (and of block 0).
 template <int64_t D, typename scalar_t, typename cache_t>
 void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, int64_t window, const cache_t* k_cache,
-                  const cache_t* v_cache, const float* k_scale, const float* v_scale, const int64_t* table,
-                  int64_t c0, int64_t c1, const HeadLayout& L, float scale, float* part, float* tmp) {
+                  const cache_t* v_cache, const float* k_scale, const float* v_scale, const KiviView<scalar_t>* kivi,
+                  const int64_t* table, int64_t c0, int64_t c1, const HeadLayout& L, float scale, float* part,
+                  float* tmp) {
   constexpr int64_t W = Vec::W, U = Vec::U, T = W * U, NC = D / W, RB = Vec::RB, KB = std::min(NC, Vec::KB);
+  constexpr bool kivi2 = std::is_same_v<cache_t, uint8_t>;
 #if defined(__AVX512BF16__)
   constexpr bool bf16_dots = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
                              D % 32 == 0;
@@ -243,7 +339,10 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, int64_t window
   if (window > 0) c0 += std::max<int64_t>(0, first + 1 - window - c0) / T * T;
   constexpr bool widen = !std::is_same_v<cache_t, float>;  // float rows are used where they are
   alignas(64) float kt[widen && !bf16_dots ? T * D : 1], vt[widen ? T * D : 1];
-  const float *kf[T], *vf[T];  // the tile's K and V rows in float (unused: K with bf16_dots)
+  alignas(64) float kx[kivi2 ? T * D : 1], vx[kivi2 ? T * D : 1];
+  // the tile's K and V rows in float (unused: K with bf16_dots); (kivi2) its exact rows, or the same
+  const float *kf[T], *vf[T], *kex[T], *vex[T], *vsel[T];
+  const int64_t bs = L.block_size;
   int64_t slots[CHUNK];  // the chunk's cache slots (counted along the block table: no division a position)
   for (int64_t t = c0, b = c0 / L.block_size, o = c0 % L.block_size; t < c1; ++t) {
     slots[t - c0] = table[b] * L.block_size + o;
@@ -275,7 +374,19 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, int64_t window
     for (int64_t i = 0; i < T; ++i) {
       krow[i] = k_cache + (i < n ? tile_slots[i] : tile_slots[0]) * L.row_stride;  // (lanes past n are masked out)
       const cache_t* v = v_cache + tile_slots[i < n ? i : 0] * L.row_stride;
-      if constexpr (widen) {
+      if constexpr (kivi2) {
+        const int64_t slot = i < n ? tile_slots[i] : tile_slots[0];
+        kivi_key_row_vec<D>(krow[i], kivi->k_params + slot / bs * kivi->k_param_stride, kt + i * D);
+        if (i < n) kivi_value_row_vec<D>(v, kivi->v_params + slot * kivi->v_param_stride, vt + i * D);
+        kf[i] = kex[i] = kt + i * D, vf[i] = vex[i] = vt + i * D;
+        if (const auto* row = i < n ? kivi->exact_row(t0 + i, bs) : nullptr) {
+          for (int64_t c = 0; c < NC; ++c) {
+            Vec::store(kx + i * D + W * c, Vec::load(row + W * c));
+            Vec::store(vx + i * D + W * c, Vec::load(row + bs * kivi->stage_row_stride + W * c));
+          }
+          kex[i] = kx + i * D, vex[i] = vx + i * D;
+        }
+      } else if constexpr (widen) {
         for (int64_t c = 0; c < NC; ++c) {
           if constexpr (!bf16_dots) Vec::store(kt + i * D + W * c, Vec::load(krow[i] + W * c));
           if (i < n) Vec::store(vt + i * D + W * c, Vec::load(v + W * c));
@@ -314,8 +425,11 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, int64_t window
         } else {
           Vec::reg qv[NC];
           for (int c = 0; c < NC; ++c) qv[c] = Vec::load(qrow(r) + W * c);
+          // (kivi2) lanes [0, sink) and [zone, W) read exact keys: block 0 and the row's residual zone
+          const int64_t sink = kivi2 ? bs - t0 - u * W : 0;
+          const int64_t zone = kivi2 ? kivi->zone_start(first + r / G, bs) - t0 - u * W : W;
           for (int i = 0; i < W; ++i) {
-            const float* k = kf[u * W + i];
+            const float* k = i < sink || i >= zone ? kex[u * W + i] : kf[u * W + i];
             dot[i] = Vec::mul(qv[0], Vec::load(k));
             for (int c = 1; c < NC; ++c) dot[i] = Vec::fmadd(qv[c], Vec::load(k + W * c), dot[i]);
           }
@@ -337,15 +451,24 @@ void attend_chunk(const scalar_t* q, int64_t rows, int64_t first, int64_t window
       l[r] = l[r] * corr[r] + Vec::hsum(total);
       m[r] = m_new;
     }
-    for (int64_t r0 = r_first; r0 < r_end; r0 += RB) {
-      const int64_t nr = std::min(RB, r_end - r0), most = seen(r0 + nr - 1, t0, n);
+    for (int64_t r0 = r_first, nr; r0 < r_end; r0 += nr) {
+      nr = std::min(RB, r_end - r0);
+      const float* const* vrows = vf;
+      if constexpr (kivi2) {  // rows of one block (one residual zone): the tile's V rows each reads
+        const int64_t block = (first + r0 / G) / bs;
+        while ((first + (r0 + nr - 1) / G) / bs != block) --nr;
+        const int64_t zone = kivi->zone_start(first + r0 / G, bs);
+        for (int64_t i = 0; i < T; ++i) vsel[i] = t0 + i < bs || t0 + i >= zone ? vex[i] : vf[i];
+        vrows = vsel;
+      }
+      const int64_t most = seen(r0 + nr - 1, t0, n);
       for (int64_t k0 = 0; k0 < D; k0 += KB * W) {
         float *a = acc + r0 * D + k0, *c = corr + r0, *p = prob + r0 * T;
         switch (nr) {  // (nr <= RB <= 4)
-          case 1: accumulate_v<1, KB, D>(a, c, p, vf, k0, most); break;
-          case 2: accumulate_v<2, KB, D>(a, c, p, vf, k0, most); break;
-          case 3: accumulate_v<3, KB, D>(a, c, p, vf, k0, most); break;
-          default: accumulate_v<4, KB, D>(a, c, p, vf, k0, most); break;
+          case 1: accumulate_v<1, KB, D>(a, c, p, vrows, k0, most); break;
+          case 2: accumulate_v<2, KB, D>(a, c, p, vrows, k0, most); break;
+          case 3: accumulate_v<3, KB, D>(a, c, p, vrows, k0, most); break;
+          default: accumulate_v<4, KB, D>(a, c, p, vrows, k0, most); break;
         }
       }
     }
@@ -378,6 +501,92 @@ void merge_chunks(const float* parts, int64_t nchunks, int64_t rows, const HeadL
   }
 }
 #endif
+
+// A 2-bit cache's arrays for every head and sequence (kivi_paged_attention), as KiviViews per item.
+template <typename scalar_t>
+struct KiviArrays {
+  const c10::BFloat16 *k_params, *v_params;
+  const typename KiviView<scalar_t>::stage_t* staging;
+  const int64_t* stage_slots;  // [S, residual + 2]
+  int64_t Hkv, D, groups, residual;
+  KiviView<scalar_t> view(int64_t s, int64_t h, int64_t zone) const {
+    return {k_params + h * 2 * D, v_params + h * 2 * groups, staging + h * D, Hkv * 2 * D, Hkv * 2 * groups,
+            Hkv * D, stage_slots + (residual + 2) * s, zone, residual};
+  }
+};
+
+// The attention of S sequences' query rows (paged_attention's arguments as pointers): on the vector
+// path, items (sequence, KV head, chunk of CHUNK positions) then a merge of each (sequence, head)'s
+// chunks; on the scalar path, one item per (sequence, KV head).
+template <typename scalar_t, typename cache_t>
+void attention_items(const scalar_t* qp, scalar_t* op, const cache_t* kp, const cache_t* vp, const float* ks,
+                     const float* vs, const KiviArrays<scalar_t>* kivi, const int64_t* tables, const int64_t* starts,
+                     const int64_t* lens, int64_t S, int64_t max_blocks, int64_t window, const HeadLayout& L,
+                     float scale) {
+  const int64_t Hq = L.Hq, D = L.D, Hkv = Hq / L.G, head = L.row_stride / Hkv;  // head: a head's cache elements
+  auto view = [&](int64_t s, int64_t h) {  // the 2-bit cache's arrays at sequence s, head h
+    if (!kivi) return KiviView<scalar_t>{};
+    const int64_t first = (lens[s] - (starts[s + 1] - starts[s])) / L.block_size;
+    return kivi->view(s, h, std::max<int64_t>(0, first - kivi->residual + 1));
+  };
+#if defined(PA_VECTOR)
+  if constexpr (lanes::loads<scalar_t>) {
+    decltype(&attend_chunk<16, scalar_t, cache_t>) chunk_fn = nullptr;
+    switch (D) {
+      case 16: chunk_fn = &attend_chunk<16, scalar_t, cache_t>; break;
+      case 32: chunk_fn = &attend_chunk<32, scalar_t, cache_t>; break;
+      case 64: chunk_fn = &attend_chunk<64, scalar_t, cache_t>; break;
+      case 128: chunk_fn = &attend_chunk<128, scalar_t, cache_t>; break;
+      case 256: chunk_fn = &attend_chunk<256, scalar_t, cache_t>; break;
+      default: break;
+    }
+    if (chunk_fn) {
+      // items (s, h, c) in order; sequence s owns items [item0[s], item0[s + 1]) and partial
+      // results [part0[s], part0[s + 1]): per head, per chunk, rows x (D + 2) floats
+      std::vector<int64_t> item0(S + 1, 0), part0(S + 1, 0), chunks(S);
+      for (int64_t s = 0; s < S; ++s) {
+        chunks[s] = (lens[s] + CHUNK - 1) / CHUNK;
+        item0[s + 1] = item0[s] + Hkv * chunks[s];
+        part0[s + 1] = part0[s] + Hkv * chunks[s] * (starts[s + 1] - starts[s]) * L.G * (D + 2);
+      }
+      std::vector<float> parts(part0[S]);
+      at::parallel_for(0, item0[S], 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> tmp;
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t s = std::upper_bound(item0.begin(), item0.end(), item) - item0.begin() - 1;
+          const int64_t h = (item - item0[s]) / chunks[s], c = (item - item0[s]) % chunks[s];
+          const int64_t nq = starts[s + 1] - starts[s], rows = nq * L.G;
+          const KiviView<scalar_t> kv = view(s, h);
+          tmp.resize(rows * (Vec::W * Vec::U + 1));
+          chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, rows, lens[s] - nq, window, kp + h * head, vp + h * head,
+                   ks ? ks + h : nullptr, vs ? vs + h : nullptr, kivi ? &kv : nullptr, tables + s * max_blocks,
+                   c * CHUNK, std::min(lens[s], (c + 1) * CHUNK), L, scale,
+                   parts.data() + part0[s] + (h * chunks[s] + c) * rows * (D + 2), tmp.data());
+        }
+      });
+      at::parallel_for(0, S * Hkv, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t s = item / Hkv, h = item % Hkv, rows = (starts[s + 1] - starts[s]) * L.G;
+          merge_chunks(parts.data() + part0[s] + h * chunks[s] * rows * (D + 2), chunks[s], rows, L,
+                       op + (starts[s] * Hq + h * L.G) * D);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, scores, scratch;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / Hkv, h = item % Hkv, row = starts[s] * Hq + h * L.G;
+      const KiviView<scalar_t> kv = view(s, h);
+      attend<scalar_t, cache_t>(qp + row * D, kp + h * head, vp + h * head, ks ? ks + h : nullptr,
+                                vs ? vs + h : nullptr, kivi ? &kv : nullptr, tables + s * max_blocks,
+                                starts[s + 1] - starts[s], lens[s], window, op + row * D, L, scale, qf, scores,
+                                scratch);
+    }
+  });
+}
 
 // One head's K or V row as int8, dst = round(x / s) with s = max|x| / 127 (as quantize_int8, to the
 // bit: the same division and rounding, vectors and scalar tail alike); returns s.
@@ -455,63 +664,8 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   auto out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "paged_attention", [&] {
     auto run = [&](auto* kp, auto* vp) {
-      using cache_t = std::remove_pointer_t<decltype(kp)>;
-      const scalar_t* qp = q.data_ptr<scalar_t>();
-      scalar_t* op = out.data_ptr<scalar_t>();
-#if defined(PA_VECTOR)
-      if constexpr (lanes::loads<scalar_t>) {
-        decltype(&attend_chunk<16, scalar_t, cache_t>) chunk_fn = nullptr;
-        switch (D) {
-          case 16: chunk_fn = &attend_chunk<16, scalar_t, cache_t>; break;
-          case 32: chunk_fn = &attend_chunk<32, scalar_t, cache_t>; break;
-          case 64: chunk_fn = &attend_chunk<64, scalar_t, cache_t>; break;
-          case 128: chunk_fn = &attend_chunk<128, scalar_t, cache_t>; break;
-          case 256: chunk_fn = &attend_chunk<256, scalar_t, cache_t>; break;
-          default: break;
-        }
-        if (chunk_fn) {
-          // items (s, h, c) in order; sequence s owns items [item0[s], item0[s + 1]) and partial
-          // results [part0[s], part0[s + 1]): per head, per chunk, rows x (D + 2) floats
-          std::vector<int64_t> item0(S + 1, 0), part0(S + 1, 0), chunks(S);
-          for (int64_t s = 0; s < S; ++s) {
-            chunks[s] = (lens[s] + CHUNK - 1) / CHUNK;
-            item0[s + 1] = item0[s] + Hkv * chunks[s];
-            part0[s + 1] = part0[s] + Hkv * chunks[s] * (starts[s + 1] - starts[s]) * L.G * (D + 2);
-          }
-          std::vector<float> parts(part0[S]);
-          at::parallel_for(0, item0[S], 1, [&](int64_t begin, int64_t end) {
-            std::vector<float> tmp;
-            for (int64_t item = begin; item < end; ++item) {
-              const int64_t s = std::upper_bound(item0.begin(), item0.end(), item) - item0.begin() - 1;
-              const int64_t h = (item - item0[s]) / chunks[s], c = (item - item0[s]) % chunks[s];
-              const int64_t nq = starts[s + 1] - starts[s], rows = nq * L.G;
-              tmp.resize(rows * (Vec::W * Vec::U + 1));
-              chunk_fn(qp + (starts[s] * Hq + h * L.G) * D, rows, lens[s] - nq, window, kp + h * D, vp + h * D,
-                       ks ? ks + h : nullptr, vs ? vs + h : nullptr, tables + s * max_blocks, c * CHUNK,
-                       std::min(lens[s], (c + 1) * CHUNK), L, static_cast<float>(scale),
-                       parts.data() + part0[s] + (h * chunks[s] + c) * rows * (D + 2), tmp.data());
-            }
-          });
-          at::parallel_for(0, S * Hkv, 8, [&](int64_t begin, int64_t end) {
-            for (int64_t item = begin; item < end; ++item) {
-              const int64_t s = item / Hkv, h = item % Hkv, rows = (starts[s + 1] - starts[s]) * L.G;
-              merge_chunks(parts.data() + part0[s] + h * chunks[s] * rows * (D + 2), chunks[s], rows, L,
-                           op + (starts[s] * Hq + h * L.G) * D);
-            }
-          });
-          return;
-        }
-      }
-#endif
-      at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> qf, scores, scratch;
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t s = item / Hkv, h = item % Hkv, row = starts[s] * Hq + h * L.G;
-          attend<scalar_t, cache_t>(qp + row * D, kp + h * D, vp + h * D, ks ? ks + h : nullptr,
-                                    vs ? vs + h : nullptr, tables + s * max_blocks, starts[s + 1] - starts[s], lens[s],
-                                    window, op + row * D, L, static_cast<float>(scale), qf, scores, scratch);
-        }
-      });
+      attention_items<scalar_t>(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kp, vp, ks, vs, nullptr, tables,
+                                starts, lens, S, max_blocks, window, L, static_cast<float>(scale));
     };
     if (quantized) {
       run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
@@ -522,6 +676,69 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
     } else {
       run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
     }
+  });
+  return out;
+}
+
+// paged_attention over a 2-bit cache (infera/layers/kivi.py): k_codes, v_codes [num_blocks,
+// block_size, Hkv, D / 4] uint8; k_params [num_blocks, Hkv, 2, D] and v_params [num_blocks,
+// block_size, Hkv, 2, D / group] bfloat16; staging [slots, 2 (K, V), block_size, Hkv, D] (float16
+// under float32 queries, else bfloat16); stage_slots [S, residual + 2]: each sequence's staging
+// slots of table block 0, then of blocks zone .. zone + residual (-1: not staged), zone =
+// max(0, first query's block - residual + 1). A query at p reads exact rows where staged in block 0
+// and in blocks from p's block - residual + 1 on, quantized ones elsewhere.
+at::Tensor kivi_paged_attention(at::Tensor q, at::Tensor k_codes, at::Tensor v_codes, at::Tensor k_params,
+                                at::Tensor v_params, at::Tensor staging, at::Tensor block_tables,
+                                c10::optional<at::Tensor> query_starts, at::Tensor context_lens, at::Tensor stage_slots,
+                                double scale, int64_t residual, int64_t window) {
+  TORCH_CHECK(window >= 0 && residual >= 1, "window must be >= 0 (0: none), residual >= 1");
+  TORCH_CHECK(q.dim() == 3 && k_codes.dim() == 4 && v_codes.sizes() == k_codes.sizes(), "bad shapes");
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_codes.size(2), bs = k_codes.size(1);
+  TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte && k_codes.size(3) * 4 == D &&
+              D <= 256 && D % 4 == 0 && Hq % Hkv == 0, "2-bit codes must be uint8 [blocks, block_size, Hkv, D / 4]");
+  const int64_t groups = D / kivi_group(D);
+  TORCH_CHECK(k_params.scalar_type() == at::kBFloat16 && v_params.scalar_type() == at::kBFloat16 &&
+              k_params.sizes() == at::IntArrayRef({k_codes.size(0), Hkv, 2, D}) &&
+              v_params.sizes() == at::IntArrayRef({k_codes.size(0), bs, Hkv, 2, groups}),
+              "bad 2-bit cache parameters");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "queries must be float32 or bfloat16");
+  TORCH_CHECK(staging.scalar_type() == (q.scalar_type() == at::kFloat ? at::kHalf : at::kBFloat16) &&
+              staging.dim() == 5 && staging.size(1) == 2 && staging.size(2) == bs && staging.size(3) == Hkv &&
+              staging.size(4) == D, "staging must be [slots, 2, block_size, Hkv, D], float16 under float32 queries");
+  for (const auto& t : {k_codes, v_codes, k_params, v_params, staging})
+    TORCH_CHECK(t.is_contiguous(), "the 2-bit cache's arrays must be contiguous");
+  at::Tensor query_start = query_starts.has_value() ? *query_starts : at::arange(context_lens.size(0) + 1);
+  for (const auto& t : {block_tables, query_start, context_lens, stage_slots})
+    TORCH_CHECK(t.scalar_type() == at::kLong, "block tables, query starts, lengths and stage slots must be int64");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  query_start = query_start.contiguous();
+  context_lens = context_lens.contiguous();
+  stage_slots = stage_slots.contiguous();
+  const int64_t S = context_lens.size(0), max_blocks = block_tables.size(1);
+  TORCH_CHECK(query_start.size(0) == S + 1 && block_tables.size(0) == S &&
+              stage_slots.sizes() == at::IntArrayRef({S, residual + 2}),
+              "one query range, table and row of residual + 2 stage slots per sequence");
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* starts = query_start.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* stage = stage_slots.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t nq = starts[s + 1] - starts[s];
+    TORCH_CHECK(0 < nq && nq <= lens[s] && lens[s] <= max_blocks * bs && (lens[s] - 1) / bs - (lens[s] - nq) / bs < 2,
+                "bad query range (a sequence's queries span at most two blocks)");
+    for (int64_t i = 0; i < residual + 2; ++i)
+      TORCH_CHECK(stage[s * (residual + 2) + i] < staging.size(0), "stage slot out of range");
+  }
+  const HeadLayout L{Hq, Hq / Hkv, D, bs, Hkv * D / 4, 0};
+  auto out = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "kivi_paged_attention", [&] {
+    using stage_t = typename KiviView<scalar_t>::stage_t;
+    const KiviArrays<scalar_t> arrays{k_params.data_ptr<c10::BFloat16>(), v_params.data_ptr<c10::BFloat16>(),
+                                      staging.data_ptr<stage_t>(), stage, Hkv, D, groups, residual};
+    attention_items<scalar_t>(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), k_codes.data_ptr<uint8_t>(),
+                              v_codes.data_ptr<uint8_t>(), nullptr, nullptr, &arrays, tables, starts, lens, S,
+                              max_blocks, window, L, static_cast<float>(scale));
   });
   return out;
 }

@@ -21,6 +21,11 @@ inline __m256 load8(const c10::BFloat16* p) {  // a bf16 is the high half of a f
 inline __m256 load8(const c10::Half* p) {  // F16C
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+// 2-bit codes as floats: lane i is (p[i] >> shift) & 3, for 8 bytes p[0..7].
+inline __m256 codes8(const uint8_t* p, int shift) {
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_set1_epi32(shift)), _mm256_set1_epi32(3)));
+}
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from infera.engine.kivi_staging import KiviStaging
 from infera.engine.kv_offload import HostBlockPool
 from infera.engine.sequence import Sequence
 from infera.engine.sliding_window import SlidingWindowManager
@@ -39,10 +40,15 @@ class BlockManager:
     With ``window_groups`` the pool is a hybrid KV cache's (:mod:`infera.engine.kv_cache`): a
     sequence's ``block_table`` is its full-attention group's, and :attr:`window` keeps the tables of
     the sliding-window groups (``sliding_window`` positions) in blocks of the same pool.
+
+    With ``num_staging_slots`` the pool is a 2-bit cache's: :attr:`staging` gives blocks staging slots
+    for the exact keys and values of the last ``residual_blocks`` blocks and the first
+    (:mod:`infera.engine.kivi_staging`).
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_host_blocks: int = 0, window_groups: int = 0, sliding_window: int = 0):
+                 num_host_blocks: int = 0, window_groups: int = 0, sliding_window: int = 0,
+                 num_staging_slots: int = 0, residual_blocks: int = 1):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         if num_host_blocks and not enable_prefix_caching:
@@ -60,6 +66,8 @@ class BlockManager:
         self.num_offloaded_blocks = 0  # copied to the host tier
         self.num_loaded_blocks = 0  # copied back from it
         self.window = SlidingWindowManager(self, window_groups, sliding_window) if window_groups else None
+        self.staging = (KiviStaging(num_staging_slots, block_size, residual_blocks, self.blocks)
+                        if num_staging_slots else None)
 
     @property
     def num_blocks(self) -> int:
@@ -105,6 +113,8 @@ class BlockManager:
             return []
         end = seq.compute_target - 1 if limit is None else min(seq.compute_target - 1, limit)
         found = self.cached_prefix(seq.token_ids[:end // self.block_size * self.block_size], host=True)
+        if self.staging is not None:
+            found = found[:self.staging.longest_hit(found)]
         return found[:self.window.longest_hit(found)] if self.window is not None else found
 
     def cached_prefix(self, token_ids: list[int], host: bool = False) -> list[int]:
@@ -194,6 +204,8 @@ class BlockManager:
                 self.pending_copies.append((block_id, ~slot))
                 self.num_offloaded_blocks += 1
         self._unhash(block)
+        if self.staging is not None:
+            self.staging.reused(block_id)
         block.ref_count = 1
         return block_id
 
@@ -222,6 +234,10 @@ class BlockManager:
         if self.window is not None:
             self.window.release(seq)
             needed += self.window.needed(seq, num_new_tokens, hit)
+        if self.staging is not None:
+            self.staging.leave_zone(seq)
+            if not self.staging.fits(seq, num_new_tokens, computed, cow, computed_blocks):
+                return False
         if needed + cow > self.num_free_blocks - reserve:
             return False
         for block_id in computed_blocks:  # device hits first: blocks taken for the host hits must not evict them
@@ -239,6 +255,8 @@ class BlockManager:
             self.host.release(host_slots)
         if computed_blocks:
             seq.num_computed_tokens = seq.num_cached_tokens = len(computed_blocks) * self.block_size
+            if self.staging is not None:
+                self.staging.use(seq.block_table, seq.num_kv_tokens)
         if cow:
             idx = seq.num_kv_tokens // self.block_size
             src = seq.block_table[idx]
@@ -250,6 +268,8 @@ class BlockManager:
             seq.block_table.append(self._new_block())
         if self.window is not None:
             self.window.allocate(seq, num_new_tokens)
+        if self.staging is not None:
+            self.staging.assign(seq, num_new_tokens)
         return True
 
     def take(self, block_id: int) -> None:
@@ -303,11 +323,18 @@ class BlockManager:
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Keep KV for the first ``num_tokens`` tokens only (speculative-decoding rollback); a cut
         before the kept tail of an evicted sequence keeps only the tokens before its first hole, one
-        whose sliding windows were released keeps none."""
+        whose sliding windows were released keeps none, one in a 2-bit cache only what its staged
+        blocks still read exactly."""
         num_tokens = self._window_held(seq, num_tokens)
         if seq.num_evicted_tokens and num_tokens < seq.kept_from:
             num_tokens = self._window_held(seq, min(num_tokens, seq.evicted_from))
             seq.num_evicted_tokens = seq.evicted_from = seq.kept_from = seq.kv_pinned = 0
+        if self.staging is not None:  # (a 2-bit cache) what the staged zone still reads exactly
+            held = self.staging.held(seq, num_tokens - seq.num_evicted_tokens) + seq.num_evicted_tokens
+            if held < num_tokens and seq.num_evicted_tokens and held < seq.kept_from:
+                held = seq.num_evicted_tokens = seq.evicted_from = seq.kept_from = seq.kv_pinned = 0
+            num_tokens = held
+            self.staging.use(seq.block_table, num_tokens - seq.num_evicted_tokens)
         keep = self.blocks_for(num_tokens - seq.num_evicted_tokens)
         self._release(seq.block_table[keep:])
         del seq.block_table[keep:]
@@ -348,6 +375,8 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_ids[block_id] = None
+                if self.staging is not None:
+                    self.staging.freed(block_id)
 
     def unhash_unshared(self, block_id: int) -> None:
         """Forget the contents of a block about to be written again, unless it is shared (then it is

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from infera.layers import kivi
 from infera.layers.attention import Attention, LayerKVCache
 
 
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}  # else the model's
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+                "kivi2": torch.uint8}  # else the model's
+STAGING_SHARE = 8  # kivi2: staging slots take at most 1 / STAGING_SHARE of the KV cache's memory
 
 
 def kv_cache_groups(layers: list[Attention], hybrid: bool) -> list[list[Attention]]:
@@ -34,48 +37,89 @@ class KVCachePool:
     """``[2, group_size, num_blocks, block_size, num_kv_heads, head_dim]`` of the model's dtype,
     of a 16-bit float (``kv_cache_dtype='float16'`` or ``'bfloat16'``: K and V rounded as they are
     stored), or int8 plus a float32 scale per token and head (``kv_cache_dtype='int8'``: about
-    half the bytes of a 16-bit cache); layer ``j`` of each group (:func:`kv_cache_groups`) reads slot
+    half the bytes of a 16-bit cache), or 2-bit codes (``kv_cache_dtype='kivi2'``, :mod:`infera.layers.kivi`:
+    ``head_dim / 4`` bytes a row, with bfloat16 parameters per block and channel for keys and per
+    token and group of channels for values, and ``num_staging_slots`` blocks of exact 16-bit keys and
+    values, ``residual_blocks + 2`` for each of ``max_num_seqs`` sequences within an eighth of the
+    memory, out of the same memory); layer ``j`` of each group (:func:`kv_cache_groups`) reads slot
     ``j``, so a block holds one block of one group's layers.  ``host_memory`` bytes of host blocks of the same layout
     (pinned on CUDA) are the host tier of the prefix cache (:mod:`infera.engine.kv_offload`)."""
 
     def __init__(self, groups: list[list[Attention]], block_size: int, memory: int, dtype: torch.dtype,
-                 kv_cache_dtype: str, device: torch.device, host_memory: int = 0):
+                 kv_cache_dtype: str, device: torch.device, host_memory: int = 0, max_num_seqs: int = 256):
         first, group_size = groups[0][0], len(groups[0])
+        heads, dim = first.num_kv_heads, first.head_dim
         self.num_window_groups = len(groups) - 1
         self.sliding_window = groups[-1][0].sliding_window if self.num_window_groups else 0
         self.quantized = kv_cache_dtype == "int8"
+        self.kivi = kv_cache_dtype == "kivi2"
         self.dtype = CACHE_DTYPES.get(kv_cache_dtype, dtype)
-        if device.type == "cuda" and not self.quantized and self.dtype != dtype:
+        if self.kivi:
+            kivi.check_head_dim(dim)
+            if device.type == "cuda" or self.num_window_groups:
+                raise ValueError("a kivi2 KV cache runs on the CPU, in a plain (not hybrid) KV cache: use --device cpu"
+                                 + (" and --disable-hybrid-kv-cache-manager" if self.num_window_groups else ""))
+        elif device.type == "cuda" and not self.quantized and self.dtype != dtype:
             raise ValueError(f"a {kv_cache_dtype} KV cache needs a {kv_cache_dtype} model on CUDA (the Triton "
                              f"kernels read the cache in the queries' dtype); use --dtype {kv_cache_dtype} or auto")
+        self.num_staging_slots, self.residual_blocks = 0, kivi.residual_blocks(block_size)
+        if self.kivi:
+            per_seq, stage_dtype = self.residual_blocks + 2, kivi.stage_dtype(dtype)  # (a decoding sequence's)
+            slot_bytes = group_size * 2 * block_size * heads * dim * stage_dtype.itemsize
+            self.num_staging_slots = max(2 * self.residual_blocks + 2,
+                                         min(per_seq * max_num_seqs, memory // STAGING_SHARE // slot_bytes))
+            memory -= self.num_staging_slots * slot_bytes
         self.bytes_per_block = self.block_bytes(groups[0], block_size, dtype, kv_cache_dtype)
         self.num_blocks = memory // self.bytes_per_block
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory of {memory} bytes holds no block of {self.bytes_per_block} bytes")
-        shape = (2, group_size, self.num_blocks, block_size, first.num_kv_heads)
-        self.data = torch.zeros(*shape, first.head_dim, dtype=self.dtype, device=device)
-        self.scales = torch.ones(*shape, dtype=torch.float32, device=device) if self.quantized else None
         self.num_host_blocks = host_memory // self.bytes_per_block
         if host_memory and not self.num_host_blocks:
             raise ValueError(f"kv_offloading_size of {host_memory} bytes holds no block of "
                              f"{self.bytes_per_block} bytes")
-        host_shape = (2, group_size, self.num_host_blocks, block_size, first.num_kv_heads)
         pin = device.type == "cuda"
-        self.host_data = torch.zeros(*host_shape, first.head_dim, dtype=self.dtype, pin_memory=pin)
-        self.host_scales = (torch.ones(*host_shape, dtype=torch.float32, pin_memory=pin)
-                            if self.quantized else None)
+
+        def arrays(blocks: int, on: torch.device | str) -> list[torch.Tensor]:
+            """The pool's tensors, [2 or 1, layers, blocks, ...] each: K and V, then scales or parameters."""
+            shape = (2, group_size, blocks, block_size, heads)
+            kw = {"device": on, "pin_memory": pin and on == "cpu"}
+            if self.kivi:
+                return [torch.zeros(*shape, dim // 4, dtype=self.dtype, **kw),
+                        torch.zeros(1, group_size, blocks, heads, 2, dim, dtype=kivi.PARAM_DTYPE, **kw),
+                        torch.zeros(1, group_size, blocks, block_size, heads, 2, dim // kivi.value_group(dim),
+                                    dtype=kivi.PARAM_DTYPE, **kw)]
+            data = torch.zeros(*shape, dim, dtype=self.dtype, **kw)
+            return [data, torch.ones(*shape, dtype=torch.float32, **kw)] if self.quantized else [data]
+
+        self.arrays, self.host_arrays = arrays(self.num_blocks, device), arrays(self.num_host_blocks, "cpu")
+        self.data, self.host_data = self.arrays[0], self.host_arrays[0]
+        self.scales = self.arrays[1] if self.quantized else None
+        self.staging = torch.zeros(group_size, self.num_staging_slots, 2, block_size, heads, dim,
+                                   dtype=kivi.stage_dtype(dtype), device=device) if self.kivi else None
+        self.staging_slots: dict[int, int] = {}  # kivi2: block id -> staging slot (the block manager's)
         for g, group in enumerate(groups):
             for i, layer in enumerate(group):
-                scales = (self.scales[0, i], self.scales[1, i]) if self.quantized else (None, None)
-                layer.kv_cache = LayerKVCache(self.data[0, i], self.data[1, i], *scales)
+                if self.kivi:
+                    cache = LayerKVCache(self.data[0, i], self.data[1, i], k_params=self.arrays[1][0, i],
+                                         v_params=self.arrays[2][0, i], staging=self.staging[i])
+                else:
+                    scales = (self.scales[0, i], self.scales[1, i]) if self.quantized else (None, None)
+                    cache = LayerKVCache(self.data[0, i], self.data[1, i], *scales)
+                layer.kv_cache = cache
                 layer.kv_group = g
 
     @staticmethod
     def block_bytes(layers: list[Attention], block_size: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
-        """Bytes of one block of ``layers``, K and V (and int8 scales)."""
+        """Bytes of one block of ``layers``, K and V (and int8 scales, or 2-bit codes' parameters)."""
         stored = CACHE_DTYPES.get(kv_cache_dtype, dtype)
-        per_token_head = layers[0].head_dim * stored.itemsize + (4 if stored == torch.int8 else 0)
-        return 2 * len(layers) * block_size * layers[0].num_kv_heads * per_token_head
+        heads, dim = layers[0].num_kv_heads, layers[0].head_dim
+        if kv_cache_dtype == "kivi2":  # codes, key parameters per channel, value parameters per token and group
+            param = kivi.PARAM_DTYPE.itemsize
+            per_layer = (2 * block_size * dim // 4 + 2 * dim * param
+                         + block_size * 2 * (dim // kivi.value_group(dim)) * param) * heads
+            return len(layers) * per_layer
+        per_token_head = dim * stored.itemsize + (4 if stored == torch.int8 else 0)
+        return 2 * len(layers) * block_size * heads * per_token_head
 
     @property
     def num_bytes(self) -> int:
@@ -103,10 +147,14 @@ class KVCachePool:
             src, dst = ([~i if host else i for i in ids] for ids, host in zip(zip(*run), (src_host, dst_host)))
             src = torch.tensor(src, device="cpu" if src_host else self.data.device)
             dst = torch.tensor(dst, device="cpu" if dst_host else self.data.device)
-            for device, host in ((self.data, self.host_data), (self.scales, self.host_scales)):
-                if device is not None:
-                    target = host if dst_host else device
-                    target[:, :, dst] = (host if src_host else device)[:, :, src].to(target.device)
+            for device, host in zip(self.arrays, self.host_arrays):
+                target = host if dst_host else device
+                target[:, :, dst] = (host if src_host else device)[:, :, src].to(target.device)
+        staged = [(self.staging_slots[s], self.staging_slots[d]) for s, d in pairs
+                  if s in self.staging_slots and d in self.staging_slots]
+        if staged:  # a block split copy-on-write before it was full: its staged keys too
+            src, dst = (torch.tensor(ids, device=self.data.device) for ids in zip(*staged))
+            self.staging[:, dst] = self.staging[:, src]
 
 
 def _runs(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:

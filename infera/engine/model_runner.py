@@ -84,7 +84,10 @@ class ModelRunner:
                 layer.kv_cache = None
             kv_cache_memory = available_kv_cache_memory(device, gpu_memory_utilization)
         self.kv_cache = KVCachePool(groups, block_size, kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, dtype,
-                                    kv_cache_dtype, device, kv_offloading_memory)
+                                    kv_cache_dtype, device, kv_offloading_memory, max_num_seqs)
+        self.residual_blocks = self.kv_cache.residual_blocks
+        if self.kv_cache.kivi:  # a short query's blocks are at most two, each staged
+            self.max_batched_query_len = min(self.max_batched_query_len, block_size)
         self.num_blocks = self.kv_cache.num_blocks
         self.graphs: CUDAGraphRunner | None = None
         if device.type == "cuda" and not enforce_eager and not self.kv_cache.num_window_groups:
@@ -243,7 +246,10 @@ class ModelRunner:
         ``kv_starts[i]`` on of ``tables[i]``; ``observe``: prompt chunks report the attention a KV policy
         ranks blocks by."""
         bs = self.block_size
+        staging = self.kv_cache.staging_slots if self.kv_cache.kivi else None
         slots: list[int] = []
+        stage_rows: list[int] = []
+        decode_stage: list[list[int]] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         decode_starts: list[int] = [0]
@@ -251,12 +257,23 @@ class ModelRunner:
         query_start = 0
         for s, n, table, kv_start in zip(seqs, counts, tables, kv_starts):
             slots.extend(table[p // bs] * bs + p % bs for p in range(kv_start, kv_start + n))
+            stage: list[int] = []  # kivi2: the staging slots of block 0 and of the residual zone's blocks on
+            if staging is not None:
+                zone = max(0, kv_start // bs - self.residual_blocks + 1)
+                stage = [staging.get(table[b], -1) if b < len(table) else -1
+                         for b in [0, *range(zone, zone + self.residual_blocks + 1)]]
+                first = kv_start // bs  # the tokens' staging rows, where their blocks have slots
+                written = [staging.get(block_id, -1) for block_id in table[first:(kv_start + n - 1) // bs + 1]]
+                stage_rows.extend(written[p // bs - first] * bs + p % bs if written[p // bs - first] >= 0 else -1
+                                  for p in range(kv_start, kv_start + n))
             if n <= self.max_batched_query_len:
                 decode_tables.append(table)
                 decode_lens.append(kv_start + n)
                 decode_starts.append(decode_starts[-1] + n)
+                decode_stage.append(stage)
             else:
                 chunk = PrefillChunk(query_start, n, kv_start + n, device_tensor(table, self.device, torch.long))
+                chunk.stage_slots = stage
                 if observe and s.kv_observe and s.num_computed_tokens + n >= s.num_prompt_tokens:
                     chunk.observe = min(s.kv_observe, n)  # a KV policy ranks the prompt's blocks
                     chunk.scores = torch.zeros(kv_start + n, dtype=torch.float32, device=self.device)
@@ -264,6 +281,10 @@ class ModelRunner:
             query_start += n
         meta = AttentionMetadata(slot_mapping=device_tensor(slots, self.device, torch.long),
                                  num_decode_tokens=decode_starts[-1], prefills=prefills)
+        if staging is not None:
+            meta.stage_mapping = device_tensor(stage_rows, self.device, torch.long)
+            if decode_stage:
+                meta.decode_stage_slots = device_tensor(decode_stage, self.device, torch.long)
         if decode_lens:
             width = max(len(t) for t in decode_tables)
             meta.decode_block_tables = device_tensor([t + [0] * (width - len(t)) for t in decode_tables],

@@ -70,7 +70,10 @@ class Worker:
                                   hybrid=hybrid)
         kv = self.runner.kv_cache
         self.block_manager = BlockManager(kv.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          kv.num_host_blocks, kv.num_window_groups, kv.sliding_window)
+                                          kv.num_host_blocks, kv.num_window_groups, kv.sliding_window,
+                                          kv.num_staging_slots, kv.residual_blocks)
+        if self.block_manager.staging is not None:
+            kv.staging_slots = self.block_manager.staging.slots  # the runner reads the block manager's
         self.kv_connector = KVConnector(self.block_manager, self.runner.kv_cache)
         # a sequence fits the KV cache, unless the engine's KV policy evicts (then the model's limit)
         self.max_model_len = limit if config.kv_policy != "none" else min(limit, self.kv_cache_tokens)

@@ -12,22 +12,31 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from infera.layers import paged_attention
+from infera.layers import kivi, paged_attention
 
 
 @dataclass
 class LayerKVCache:
     """One layer's paged K/V: ``[num_blocks, block_size, num_kv_heads, head_dim]`` each, in the
-    model's dtype, or int8 with one float32 scale per token and head (``[..., num_kv_heads]``)."""
+    model's dtype, or int8 with one float32 scale per token and head (``[..., num_kv_heads]``), or
+    2-bit codes (``head_dim / 4`` bytes a row) with their parameters and the staged keys of blocks
+    not yet full (:mod:`infera.layers.kivi`)."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    k_params: torch.Tensor | None = None  # kivi2: [num_blocks, num_kv_heads, 2, head_dim] (scale, min)
+    v_params: torch.Tensor | None = None  # kivi2: [num_blocks, block_size, num_kv_heads, 2, head_dim / group]
+    staging: torch.Tensor | None = None  # kivi2: [num_staging_slots, 2 (K, V), block_size, num_kv_heads, head_dim]
 
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
+
+    @property
+    def kivi(self) -> bool:
+        return self.staging is not None
 
 
 @dataclass
@@ -44,6 +53,9 @@ class PrefillChunk:
     # layer (:func:`paged_attention.window_attention`: summed over the queries, the most of any head)
     observe: int = 0
     scores: torch.Tensor | None = None
+    # kivi2: the staging slots (-1: none) of table block 0, then of the blocks from the residual zone's
+    # first on (infera.layers.kivi.exact_context)
+    stage_slots: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +73,10 @@ class AttentionMetadata:
     decode_query_start: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     window_groups: list[AttentionMetadata] = field(default_factory=list)
+    # kivi2: each token's staging row (slot * block_size + offset; -1: none), and each short query's
+    # sequence's staging slots as a prefill chunk's ``stage_slots``
+    stage_mapping: torch.Tensor | None = None
+    decode_stage_slots: torch.Tensor | None = None
 
     def for_group(self, group: int) -> AttentionMetadata:
         """The metadata KV-cache group ``group``'s layers read."""
@@ -104,6 +120,8 @@ class Attention(nn.Module):
         """``q``: [T, Hq, D]; ``k``, ``v``: [T, Hkv, D]; returns [T, Hq * D]."""
         meta = get_attention_metadata().for_group(self.kv_group)
         kv = self.kv_cache
+        if kv.kivi:
+            return kivi.forward(q, k, v, kv, meta, self.scale, self.sliding_window)
         paged_attention.store_kv(kv, k, v, meta.slot_mapping)
         d, window = meta.num_decode_tokens, self.sliding_window
         if not meta.prefills:  # short queries only (every decode step): no output copy
