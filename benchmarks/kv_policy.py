@@ -1,11 +1,13 @@
 """KV policies at long context: batched decode speed and sequences per GiB of KV, per policy, in
-one run (infera's own full KV is the baseline).
+one run (infera's own full KV is the baseline).  A policy may be the 2-bit cache (``kivi2``, the
+engine's ``--kv-cache-dtype``) or combine with it (``kivi2+streaming:0.25``).
 
 - decode: ``--batch`` sequences of ``--context``-token prompts (cut from the pydoc text), greedy,
   ``--new-tokens`` each; output tok/s after every sequence has its first token, and the KV a
   sequence holds while decoding.
 - fit: ``--fit-requests`` such sequences, ``--fit-new-tokens`` each, against a ``--fit-memory`` KV
-  cache: the most that decode at once (past their prompts), and whether any was preempted.
+  cache: the most that decode at once (past their prompts), and whether any was preempted (0
+  requests: no fit run).
 
     python benchmarks/kv_policy.py [--context 4096] [--policies none,streaming:0.25,snapkv:0.25] [--json FILE]
 """
@@ -33,6 +35,7 @@ def decode_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
     started = time.perf_counter()
     first = None
     held: list[int] = []
+    staged = 0.0
     generated = 0
     while engine.has_unfinished_requests():
         outputs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
@@ -41,10 +44,12 @@ def decode_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
                 and not engine.scheduler.waiting:
             first, generated = time.perf_counter(), sum(s.num_output_tokens for s in running)
             held = [engine.block_manager.num_held_blocks(s) for s in running]
+            if (staging := engine.block_manager.staging) is not None:  # (a 2-bit cache's exact rows)
+                staged = (len(staging.slots) - len(staging.idle)) / len(running)
     end = time.perf_counter()
     total = len(prompts) * params.max_tokens
     return ({"prefill_s": first - started, "decode_tok_s": (total - generated) / (end - first),
-             "kv_blocks_held": sum(held) / len(held)}, [outputs[i] for i in ids])
+             "kv_blocks_held": sum(held) / len(held), "staging_slots_held": staged}, [outputs[i] for i in ids])
 
 
 def long_context_run(engine: LLMEngine, batch: int, context: int, params: SamplingParams
@@ -56,7 +61,9 @@ def long_context_run(engine: LLMEngine, batch: int, context: int, params: Sampli
     while engine.has_unfinished_requests():
         engine.step()
     row, outputs = decode_run(engine, prompts, params)
-    row["kv_mib_per_seq"] = row.pop("kv_blocks_held") * engine.runner.kv_cache.bytes_per_block / 2**20
+    kv = engine.runner.kv_cache
+    staged = row.pop("staging_slots_held") * (kv.staging[:, 0].nbytes if kv.kivi else 0)
+    row["kv_mib_per_seq"] = (row.pop("kv_blocks_held") * kv.bytes_per_block + staged) / 2**20
     return row, outputs, prompts
 
 
@@ -77,7 +84,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="sequences decoding together")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     parser.add_argument("--policies", default="none,streaming:0.25,snapkv:0.25",
-                        help="none or POLICY:BUDGET (a fraction of the prompt, or tokens)")
+                        help="none or POLICY:BUDGET (a fraction of the prompt, or tokens), each optionally after "
+                             "kivi2+ (or kivi2 alone: the 2-bit cache, full KV)")
     parser.add_argument("--fit-memory", default="1GiB", help="KV cache of the fit run")
     parser.add_argument("--fit-requests", type=int, default=24, help="sequences submitted in the fit run")
     parser.add_argument("--fit-new-tokens", type=int, default=256,
@@ -90,25 +98,31 @@ def main() -> None:
               "fit_memory": args.fit_memory, "policies": {}}
     need = parse_size("2GiB") + args.batch * (args.context + args.new_tokens) * 30 * 2 * 3 * 64 * 4
     base = None
-    for policy in args.policies.split(","):
-        fields = parse_policy(policy)
+    for spec in args.policies.split(","):
+        cache = {"kv_cache_dtype": "kivi2"} if spec.startswith("kivi2") else {}
+        fields = parse_policy(spec.removeprefix("kivi2").removeprefix("+") or "none")
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, **fields)
-        engine = LLMEngine(kv_cache_memory=need, enable_prefix_caching=False)
+        engine = LLMEngine(kv_cache_memory=need, enable_prefix_caching=False, **cache)
         row, _, _ = long_context_run(engine, args.batch, args.context, params)
         del engine
-        fit = LLMEngine(kv_cache_memory=args.fit_memory, enable_prefix_caching=False)
-        row.update(fit_run(fit, make_workload(fit.tokenizer, "fit", args.fit_requests, args.context, args.context, 1,
-                                              seed=1).prompts,
-                           SamplingParams(temperature=0.0, max_tokens=args.fit_new_tokens, ignore_eos=True, **fields)))
-        del fit
+        if args.fit_requests:
+            fit = LLMEngine(kv_cache_memory=args.fit_memory, enable_prefix_caching=False, **cache)
+            prompts = make_workload(fit.tokenizer, "fit", args.fit_requests, args.context, args.context, 1, seed=1).prompts
+            row.update(fit_run(fit, prompts, SamplingParams(temperature=0.0, max_tokens=args.fit_new_tokens,
+                                                            ignore_eos=True, **fields)))
+            del fit
         base = base or row
         row["decode_vs_full"] = row["decode_tok_s"] / base["decode_tok_s"]
-        row["fit_vs_full"] = row["most_decoding"] / base["most_decoding"]
-        report["policies"][policy] = row
-        print(f"{policy:>16}: decode {row['decode_tok_s']:7.1f} tok/s ({row['decode_vs_full']:.2f}x full), "
-              f"prefill {row['prefill_s']:6.1f} s, KV {row['kv_mib_per_seq']:6.1f} MiB a sequence; "
-              f"{row['most_decoding']} decoding at once in {args.fit_memory} ({row['fit_vs_full']:.2f}x), "
-              f"{row['preemptions']} preemptions", flush=True)
+        row["kv_vs_full"] = base["kv_mib_per_seq"] / row["kv_mib_per_seq"]
+        fit = ""
+        if args.fit_requests:
+            row["fit_vs_full"] = row["most_decoding"] / base["most_decoding"]
+            fit = (f"; {row['most_decoding']} decoding at once in {args.fit_memory} ({row['fit_vs_full']:.2f}x), "
+                   f"{row['preemptions']} preemptions")
+        report["policies"][spec] = row
+        print(f"{spec:>22}: decode {row['decode_tok_s']:7.1f} tok/s ({row['decode_vs_full']:.2f}x full), "
+              f"prefill {row['prefill_s']:6.1f} s, KV {row['kv_mib_per_seq']:6.1f} MiB a sequence "
+              f"({row['kv_vs_full']:.2f}x less){fit}", flush=True)
     save_json(args.json, report)
 
 

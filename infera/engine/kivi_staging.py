@@ -96,13 +96,14 @@ class KiviStaging:
             self.idle.pop(table[i], None)
 
     def leave_zone(self, seq: Sequence) -> None:
-        """Blocks of ``seq`` (only it holds them) before the zone of its next token: idle."""
+        """Staged blocks of ``seq`` (only it holds them) before the zone of its next token: idle (back to
+        the last block made idle before)."""
         table = seq.block_table
         for i in range(seq.num_kv_tokens // self.block_size - self.residual_blocks, 0, -1):
             block_id = table[i]
-            if block_id not in self.slots or block_id in self.idle:
+            if block_id in self.idle:
                 break
-            if self.blocks[block_id].ref_count == 1:
+            if block_id in self.slots and self.blocks[block_id].ref_count == 1:
                 self.idle[block_id] = None
 
     def freed(self, block_id: int) -> None:
