@@ -201,6 +201,7 @@ def test_engine_batching_chunking_caching_preemption_forks(tiny_model, monkeypat
     assert greedy(llm, prompts) == want  # batched, and the prompts' blocks cached from the first run
     assert llm.engine.scheduler.prefix_hits > 0
     assert_idle(llm.engine)
+    assert llm.engine.worker.kv_connector.send(prompts[0]) is None  # (its hits need staged rows)
     chunked = LLM(path, dtype="float32", kv_cache_memory="16MiB", kv_cache_dtype="kivi2", max_num_batched_tokens=23,
                   enable_prefix_caching=False)
     assert greedy(chunked, prompts) == want

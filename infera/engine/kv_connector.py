@@ -67,8 +67,9 @@ class KVConnector:
     def send(self, token_ids: list[int]) -> KVTransfer | None:
         """The cached KV of the longest prefix of ``token_ids`` held here in full blocks, or None
         if there is none (always, from a hybrid KV cache: a transfer carries one group's blocks, and a
-        prefix hit there needs the sliding groups' too)."""
-        if self.block_manager.window is not None:
+        prefix hit there needs the sliding groups' too; and from a 2-bit cache, whose hits need the
+        exact rows of staging slots)."""
+        if self.block_manager.window is not None or self.block_manager.staging is not None:
             return None
         block_ids = self.block_manager.cached_prefix(token_ids)
         if not block_ids:
