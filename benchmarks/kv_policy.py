@@ -29,13 +29,12 @@ from infera.sampling_params import SamplingParams  # noqa: E402
 
 def decode_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
                ) -> tuple[dict[str, float], list[list[int]]]:
-    """Output tok/s once every sequence decodes, and the KV blocks one held then (mean); and the outputs."""
+    """Output tok/s once every sequence decodes, and the KV bytes one held then (mean); and the outputs."""
     ids = [engine.add_request(p, params) for p in prompts]
     outputs: dict[str, list[int]] = {}
     started = time.perf_counter()
     first = None
     held: list[int] = []
-    staged = 0.0
     generated = 0
     while engine.has_unfinished_requests():
         outputs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
@@ -43,13 +42,12 @@ def decode_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
         if first is None and running and all(s.num_output_tokens > 0 for s in running) \
                 and not engine.scheduler.waiting:
             first, generated = time.perf_counter(), sum(s.num_output_tokens for s in running)
-            held = [engine.block_manager.num_held_blocks(s) for s in running]
-            if (staging := engine.block_manager.staging) is not None:  # (a 2-bit cache's exact rows)
-                staged = (len(staging.slots) - len(staging.idle)) / len(running)
+            bm, kv = engine.block_manager, engine.runner.kv_cache
+            held = [kv.held_bytes(bm.num_held_blocks(s), bm.num_staged_slots(s)) for s in running]
     end = time.perf_counter()
     total = len(prompts) * params.max_tokens
     return ({"prefill_s": first - started, "decode_tok_s": (total - generated) / (end - first),
-             "kv_blocks_held": sum(held) / len(held), "staging_slots_held": staged}, [outputs[i] for i in ids])
+             "kv_bytes_held": sum(held) / len(held)}, [outputs[i] for i in ids])
 
 
 def long_context_run(engine: LLMEngine, batch: int, context: int, params: SamplingParams
@@ -61,9 +59,7 @@ def long_context_run(engine: LLMEngine, batch: int, context: int, params: Sampli
     while engine.has_unfinished_requests():
         engine.step()
     row, outputs = decode_run(engine, prompts, params)
-    kv = engine.runner.kv_cache
-    staged = row.pop("staging_slots_held") * (kv.staging[:, 0].nbytes if kv.kivi else 0)
-    row["kv_mib_per_seq"] = (row.pop("kv_blocks_held") * kv.bytes_per_block + staged) / 2**20
+    row["kv_mib_per_seq"] = row.pop("kv_bytes_held") / 2**20
     return row, outputs, prompts
 
 

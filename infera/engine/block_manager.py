@@ -103,6 +103,12 @@ class BlockManager:
         """Blocks of the pool ``seq``'s tables hold (shared ones included)."""
         return len(seq.block_table) + sum(len(t) - seq.window_freed for t in seq.window_tables)
 
+    def num_staged_slots(self, seq: Sequence) -> int:
+        """Staging slots (of a 2-bit cache) that blocks of ``seq``'s table hold and a query reads."""
+        if self.staging is None:
+            return 0
+        return sum(1 for b in seq.block_table if b in self.staging.slots and b not in self.staging.idle)
+
     # -- prefix cache -------------------------------------------------------------------
     def get_computed_blocks(self, seq: Sequence, limit: int | None = None) -> list[int]:
         """Cached blocks that hold a prefix of ``seq`` (at least one token is left to compute; at most

@@ -70,6 +70,7 @@ class KVCachePool:
                                          min(per_seq * max_num_seqs, memory // STAGING_SHARE // slot_bytes))
             memory -= self.num_staging_slots * slot_bytes
         self.bytes_per_block = self.block_bytes(groups[0], block_size, dtype, kv_cache_dtype)
+        self.model_bytes_per_block = self.block_bytes(groups[0], block_size, dtype, "auto")  # (in the model's dtype)
         self.num_blocks = memory // self.bytes_per_block
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory of {memory} bytes holds no block of {self.bytes_per_block} bytes")
@@ -120,6 +121,10 @@ class KVCachePool:
             return len(layers) * per_layer
         per_token_head = dim * stored.itemsize + (4 if stored == torch.int8 else 0)
         return 2 * len(layers) * block_size * heads * per_token_head
+
+    def held_bytes(self, num_blocks: int, num_staged_slots: int = 0) -> int:
+        """Bytes of ``num_blocks`` blocks and ``num_staged_slots`` staging slots (a 2-bit cache's)."""
+        return num_blocks * self.bytes_per_block + (num_staged_slots * self.staging[:, 0].nbytes if self.kivi else 0)
 
     @property
     def num_bytes(self) -> int:

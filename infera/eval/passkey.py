@@ -87,15 +87,15 @@ class Row:
     length: int
     problems: int
     accuracy: float
-    kv_bytes: float  # mean over problems of the KV a sequence held when it answered
-    kv_fraction: float  # kv_bytes / the full KV of the prompt and answer
+    kv_bytes: float  # mean over problems of the KV a sequence held when it answered (2-bit: staged rows too)
+    kv_fraction: float  # kv_bytes / the full KV of the prompt and answer in the model's dtype
     seconds: float
 
 
 def evaluate(engine: LLMEngine, policy: str, problems: dict[int, list[tuple[list[int], int]]],
              answer_tokens: int) -> list[Row]:
     fields = parse_policy(policy)
-    block = engine.runner.kv_cache.bytes_per_block
+    kv_cache, bm = engine.runner.kv_cache, engine.block_manager
     rows = []
     for length, items in problems.items():
         params = SamplingParams(temperature=0.0, max_tokens=answer_tokens, **fields)
@@ -109,12 +109,12 @@ def evaluate(engine: LLMEngine, policy: str, problems: dict[int, list[tuple[list
                     texts[out.request_id] = out.outputs[0].text
             for seq in engine.scheduler.running:
                 if seq.request_id in held:
-                    held[seq.request_id] = engine.block_manager.num_held_blocks(seq)
+                    held[seq.request_id] = kv_cache.held_bytes(bm.num_held_blocks(seq), bm.num_staged_slots(seq))
         seconds = time.perf_counter() - started
         right = sum(str(key) in texts[rid] for rid, key in ids.items())
-        kv = sum(held.values()) / len(held) * block
-        bm = engine.block_manager  # (every layer's KV for every token: a block in each KV-cache group)
-        full = bm.blocks_for(length + answer_tokens) * bm.num_kv_groups * block
+        kv = sum(held.values()) / len(held)
+        # (every layer's KV for every token: a block in each KV-cache group)
+        full = bm.blocks_for(length + answer_tokens) * bm.num_kv_groups * kv_cache.model_bytes_per_block
         rows.append(Row(policy, length, len(items), right / len(items), kv, kv / full, seconds))
     return rows
 
