@@ -252,7 +252,7 @@ struct Vec {
 // the batch or on other query rows, so decoding and speculative verification give bitwise the
 // same rows. An int8 row's scale multiplies its score (K) or its probability (V), not its elements.
 constexpr int64_t CHUNK = 128;
-constexpr int64_t PREFETCH_TILES = 2;
+constexpr int64_t PREFETCH_TILES = 2;  // how far ahead a chunk's K/V rows are fetched (measured: 1-4 alike)
 
 // kivi_key_row / kivi_value_row a vector at a time where a group of W codes' channels share a group
 template <int64_t D>
@@ -280,7 +280,7 @@ inline void kivi_value_row_vec(const uint8_t* codes, const c10::BFloat16* params
   } else {
     kivi_value_row(codes, params, D, out);
   }
-}  // how far ahead a chunk's K/V rows are fetched (measured: 1-4 alike)
+}
 
 // acc[j] = acc[j] * corr[j] + sum over i < most of p[j][i] * V row i, for NR query rows and the KB
 // column vectors acc and vrow[i] + k0 point at; p is 0 at positions a row does not see (so adding
