@@ -132,8 +132,7 @@ def check_against_oracle(dim: int) -> None:
     bm = BlockManager(16, bs, enable_prefix_caching=False, num_staging_slots=slots, residual_blocks=residual)
     runner = ModelRunner.__new__(ModelRunner)  # only its metadata builder
     runner.block_size, runner.device, runner.max_batched_query_len = bs, torch.device("cpu"), bs
-    runner.kv_cache = SimpleNamespace(kivi=True, staging_slots=bm.staging.slots)
-    runner.residual_blocks = residual
+    runner.kv_cache = SimpleNamespace(kivi=True, staging_slots=bm.staging.slots, residual_blocks=residual)
     kv = layer_cache(16, bs, heads, dim, slots)
     seq = Sequence(list(range(total)), SamplingParams())
     start = 0
@@ -214,7 +213,7 @@ def test_engine_batching_chunking_caching_preemption_forks(tiny_model, monkeypat
     assert greedy(small, prompts) == want
     assert small.engine.scheduler.num_preemptions > 0
     assert_idle(small.engine)
-    # n samples share the prompt's blocks (and the staged keys of its last one)
+    # n samples share the prompt's blocks (and the staged rows of its last ones)
     forked = llm.generate([prompts[1]], SamplingParams(n=3, temperature=0.0, max_tokens=40, ignore_eos=True),
                           use_tqdm=False)
     assert [c.token_ids for c in forked[0].outputs] == [want[1]] * 3
@@ -249,7 +248,7 @@ def test_bundled_model_bytes_logits_and_speculation(bundled_model_path):
     kl = (lp.exp() * (lp - lq)).sum(-1)
     assert kl.mean() <= 0.05 and kl.max() <= 1.0, kl
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
-    # speculative decoding (prompt lookup): drafts verified over staged keys, rejected ones rolled back
+    # speculative decoding (prompt lookup): drafts verified over staged rows, rejected ones rolled back
     spec = LLM(str(bundled_model_path), dtype="float32", kv_cache_memory="64MiB", kv_cache_dtype="kivi2",
                speculative="ngram")
     prompts = ["1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3,",

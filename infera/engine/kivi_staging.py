@@ -51,7 +51,7 @@ class KiviStaging:
         """Table indices of the blocks before table slot ``num_kv_tokens``'s block that a query there
         reads exactly: the first, and the ``residual_blocks - 1`` before its own."""
         own = num_kv_tokens // self.block_size
-        return sorted({0} | set(range(max(1, own - self.residual_blocks + 1), own))) if own else []
+        return [0, *range(max(1, own - self.residual_blocks + 1), own)] if own else []
 
     def written(self, seq: Sequence, num_new_tokens: int, start: int | None = None) -> list[int]:
         """Indices into ``seq``'s table of the blocks its next ``num_new_tokens`` tokens (from table slot

@@ -157,7 +157,7 @@ class KVCachePool:
                 target[:, :, dst] = (host if src_host else device)[:, :, src].to(target.device)
         staged = [(self.staging_slots[s], self.staging_slots[d]) for s, d in pairs
                   if s in self.staging_slots and d in self.staging_slots]
-        if staged:  # a block split copy-on-write before it was full: its staged keys too
+        if staged:  # a block split copy-on-write before it was full: its staged rows too
             src, dst = (torch.tensor(ids, device=self.data.device) for ids in zip(*staged))
             self.staging[:, dst] = self.staging[:, src]
 

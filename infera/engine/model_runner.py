@@ -85,7 +85,6 @@ class ModelRunner:
             kv_cache_memory = available_kv_cache_memory(device, gpu_memory_utilization)
         self.kv_cache = KVCachePool(groups, block_size, kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, dtype,
                                     kv_cache_dtype, device, kv_offloading_memory, max_num_seqs)
-        self.residual_blocks = self.kv_cache.residual_blocks
         if self.kv_cache.kivi:  # a short query's blocks are at most two, each staged
             self.max_batched_query_len = min(self.max_batched_query_len, block_size)
         self.num_blocks = self.kv_cache.num_blocks
@@ -259,9 +258,10 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(kv_start, kv_start + n))
             stage: list[int] = []  # kivi2: the staging slots of block 0 and of the residual zone's blocks on
             if staging is not None:
-                zone = max(0, kv_start // bs - self.residual_blocks + 1)
+                residual = self.kv_cache.residual_blocks
+                zone = max(0, kv_start // bs - residual + 1)
                 stage = [staging.get(table[b], -1) if b < len(table) else -1
-                         for b in [0, *range(zone, zone + self.residual_blocks + 1)]]
+                         for b in [0, *range(zone, zone + residual + 1)]]
                 first = kv_start // bs  # the tokens' staging rows, where their blocks have slots
                 written = [staging.get(block_id, -1) for block_id in table[first:(kv_start + n - 1) // bs + 1]]
                 stage_rows.extend(written[p // bs - first] * bs + p % bs if written[p // bs - first] >= 0 else -1

@@ -19,8 +19,8 @@ from infera.layers import kivi, paged_attention
 class LayerKVCache:
     """One layer's paged K/V: ``[num_blocks, block_size, num_kv_heads, head_dim]`` each, in the
     model's dtype, or int8 with one float32 scale per token and head (``[..., num_kv_heads]``), or
-    2-bit codes (``head_dim / 4`` bytes a row) with their parameters and the staged keys of blocks
-    not yet full (:mod:`infera.layers.kivi`)."""
+    2-bit codes (``head_dim / 4`` bytes a row) with their parameters and the staging slots' exact
+    16-bit keys and values (:mod:`infera.layers.kivi`)."""
 
     k: torch.Tensor
     v: torch.Tensor
